@@ -1,0 +1,138 @@
+package pgconsistencyreceiver // import "github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver"
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// invariantStatus is one row of pgconsistency.status, as the receiver reads it.
+type invariantStatus struct {
+	Invariant           string     `db:"invariant"`
+	Severity            string     `db:"severity"`
+	Anomalies           int64      `db:"anomalies"`
+	NewAnomalies        int64      `db:"new_anomalies"`
+	RefreshedAt         *time.Time `db:"refreshed_at"`
+	LastDurationSeconds *float64   `db:"last_duration_seconds"`
+	ConsecutiveFailures int64      `db:"consecutive_failures"`
+}
+
+// client is what the scraper needs from the database; tests use a fake.
+type client interface {
+	// status returns one row per enabled invariant.
+	status(ctx context.Context) ([]invariantStatus, error)
+	close()
+}
+
+type clientFactory func(ctx context.Context, cfg *Config) (client, error)
+
+// statusColumns are named, not *, so that new columns in the view never
+// break an older receiver.
+const statusColumns = `invariant, severity, anomalies, new_anomalies, refreshed_at,
+	last_duration_seconds, consecutive_failures`
+
+type pgxClient struct {
+	pool        *pgxpool.Pool
+	statusQuery string
+	target      string // for error messages: database@host:port
+}
+
+// newPgxClient creates a connection pool; it does not connect, so the
+// collector starts even when the database is down.
+func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
+	host, port, err := cfg.hostPort()
+	if err != nil {
+		return nil, err
+	}
+	pc, err := pgxpool.ParseConfig("")
+	if err != nil {
+		return nil, fmt.Errorf("building the PostgreSQL connection configuration: %w", err)
+	}
+	cc := pc.ConnConfig
+	cc.Host = host
+	cc.Port = port
+	cc.User = cfg.Username
+	cc.Password = string(cfg.Password)
+	cc.Database = cfg.Database
+	cc.Fallbacks = nil // no silent downgrade from TLS to plain text
+	cc.TLSConfig, err = cfg.TLS.LoadTLSConfig(ctx)
+	if err != nil {
+		return nil, fmt.Errorf(`loading "tls" settings: %w`, err)
+	}
+	if cc.TLSConfig != nil && cc.TLSConfig.ServerName == "" {
+		cc.TLSConfig.ServerName = host
+	}
+	cc.RuntimeParams = map[string]string{
+		"application_name": "otelcol-pgconsistency",
+		// the receiver only reads; a scrape can never hold the database longer than its timeout
+		"default_transaction_read_only": "on",
+	}
+	if cfg.Timeout > 0 {
+		cc.RuntimeParams["statement_timeout"] = strconv.FormatInt(cfg.Timeout.Milliseconds(), 10)
+		cc.ConnectTimeout = cfg.Timeout
+	}
+	// One query per scrape: one connection is enough; a second covers a
+	// connection being replaced while a scrape runs.
+	pc.MaxConns = 2
+	pc.MinConns = 0
+
+	pool, err := pgxpool.NewWithConfig(ctx, pc)
+	if err != nil {
+		return nil, fmt.Errorf("creating the PostgreSQL connection pool: %w", err)
+	}
+	return &pgxClient{
+		pool:        pool,
+		statusQuery: "SELECT " + statusColumns + " FROM " + pgx.Identifier{cfg.Schema, "status"}.Sanitize() + " WHERE enabled",
+		target:      fmt.Sprintf("database %q at %s", cfg.Database, cfg.Endpoint),
+	}, nil
+}
+
+func (c *pgxClient) status(ctx context.Context) ([]invariantStatus, error) {
+	rows, err := c.queryStatus(ctx)
+	// A connection broken by a server restart fails on first use; the pool
+	// then drops it. Retrying once, when nothing reached the server, keeps a
+	// restart that is already over from showing up as a failed scrape.
+	if err != nil && pgconn.SafeToRetry(err) && ctx.Err() == nil {
+		rows, err = c.queryStatus(ctx)
+	}
+	if err != nil {
+		return nil, c.explain(err)
+	}
+	return rows, nil
+}
+
+func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) {
+	rows, err := c.pool.Query(ctx, c.statusQuery)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, pgx.RowToStructByName[invariantStatus])
+}
+
+// explain turns the errors users will meet into messages that say what to do.
+func (c *pgxClient) explain(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		switch pgErr.Code {
+		case "42P01", "3F000": // undefined_table, invalid_schema_name
+			return fmt.Errorf("reading pgconsistency status in %s: %w; install it with "+
+				"`psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`, or set \"schema\" to where it is installed", c.target, err)
+		case "42501": // insufficient_privilege
+			return fmt.Errorf("reading pgconsistency status in %s: %w; grant the receiver's role "+
+				"USAGE on the schema and SELECT on its status view", c.target, err)
+		}
+		return fmt.Errorf("reading pgconsistency status in %s: %w", c.target, err)
+	}
+	return fmt.Errorf("cannot read pgconsistency status from %s (is the server up and reachable, and "+
+		"are endpoint, username, password and tls right?): %w", c.target, err)
+}
+
+func (c *pgxClient) close() {
+	c.pool.Close()
+}

@@ -1,0 +1,9 @@
+//go:generate ../../.tools/mdatagen metadata.yaml
+
+// Package pgconsistencyreceiver reads the snapshot of data-consistency
+// invariants that PostgreSQL keeps in the pgconsistency schema (see sql/ at the
+// root of this repository) and turns it into one gauge per invariant.
+//
+// The heavy checks run in the database, as refreshes of materialized views;
+// each scrape runs a single cheap query on pgconsistency.status.
+package pgconsistencyreceiver // import "github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver"

@@ -1,0 +1,88 @@
+package pgconsistencyreceiver // import "github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver"
+
+import (
+	"context"
+	"time"
+
+	"go.opentelemetry.io/collector/component"
+	"go.opentelemetry.io/collector/pdata/pcommon"
+	"go.opentelemetry.io/collector/pdata/pmetric"
+	"go.opentelemetry.io/collector/receiver"
+	"go.opentelemetry.io/collector/scraper/scrapererror"
+
+	"github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver/internal/metadata"
+)
+
+type pgScraper struct {
+	cfg       *Config
+	mb        *metadata.MetricsBuilder
+	newClient clientFactory
+	client    client
+	resource  pcommon.Resource
+}
+
+func newScraper(cfg *Config, set receiver.Settings, newClient clientFactory) *pgScraper {
+	s := &pgScraper{
+		cfg:       cfg,
+		mb:        metadata.NewMetricsBuilder(cfg.MetricsBuilderConfig, set),
+		newClient: newClient,
+	}
+	// The resource is the same on every scrape: build it once.
+	host, port, _ := cfg.hostPort() // validated at startup
+	rb := s.mb.NewResourceBuilder()
+	rb.SetPostgresqlDatabaseName(cfg.Database)
+	rb.SetServerAddress(host)
+	rb.SetServerPort(int64(port))
+	s.resource = rb.Emit()
+	return s
+}
+
+func (s *pgScraper) start(ctx context.Context, _ component.Host) error {
+	c, err := s.newClient(ctx, s.cfg)
+	if err != nil {
+		return err
+	}
+	s.client = c
+	return nil
+}
+
+func (s *pgScraper) shutdown(context.Context) error {
+	if s.client != nil {
+		s.client.close()
+		s.client = nil
+	}
+	return nil
+}
+
+// scrape reads pgconsistency.status once and records every enabled invariant,
+// zeros included, so that "no anomalies" never looks like "no data".
+func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
+	now := pcommon.NewTimestampFromTime(time.Now())
+	rows, err := s.client.status(ctx)
+	if err != nil {
+		s.mb.RecordPgconsistencyUpDataPoint(now, 0)
+		// Partial, not full: the controller drops the metrics of a failed
+		// scrape, and pgconsistency.up = 0 is exactly what must get through.
+		return s.mb.Emit(metadata.WithResource(s.resource)), scrapererror.NewPartialScrapeError(err, 1)
+	}
+	s.mb.RecordPgconsistencyUpDataPoint(now, 1)
+	for i := range rows {
+		r := &rows[i]
+		s.mb.RecordPgconsistencyAnomaliesDataPoint(now, r.Anomalies, r.Invariant, r.Severity)
+		s.mb.RecordPgconsistencyAnomaliesNewDataPoint(now, r.NewAnomalies, r.Invariant, r.Severity)
+		s.mb.RecordPgconsistencyRefreshFailuresDataPoint(now, r.ConsecutiveFailures, r.Invariant)
+		// Never refreshed: timestamp 0 makes the snapshot infinitely old, so
+		// staleness alerts fire instead of the series being absent.
+		var refreshedAt float64
+		if r.RefreshedAt != nil {
+			refreshedAt = float64(r.RefreshedAt.UnixNano()) / 1e9
+		}
+		s.mb.RecordPgconsistencySnapshotTimestampDataPoint(now, refreshedAt, r.Invariant)
+		var duration float64
+		if r.LastDurationSeconds != nil {
+			duration = *r.LastDurationSeconds
+		}
+		s.mb.RecordPgconsistencyRefreshDurationDataPoint(now, duration, r.Invariant)
+	}
+	return s.mb.Emit(metadata.WithResource(s.resource)), nil
+}

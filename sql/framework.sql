@@ -1,0 +1,360 @@
+-- pgconsistency framework: the registry of invariants, their refresh state,
+-- the refresh procedure and the status view the receiver reads.
+--
+-- Idempotent: safe to run again on every deployment (install.sql includes it).
+-- Every name is schema-qualified and every function pins its search_path,
+-- because PostgreSQL 17+ runs REFRESH MATERIALIZED VIEW with a safe search_path
+-- and because callers (pg_cron, deploy tools) may have any search_path.
+
+CREATE SCHEMA IF NOT EXISTS pgconsistency;
+COMMENT ON SCHEMA pgconsistency IS
+  'pgconsistency: data-consistency invariants materialized as views, their refresh state and status';
+
+-- The registry: one row per invariant. The anomaly rows live in a materialized
+-- view (any schema) with a text column "key" that identifies the offending
+-- entity and a unique index on it, so REFRESH ... CONCURRENTLY works.
+-- The view is stored by name, not as regclass: pg_upgrade refuses reg* columns.
+CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
+    name          text        PRIMARY KEY
+                              CONSTRAINT invariant_name_format CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
+    description   text        NOT NULL,
+    severity      text        NOT NULL
+                              CONSTRAINT invariant_severity_valid CHECK (severity IN ('critical', 'warning', 'info')),
+    view_schema   text        NOT NULL,
+    view_name     text        NOT NULL,
+    enabled       boolean     NOT NULL DEFAULT true,
+    -- md5 of the query when the view was created by define_invariant();
+    -- NULL for views registered with register_invariant().
+    query_md5     text,
+    registered_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT invariant_view_unique UNIQUE (view_schema, view_name)
+);
+COMMENT ON TABLE pgconsistency.invariant IS
+  'Registered invariants: one materialized view of violating rows each';
+
+-- Refresh state: written only by pgconsistency.refresh(), one row per invariant
+-- that has been refreshed (or attempted) at least once.
+CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
+    invariant                text        PRIMARY KEY
+                                         REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    -- the latest attempt that ran (skips do not count as attempts)
+    last_status              text        NOT NULL
+                                         CONSTRAINT refresh_state_status_valid CHECK (last_status IN ('succeeded', 'failed')),
+    last_started_at          timestamptz NOT NULL,
+    last_finished_at         timestamptz NOT NULL,
+    last_duration_seconds    double precision NOT NULL,
+    last_error               text,
+    -- the latest successful refresh: what the snapshot holds
+    refreshed_at             timestamptz,
+    refresh_duration_seconds double precision,
+    anomalies                bigint      NOT NULL DEFAULT 0,
+    new_anomalies            bigint      NOT NULL DEFAULT 0,
+    resolved_anomalies       bigint      NOT NULL DEFAULT 0,
+    consecutive_failures     integer     NOT NULL DEFAULT 0,
+    -- the latest refresh skipped because another one held the invariant's lock
+    last_skipped_at          timestamptz,
+    skips                    bigint      NOT NULL DEFAULT 0
+);
+COMMENT ON TABLE pgconsistency.refresh_state IS
+  'Outcome of the latest refresh of each invariant; written by pgconsistency.refresh()';
+
+-- Keys of the anomalies currently open, with the time each was first seen.
+-- Maintained by refresh() in O(anomalies): it is what tells a new anomaly from
+-- an old one even when the total count stays the same.
+CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
+    invariant     text        NOT NULL
+                              REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    key           text        NOT NULL,
+    first_seen_at timestamptz NOT NULL,
+    PRIMARY KEY (invariant, key)
+);
+COMMENT ON TABLE pgconsistency.anomaly IS
+  'Open anomalies by invariant and key, with the refresh that first saw each';
+
+-- register_invariant: register an existing materialized view as an invariant.
+-- Checks what REFRESH ... CONCURRENTLY needs, so a bad view fails here, at
+-- install time, with a message that says what to fix, and not at 3 a.m.
+CREATE OR REPLACE FUNCTION pgconsistency.register_invariant(
+    name        text,
+    view_schema text,
+    view_name   text,
+    severity    text DEFAULT 'warning',
+    description text DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_oid oid;
+BEGIN
+    SELECT c.oid INTO v_oid
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = register_invariant.view_schema
+       AND c.relname = register_invariant.view_name
+       AND c.relkind = 'm';
+    IF v_oid IS NULL THEN
+        RAISE EXCEPTION 'pgconsistency: %.% is not a materialized view', view_schema, view_name
+            USING HINT = 'Create it with CREATE MATERIALIZED VIEW, or use pgconsistency.define_invariant(name, query, ...).';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = v_oid AND a.attname = 'key' AND NOT a.attisdropped
+                      AND a.atttypid = 'text'::pg_catalog.regtype) THEN
+        RAISE EXCEPTION 'pgconsistency: materialized view %.% has no text column "key"', view_schema, view_name
+            USING HINT = 'Select the id of the offending entity as key, e.g. dataset_id::text AS key.';
+    END IF;
+    -- REFRESH ... CONCURRENTLY needs a unique index on plain columns, no WHERE clause.
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                    WHERE i.indrelid = v_oid AND i.indisunique AND i.indisvalid
+                      AND i.indpred IS NULL AND i.indexprs IS NULL
+                      AND i.indnkeyatts = 1
+                      AND i.indkey[0] = (SELECT a.attnum FROM pg_catalog.pg_attribute a
+                                          WHERE a.attrelid = v_oid AND a.attname = 'key')) THEN
+        RAISE EXCEPTION 'pgconsistency: materialized view %.% has no unique index on (key)', view_schema, view_name
+            USING HINT = pg_catalog.format('CREATE UNIQUE INDEX ON %I.%I (key); REFRESH ... CONCURRENTLY needs it.',
+                                           view_schema, view_name);
+    END IF;
+    IF register_invariant.severity IS NULL OR register_invariant.severity NOT IN ('critical', 'warning', 'info') THEN
+        RAISE EXCEPTION 'pgconsistency: severity of invariant % is %, expected critical, warning or info',
+            name, coalesce(register_invariant.severity, 'NULL');
+    END IF;
+
+    INSERT INTO pgconsistency.invariant AS i (name, description, severity, view_schema, view_name)
+    VALUES (register_invariant.name, coalesce(register_invariant.description, ''), register_invariant.severity,
+            register_invariant.view_schema, register_invariant.view_name)
+    ON CONFLICT ON CONSTRAINT invariant_pkey DO UPDATE
+       SET description = EXCLUDED.description,
+           severity    = EXCLUDED.severity,
+           view_schema = EXCLUDED.view_schema,
+           view_name   = EXCLUDED.view_name;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, text) IS
+  'Register (or update) an invariant whose anomalies are held by an existing materialized view';
+
+-- define_invariant: create the materialized view pgconsistency.<name> from a
+-- query (columns: key text NOT NULL, then any details) and register it.
+-- Re-running with the same query is a no-op for the view; a changed query
+-- replaces the view (created WITH NO DATA: nothing scans at install time).
+-- The query must schema-qualify every table and must not use volatile
+-- functions such as now(): REFRESH ... CONCURRENTLY diffs whole rows.
+CREATE OR REPLACE FUNCTION pgconsistency.define_invariant(
+    name        text,
+    query       text,
+    severity    text DEFAULT 'warning',
+    description text DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_md5      text := pg_catalog.md5(query);
+    v_existing text;
+    v_relkind  "char";
+BEGIN
+    IF name IS NULL OR name !~ '^[a-z][a-z0-9_]{0,62}$' THEN
+        RAISE EXCEPTION 'pgconsistency: invalid invariant name %', coalesce(pg_catalog.quote_literal(name), 'NULL')
+            USING HINT = 'Use lower-case letters, digits and underscores, starting with a letter (at most 63 characters).';
+    END IF;
+    SELECT c.relkind INTO v_relkind
+      FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     WHERE n.nspname = 'pgconsistency' AND c.relname = define_invariant.name;
+    IF v_relkind IS NOT NULL AND v_relkind <> 'm' THEN
+        RAISE EXCEPTION 'pgconsistency: invariant name % collides with pgconsistency.% (relkind %)', name, name, v_relkind
+            USING HINT = 'Choose another name.';
+    END IF;
+
+    SELECT i.query_md5 INTO v_existing
+      FROM pgconsistency.invariant i
+     WHERE i.name = define_invariant.name AND i.view_schema = 'pgconsistency' AND i.view_name = define_invariant.name;
+
+    IF v_relkind IS NULL OR v_existing IS DISTINCT FROM v_md5 THEN
+        EXECUTE pg_catalog.format('DROP MATERIALIZED VIEW IF EXISTS pgconsistency.%I', name);
+        EXECUTE pg_catalog.format('CREATE MATERIALIZED VIEW pgconsistency.%I AS %s WITH NO DATA', name, query);
+        EXECUTE pg_catalog.format('CREATE UNIQUE INDEX %I ON pgconsistency.%I (key)', name || '_key', name);
+        EXECUTE pg_catalog.format('COMMENT ON MATERIALIZED VIEW pgconsistency.%I IS %L', name,
+                                  'pgconsistency invariant ' || name || ': ' || coalesce(description, ''));
+    END IF;
+
+    PERFORM pgconsistency.register_invariant(name, 'pgconsistency', name, severity, description);
+    UPDATE pgconsistency.invariant i SET query_md5 = v_md5 WHERE i.name = define_invariant.name;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text) IS
+  'Create or replace the materialized view pgconsistency.<name> from a query and register it as an invariant';
+
+-- refresh_invariant: refresh one invariant in the current transaction.
+-- Internal: call pgconsistency.refresh(), which commits after each invariant.
+-- Returns 'succeeded', 'failed' or 'skipped'.
+CREATE OR REPLACE FUNCTION pgconsistency.refresh_invariant(invariant text)
+RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    inv        pgconsistency.invariant%ROWTYPE;
+    v_started  timestamptz := pg_catalog.clock_timestamp();
+    v_finished timestamptz;
+    v_populated boolean;
+    v_total    bigint;
+    v_new      bigint;
+    v_resolved bigint;
+    v_error    text;
+    v_detail   text;
+BEGIN
+    SELECT * INTO inv FROM pgconsistency.invariant i WHERE i.name = refresh_invariant.invariant;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
+            USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
+    END IF;
+
+    -- One refresh per invariant at a time, across sessions and collectors.
+    -- Transaction-scoped, so it also works behind transaction-pooling proxies.
+    -- Skip rather than wait: the running refresh produces the same snapshot.
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('pgconsistency'), pg_catalog.hashtext(inv.name)) THEN
+        RAISE NOTICE 'pgconsistency: refresh of % skipped: another session is refreshing it right now; its result will be the same', inv.name;
+        -- Record the skip only if the state row is free: never wait for the
+        -- running refresh (it holds the row until it commits).
+        UPDATE pgconsistency.refresh_state s
+           SET last_skipped_at = v_started, skips = s.skips + 1
+         WHERE s.invariant = (SELECT s2.invariant FROM pgconsistency.refresh_state s2
+                               WHERE s2.invariant = inv.name FOR UPDATE SKIP LOCKED);
+        RETURN 'skipped';
+    END IF;
+
+    -- Bounded waits: a refresh must never queue writers behind it. REFRESH
+    -- CONCURRENTLY takes only an EXCLUSIVE lock on the view (reads go on)
+    -- and ACCESS SHARE on the tables it reads.
+    PERFORM pg_catalog.set_config('lock_timeout', '30s', true);
+
+    BEGIN
+        SELECT c.relispopulated INTO v_populated
+          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = inv.view_schema AND c.relname = inv.view_name AND c.relkind = 'm';
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'materialized view %.% does not exist', inv.view_schema, inv.view_name
+                USING HINT = 'Re-run sql/install.sql, or unregister the invariant.';
+        END IF;
+
+        -- CONCURRENTLY needs a populated view; the first refresh populates it.
+        IF v_populated THEN
+            EXECUTE pg_catalog.format('REFRESH MATERIALIZED VIEW CONCURRENTLY %I.%I', inv.view_schema, inv.view_name);
+        ELSE
+            EXECUTE pg_catalog.format('REFRESH MATERIALIZED VIEW %I.%I', inv.view_schema, inv.view_name);
+        END IF;
+
+        -- Update the open-anomaly keys: O(anomalies), the application tables
+        -- are not read again. All three CTEs see the same snapshot.
+        EXECUTE pg_catalog.format($q$
+            WITH cur AS (SELECT v.key FROM %I.%I v),
+            ins AS (
+                INSERT INTO pgconsistency.anomaly (invariant, key, first_seen_at)
+                SELECT $1, cur.key, $2 FROM cur
+                 WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.anomaly a WHERE a.invariant = $1 AND a.key = cur.key)
+                RETURNING 1),
+            del AS (
+                DELETE FROM pgconsistency.anomaly a
+                 WHERE a.invariant = $1
+                   AND NOT EXISTS (SELECT 1 FROM cur WHERE cur.key = a.key)
+                RETURNING 1)
+            SELECT (SELECT count(*) FROM cur), (SELECT count(*) FROM ins), (SELECT count(*) FROM del)
+        $q$, inv.view_schema, inv.view_name)
+        INTO v_total, v_new, v_resolved
+        USING inv.name, v_started;
+    EXCEPTION WHEN OTHERS THEN
+        GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT, v_detail = PG_EXCEPTION_HINT;
+        v_error := v_error || CASE WHEN coalesce(v_detail, '') <> '' THEN ' (hint: ' || v_detail || ')' ELSE '' END;
+    END;
+
+    v_finished := pg_catalog.clock_timestamp();
+
+    IF v_error IS NULL THEN
+        INSERT INTO pgconsistency.refresh_state AS s
+               (invariant, last_status, last_started_at, last_finished_at, last_duration_seconds, last_error,
+                refreshed_at, refresh_duration_seconds, anomalies, new_anomalies, resolved_anomalies, consecutive_failures)
+        VALUES (inv.name, 'succeeded', v_started, v_finished,
+                EXTRACT(epoch FROM v_finished - v_started)::double precision, NULL,
+                v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision,
+                v_total, v_new, v_resolved, 0)
+        ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
+           SET last_status = EXCLUDED.last_status, last_started_at = EXCLUDED.last_started_at,
+               last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
+               last_error = NULL, refreshed_at = EXCLUDED.refreshed_at,
+               refresh_duration_seconds = EXCLUDED.refresh_duration_seconds,
+               anomalies = EXCLUDED.anomalies, new_anomalies = EXCLUDED.new_anomalies,
+               resolved_anomalies = EXCLUDED.resolved_anomalies, consecutive_failures = 0;
+        RETURN 'succeeded';
+    END IF;
+
+    -- The snapshot (refreshed_at, anomalies) is left as it was: it is still the
+    -- latest good one, and its age shows that it is getting stale.
+    RAISE WARNING 'pgconsistency: refresh of % failed: %', inv.name, v_error;
+    INSERT INTO pgconsistency.refresh_state AS s
+           (invariant, last_status, last_started_at, last_finished_at, last_duration_seconds, last_error, consecutive_failures)
+    VALUES (inv.name, 'failed', v_started, v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision, v_error, 1)
+    ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
+       SET last_status = 'failed', last_started_at = EXCLUDED.last_started_at,
+           last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
+           last_error = EXCLUDED.last_error, consecutive_failures = s.consecutive_failures + 1;
+    RETURN 'failed';
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.refresh_invariant(text) IS
+  'Internal: refresh one invariant in the current transaction; use CALL pgconsistency.refresh() instead';
+
+-- refresh: CALL pgconsistency.refresh() refreshes every enabled invariant,
+-- CALL pgconsistency.refresh('name') one (enabled or not). Each invariant is
+-- refreshed and committed in its own transaction, so one failure does not
+-- undo or stop the others. Not to be called inside BEGIN ... COMMIT.
+CREATE OR REPLACE PROCEDURE pgconsistency.refresh(invariant text DEFAULT NULL)
+LANGUAGE plpgsql
+AS $pr$
+DECLARE
+    v_names text[];
+    v_name  text;
+    v_outcome text;
+BEGIN
+    IF invariant IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = refresh.invariant) THEN
+        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
+            USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
+    END IF;
+    SELECT pg_catalog.array_agg(i.name ORDER BY i.name) INTO v_names
+      FROM pgconsistency.invariant i
+     WHERE (refresh.invariant IS NULL AND i.enabled) OR i.name = refresh.invariant;
+
+    FOREACH v_name IN ARRAY coalesce(v_names, '{}') LOOP
+        v_outcome := pgconsistency.refresh_invariant(v_name);
+        COMMIT;
+    END LOOP;
+END
+$pr$;
+COMMENT ON PROCEDURE pgconsistency.refresh(text) IS
+  'Refresh every enabled invariant (or the one named), one transaction each; skips an invariant another session is refreshing';
+
+-- status: one row per registered invariant; the one query the receiver runs
+-- each scrape. It reads stored counts only (never the anomaly views), so its
+-- cost does not depend on the size of the application tables.
+CREATE OR REPLACE VIEW pgconsistency.status AS
+SELECT i.name                                    AS invariant,
+       i.severity,
+       i.description,
+       i.enabled,
+       i.view_schema,
+       i.view_name,
+       coalesce(s.anomalies, 0)                  AS anomalies,
+       coalesce(s.new_anomalies, 0)              AS new_anomalies,
+       coalesce(s.resolved_anomalies, 0)         AS resolved_anomalies,
+       s.refreshed_at,
+       s.refresh_duration_seconds,
+       coalesce(s.consecutive_failures, 0)       AS consecutive_failures,
+       s.last_status,
+       s.last_started_at,
+       s.last_finished_at,
+       s.last_duration_seconds,
+       s.last_error,
+       s.last_skipped_at,
+       coalesce(s.skips, 0)                      AS skips
+  FROM pgconsistency.invariant i
+  LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name;
+COMMENT ON VIEW pgconsistency.status IS
+  'One row per registered invariant: latest snapshot counts and refresh outcome (cheap: reads stored state only)';
