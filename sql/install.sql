@@ -7,6 +7,8 @@
 -- Works from any directory (\ir resolves paths relative to this file).
 
 \set ON_ERROR_STOP 1
+\set QUIET on
+\pset tuples_only on
 SET client_min_messages = warning;
 
 BEGIN;
