@@ -1,0 +1,259 @@
+package pgconsistencyreceiver
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.opentelemetry.io/collector/config/configopaque"
+	"go.opentelemetry.io/collector/consumer/consumertest"
+	"go.opentelemetry.io/collector/pdata/pcommon"
+	"go.opentelemetry.io/collector/pdata/pmetric"
+	"go.opentelemetry.io/collector/receiver"
+	"go.opentelemetry.io/collector/receiver/receivertest"
+
+	"github.com/pgconsistency/pgconsistency/internal/fixture"
+	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver/internal/metadata"
+)
+
+// snapshot is what one scrape said: value per metric name and invariant
+// ("" for pgconsistency.up), plus the resource attributes.
+type snapshot struct {
+	values   map[string]map[string]float64
+	resource map[string]any
+}
+
+func (s snapshot) get(metric, invariant string) (float64, bool) {
+	v, ok := s.values[metric][invariant]
+	return v, ok
+}
+
+func lastSnapshot(sink *consumertest.MetricsSink) (snapshot, bool) {
+	all := sink.AllMetrics()
+	if len(all) == 0 {
+		return snapshot{}, false
+	}
+	md := all[len(all)-1]
+	s := snapshot{values: map[string]map[string]float64{}, resource: map[string]any{}}
+	for i := 0; i < md.ResourceMetrics().Len(); i++ {
+		rm := md.ResourceMetrics().At(i)
+		rm.Resource().Attributes().Range(func(k string, v pcommon.Value) bool {
+			s.resource[k] = v.AsRaw()
+			return true
+		})
+		for j := 0; j < rm.ScopeMetrics().Len(); j++ {
+			ms := rm.ScopeMetrics().At(j).Metrics()
+			for k := 0; k < ms.Len(); k++ {
+				m := ms.At(k)
+				dps := m.Gauge().DataPoints()
+				for d := 0; d < dps.Len(); d++ {
+					dp := dps.At(d)
+					inv, _ := dp.Attributes().Get("invariant")
+					v := dp.DoubleValue()
+					if dp.ValueType() == pmetric.NumberDataPointValueTypeInt {
+						v = float64(dp.IntValue())
+					}
+					if s.values[m.Name()] == nil {
+						s.values[m.Name()] = map[string]float64{}
+					}
+					s.values[m.Name()][inv.Str()] = v
+				}
+			}
+		}
+	}
+	return s, true
+}
+
+func startReceiver(t *testing.T, srv *pgtest.Server, db string) (*consumertest.MetricsSink, receiver.Metrics) {
+	t.Helper()
+	cfg := createDefaultConfig()
+	cfg.Endpoint = srv.Host + ":" + strconv.Itoa(srv.Port)
+	cfg.Username = srv.User
+	cfg.Password = configopaque.String(srv.Password)
+	cfg.Database = db
+	cfg.TLS.Insecure = true // the throwaway cluster has no TLS
+	cfg.CollectionInterval = 250 * time.Millisecond
+	cfg.Timeout = 200 * time.Millisecond
+	sink := new(consumertest.MetricsSink)
+	rcv, err := NewFactory().CreateMetrics(t.Context(), receivertest.NewNopSettings(metadata.Type), cfg, sink)
+	require.NoError(t, err)
+	require.NoError(t, rcv.Start(t.Context(), nil))
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+	return sink, rcv
+}
+
+// waitFor polls the newest scrape until check passes, then returns it.
+func waitFor(t *testing.T, sink *consumertest.MetricsSink, what string, check func(snapshot) error) snapshot {
+	t.Helper()
+	var last error
+	var snap snapshot
+	ok := assert.Eventually(t, func() bool {
+		s, ok := lastSnapshot(sink)
+		if !ok {
+			last = fmt.Errorf("no scrape yet")
+			return false
+		}
+		if last = check(s); last != nil {
+			return false
+		}
+		snap = s
+		return true
+	}, 60*time.Second, 50*time.Millisecond)
+	require.True(t, ok, "%s: %v", what, last)
+	return snap
+}
+
+func expectCounts(want map[string]int) func(snapshot) error {
+	return func(s snapshot) error {
+		if up, _ := s.get("pgconsistency.up", ""); up != 1 {
+			return fmt.Errorf("pgconsistency.up = %v", up)
+		}
+		for _, inv := range fixture.Invariants {
+			got, ok := s.get("pgconsistency.anomalies", inv)
+			if !ok || got != float64(want[inv]) {
+				return fmt.Errorf("pgconsistency.anomalies{invariant=%s} = %v (present %v), want %d", inv, got, ok, want[inv])
+			}
+		}
+		return nil
+	}
+}
+
+// TestIntegrationExactGauges: the receiver, created through its factory,
+// reports the exact counts of the fixtures, then follows a new breakage.
+func TestIntegrationExactGauges(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv, fixture.Invariants...)
+	conn := srv.Conn(t, db)
+	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+
+	sink, _ := startReceiver(t, srv, db)
+	want := map[string]int{}
+	for inv, broken := range fixture.Breakage {
+		want[inv] = len(broken)
+	}
+	snap := waitFor(t, sink, "fixture counts", expectCounts(want))
+
+	assert.Equal(t, map[string]any{
+		"postgresql.database.name": db,
+		"server.address":           srv.Host,
+		"server.port":              int64(srv.Port),
+	}, snap.resource)
+	for _, inv := range fixture.Invariants {
+		newCount, _ := snap.get("pgconsistency.anomalies.new", inv)
+		assert.EqualValues(t, want[inv], newCount, "first refresh: every anomaly is new (%s)", inv)
+		failures, ok := snap.get("pgconsistency.refresh.failures", inv)
+		assert.True(t, ok)
+		assert.Zero(t, failures, inv)
+		ts, _ := snap.get("pgconsistency.snapshot.timestamp", inv)
+		assert.InDelta(t, float64(time.Now().Unix()), ts, 300, "snapshot time of %s", inv)
+		_, ok = snap.get("pgconsistency.refresh.duration", inv)
+		assert.True(t, ok, inv)
+	}
+
+	// One more dataset loses its Seed (the incident's shape): after the
+	// refresh the gauge moves from 3 to 4 and exactly one anomaly is new.
+	_, err = conn.Exec(t.Context(),
+		"DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type IN ('Seed', 'SetDataSchema')",
+		fixture.DatasetID(2))
+	require.NoError(t, err)
+	_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+	want["dataset_seed_missing"]++
+	snap = waitFor(t, sink, "after breaking dataset 2", expectCounts(want))
+	newCount, _ := snap.get("pgconsistency.anomalies.new", "dataset_seed_missing")
+	assert.EqualValues(t, 1, newCount)
+	other, _ := snap.get("pgconsistency.anomalies.new", "dataset_head_ref_missing")
+	assert.EqualValues(t, 0, other, "unchanged invariants have no new anomalies")
+
+	// A new invariant registered in SQL shows up without a config change.
+	_, err = conn.Exec(t.Context(), `SELECT pgconsistency.define_invariant('owner_without_name',
+		$q$ SELECT dataset_id::text AS key FROM public.dataset_entries WHERE owner_name = '' $q$, 'info')`)
+	require.NoError(t, err)
+	waitFor(t, sink, "new invariant", func(s snapshot) error {
+		if _, ok := s.get("pgconsistency.anomalies", "owner_without_name"); !ok {
+			return fmt.Errorf("owner_without_name not reported")
+		}
+		if ts, _ := s.get("pgconsistency.snapshot.timestamp", "owner_without_name"); ts != 0 {
+			return fmt.Errorf("never refreshed, yet snapshot timestamp %v", ts)
+		}
+		return nil
+	})
+}
+
+// TestIntegrationDatabaseDownAndBack: with the database stopped, up is 0;
+// when it starts again, up is 1 and the counts are back, with no restart of
+// the receiver.
+func TestIntegrationDatabaseDownAndBack(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv, "dataset_head_ref_missing")
+	conn := srv.Conn(t, db)
+	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+	require.NoError(t, conn.Close(t.Context()))
+
+	sink, _ := startReceiver(t, srv, db)
+	want := map[string]int{"dataset_head_ref_missing": 3}
+	waitFor(t, sink, "before the outage", expectCounts(want))
+
+	srv.Stop(t)
+	snap := waitFor(t, sink, "during the outage", func(s snapshot) error {
+		if up, ok := s.get("pgconsistency.up", ""); !ok || up != 0 {
+			return fmt.Errorf("pgconsistency.up = %v (present %v), want 0", up, ok)
+		}
+		return nil
+	})
+	assert.Len(t, snap.values, 1, "with the database down only pgconsistency.up is reported")
+
+	srv.StartAgain(t)
+	waitFor(t, sink, "after the outage", expectCounts(want))
+}
+
+// TestIntegrationStartsWithDatabaseDown: Start succeeds with nothing listening;
+// metrics appear once the database is there.
+func TestIntegrationStartsWithDatabaseDown(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	srv.Stop(t)
+
+	sink, _ := startReceiver(t, srv, db)
+	waitFor(t, sink, "database down at start", func(s snapshot) error {
+		if up, ok := s.get("pgconsistency.up", ""); !ok || up != 0 {
+			return fmt.Errorf("pgconsistency.up = %v (present %v), want 0", up, ok)
+		}
+		return nil
+	})
+	srv.StartAgain(t)
+	snap := waitFor(t, sink, "database up", expectCounts(map[string]int{}))
+	ts, _ := snap.get("pgconsistency.snapshot.timestamp", "dataset_seed_missing")
+	assert.Zero(t, ts, "never refreshed: timestamp 0, so staleness alerts fire")
+}
+
+// TestIntegrationSchemaNotInstalled: a database without pgconsistency gives
+// up = 0 and an error that says how to install it.
+func TestIntegrationSchemaNotInstalled(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := srv.CreateDatabase(t, "")
+	cfg := createDefaultConfig()
+	cfg.Endpoint = srv.Host + ":" + strconv.Itoa(srv.Port)
+	cfg.Username, cfg.Password, cfg.Database = srv.User, configopaque.String(srv.Password), db
+	cfg.TLS.Insecure = true
+	c, err := newPgxClient(t.Context(), cfg)
+	require.NoError(t, err)
+	defer c.close()
+	_, err = c.status(t.Context())
+	require.ErrorContains(t, err, `relation "pgconsistency.status" does not exist`)
+	require.ErrorContains(t, err, "sql/install.sql")
+
+	cfg.Password = "wrong"
+	c2, err := newPgxClient(t.Context(), cfg)
+	require.NoError(t, err)
+	defer c2.close()
+	_, err = c2.status(t.Context())
+	require.ErrorContains(t, err, "password authentication failed")
+}
