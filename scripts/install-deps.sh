@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need, when it is missing.
+# On Debian as root it runs apt-get; anywhere else it says what to install.
+#   scripts/install-deps.sh            PostgreSQL 15 server and pg_cron
+#   scripts/install-deps.sh prometheus also Prometheus (promtool, remote write)
+set -euo pipefail
+
+pkgs=()
+pg_bindir=$(pg_config --bindir 2>/dev/null || true)
+pg_libdir=$(pg_config --pkglibdir 2>/dev/null || true)
+if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then
+  # pg_config may be missing while the server is installed (no -dev package)
+  if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    pkgs+=(postgresql-15)
+  fi
+fi
+if ! ls ${pg_libdir:-/usr/lib/postgresql/*/lib}/pg_cron.so /usr/lib/postgresql/*/lib/pg_cron.so >/dev/null 2>&1; then
+  pkgs+=(postgresql-15-cron)
+fi
+command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client-15)
+if [ "${1:-}" = prometheus ]; then
+  command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
+fi
+
+if [ ${#pkgs[@]} -eq 0 ]; then
+  exit 0
+fi
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing: ${pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  # The Debian postgresql package starts a cluster on 5432; the tests never
+  # use it, they start their own on free ports.
+  apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  exit 0
+fi
+echo "missing: ${pkgs[*]}" >&2
+echo "install them (Debian: sudo apt-get install -y ${pkgs[*]}), run this as root on Debian," >&2
+echo "or point PGCONSISTENCY_TEST_DSN at a PostgreSQL superuser URL for the SQL and receiver tests." >&2
+exit 1
