@@ -188,6 +188,17 @@ func connWithNotices(t *testing.T, s *pgtest.Server, db string) (*pgx.Conn, func
 	}
 }
 
+// holdRefreshLock takes the lock a refresh of the invariant takes, in a
+// transaction on conn that lasts until the end of the (sub)test.
+func holdRefreshLock(t *testing.T, conn *pgx.Conn, invariant string) {
+	t.Helper()
+	tx, err := conn.Begin(t.Context())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = tx.Rollback(context.Background()) })
+	_, err = tx.Exec(t.Context(), "SELECT pg_advisory_xact_lock(hashtext('pgconsistency'), hashtext($1))", invariant)
+	require.NoError(t, err)
+}
+
 // testConcurrentRefreshSkips: a refresh that finds another one running skips
 // at once with a notice (not an error) instead of queueing behind it.
 func testConcurrentRefreshSkips(t *testing.T, s *pgtest.Server) {
@@ -200,12 +211,7 @@ func testConcurrentRefreshSkips(t *testing.T, s *pgtest.Server) {
 	exec(t, second, "SET statement_timeout = '20s'")
 
 	t.Run("while another session holds the lock", func(t *testing.T) {
-		tx, err := first.Begin(t.Context())
-		require.NoError(t, err)
-		defer func() { _ = tx.Rollback(context.Background()) }()
-		_, err = tx.Exec(t.Context(),
-			"SELECT pg_advisory_xact_lock(hashtext('pgconsistency'), hashtext('dataset_seed_missing'))")
-		require.NoError(t, err)
+		holdRefreshLock(t, first, "dataset_seed_missing")
 
 		exec(t, second, "CALL pgconsistency.refresh('dataset_seed_missing')")
 		require.Contains(t, strings.Join(notices(), "\n"),
@@ -230,12 +236,7 @@ func testConcurrentRefreshSkips(t *testing.T, s *pgtest.Server) {
 	})
 
 	t.Run("the other invariants are refreshed meanwhile", func(t *testing.T) {
-		tx, err := first.Begin(t.Context())
-		require.NoError(t, err)
-		defer func() { _ = tx.Rollback(context.Background()) }()
-		_, err = tx.Exec(t.Context(),
-			"SELECT pg_advisory_xact_lock(hashtext('pgconsistency'), hashtext('dataset_seed_missing'))")
-		require.NoError(t, err)
+		holdRefreshLock(t, first, "dataset_seed_missing")
 		before := status(t, second)
 		exec(t, second, "CALL pgconsistency.refresh()")
 		after := status(t, second)

@@ -69,14 +69,20 @@ func lastSnapshot(sink *consumertest.MetricsSink) (snapshot, bool) {
 	return s, true
 }
 
-func startReceiver(t *testing.T, srv *pgtest.Server, db string) (*consumertest.MetricsSink, receiver.Metrics) {
-	t.Helper()
+// serverConfig is a receiver configuration for database db of srv.
+func serverConfig(srv *pgtest.Server, db string) *Config {
 	cfg := createDefaultConfig()
 	cfg.Endpoint = srv.Host + ":" + strconv.Itoa(srv.Port)
 	cfg.Username = srv.User
 	cfg.Password = configopaque.String(srv.Password)
 	cfg.Database = db
 	cfg.TLS.Insecure = true // the throwaway cluster has no TLS
+	return cfg
+}
+
+func startReceiver(t *testing.T, srv *pgtest.Server, db string) (*consumertest.MetricsSink, receiver.Metrics) {
+	t.Helper()
+	cfg := serverConfig(srv, db)
 	cfg.CollectionInterval = 250 * time.Millisecond
 	cfg.Timeout = 200 * time.Millisecond
 	sink := new(consumertest.MetricsSink)
@@ -239,10 +245,7 @@ func TestIntegrationStartsWithDatabaseDown(t *testing.T) {
 func TestIntegrationSchemaNotInstalled(t *testing.T) {
 	srv := pgtest.Start(t)
 	db := srv.CreateDatabase(t, "")
-	cfg := createDefaultConfig()
-	cfg.Endpoint = srv.Host + ":" + strconv.Itoa(srv.Port)
-	cfg.Username, cfg.Password, cfg.Database = srv.User, configopaque.String(srv.Password), db
-	cfg.TLS.Insecure = true
+	cfg := serverConfig(srv, db)
 	c, err := newPgxClient(t.Context(), cfg)
 	require.NoError(t, err)
 	defer c.close()
