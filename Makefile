@@ -1,18 +1,28 @@
 # pgconsistency — see README.md.
-#   make test       install what is missing (Debian, as root), then every test
+#   make run        the demo: throwaway PostgreSQL with demo data, the collector, Prometheus
+#   make test       every test (installs what is missing on Debian, as root)
+#   make build      the collector distribution: _build/otelcol-pgconsistency
 #   make generate   regenerate the receiver's mdatagen code from metadata.yaml
 
-GO      ?= go
-TOOLS   := $(CURDIR)/.tools
-MDATAGEN := $(TOOLS)/mdatagen
-RECEIVER := receiver/pgconsistencyreceiver
+GO        ?= go
+TOOLS     := $(CURDIR)/.tools
+BUILDER_VERSION := v0.165.0
+BUILDER   := $(TOOLS)/builder-$(BUILDER_VERSION)
+MDATAGEN  := $(TOOLS)/mdatagen
+RECEIVER  := receiver/pgconsistencyreceiver
+COLLECTOR := _build/otelcol-pgconsistency
+# what the distribution is built from: rebuilt when one of these changes
+COLLECTOR_SOURCES := builder-config.yaml go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all test deps check-fmt vet unit generate check-generated
+.PHONY: all run test build deps check-fmt vet generate
 
 all: test
 
 deps:
 	@scripts/install-deps.sh
+
+run: deps build
+	@scripts/demo.sh
 
 check-fmt:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './_build/*')); \
@@ -21,11 +31,22 @@ check-fmt:
 vet:
 	$(GO) vet ./...
 
-# Every test: unit, SQL against real PostgreSQL clusters started by the tests,
-# receiver integration. -p 2: this machine class has two cores, and each SQL or
-# integration test binary runs its own PostgreSQL.
-test: deps check-fmt vet
-	$(GO) test -count=1 -p 2 -timeout 20m ./...
+# Every test: unit, SQL and receiver integration against real PostgreSQL
+# clusters the tests start, and end to end (internal/e2e) with the built
+# collector and a real Prometheus. -p 2: two cores; each SQL, integration or
+# e2e test binary runs its own PostgreSQL.
+test: deps check-fmt vet build
+	$(GO) test -count=1 -p 2 -timeout 30m ./...
+
+build: $(COLLECTOR)
+
+$(COLLECTOR): $(BUILDER) $(COLLECTOR_SOURCES)
+	$(BUILDER) --config builder-config.yaml
+	@$(COLLECTOR) components | grep -q 'name: pgconsistency' || { echo "$(COLLECTOR) lacks the pgconsistency receiver"; exit 1; }
+
+$(BUILDER):
+	GOBIN=$(TOOLS) $(GO) install go.opentelemetry.io/collector/cmd/builder@$(BUILDER_VERSION)
+	mv $(TOOLS)/builder $(BUILDER)
 
 # mdatagen v0.155.0 is not installable with `go install …@version` (no version
 # list is served), so it is built from the pinned tools module.

@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests and the demo need, when it is missing.
-# On Debian as root it runs apt-get; anywhere else it says what to install.
-#   scripts/install-deps.sh            PostgreSQL 15 server and pg_cron
-#   scripts/install-deps.sh prometheus also Prometheus (promtool, remote write)
+# Installs what the tests and the demo need, when it is missing: the
+# PostgreSQL 15 server, pg_cron, psql and Prometheus (remote write receiver,
+# promtool). On Debian as root it runs apt-get; elsewhere it says what to install.
 set -euo pipefail
 
 pkgs=()
@@ -18,9 +17,8 @@ if ! ls ${pg_libdir:-/usr/lib/postgresql/*/lib}/pg_cron.so /usr/lib/postgresql/*
   pkgs+=(postgresql-15-cron)
 fi
 command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client-15)
-if [ "${1:-}" = prometheus ]; then
-  command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
-fi
+command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
+command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 
 if [ ${#pkgs[@]} -eq 0 ]; then
   exit 0
@@ -36,5 +34,5 @@ if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
 fi
 echo "missing: ${pkgs[*]}" >&2
 echo "install them (Debian: sudo apt-get install -y ${pkgs[*]}), run this as root on Debian," >&2
-echo "or point PGCONSISTENCY_TEST_DSN at a PostgreSQL superuser URL for the SQL and receiver tests." >&2
+echo "or, for the SQL and receiver tests alone, point PGCONSISTENCY_TEST_DSN at a PostgreSQL superuser URL." >&2
 exit 1

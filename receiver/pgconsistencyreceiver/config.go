@@ -89,10 +89,6 @@ func (cfg *Config) Validate() error {
 	case len(cfg.Schema) > maxIdentifierLength:
 		errs = append(errs, fmt.Errorf(`"schema" %q is longer than %d bytes, which PostgreSQL does not allow for a name`, cfg.Schema, maxIdentifierLength))
 	}
-	if cfg.CollectionInterval > 0 && cfg.Timeout >= cfg.CollectionInterval {
-		errs = append(errs, fmt.Errorf(`"timeout" (%s) must be shorter than "collection_interval" (%s), or scrapes would overlap`,
-			cfg.Timeout, cfg.CollectionInterval))
-	}
 	return errors.Join(errs...)
 }
 

@@ -85,7 +85,7 @@ func TestLoadConfig(t *testing.T) {
 			`"username" must be set`,
 			`"database" must be set`,
 			`"schema" must not be empty`,
-			`"timeout" (30s) must be shorter than "collection_interval" (10s)`,
+			`"collection_interval": requires positive value`,
 		} {
 			assert.ErrorContains(t, err, want)
 		}
