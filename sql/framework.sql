@@ -312,7 +312,6 @@ AS $pr$
 DECLARE
     v_names text[];
     v_name  text;
-    v_outcome text;
 BEGIN
     IF invariant IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = refresh.invariant) THEN
         RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
@@ -323,7 +322,7 @@ BEGIN
      WHERE (refresh.invariant IS NULL AND i.enabled) OR i.name = refresh.invariant;
 
     FOREACH v_name IN ARRAY coalesce(v_names, '{}') LOOP
-        v_outcome := pgconsistency.refresh_invariant(v_name);
+        PERFORM pgconsistency.refresh_invariant(v_name);
         COMMIT;
     END LOOP;
 END
