@@ -120,7 +120,7 @@ cat <<EOF
   database:       psql -h $work -p $pg_port -U postgres -d demo
                   e.g. break one more dataset, refresh, and watch the gauge move:
                   DELETE FROM dataset_key_blocks WHERE dataset_id = fixture.dataset_id(1) AND event_type = 'Seed';
-                  CALL pgconsistency.refresh();
+                  CALL pgconsistency.refresh(force => true);
   collector log:  $work/collector.log
 
 Press Ctrl-C to stop everything and remove $work.

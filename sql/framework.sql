@@ -23,6 +23,19 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
     view_schema   text        NOT NULL,
     view_name     text        NOT NULL,
     enabled       boolean     NOT NULL DEFAULT true,
+    -- CALL pgconsistency.refresh() refreshes the invariant once this long has
+    -- passed since its previous refresh started (up to 30 s early, half the
+    -- period at most, so the jitter of a schedule never skips a whole period).
+    refresh_period    interval NOT NULL DEFAULT '30 minutes'
+                               CONSTRAINT invariant_refresh_period_positive CHECK (refresh_period > interval '0'),
+    -- Guardrails of one refresh. lock_timeout bounds every lock wait of the
+    -- refresh; statement_timeout bounds the refresh when it runs as a statement
+    -- of its own (the receiver's scheduler does that: PostgreSQL arms
+    -- statement_timeout once per top-level statement, not inside a procedure).
+    statement_timeout interval NOT NULL DEFAULT '30 minutes'
+                               CONSTRAINT invariant_statement_timeout_positive CHECK (statement_timeout > interval '0'),
+    lock_timeout      interval NOT NULL DEFAULT '30 seconds'
+                               CONSTRAINT invariant_lock_timeout_positive CHECK (lock_timeout > interval '0'),
     -- md5 of the query when the view was created by define_invariant();
     -- NULL for views registered with register_invariant().
     query_md5     text,
@@ -39,7 +52,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
                                          REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
     -- the latest attempt that ran (skips do not count as attempts)
     last_status              text        NOT NULL
-                                         CONSTRAINT refresh_state_status_valid CHECK (last_status IN ('succeeded', 'failed')),
+                                         CONSTRAINT refresh_state_status_valid CHECK (last_status IN ('succeeded', 'failed', 'timed_out')),
     last_started_at          timestamptz NOT NULL,
     last_finished_at         timestamptz NOT NULL,
     last_duration_seconds    double precision NOT NULL,
@@ -70,6 +83,82 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
 );
 COMMENT ON TABLE pgconsistency.anomaly IS
   'Open anomalies by invariant and key, with the refresh that first saw each';
+
+-- Refresh requests, e.g. from a deploy pipeline: "refresh everything once the
+-- deployment has settled". At most one request is pending; asking again
+-- during the delay pushes the due time back (the deployment is not settled).
+CREATE TABLE IF NOT EXISTS pgconsistency.refresh_request (
+    id           bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    first_requested_at timestamptz NOT NULL,
+    requested_at timestamptz NOT NULL,
+    due_at       timestamptz NOT NULL,
+    requests     integer     NOT NULL DEFAULT 1,
+    reason       text,
+    -- set by the refresh that runs it: a request runs once
+    claimed_at   timestamptz
+);
+CREATE UNIQUE INDEX IF NOT EXISTS refresh_request_one_pending
+    ON pgconsistency.refresh_request ((true)) WHERE claimed_at IS NULL;
+COMMENT ON TABLE pgconsistency.refresh_request IS
+  'Requests for a refresh of every invariant after a delay; written by pgconsistency.request_refresh()';
+
+-- request_refresh: ask for a refresh of every enabled invariant once "delay"
+-- has passed without another request. For deploy pipelines and migration
+-- tools: SELECT pgconsistency.request_refresh(delay => '10 minutes').
+-- The pg_cron job or the receiver's scheduler runs it when due. Returns the
+-- time it is due.
+CREATE OR REPLACE FUNCTION pgconsistency.request_refresh(
+    delay  interval DEFAULT '10 minutes',
+    reason text DEFAULT NULL
+) RETURNS timestamptz
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_due timestamptz;
+BEGIN
+    IF delay IS NULL OR delay < interval '0' THEN
+        RAISE EXCEPTION 'pgconsistency: refresh request delay must be zero or more, got %', coalesce(delay::text, 'NULL')
+            USING HINT = 'Pass the time the deployment needs to settle, e.g. delay => ''10 minutes''.';
+    END IF;
+    INSERT INTO pgconsistency.refresh_request AS r (first_requested_at, requested_at, due_at, reason)
+    VALUES (pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp(), pg_catalog.clock_timestamp() + delay, request_refresh.reason)
+    ON CONFLICT ((true)) WHERE claimed_at IS NULL DO UPDATE
+       SET requested_at = EXCLUDED.requested_at,
+           due_at       = EXCLUDED.due_at,
+           requests     = r.requests + 1,
+           reason       = coalesce(EXCLUDED.reason, r.reason)
+    RETURNING r.due_at INTO v_due;
+    RETURN v_due;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.request_refresh(interval, text) IS
+  'Request a refresh of every enabled invariant once delay has passed without a new request (after a deployment)';
+
+-- claim_refresh_request: take the pending request if it is due, so that it
+-- runs exactly once however many schedulers poll. Returns whether one was
+-- claimed. Internal to refresh() and the receiver's scheduler.
+CREATE OR REPLACE FUNCTION pgconsistency.claim_refresh_request()
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    r pgconsistency.refresh_request%ROWTYPE;
+BEGIN
+    UPDATE pgconsistency.refresh_request q
+       SET claimed_at = pg_catalog.clock_timestamp()
+     WHERE q.claimed_at IS NULL AND q.due_at <= pg_catalog.clock_timestamp()
+    RETURNING q.* INTO r;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    RAISE NOTICE 'pgconsistency: running the requested refresh of every invariant (% request(s) since %, the last at %)',
+        r.requests, r.first_requested_at, r.requested_at
+        USING DETAIL = coalesce('reason: ' || r.reason, 'no reason given');
+    RETURN true;
+END
+$fn$;
 
 -- register_invariant: register an existing materialized view as an invariant.
 -- Checks what REFRESH ... CONCURRENTLY needs, so a bad view fails here, at
@@ -183,10 +272,17 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text) IS
   'Create or replace the materialized view pgconsistency.<name> from a query and register it as an invariant';
 
+-- Older signatures, replaced below (CREATE OR REPLACE cannot change them).
+DROP FUNCTION IF EXISTS pgconsistency.refresh_invariant(text);
+DROP PROCEDURE IF EXISTS pgconsistency.refresh(text);
+
 -- refresh_invariant: refresh one invariant in the current transaction.
 -- Internal: call pgconsistency.refresh(), which commits after each invariant.
--- Returns 'succeeded', 'failed' or 'skipped'.
-CREATE OR REPLACE FUNCTION pgconsistency.refresh_invariant(invariant text)
+-- With force false, an invariant whose refresh_period has not passed since
+-- its previous refresh started is left alone. Returns the outcome:
+-- 'succeeded', 'failed', 'timed_out', 'skipped' (another session holds the
+-- invariant) or 'not_due'.
+CREATE OR REPLACE FUNCTION pgconsistency.refresh_invariant(invariant text, force boolean DEFAULT true)
 RETURNS text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -199,8 +295,10 @@ DECLARE
     v_total    bigint;
     v_new      bigint;
     v_resolved bigint;
+    v_status   text := 'succeeded';
     v_error    text;
-    v_detail   text;
+    v_hint     text;
+    v_state    text;
 BEGIN
     SELECT * INTO inv FROM pgconsistency.invariant i WHERE i.name = refresh_invariant.invariant;
     IF NOT FOUND THEN
@@ -222,10 +320,20 @@ BEGIN
         RETURN 'skipped';
     END IF;
 
+    -- Due? Checked under the lock, on committed state, so two schedulers
+    -- never refresh the same invariant twice in one period.
+    IF NOT force AND EXISTS (
+        SELECT 1 FROM pgconsistency.refresh_state s
+         WHERE s.invariant = inv.name
+           AND s.last_started_at > v_started - inv.refresh_period
+                                   + least(interval '30 seconds', inv.refresh_period / 2)) THEN
+        RETURN 'not_due';
+    END IF;
+
     -- Bounded waits: a refresh must never queue writers behind it. REFRESH
     -- CONCURRENTLY takes only an EXCLUSIVE lock on the view (reads go on)
     -- and ACCESS SHARE on the tables it reads.
-    PERFORM pg_catalog.set_config('lock_timeout', '30s', true);
+    PERFORM pg_catalog.set_config('lock_timeout', (EXTRACT(epoch FROM inv.lock_timeout) * 1000)::bigint::text, true);
 
     BEGIN
         SELECT c.relispopulated INTO v_populated
@@ -261,14 +369,34 @@ BEGIN
         $q$, inv.view_schema, inv.view_name)
         INTO v_total, v_new, v_resolved
         USING inv.name, v_started;
-    EXCEPTION WHEN OTHERS THEN
-        GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT, v_detail = PG_EXCEPTION_HINT;
-        v_error := v_error || CASE WHEN coalesce(v_detail, '') <> '' THEN ' (hint: ' || v_detail || ')' ELSE '' END;
+    EXCEPTION
+        WHEN query_canceled THEN
+            GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+            IF v_error NOT LIKE '%statement timeout%' THEN
+                RAISE; -- a cancel by the user or an administrator stops the whole refresh
+            END IF;
+            v_status := 'timed_out';
+            v_error := pg_catalog.format('%s: the refresh ran longer than the invariant''s statement_timeout (%s)',
+                                         v_error, inv.statement_timeout);
+            v_hint := pg_catalog.format('Raise it with UPDATE pgconsistency.invariant SET statement_timeout = ... WHERE name = %L, or make the query cheaper.', inv.name);
+        WHEN OTHERS THEN
+            GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT, v_hint = PG_EXCEPTION_HINT, v_state = RETURNED_SQLSTATE;
+            IF v_state = '55P03' THEN -- lock_not_available: lock_timeout
+                v_status := 'timed_out';
+                v_error := pg_catalog.format('%s: waited longer than the invariant''s lock_timeout (%s) for a lock held by another session',
+                                             v_error, inv.lock_timeout);
+                v_hint := 'A long transaction or DDL on the tables the invariant reads holds the lock; the next refresh tries again.';
+            ELSE
+                v_status := 'failed';
+            END IF;
     END;
+    IF coalesce(v_hint, '') <> '' THEN
+        v_error := v_error || ' (hint: ' || v_hint || ')';
+    END IF;
 
     v_finished := pg_catalog.clock_timestamp();
 
-    IF v_error IS NULL THEN
+    IF v_status = 'succeeded' THEN
         INSERT INTO pgconsistency.refresh_state AS s
                (invariant, last_status, last_started_at, last_finished_at, last_duration_seconds, last_error,
                 refreshed_at, refresh_duration_seconds, anomalies, new_anomalies, resolved_anomalies, consecutive_failures)
@@ -288,58 +416,76 @@ BEGIN
 
     -- The snapshot (refreshed_at, anomalies) is left as it was: it is still the
     -- latest good one, and its age shows that it is getting stale.
-    RAISE WARNING 'pgconsistency: refresh of % failed: %', inv.name, v_error;
+    RAISE WARNING 'pgconsistency: refresh of % %: %', inv.name, replace(v_status, '_', ' '), v_error;
     INSERT INTO pgconsistency.refresh_state AS s
            (invariant, last_status, last_started_at, last_finished_at, last_duration_seconds, last_error, consecutive_failures)
-    VALUES (inv.name, 'failed', v_started, v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision, v_error, 1)
+    VALUES (inv.name, v_status, v_started, v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision, v_error, 1)
     ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
-       SET last_status = 'failed', last_started_at = EXCLUDED.last_started_at,
+       SET last_status = EXCLUDED.last_status, last_started_at = EXCLUDED.last_started_at,
            last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
            last_error = EXCLUDED.last_error, consecutive_failures = s.consecutive_failures + 1;
-    RETURN 'failed';
+    RETURN v_status;
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency.refresh_invariant(text) IS
+COMMENT ON FUNCTION pgconsistency.refresh_invariant(text, boolean) IS
   'Internal: refresh one invariant in the current transaction; use CALL pgconsistency.refresh() instead';
 
--- refresh: CALL pgconsistency.refresh() refreshes every enabled invariant,
--- CALL pgconsistency.refresh('name') one (enabled or not). Each invariant is
--- refreshed and committed in its own transaction, so one failure does not
--- undo or stop the others. Not to be called inside BEGIN ... COMMIT.
-CREATE OR REPLACE PROCEDURE pgconsistency.refresh(invariant text DEFAULT NULL)
+-- refresh: CALL pgconsistency.refresh() refreshes every enabled invariant
+-- that is due (its refresh_period has passed), and every enabled invariant
+-- when a requested refresh (request_refresh) is due.
+-- CALL pgconsistency.refresh('name') refreshes that one, due or not;
+-- CALL pgconsistency.refresh(force => true) refreshes all of them now.
+-- Each invariant is refreshed and committed in its own transaction, so one
+-- failure does not undo or stop the others. Not inside BEGIN ... COMMIT.
+-- On a standby it does nothing: the primary's refreshes replicate there.
+-- (No SET search_path here: a procedure with SET clauses cannot COMMIT; every
+-- name in it is qualified instead.)
+CREATE OR REPLACE PROCEDURE pgconsistency.refresh(invariant text DEFAULT NULL, force boolean DEFAULT NULL)
 LANGUAGE plpgsql
 AS $pr$
 DECLARE
     v_names text[];
     v_name  text;
+    v_force boolean := coalesce(force, invariant IS NOT NULL);
 BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE NOTICE 'pgconsistency: nothing refreshed: this server is a standby; refreshes run on the primary and replicate here';
+        RETURN;
+    END IF;
     IF invariant IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = refresh.invariant) THEN
         RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
             USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
     END IF;
+    IF invariant IS NULL AND pgconsistency.claim_refresh_request() THEN
+        v_force := true;
+    END IF;
+    COMMIT; -- the claim is visible at once: the request runs once
+
     SELECT pg_catalog.array_agg(i.name ORDER BY i.name) INTO v_names
       FROM pgconsistency.invariant i
      WHERE (refresh.invariant IS NULL AND i.enabled) OR i.name = refresh.invariant;
 
     FOREACH v_name IN ARRAY coalesce(v_names, '{}') LOOP
-        PERFORM pgconsistency.refresh_invariant(v_name);
+        PERFORM pgconsistency.refresh_invariant(v_name, v_force);
         COMMIT;
     END LOOP;
 END
 $pr$;
-COMMENT ON PROCEDURE pgconsistency.refresh(text) IS
-  'Refresh every enabled invariant (or the one named), one transaction each; skips an invariant another session is refreshing';
+COMMENT ON PROCEDURE pgconsistency.refresh(text, boolean) IS
+  'Refresh the enabled invariants that are due (all with force, or after a due request; the named one always), one transaction each';
 
 -- status: one row per registered invariant; the one query the receiver runs
 -- each scrape. It reads stored counts only (never the anomaly views), so its
 -- cost does not depend on the size of the application tables.
-CREATE OR REPLACE VIEW pgconsistency.status AS
+DROP VIEW IF EXISTS pgconsistency.status; -- its columns changed; recreated below
+CREATE VIEW pgconsistency.status AS
 SELECT i.name                                    AS invariant,
        i.severity,
        i.description,
        i.enabled,
        i.view_schema,
        i.view_name,
+       i.refresh_period,
        coalesce(s.anomalies, 0)                  AS anomalies,
        coalesce(s.new_anomalies, 0)              AS new_anomalies,
        coalesce(s.resolved_anomalies, 0)         AS resolved_anomalies,
@@ -352,7 +498,12 @@ SELECT i.name                                    AS invariant,
        s.last_duration_seconds,
        s.last_error,
        s.last_skipped_at,
-       coalesce(s.skips, 0)                      AS skips
+       coalesce(s.skips, 0)                      AS skips,
+       -- what happened last, a skip included: never, succeeded, failed, timed_out or skipped
+       CASE WHEN s.invariant IS NULL THEN 'never'
+            WHEN s.last_skipped_at > s.last_finished_at THEN 'skipped'
+            ELSE s.last_status END               AS last_outcome,
+       (SELECT count(*) FROM pgconsistency.refresh_request q WHERE q.claimed_at IS NULL) AS pending_requests
   FROM pgconsistency.invariant i
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name;
 COMMENT ON VIEW pgconsistency.status IS

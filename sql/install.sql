@@ -8,7 +8,6 @@
 
 \set ON_ERROR_STOP 1
 \set QUIET on
-\pset tuples_only on
 SET client_min_messages = warning;
 
 BEGIN;
@@ -16,5 +15,7 @@ BEGIN;
 COMMIT;
 
 BEGIN;
+\o /dev/null
 \ir dataset_invariants.sql
+\o
 COMMIT;

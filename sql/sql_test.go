@@ -238,7 +238,7 @@ func testConcurrentRefreshSkips(t *testing.T, s *pgtest.Server) {
 	t.Run("the other invariants are refreshed meanwhile", func(t *testing.T) {
 		holdRefreshLock(t, first, "dataset_seed_missing")
 		before := status(t, second)
-		exec(t, second, "CALL pgconsistency.refresh()")
+		exec(t, second, "CALL pgconsistency.refresh(force => true)")
 		after := status(t, second)
 		for _, inv := range fixture.Invariants {
 			if inv == "dataset_seed_missing" {
@@ -261,7 +261,7 @@ func testFailingInvariantDoesNotStopTheOthers(t *testing.T, s *pgtest.Server) {
 	exec(t, conn, "DROP MATERIALIZED VIEW pgconsistency.dataset_seed_missing")
 
 	for attempt := int64(1); attempt <= 2; attempt++ {
-		exec(t, conn, "CALL pgconsistency.refresh()")
+		exec(t, conn, "CALL pgconsistency.refresh(force => true)")
 		st := status(t, conn)
 		require.Len(t, st, len(fixture.Invariants)+1)
 
@@ -365,7 +365,8 @@ func testStatusReadsStoredCountsOnly(t *testing.T, s *pgtest.Server) {
 	relations := regexp.MustCompile(`on (\w+)`).FindAllStringSubmatch(plan, -1)
 	require.NotEmpty(t, relations, plan)
 	for _, m := range relations {
-		assert.Contains(t, []string{"invariant", "refresh_state"}, m[1], "status reads only the registry and the state:\n%s", plan)
+		assert.Contains(t, []string{"invariant", "refresh_state", "refresh_request", "refresh_request_one_pending"}, m[1],
+			"status reads only the registry, the state and the pending request:\n%s", plan)
 	}
 }
 

@@ -168,7 +168,7 @@ func TestIntegrationExactGauges(t *testing.T) {
 		"DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type IN ('Seed', 'SetDataSchema')",
 		fixture.DatasetID(2))
 	require.NoError(t, err)
-	_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh(force => true)")
 	require.NoError(t, err)
 	want["dataset_seed_missing"]++
 	snap = waitFor(t, sink, "after breaking dataset 2", expectCounts(want))
