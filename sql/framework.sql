@@ -272,6 +272,53 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text) IS
   'Create or replace the materialized view pgconsistency.<name> from a query and register it as an invariant';
 
+-- The last value seen of the deploy marker (a query the receiver watches, such
+-- as SELECT max(version) FROM schema_migrations). One row.
+CREATE TABLE IF NOT EXISTS pgconsistency.deploy_marker (
+    singleton  boolean     PRIMARY KEY DEFAULT true CONSTRAINT deploy_marker_one_row CHECK (singleton),
+    value      text,
+    seen_at    timestamptz NOT NULL,
+    changed_at timestamptz
+);
+COMMENT ON TABLE pgconsistency.deploy_marker IS
+  'Last seen value of the deploy marker; written by pgconsistency.observe_deploy_marker()';
+
+-- observe_deploy_marker: record the marker's current value; when it differs
+-- from the last one seen, request a refresh after delay (the deployment must
+-- settle first) and return true. The first value ever seen only sets the
+-- baseline. Several collectors may call it: one of them sees the change.
+CREATE OR REPLACE FUNCTION pgconsistency.observe_deploy_marker(value text, delay interval DEFAULT '10 minutes')
+RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_old text;
+BEGIN
+    INSERT INTO pgconsistency.deploy_marker AS m (value, seen_at)
+    VALUES (observe_deploy_marker.value, pg_catalog.clock_timestamp())
+    ON CONFLICT ON CONSTRAINT deploy_marker_pkey DO NOTHING;
+    IF FOUND THEN
+        RETURN false; -- baseline
+    END IF;
+    UPDATE pgconsistency.deploy_marker m
+       SET value = observe_deploy_marker.value, seen_at = pg_catalog.clock_timestamp(),
+           changed_at = pg_catalog.clock_timestamp()
+      FROM (SELECT d.value FROM pgconsistency.deploy_marker d FOR UPDATE) old
+     WHERE m.value IS DISTINCT FROM observe_deploy_marker.value
+    RETURNING old.value INTO v_old;
+    IF NOT FOUND THEN
+        UPDATE pgconsistency.deploy_marker m SET seen_at = pg_catalog.clock_timestamp();
+        RETURN false;
+    END IF;
+    PERFORM pgconsistency.request_refresh(delay,
+        pg_catalog.format('deploy marker changed from %s to %s', coalesce(v_old, 'NULL'), coalesce(value, 'NULL')));
+    RETURN true;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.observe_deploy_marker(text, interval) IS
+  'Record the deploy marker; on a change, request a refresh after delay. Called by the receiver';
+
 -- Older signatures, replaced below (CREATE OR REPLACE cannot change them).
 DROP FUNCTION IF EXISTS pgconsistency.refresh_invariant(text);
 DROP PROCEDURE IF EXISTS pgconsistency.refresh(text);
@@ -503,7 +550,8 @@ SELECT i.name                                    AS invariant,
        CASE WHEN s.invariant IS NULL THEN 'never'
             WHEN s.last_skipped_at > s.last_finished_at THEN 'skipped'
             ELSE s.last_status END               AS last_outcome,
-       (SELECT count(*) FROM pgconsistency.refresh_request q WHERE q.claimed_at IS NULL) AS pending_requests
+       (SELECT count(*) FROM pgconsistency.refresh_request q WHERE q.claimed_at IS NULL) AS pending_requests,
+       (SELECT d.changed_at FROM pgconsistency.deploy_marker d) AS deploy_marker_changed_at
   FROM pgconsistency.invariant i
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name;
 COMMENT ON VIEW pgconsistency.status IS

@@ -53,18 +53,21 @@ type statusRow struct {
 	ConsecutiveFailures int64
 	Skips               int64
 	RefreshedAt         *time.Time
+	LastOutcome         string
+	PendingRequests     int64
 }
 
 func status(t *testing.T, conn *pgx.Conn) map[string]statusRow {
 	t.Helper()
 	rows, err := conn.Query(t.Context(), `SELECT invariant, anomalies, new_anomalies, resolved_anomalies,
-		last_status, last_error, consecutive_failures, skips, refreshed_at FROM pgconsistency.status`)
+		last_status, last_error, consecutive_failures, skips, refreshed_at, last_outcome, pending_requests
+		FROM pgconsistency.status`)
 	require.NoError(t, err)
 	out := map[string]statusRow{}
 	for rows.Next() {
 		var r statusRow
 		require.NoError(t, rows.Scan(&r.Invariant, &r.Anomalies, &r.NewAnomalies, &r.ResolvedAnomalies,
-			&r.LastStatus, &r.LastError, &r.ConsecutiveFailures, &r.Skips, &r.RefreshedAt))
+			&r.LastStatus, &r.LastError, &r.ConsecutiveFailures, &r.Skips, &r.RefreshedAt, &r.LastOutcome, &r.PendingRequests))
 		out[r.Invariant] = r
 	}
 	require.NoError(t, rows.Err())
@@ -218,6 +221,7 @@ func testConcurrentRefreshSkips(t *testing.T, s *pgtest.Server) {
 			"NOTICE: pgconsistency: refresh of dataset_seed_missing skipped: another session is refreshing it right now")
 		st := status(t, second)["dataset_seed_missing"]
 		assert.EqualValues(t, 1, st.Skips, "the skip is recorded")
+		assert.Equal(t, "skipped", st.LastOutcome)
 		assert.Equal(t, "succeeded", *st.LastStatus, "a skip is not a failure")
 		assert.EqualValues(t, 0, st.ConsecutiveFailures)
 	})
@@ -365,8 +369,8 @@ func testStatusReadsStoredCountsOnly(t *testing.T, s *pgtest.Server) {
 	relations := regexp.MustCompile(`on (\w+)`).FindAllStringSubmatch(plan, -1)
 	require.NotEmpty(t, relations, plan)
 	for _, m := range relations {
-		assert.Contains(t, []string{"invariant", "refresh_state", "refresh_request", "refresh_request_one_pending"}, m[1],
-			"status reads only the registry, the state and the pending request:\n%s", plan)
+		assert.Contains(t, []string{"invariant", "refresh_state", "refresh_request", "refresh_request_one_pending", "deploy_marker"}, m[1],
+			"status reads only the registry, the state, the pending request and the deploy marker:\n%s", plan)
 	}
 }
 

@@ -38,6 +38,9 @@
 // cron.database_name = 'postgres' (see Server.HasPgCron). The server log is
 // written to postgres.log in the temporary directory.
 //
+// Server.StartStandby adds a streaming-replication hot standby of a cluster,
+// in a temporary directory and on a port of its own.
+//
 // # External server
 //
 // If $PGCONSISTENCY_TEST_DSN is set to a postgres:// URL of a superuser on an
@@ -115,6 +118,7 @@ type Server struct {
 	dir  string              // temporary directory: data dir, socket, log
 	bin  string              // PostgreSQL bin directory
 	cred *syscall.Credential // server OS user when running as root, else nil
+	opts options             // from Start, kept for the config of standbys
 }
 
 // Option configures Start.
@@ -184,34 +188,9 @@ func startCluster(tb testing.TB, o options) *Server {
 	if err != nil {
 		tb.Fatalf("pgtest: %v", err)
 	}
-	// As root, the directory must be somewhere the postgres user can reach;
-	// $TMPDIR might not be. /tmp also keeps the socket path short.
-	parent := ""
-	if cred != nil {
-		parent = "/tmp"
-	}
-	dir, err := os.MkdirTemp(parent, "pgtest-")
-	if err != nil {
-		tb.Fatalf("pgtest: %v", err)
-	}
-	s := &Server{
-		Host:     "127.0.0.1",
-		User:     "postgres",
-		Password: rand.Text(),
-		dir:      dir,
-		bin:      bin,
-		cred:     cred,
-	}
-	// Registered before anything can fail so that even a half-built cluster
-	// is cleaned up.
-	tb.Cleanup(func() { s.destroy(tb) })
-	if cred != nil {
-		if err := os.Chown(dir, int(cred.Uid), int(cred.Gid)); err != nil {
-			tb.Fatalf("pgtest: %v", err)
-		}
-	}
+	s := newServer(tb, bin, cred, rand.Text(), o)
 
-	pwFile := filepath.Join(dir, "pwfile")
+	pwFile := filepath.Join(s.dir, "pwfile")
 	if err := s.writeFile(pwFile, s.Password+"\n"); err != nil {
 		tb.Fatalf("pgtest: %v", err)
 	}
@@ -227,14 +206,57 @@ func startCluster(tb testing.TB, o options) *Server {
 	if err := s.appendToFile(filepath.Join(s.dataDir(), "postgresql.conf"), "\ninclude 'pgtest.conf'\n"); err != nil {
 		tb.Fatalf("pgtest: %v", err)
 	}
+	s.startOnFreePort(tb)
+	return s
+}
 
+// newServer returns a Server for a cluster yet to be created in a new
+// temporary directory owned by the server's OS user, and registers the
+// cleanup that stops the server and removes the directory.
+func newServer(tb testing.TB, bin string, cred *syscall.Credential, password string, o options) *Server {
+	tb.Helper()
+	// As root, the directory must be somewhere the postgres user can reach;
+	// $TMPDIR might not be. /tmp also keeps the socket path short.
+	parent := ""
+	if cred != nil {
+		parent = "/tmp"
+	}
+	dir, err := os.MkdirTemp(parent, "pgtest-")
+	if err != nil {
+		tb.Fatalf("pgtest: %v", err)
+	}
+	s := &Server{
+		Host:     "127.0.0.1",
+		User:     "postgres",
+		Password: password,
+		dir:      dir,
+		bin:      bin,
+		cred:     cred,
+		opts:     o,
+	}
+	// Registered before anything can fail so that even a half-built cluster
+	// is cleaned up.
+	tb.Cleanup(func() { s.destroy(tb) })
+	if cred != nil {
+		if err := os.Chown(dir, int(cred.Uid), int(cred.Gid)); err != nil {
+			tb.Fatalf("pgtest: %v", err)
+		}
+	}
+	return s
+}
+
+// startOnFreePort writes pgtest.conf for a free port and starts the server
+// in s.dataDir() for the first time.
+func (s *Server) startOnFreePort(tb testing.TB) {
+	tb.Helper()
 	// The free port is only reserved until we close our listener, so another
 	// process may grab it before the server binds it. Then try another one.
 	for attempt := 1; ; attempt++ {
+		var err error
 		if s.Port, err = freePort(); err != nil {
 			tb.Fatalf("pgtest: finding a free port: %v", err)
 		}
-		if err := s.writeFile(filepath.Join(s.dataDir(), "pgtest.conf"), s.config(o)); err != nil {
+		if err := s.writeFile(filepath.Join(s.dataDir(), "pgtest.conf"), s.config()); err != nil {
 			tb.Fatalf("pgtest: %v", err)
 		}
 		log, err := s.start()
@@ -244,7 +266,7 @@ func startCluster(tb testing.TB, o options) *Server {
 		if attempt < startAttempts && strings.Contains(log, "Address already in use") {
 			continue
 		}
-		tb.Fatalf("pgtest: starting server in %s: %v\nserver log:\n%s", dir, err, tail(log))
+		tb.Fatalf("pgtest: starting server in %s: %v\nserver log:\n%s", s.dir, err, tail(log))
 	}
 	s.url = &url.URL{
 		Scheme: "postgres",
@@ -254,18 +276,70 @@ func startCluster(tb testing.TB, o options) *Server {
 		// The cluster has no certificate; don't ask for TLS first.
 		RawQuery: "sslmode=disable",
 	}
-	return s
+}
+
+// StartStandby starts a streaming-replication standby of s (a hot standby,
+// read-only, pg_is_in_recovery() = true) and returns it; it is stopped and removed at cleanup.
+//
+// The standby is a base backup of s taken with pg_basebackup, configured like
+// s (including options passed to Start) but with a directory and port of its
+// own. It has the same superuser and password as s. Replication is
+// asynchronous: a transaction committed on s shows up on the standby a moment
+// later. The standby keeps following s across Stop and StartAgain of either.
+// Tests are skipped when an external server is used.
+//
+// A standby of a standby needs WithSetting("full_page_writes", "on") for the
+// first server: PostgreSQL refuses to take a base backup of a standby that
+// replayed WAL written with full_page_writes=off, pgtest's default.
+func (s *Server) StartStandby(tb testing.TB) *Server {
+	tb.Helper()
+	s.needCluster(tb)
+	standby := newServer(tb, s.bin, s.cred, s.Password, s.opts)
+	standby.hasPgCron = s.hasPgCron // same binaries and configuration
+	// Both pg_basebackup and the standby's WAL receiver (primary_conninfo,
+	// written by -R) connect over the primary's unix socket: initdb's
+	// pg_hba.conf gives "local replication" connections the --auth-local
+	// method, trust, so no password is needed. With -X stream the backup
+	// includes the WAL it needs to be consistent; -c fast does not wait for
+	// the next scheduled checkpoint. Like initdb's, --no-sync skips fsyncing
+	// files that are thrown away anyway.
+	out, err := standby.command("pg_basebackup", "-D", standby.dataDir(), "-R", "-X", "stream", "-c", "fast", "--no-sync",
+		"-h", s.dir, "-p", strconv.Itoa(s.Port), "-U", s.User).CombinedOutput()
+	if err != nil {
+		tb.Fatalf("pgtest: pg_basebackup of the server in %s: %v\n%s", s.dir, err, out)
+	}
+	// The backup copied the primary's pgtest.conf, with its port and socket
+	// directory; startOnFreePort rewrites it for the standby. pg_ctl start
+	// waits until the standby accepts (read-only) connections.
+	standby.startOnFreePort(tb)
+
+	conn, err := pgx.Connect(tb.Context(), standby.DSN(""))
+	if err != nil {
+		tb.Fatalf("pgtest: connecting to the standby in %s: %v", standby.dir, err)
+	}
+	defer conn.Close(context.Background())
+	var inRecovery bool
+	if err := conn.QueryRow(tb.Context(), "SELECT pg_is_in_recovery()").Scan(&inRecovery); err != nil {
+		tb.Fatalf("pgtest: querying the standby in %s: %v", standby.dir, err)
+	}
+	if !inRecovery {
+		tb.Fatalf("pgtest: the standby in %s is not in recovery", standby.dir)
+	}
+	return standby
 }
 
 // config returns the contents of pgtest.conf, which postgresql.conf includes
 // at its end so that these settings win over initdb's.
-func (s *Server) config(o options) string {
+func (s *Server) config() string {
 	settings := [][2]string{
 		{"port", strconv.Itoa(s.Port)},
 		{"listen_addresses", s.Host},
 		{"unix_socket_directories", s.dir},
 		{"fsync", "off"},
 		{"full_page_writes", "off"},
+		// How long a standby waits before it tries again to connect to the
+		// primary, e.g. after the primary's StartAgain; 5s by default.
+		{"wal_retrieve_retry_interval", "200ms"},
 	}
 	if fileExists(filepath.Join(s.pkgLibDir(), "pg_cron.so")) {
 		settings = append(settings,
@@ -277,7 +351,7 @@ func (s *Server) config(o options) string {
 			[2]string{"cron.host", s.dir},
 		)
 	}
-	settings = append(settings, o.settings...)
+	settings = append(settings, s.opts.settings...)
 	var b strings.Builder
 	for _, kv := range settings {
 		fmt.Fprintf(&b, "%s = '%s'\n", kv[0], strings.ReplaceAll(kv[1], "'", "''"))

@@ -229,6 +229,68 @@ func TestCleanupRemovesCluster(t *testing.T) {
 	assert.Error(t, err, "server still accepts connections after cleanup")
 }
 
+func TestStandby(t *testing.T) {
+	if os.Getenv(EnvTestDSN) != "" {
+		t.Skipf("needs a cluster started by the test, but %s is set", EnvTestDSN)
+	}
+	t.Parallel()
+	ctx := t.Context()
+	primary := Start(t)
+	pconn := primary.Conn(t, "")
+	_, err := pconn.Exec(ctx, "CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t VALUES (1)")
+	require.NoError(t, err)
+
+	start := time.Now()
+	standby := primary.StartStandby(t)
+	t.Logf("StartStandby: %v", time.Since(start))
+	assert.NotEqual(t, primary.Port, standby.Port)
+	assert.NotEqual(t, primary.dir, standby.dir)
+	assert.Equal(t, primary.Password, standby.Password)
+	assert.Equal(t, primary.HasPgCron(), standby.HasPgCron())
+
+	assert.Equal(t, "f\n", primary.Psql(t, "", "-tAc", "SELECT pg_is_in_recovery()"))
+	assert.Equal(t, "t\n", standby.Psql(t, "", "-tAc", "SELECT pg_is_in_recovery()"))
+	// Conn connects over TCP with the password, copied from the primary.
+	sconn := standby.Conn(t, "")
+	assert.Equal(t, "1\n", standby.Psql(t, "", "-tAc", "SELECT string_agg(id::text, ',') FROM t"),
+		"row from before the base backup is missing")
+
+	// Rows committed on the primary later arrive, asynchronously.
+	replicated := func(id int) {
+		t.Helper()
+		_, err := pconn.Exec(ctx, "INSERT INTO t VALUES ($1)", id)
+		require.NoError(t, err)
+		start := time.Now()
+		require.EventuallyWithT(t, func(c *assert.CollectT) {
+			var ok bool
+			assert.NoError(c, sconn.QueryRow(ctx, "SELECT EXISTS (SELECT FROM t WHERE id = $1)", id).Scan(&ok))
+			assert.True(c, ok)
+		}, 20*time.Second, 10*time.Millisecond, "row %d not replicated", id)
+		t.Logf("row %d replicated after %v", id, time.Since(start))
+	}
+	replicated(2)
+
+	_, err = sconn.Exec(ctx, "INSERT INTO t VALUES (100)")
+	require.ErrorContains(t, err, "cannot execute INSERT in a read-only transaction")
+
+	// The standby can be restarted like any server, and still follows the
+	// primary.
+	standby.Stop(t)
+	start = time.Now()
+	standby.StartAgain(t)
+	t.Logf("StartAgain of the standby: %v", time.Since(start))
+	assert.Equal(t, "t\n", standby.Psql(t, "", "-tAc", "SELECT pg_is_in_recovery()"))
+	sconn = standby.Conn(t, "")
+	replicated(3)
+
+	primary.Stop(t)
+	start = time.Now()
+	primary.StartAgain(t)
+	t.Logf("StartAgain of the primary: %v", time.Since(start))
+	pconn = primary.Conn(t, "")
+	replicated(4)
+}
+
 // TestExternalServer points PGCONSISTENCY_TEST_DSN at a cluster of its own.
 func TestExternalServer(t *testing.T) {
 	owned := Start(t)
@@ -253,6 +315,7 @@ func TestExternalServer(t *testing.T) {
 		"Stop":          func(t *testing.T) { Start(t).Stop(t) },
 		"StopImmediate": func(t *testing.T) { Start(t).StopImmediate(t) },
 		"StartAgain":    func(t *testing.T) { Start(t).StartAgain(t) },
+		"StartStandby":  func(t *testing.T) { Start(t).StartStandby(t) },
 		"WithSetting":   func(t *testing.T) { Start(t, WithSetting("work_mem", "1MB")) },
 	} {
 		var sub *testing.T

@@ -21,6 +21,10 @@ type invariantStatus struct {
 	RefreshedAt         *time.Time `db:"refreshed_at"`
 	LastDurationSeconds *float64   `db:"last_duration_seconds"`
 	ConsecutiveFailures int64      `db:"consecutive_failures"`
+	LastOutcome         string     `db:"last_outcome"`
+	// database-wide values, the same on every row
+	PendingRequests       int64      `db:"pending_requests"`
+	DeployMarkerChangedAt *time.Time `db:"deploy_marker_changed_at"`
 }
 
 // client is what the scraper needs from the database; tests use a fake.
@@ -35,7 +39,7 @@ type clientFactory func(ctx context.Context, cfg *Config) (client, error)
 // statusColumns are named, not *, so that new columns in the view never
 // break an older receiver.
 const statusColumns = `invariant, severity, anomalies, new_anomalies, refreshed_at,
-	last_duration_seconds, consecutive_failures`
+	last_duration_seconds, consecutive_failures, last_outcome, pending_requests, deploy_marker_changed_at`
 
 type pgxClient struct {
 	pool        *pgxpool.Pool
@@ -43,18 +47,17 @@ type pgxClient struct {
 	target      string // for error messages: database@host:port
 }
 
-// newPgxClient creates a connection pool; it does not connect, so the
-// collector starts even when the database is down.
-func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
+// connConfig is how the receiver connects: credentials set field by field
+// (never through a connection string), TLS as configured, no fallback.
+func connConfig(ctx context.Context, cfg *Config) (*pgx.ConnConfig, error) {
 	host, port, err := cfg.hostPort()
 	if err != nil {
 		return nil, err
 	}
-	pc, err := pgxpool.ParseConfig("")
+	cc, err := pgx.ParseConfig("")
 	if err != nil {
 		return nil, fmt.Errorf("building the PostgreSQL connection configuration: %w", err)
 	}
-	cc := pc.ConnConfig
 	cc.Host = host
 	cc.Port = port
 	cc.User = cfg.Username
@@ -68,15 +71,30 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 	if cc.TLSConfig != nil && cc.TLSConfig.ServerName == "" {
 		cc.TLSConfig.ServerName = host
 	}
-	cc.RuntimeParams = map[string]string{
-		"application_name": "otelcol-pgconsistency",
-		// the receiver only reads; a scrape can never hold the database longer than its timeout
-		"default_transaction_read_only": "on",
-	}
+	cc.RuntimeParams = map[string]string{"application_name": "otelcol-pgconsistency"}
 	if cfg.Timeout > 0 {
-		cc.RuntimeParams["statement_timeout"] = strconv.FormatInt(cfg.Timeout.Milliseconds(), 10)
 		cc.ConnectTimeout = cfg.Timeout
 	}
+	return cc, nil
+}
+
+// newPgxClient creates a connection pool; it does not connect, so the
+// collector starts even when the database is down.
+func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
+	cc, err := connConfig(ctx, cfg)
+	if err != nil {
+		return nil, err
+	}
+	// The scrape only reads, and can never hold the database longer than its timeout.
+	cc.RuntimeParams["default_transaction_read_only"] = "on"
+	if cfg.Timeout > 0 {
+		cc.RuntimeParams["statement_timeout"] = strconv.FormatInt(cfg.Timeout.Milliseconds(), 10)
+	}
+	pc, err := pgxpool.ParseConfig("")
+	if err != nil {
+		return nil, fmt.Errorf("building the PostgreSQL connection configuration: %w", err)
+	}
+	pc.ConnConfig = cc
 	// One query per scrape: one connection is enough; a second covers a
 	// connection being replaced while a scrape runs.
 	pc.MaxConns = 2

@@ -21,6 +21,7 @@ const (
 	defaultSchema             = "pgconsistency"
 	defaultCollectionInterval = 60 * time.Second
 	defaultTimeout            = 10 * time.Second
+	defaultDeployDelay        = 10 * time.Minute
 
 	// PostgreSQL truncates identifiers longer than this many bytes.
 	maxIdentifierLength = 63
@@ -47,6 +48,36 @@ type Config struct {
 	// Schema is where sql/install.sql put the pgconsistency objects.
 	Schema string `mapstructure:"schema"`
 
+	// Refresh makes the receiver run the refreshes itself, for servers
+	// without pg_cron. Off by default.
+	Refresh RefreshConfig `mapstructure:"refresh"`
+
+	// prevent unkeyed literal initialization
+	_ struct{}
+}
+
+// RefreshConfig configures the receiver's refresh scheduler.
+type RefreshConfig struct {
+	// Schedule is how often the receiver looks for due work: invariants whose
+	// refresh_period has passed, a due refresh request, a changed deploy
+	// marker. 0 (the default) turns the scheduler off.
+	Schedule time.Duration `mapstructure:"schedule"`
+	// DeployMarker, when its query is set, requests a refresh after Delay
+	// whenever the value of the query changes.
+	DeployMarker DeployMarkerConfig `mapstructure:"deploy_marker"`
+
+	// prevent unkeyed literal initialization
+	_ struct{}
+}
+
+// DeployMarkerConfig is a query whose value changes with each deployment.
+type DeployMarkerConfig struct {
+	// Query returns one row and one column, e.g.
+	// SELECT max(version) FROM public.schema_migrations.
+	Query string `mapstructure:"query"`
+	// Delay is how long the deployment needs to settle before the refresh.
+	Delay time.Duration `mapstructure:"delay"`
+
 	// prevent unkeyed literal initialization
 	_ struct{}
 }
@@ -67,6 +98,9 @@ func createDefaultConfig() *Config {
 			InsecureSkipVerify: true,
 		},
 		Schema: defaultSchema,
+		Refresh: RefreshConfig{
+			DeployMarker: DeployMarkerConfig{Delay: defaultDeployDelay},
+		},
 	}
 }
 
@@ -88,6 +122,17 @@ func (cfg *Config) Validate() error {
 		errs = append(errs, fmt.Errorf(`"schema" must not be empty: set it to the schema of the pgconsistency objects (default %q)`, defaultSchema))
 	case len(cfg.Schema) > maxIdentifierLength:
 		errs = append(errs, fmt.Errorf(`"schema" %q is longer than %d bytes, which PostgreSQL does not allow for a name`, cfg.Schema, maxIdentifierLength))
+	}
+	if cfg.Refresh.Schedule < 0 {
+		errs = append(errs, fmt.Errorf(`"refresh::schedule" (%s) must be positive, e.g. 1m, or 0 to leave refreshes to pg_cron`, cfg.Refresh.Schedule))
+	}
+	if cfg.Refresh.DeployMarker.Query != "" {
+		if cfg.Refresh.Schedule <= 0 {
+			errs = append(errs, errors.New(`"refresh::deploy_marker::query" needs "refresh::schedule": the scheduler is what watches the marker`))
+		}
+		if cfg.Refresh.DeployMarker.Delay < 0 {
+			errs = append(errs, fmt.Errorf(`"refresh::deploy_marker::delay" (%s) must be zero or more`, cfg.Refresh.DeployMarker.Delay))
+		}
 	}
 	return errors.Join(errs...)
 }

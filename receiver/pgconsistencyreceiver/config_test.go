@@ -63,11 +63,28 @@ func TestLoadConfig(t *testing.T) {
 		assert.False(t, cfg.TLS.InsecureSkipVerify)
 		assert.Equal(t, "/etc/ssl/certs/db-ca.pem", cfg.TLS.CAFile)
 		assert.False(t, cfg.Metrics.PgconsistencyRefreshDuration.Enabled)
+		assert.Equal(t, time.Minute, cfg.Refresh.Schedule)
+		assert.Equal(t, "SELECT max(version) FROM public.schema_migrations", cfg.Refresh.DeployMarker.Query)
+		assert.Equal(t, 15*time.Minute, cfg.Refresh.DeployMarker.Delay)
 		assert.True(t, cfg.Metrics.PgconsistencyAnomalies.Enabled)
 		host, port, err := cfg.hostPort()
 		require.NoError(t, err)
 		assert.Equal(t, "db.example.internal", host)
 		assert.Equal(t, uint16(6432), port)
+	})
+	t.Run("refresh settings", func(t *testing.T) {
+		cfg := loadConfig(t, "minimal")
+		assert.Zero(t, cfg.Refresh.Schedule, "the scheduler is off by default: pg_cron or the DBA's cron refreshes")
+		assert.Equal(t, 10*time.Minute, cfg.Refresh.DeployMarker.Delay)
+		err := confmap.Validate(loadConfig(t, "marker_without_schedule"))
+		require.Error(t, err)
+		for _, want := range []string{
+			`"refresh::schedule" (-1m0s) must be positive`,
+			`"refresh::deploy_marker::query" needs "refresh::schedule"`,
+			`"refresh::deploy_marker::delay" (-5m0s) must be zero or more`,
+		} {
+			assert.ErrorContains(t, err, want)
+		}
 	})
 	t.Run("unix_socket", func(t *testing.T) {
 		cfg := loadConfig(t, "unix_socket")

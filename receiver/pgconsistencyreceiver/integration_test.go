@@ -22,7 +22,8 @@ import (
 )
 
 // snapshot is what one scrape said: value per metric name and invariant
-// ("" for pgconsistency.up), plus the resource attributes.
+// ("" for database-wide metrics, "invariant/outcome" for
+// pgconsistency.refresh.outcome), plus the resource attributes.
 type snapshot struct {
 	values   map[string]map[string]float64
 	resource map[string]any
@@ -54,6 +55,10 @@ func lastSnapshot(sink *consumertest.MetricsSink) (snapshot, bool) {
 				for d := 0; d < dps.Len(); d++ {
 					dp := dps.At(d)
 					inv, _ := dp.Attributes().Get("invariant")
+					key := inv.Str()
+					if outcome, ok := dp.Attributes().Get("outcome"); ok {
+						key += "/" + outcome.Str()
+					}
 					v := dp.DoubleValue()
 					if dp.ValueType() == pmetric.NumberDataPointValueTypeInt {
 						v = float64(dp.IntValue())
@@ -61,7 +66,7 @@ func lastSnapshot(sink *consumertest.MetricsSink) (snapshot, bool) {
 					if s.values[m.Name()] == nil {
 						s.values[m.Name()] = map[string]float64{}
 					}
-					s.values[m.Name()][inv.Str()] = v
+					s.values[m.Name()][key] = v
 				}
 			}
 		}
@@ -80,11 +85,14 @@ func serverConfig(srv *pgtest.Server, db string) *Config {
 	return cfg
 }
 
-func startReceiver(t *testing.T, srv *pgtest.Server, db string) (*consumertest.MetricsSink, receiver.Metrics) {
+func startReceiver(t *testing.T, srv *pgtest.Server, db string, opts ...func(*Config)) (*consumertest.MetricsSink, receiver.Metrics) {
 	t.Helper()
 	cfg := serverConfig(srv, db)
 	cfg.CollectionInterval = 250 * time.Millisecond
 	cfg.Timeout = 200 * time.Millisecond
+	for _, o := range opts {
+		o(cfg)
+	}
 	sink := new(consumertest.MetricsSink)
 	rcv, err := NewFactory().CreateMetrics(t.Context(), receivertest.NewNopSettings(metadata.Type), cfg, sink)
 	require.NoError(t, err)

@@ -19,6 +19,7 @@ type pgScraper struct {
 	newClient clientFactory
 	client    client
 	resource  pcommon.Resource
+	refresher *refresher // nil unless refresh.schedule is set
 }
 
 func newScraper(cfg *Config, set receiver.Settings, newClient clientFactory) *pgScraper {
@@ -26,6 +27,9 @@ func newScraper(cfg *Config, set receiver.Settings, newClient clientFactory) *pg
 		cfg:       cfg,
 		mb:        metadata.NewMetricsBuilder(cfg.MetricsBuilderConfig, set),
 		newClient: newClient,
+	}
+	if cfg.Refresh.Schedule > 0 {
+		s.refresher = newRefresher(cfg, set.Logger)
 	}
 	// The resource is the same on every scrape: build it once.
 	host, port, _ := cfg.hostPort() // validated at startup
@@ -43,10 +47,16 @@ func (s *pgScraper) start(ctx context.Context, _ component.Host) error {
 		return err
 	}
 	s.client = c
+	if s.refresher != nil {
+		s.refresher.start()
+	}
 	return nil
 }
 
 func (s *pgScraper) shutdown(context.Context) error {
+	if s.refresher != nil {
+		s.refresher.shutdown()
+	}
 	if s.client != nil {
 		s.client.close()
 		s.client = nil
@@ -83,6 +93,22 @@ func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 			duration = *r.LastDurationSeconds
 		}
 		s.mb.RecordPgconsistencyRefreshDurationDataPoint(now, duration, r.Invariant)
+		// Every outcome, 1 for the latest and 0 for the others, so that a
+		// change of outcome never leaves a stale series behind.
+		for name, outcome := range metadata.MapAttributeOutcome {
+			var v int64
+			if name == r.LastOutcome {
+				v = 1
+			}
+			s.mb.RecordPgconsistencyRefreshOutcomeDataPoint(now, v, r.Invariant, outcome)
+		}
+	}
+	if len(rows) > 0 {
+		// database-wide, repeated on every row of the status view
+		s.mb.RecordPgconsistencyRefreshRequestsPendingDataPoint(now, rows[0].PendingRequests)
+		if at := rows[0].DeployMarkerChangedAt; at != nil {
+			s.mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(now, float64(at.UnixNano())/1e9)
+		}
 	}
 	return s.mb.Emit(metadata.WithResource(s.resource)), nil
 }

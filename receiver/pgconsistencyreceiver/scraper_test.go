@@ -66,18 +66,23 @@ func compareGolden(t *testing.T, file string, s *pgScraper) error {
 
 func TestScrapeReportsEveryInvariant(t *testing.T) {
 	refreshed := time.Date(2026, 11, 23, 18, 30, 0, 0, time.UTC)
+	deployed := time.Date(2026, 11, 23, 18, 0, 0, 0, time.UTC)
 	f := &fakeClient{rows: []invariantStatus{
 		{Invariant: "dataset_seed_missing", Severity: "critical", Anomalies: 3, NewAnomalies: 1,
-			RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5)},
+			RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded"},
 		// clean: zeros must be emitted, not left out
 		{Invariant: "dataset_head_ref_missing", Severity: "critical",
-			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.25)},
+			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.25), LastOutcome: "skipped"},
 		// never refreshed: snapshot timestamp 0, duration 0
-		{Invariant: "derivative_dependencies_missing", Severity: "warning"},
+		{Invariant: "derivative_dependencies_missing", Severity: "warning", LastOutcome: "never"},
 		// failing: the old snapshot stays, failures count up
 		{Invariant: "dataset_statistics_missing", Severity: "warning", Anomalies: 2,
-			RefreshedAt: &refreshed, LastDurationSeconds: ptr(30.0), ConsecutiveFailures: 4},
+			RefreshedAt: &refreshed, LastDurationSeconds: ptr(30.0), ConsecutiveFailures: 4, LastOutcome: "timed_out"},
 	}}
+	for i := range f.rows {
+		f.rows[i].PendingRequests = 1
+		f.rows[i].DeployMarkerChangedAt = &deployed
+	}
 	s := startFake(t, f)
 	require.NoError(t, compareGolden(t, "expected.yaml", s))
 }

@@ -47,6 +47,26 @@ func (ms *PgconsistencyAnomaliesNewMetricConfig) Unmarshal(parser *confmap.Conf)
 	return nil
 }
 
+// PgconsistencyDeployMarkerTimestampMetricConfig provides config for the pgconsistency.deploy_marker.timestamp metric.
+type PgconsistencyDeployMarkerTimestampMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyDeployMarkerTimestampMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
 // PgconsistencyRefreshDurationMetricConfig provides config for the pgconsistency.refresh.duration metric.
 type PgconsistencyRefreshDurationMetricConfig struct {
 	Enabled          bool `mapstructure:"enabled"`
@@ -74,6 +94,46 @@ type PgconsistencyRefreshFailuresMetricConfig struct {
 }
 
 func (ms *PgconsistencyRefreshFailuresMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+// PgconsistencyRefreshOutcomeMetricConfig provides config for the pgconsistency.refresh.outcome metric.
+type PgconsistencyRefreshOutcomeMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyRefreshOutcomeMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+// PgconsistencyRefreshRequestsPendingMetricConfig provides config for the pgconsistency.refresh.requests.pending metric.
+type PgconsistencyRefreshRequestsPendingMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyRefreshRequestsPendingMetricConfig) Unmarshal(parser *confmap.Conf) error {
 	if parser == nil {
 		return nil
 	}
@@ -129,12 +189,15 @@ func (ms *PgconsistencyUpMetricConfig) Unmarshal(parser *confmap.Conf) error {
 
 // MetricsConfig provides config for pgconsistency metrics.
 type MetricsConfig struct {
-	PgconsistencyAnomalies         PgconsistencyAnomaliesMetricConfig         `mapstructure:"pgconsistency.anomalies"`
-	PgconsistencyAnomaliesNew      PgconsistencyAnomaliesNewMetricConfig      `mapstructure:"pgconsistency.anomalies.new"`
-	PgconsistencyRefreshDuration   PgconsistencyRefreshDurationMetricConfig   `mapstructure:"pgconsistency.refresh.duration"`
-	PgconsistencyRefreshFailures   PgconsistencyRefreshFailuresMetricConfig   `mapstructure:"pgconsistency.refresh.failures"`
-	PgconsistencySnapshotTimestamp PgconsistencySnapshotTimestampMetricConfig `mapstructure:"pgconsistency.snapshot.timestamp"`
-	PgconsistencyUp                PgconsistencyUpMetricConfig                `mapstructure:"pgconsistency.up"`
+	PgconsistencyAnomalies              PgconsistencyAnomaliesMetricConfig              `mapstructure:"pgconsistency.anomalies"`
+	PgconsistencyAnomaliesNew           PgconsistencyAnomaliesNewMetricConfig           `mapstructure:"pgconsistency.anomalies.new"`
+	PgconsistencyDeployMarkerTimestamp  PgconsistencyDeployMarkerTimestampMetricConfig  `mapstructure:"pgconsistency.deploy_marker.timestamp"`
+	PgconsistencyRefreshDuration        PgconsistencyRefreshDurationMetricConfig        `mapstructure:"pgconsistency.refresh.duration"`
+	PgconsistencyRefreshFailures        PgconsistencyRefreshFailuresMetricConfig        `mapstructure:"pgconsistency.refresh.failures"`
+	PgconsistencyRefreshOutcome         PgconsistencyRefreshOutcomeMetricConfig         `mapstructure:"pgconsistency.refresh.outcome"`
+	PgconsistencyRefreshRequestsPending PgconsistencyRefreshRequestsPendingMetricConfig `mapstructure:"pgconsistency.refresh.requests.pending"`
+	PgconsistencySnapshotTimestamp      PgconsistencySnapshotTimestampMetricConfig      `mapstructure:"pgconsistency.snapshot.timestamp"`
+	PgconsistencyUp                     PgconsistencyUpMetricConfig                     `mapstructure:"pgconsistency.up"`
 }
 
 func DefaultMetricsConfig() MetricsConfig {
@@ -145,10 +208,19 @@ func DefaultMetricsConfig() MetricsConfig {
 		PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
 			Enabled: true,
 		},
+		PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
+			Enabled: true,
+		},
 		PgconsistencyRefreshDuration: PgconsistencyRefreshDurationMetricConfig{
 			Enabled: true,
 		},
 		PgconsistencyRefreshFailures: PgconsistencyRefreshFailuresMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyRefreshRequestsPending: PgconsistencyRefreshRequestsPendingMetricConfig{
 			Enabled: true,
 		},
 		PgconsistencySnapshotTimestamp: PgconsistencySnapshotTimestampMetricConfig{

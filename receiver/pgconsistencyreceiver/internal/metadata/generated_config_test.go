@@ -32,10 +32,19 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
 						Enabled: true,
 					},
+					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
+						Enabled: true,
+					},
 					PgconsistencyRefreshDuration: PgconsistencyRefreshDurationMetricConfig{
 						Enabled: true,
 					},
 					PgconsistencyRefreshFailures: PgconsistencyRefreshFailuresMetricConfig{
+						Enabled: true,
+					},
+					PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{
+						Enabled: true,
+					},
+					PgconsistencyRefreshRequestsPending: PgconsistencyRefreshRequestsPendingMetricConfig{
 						Enabled: true,
 					},
 					PgconsistencySnapshotTimestamp: PgconsistencySnapshotTimestampMetricConfig{
@@ -62,10 +71,19 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
 						Enabled: false,
 					},
+					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
+						Enabled: false,
+					},
 					PgconsistencyRefreshDuration: PgconsistencyRefreshDurationMetricConfig{
 						Enabled: false,
 					},
 					PgconsistencyRefreshFailures: PgconsistencyRefreshFailuresMetricConfig{
+						Enabled: false,
+					},
+					PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{
+						Enabled: false,
+					},
+					PgconsistencyRefreshRequestsPending: PgconsistencyRefreshRequestsPendingMetricConfig{
 						Enabled: false,
 					},
 					PgconsistencySnapshotTimestamp: PgconsistencySnapshotTimestampMetricConfig{
@@ -86,7 +104,7 @@ func TestMetricsBuilderConfig(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := loadMetricsBuilderConfig(t, tt.name)
-			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, ResourceAttributeConfig{}))
+			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, ResourceAttributeConfig{}))
 			require.Emptyf(t, diff, "Config mismatch (-expected +actual):\n%s", diff)
 		})
 	}

@@ -18,6 +18,44 @@ const (
 	AggregationStrategyMax = "max"
 )
 
+// AttributeOutcome specifies the value outcome attribute.
+type AttributeOutcome int
+
+const (
+	_ AttributeOutcome = iota
+	AttributeOutcomeNever
+	AttributeOutcomeSucceeded
+	AttributeOutcomeFailed
+	AttributeOutcomeTimedOut
+	AttributeOutcomeSkipped
+)
+
+// String returns the string representation of the AttributeOutcome.
+func (av AttributeOutcome) String() string {
+	switch av {
+	case AttributeOutcomeNever:
+		return "never"
+	case AttributeOutcomeSucceeded:
+		return "succeeded"
+	case AttributeOutcomeFailed:
+		return "failed"
+	case AttributeOutcomeTimedOut:
+		return "timed_out"
+	case AttributeOutcomeSkipped:
+		return "skipped"
+	}
+	return ""
+}
+
+// MapAttributeOutcome is a helper map of string to AttributeOutcome attribute value.
+var MapAttributeOutcome = map[string]AttributeOutcome{
+	"never":     AttributeOutcomeNever,
+	"succeeded": AttributeOutcomeSucceeded,
+	"failed":    AttributeOutcomeFailed,
+	"timed_out": AttributeOutcomeTimedOut,
+	"skipped":   AttributeOutcomeSkipped,
+}
+
 var MetricsInfo = metricsInfo{
 	PgconsistencyAnomalies: metricInfo{
 		Name:       "pgconsistency.anomalies",
@@ -27,6 +65,9 @@ var MetricsInfo = metricsInfo{
 		Name:       "pgconsistency.anomalies.new",
 		Attributes: []string{"invariant", "severity"},
 	},
+	PgconsistencyDeployMarkerTimestamp: metricInfo{
+		Name: "pgconsistency.deploy_marker.timestamp",
+	},
 	PgconsistencyRefreshDuration: metricInfo{
 		Name:       "pgconsistency.refresh.duration",
 		Attributes: []string{"invariant"},
@@ -34,6 +75,13 @@ var MetricsInfo = metricsInfo{
 	PgconsistencyRefreshFailures: metricInfo{
 		Name:       "pgconsistency.refresh.failures",
 		Attributes: []string{"invariant"},
+	},
+	PgconsistencyRefreshOutcome: metricInfo{
+		Name:       "pgconsistency.refresh.outcome",
+		Attributes: []string{"invariant", "outcome"},
+	},
+	PgconsistencyRefreshRequestsPending: metricInfo{
+		Name: "pgconsistency.refresh.requests.pending",
 	},
 	PgconsistencySnapshotTimestamp: metricInfo{
 		Name:       "pgconsistency.snapshot.timestamp",
@@ -45,12 +93,15 @@ var MetricsInfo = metricsInfo{
 }
 
 type metricsInfo struct {
-	PgconsistencyAnomalies         metricInfo
-	PgconsistencyAnomaliesNew      metricInfo
-	PgconsistencyRefreshDuration   metricInfo
-	PgconsistencyRefreshFailures   metricInfo
-	PgconsistencySnapshotTimestamp metricInfo
-	PgconsistencyUp                metricInfo
+	PgconsistencyAnomalies              metricInfo
+	PgconsistencyAnomaliesNew           metricInfo
+	PgconsistencyDeployMarkerTimestamp  metricInfo
+	PgconsistencyRefreshDuration        metricInfo
+	PgconsistencyRefreshFailures        metricInfo
+	PgconsistencyRefreshOutcome         metricInfo
+	PgconsistencyRefreshRequestsPending metricInfo
+	PgconsistencySnapshotTimestamp      metricInfo
+	PgconsistencyUp                     metricInfo
 }
 
 type metricInfo struct {
@@ -164,6 +215,56 @@ func newMetricPgconsistencyAnomaliesNew(cfg PgconsistencyAnomaliesNewMetricConfi
 	return m
 }
 
+type metricPgconsistencyDeployMarkerTimestamp struct {
+	data     pmetric.Metric                                 // data buffer for generated metric.
+	config   PgconsistencyDeployMarkerTimestampMetricConfig // metric config provided by user.
+	capacity int                                            // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.deploy_marker.timestamp metric with initial data.
+func (m *metricPgconsistencyDeployMarkerTimestamp) init() {
+	m.data.SetName("pgconsistency.deploy_marker.timestamp")
+	m.data.SetDescription("Unix time at which the receiver saw the deploy marker change; absent until it has.")
+	m.data.SetUnit("s")
+	m.data.SetEmptyGauge()
+}
+
+func (m *metricPgconsistencyDeployMarkerTimestamp) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetDoubleValue(val)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyDeployMarkerTimestamp) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyDeployMarkerTimestamp) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyDeployMarkerTimestamp(cfg PgconsistencyDeployMarkerTimestampMetricConfig) metricPgconsistencyDeployMarkerTimestamp {
+	m := metricPgconsistencyDeployMarkerTimestamp{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
 type metricPgconsistencyRefreshDuration struct {
 	data     pmetric.Metric                           // data buffer for generated metric.
 	config   PgconsistencyRefreshDurationMetricConfig // metric config provided by user.
@@ -260,6 +361,109 @@ func (m *metricPgconsistencyRefreshFailures) emit(metrics pmetric.MetricSlice) {
 
 func newMetricPgconsistencyRefreshFailures(cfg PgconsistencyRefreshFailuresMetricConfig) metricPgconsistencyRefreshFailures {
 	m := metricPgconsistencyRefreshFailures{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyRefreshOutcome struct {
+	data     pmetric.Metric                          // data buffer for generated metric.
+	config   PgconsistencyRefreshOutcomeMetricConfig // metric config provided by user.
+	capacity int                                     // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.refresh.outcome metric with initial data.
+func (m *metricPgconsistencyRefreshOutcome) init() {
+	m.data.SetName("pgconsistency.refresh.outcome")
+	m.data.SetDescription("1 for the outcome of the latest refresh of the invariant (a skip included), 0 for the other outcomes.")
+	m.data.SetUnit("{refresh}")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+}
+
+func (m *metricPgconsistencyRefreshOutcome) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, outcomeAttributeValue string) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	dp.Attributes().PutStr("outcome", outcomeAttributeValue)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyRefreshOutcome) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyRefreshOutcome) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyRefreshOutcome(cfg PgconsistencyRefreshOutcomeMetricConfig) metricPgconsistencyRefreshOutcome {
+	m := metricPgconsistencyRefreshOutcome{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyRefreshRequestsPending struct {
+	data     pmetric.Metric                                  // data buffer for generated metric.
+	config   PgconsistencyRefreshRequestsPendingMetricConfig // metric config provided by user.
+	capacity int                                             // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.refresh.requests.pending metric with initial data.
+func (m *metricPgconsistencyRefreshRequestsPending) init() {
+	m.data.SetName("pgconsistency.refresh.requests.pending")
+	m.data.SetDescription("Refresh requests (pgconsistency.request_refresh, or a deploy marker change) waiting for their delay to pass.")
+	m.data.SetUnit("{request}")
+	m.data.SetEmptyGauge()
+}
+
+func (m *metricPgconsistencyRefreshRequestsPending) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyRefreshRequestsPending) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyRefreshRequestsPending) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyRefreshRequestsPending(cfg PgconsistencyRefreshRequestsPendingMetricConfig) metricPgconsistencyRefreshRequestsPending {
+	m := metricPgconsistencyRefreshRequestsPending{config: cfg}
 
 	if cfg.Enabled {
 		m.data = pmetric.NewMetric()
@@ -373,19 +577,22 @@ func newMetricPgconsistencyUp(cfg PgconsistencyUpMetricConfig) metricPgconsisten
 // MetricsBuilder provides an interface for scrapers to report metrics while taking care of all the transformations
 // required to produce metric representation defined in metadata and user config.
 type MetricsBuilder struct {
-	config                               MetricsBuilderConfig // config of the metrics builder.
-	startTime                            pcommon.Timestamp    // start time that will be applied to all recorded data points.
-	metricsCapacity                      int                  // maximum observed number of metrics per resource.
-	metricsBuffer                        pmetric.Metrics      // accumulates metrics data before emitting.
-	buildInfo                            component.BuildInfo  // contains version information.
-	resourceAttributeIncludeFilter       map[string]filter.Filter
-	resourceAttributeExcludeFilter       map[string]filter.Filter
-	metricPgconsistencyAnomalies         metricPgconsistencyAnomalies
-	metricPgconsistencyAnomaliesNew      metricPgconsistencyAnomaliesNew
-	metricPgconsistencyRefreshDuration   metricPgconsistencyRefreshDuration
-	metricPgconsistencyRefreshFailures   metricPgconsistencyRefreshFailures
-	metricPgconsistencySnapshotTimestamp metricPgconsistencySnapshotTimestamp
-	metricPgconsistencyUp                metricPgconsistencyUp
+	config                                    MetricsBuilderConfig // config of the metrics builder.
+	startTime                                 pcommon.Timestamp    // start time that will be applied to all recorded data points.
+	metricsCapacity                           int                  // maximum observed number of metrics per resource.
+	metricsBuffer                             pmetric.Metrics      // accumulates metrics data before emitting.
+	buildInfo                                 component.BuildInfo  // contains version information.
+	resourceAttributeIncludeFilter            map[string]filter.Filter
+	resourceAttributeExcludeFilter            map[string]filter.Filter
+	metricPgconsistencyAnomalies              metricPgconsistencyAnomalies
+	metricPgconsistencyAnomaliesNew           metricPgconsistencyAnomaliesNew
+	metricPgconsistencyDeployMarkerTimestamp  metricPgconsistencyDeployMarkerTimestamp
+	metricPgconsistencyRefreshDuration        metricPgconsistencyRefreshDuration
+	metricPgconsistencyRefreshFailures        metricPgconsistencyRefreshFailures
+	metricPgconsistencyRefreshOutcome         metricPgconsistencyRefreshOutcome
+	metricPgconsistencyRefreshRequestsPending metricPgconsistencyRefreshRequestsPending
+	metricPgconsistencySnapshotTimestamp      metricPgconsistencySnapshotTimestamp
+	metricPgconsistencyUp                     metricPgconsistencyUp
 }
 
 // MetricBuilderOption applies changes to default metrics builder.
@@ -407,18 +614,21 @@ func WithStartTime(startTime pcommon.Timestamp) MetricBuilderOption {
 }
 func NewMetricsBuilder(mbc MetricsBuilderConfig, settings receiver.Settings, options ...MetricBuilderOption) *MetricsBuilder {
 	mb := &MetricsBuilder{
-		config:                               mbc,
-		startTime:                            pcommon.NewTimestampFromTime(time.Now()),
-		metricsBuffer:                        pmetric.NewMetrics(),
-		buildInfo:                            settings.BuildInfo,
-		metricPgconsistencyAnomalies:         newMetricPgconsistencyAnomalies(mbc.Metrics.PgconsistencyAnomalies),
-		metricPgconsistencyAnomaliesNew:      newMetricPgconsistencyAnomaliesNew(mbc.Metrics.PgconsistencyAnomaliesNew),
-		metricPgconsistencyRefreshDuration:   newMetricPgconsistencyRefreshDuration(mbc.Metrics.PgconsistencyRefreshDuration),
-		metricPgconsistencyRefreshFailures:   newMetricPgconsistencyRefreshFailures(mbc.Metrics.PgconsistencyRefreshFailures),
-		metricPgconsistencySnapshotTimestamp: newMetricPgconsistencySnapshotTimestamp(mbc.Metrics.PgconsistencySnapshotTimestamp),
-		metricPgconsistencyUp:                newMetricPgconsistencyUp(mbc.Metrics.PgconsistencyUp),
-		resourceAttributeIncludeFilter:       make(map[string]filter.Filter),
-		resourceAttributeExcludeFilter:       make(map[string]filter.Filter),
+		config:                                    mbc,
+		startTime:                                 pcommon.NewTimestampFromTime(time.Now()),
+		metricsBuffer:                             pmetric.NewMetrics(),
+		buildInfo:                                 settings.BuildInfo,
+		metricPgconsistencyAnomalies:              newMetricPgconsistencyAnomalies(mbc.Metrics.PgconsistencyAnomalies),
+		metricPgconsistencyAnomaliesNew:           newMetricPgconsistencyAnomaliesNew(mbc.Metrics.PgconsistencyAnomaliesNew),
+		metricPgconsistencyDeployMarkerTimestamp:  newMetricPgconsistencyDeployMarkerTimestamp(mbc.Metrics.PgconsistencyDeployMarkerTimestamp),
+		metricPgconsistencyRefreshDuration:        newMetricPgconsistencyRefreshDuration(mbc.Metrics.PgconsistencyRefreshDuration),
+		metricPgconsistencyRefreshFailures:        newMetricPgconsistencyRefreshFailures(mbc.Metrics.PgconsistencyRefreshFailures),
+		metricPgconsistencyRefreshOutcome:         newMetricPgconsistencyRefreshOutcome(mbc.Metrics.PgconsistencyRefreshOutcome),
+		metricPgconsistencyRefreshRequestsPending: newMetricPgconsistencyRefreshRequestsPending(mbc.Metrics.PgconsistencyRefreshRequestsPending),
+		metricPgconsistencySnapshotTimestamp:      newMetricPgconsistencySnapshotTimestamp(mbc.Metrics.PgconsistencySnapshotTimestamp),
+		metricPgconsistencyUp:                     newMetricPgconsistencyUp(mbc.Metrics.PgconsistencyUp),
+		resourceAttributeIncludeFilter:            make(map[string]filter.Filter),
+		resourceAttributeExcludeFilter:            make(map[string]filter.Filter),
 	}
 	if mbc.ResourceAttributes.PostgresqlDatabaseName.MetricsInclude != nil {
 		mb.resourceAttributeIncludeFilter["postgresql.database.name"] = filter.CreateFilter(mbc.ResourceAttributes.PostgresqlDatabaseName.MetricsInclude)
@@ -509,8 +719,11 @@ func (mb *MetricsBuilder) EmitForResource(options ...ResourceMetricsOption) {
 	ils.Metrics().EnsureCapacity(mb.metricsCapacity)
 	mb.metricPgconsistencyAnomalies.emit(ils.Metrics())
 	mb.metricPgconsistencyAnomaliesNew.emit(ils.Metrics())
+	mb.metricPgconsistencyDeployMarkerTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshDuration.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshFailures.emit(ils.Metrics())
+	mb.metricPgconsistencyRefreshOutcome.emit(ils.Metrics())
+	mb.metricPgconsistencyRefreshRequestsPending.emit(ils.Metrics())
 	mb.metricPgconsistencySnapshotTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyUp.emit(ils.Metrics())
 
@@ -554,6 +767,11 @@ func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesNewDataPoint(ts pcommon.Ti
 	mb.metricPgconsistencyAnomaliesNew.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
 }
 
+// RecordPgconsistencyDeployMarkerTimestampDataPoint adds a data point to pgconsistency.deploy_marker.timestamp metric.
+func (mb *MetricsBuilder) RecordPgconsistencyDeployMarkerTimestampDataPoint(ts pcommon.Timestamp, val float64) {
+	mb.metricPgconsistencyDeployMarkerTimestamp.recordDataPoint(mb.startTime, ts, val)
+}
+
 // RecordPgconsistencyRefreshDurationDataPoint adds a data point to pgconsistency.refresh.duration metric.
 func (mb *MetricsBuilder) RecordPgconsistencyRefreshDurationDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
 	mb.metricPgconsistencyRefreshDuration.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
@@ -562,6 +780,16 @@ func (mb *MetricsBuilder) RecordPgconsistencyRefreshDurationDataPoint(ts pcommon
 // RecordPgconsistencyRefreshFailuresDataPoint adds a data point to pgconsistency.refresh.failures metric.
 func (mb *MetricsBuilder) RecordPgconsistencyRefreshFailuresDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string) {
 	mb.metricPgconsistencyRefreshFailures.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
+}
+
+// RecordPgconsistencyRefreshOutcomeDataPoint adds a data point to pgconsistency.refresh.outcome metric.
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshOutcomeDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, outcomeAttributeValue AttributeOutcome) {
+	mb.metricPgconsistencyRefreshOutcome.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, outcomeAttributeValue.String())
+}
+
+// RecordPgconsistencyRefreshRequestsPendingDataPoint adds a data point to pgconsistency.refresh.requests.pending metric.
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshRequestsPendingDataPoint(ts pcommon.Timestamp, val int64) {
+	mb.metricPgconsistencyRefreshRequestsPending.recordDataPoint(mb.startTime, ts, val)
 }
 
 // RecordPgconsistencySnapshotTimestampDataPoint adds a data point to pgconsistency.snapshot.timestamp metric.

@@ -74,10 +74,19 @@ func TestMetricsBuilder(t *testing.T) {
 			mb.RecordPgconsistencyAnomaliesNewDataPoint(ts, 1, "invariant-val", "severity-val")
 			defaultMetricsCount++
 			allMetricsCount++
+			mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 1)
+			defaultMetricsCount++
+			allMetricsCount++
 			mb.RecordPgconsistencyRefreshDurationDataPoint(ts, 1, "invariant-val")
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyRefreshFailuresDataPoint(ts, 1, "invariant-val")
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyRefreshOutcomeDataPoint(ts, 1, "invariant-val", AttributeOutcomeNever)
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyRefreshRequestsPendingDataPoint(ts, 1)
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencySnapshotTimestampDataPoint(ts, 1, "invariant-val")
@@ -153,6 +162,18 @@ func TestMetricsBuilder(t *testing.T) {
 					severityAttrVal, ok := dp.Attributes().Get("severity")
 					assert.True(t, ok)
 					assert.Equal(t, "severity-val", severityAttrVal.Str())
+				case "pgconsistency.deploy_marker.timestamp":
+					assert.False(t, validatedMetrics["pgconsistency.deploy_marker.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.deploy_marker.timestamp")
+					validatedMetrics["pgconsistency.deploy_marker.timestamp"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "Unix time at which the receiver saw the deploy marker change; absent until it has.", mi.Description())
+					assert.Equal(t, "s", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
+					assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
 				case "pgconsistency.refresh.duration":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.duration"], "Found a duplicate in the metrics slice: pgconsistency.refresh.duration")
 					validatedMetrics["pgconsistency.refresh.duration"] = true
@@ -183,6 +204,36 @@ func TestMetricsBuilder(t *testing.T) {
 					invariantAttrVal, ok := dp.Attributes().Get("invariant")
 					assert.True(t, ok)
 					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+				case "pgconsistency.refresh.outcome":
+					assert.False(t, validatedMetrics["pgconsistency.refresh.outcome"], "Found a duplicate in the metrics slice: pgconsistency.refresh.outcome")
+					validatedMetrics["pgconsistency.refresh.outcome"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "1 for the outcome of the latest refresh of the invariant (a skip included), 0 for the other outcomes.", mi.Description())
+					assert.Equal(t, "{refresh}", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+					invariantAttrVal, ok := dp.Attributes().Get("invariant")
+					assert.True(t, ok)
+					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					outcomeAttrVal, ok := dp.Attributes().Get("outcome")
+					assert.True(t, ok)
+					assert.Equal(t, "never", outcomeAttrVal.Str())
+				case "pgconsistency.refresh.requests.pending":
+					assert.False(t, validatedMetrics["pgconsistency.refresh.requests.pending"], "Found a duplicate in the metrics slice: pgconsistency.refresh.requests.pending")
+					validatedMetrics["pgconsistency.refresh.requests.pending"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "Refresh requests (pgconsistency.request_refresh, or a deploy marker change) waiting for their delay to pass.", mi.Description())
+					assert.Equal(t, "{request}", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
 				case "pgconsistency.snapshot.timestamp":
 					assert.False(t, validatedMetrics["pgconsistency.snapshot.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.snapshot.timestamp")
 					validatedMetrics["pgconsistency.snapshot.timestamp"] = true

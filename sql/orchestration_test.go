@@ -1,0 +1,295 @@
+package sql_test
+
+import (
+	"context"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgconsistency/pgconsistency/internal/fixture"
+	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+)
+
+// TestOrchestration covers when refreshes run: periods, force, requests after
+// deployments, the pg_cron schedule, and the guardrails.
+func TestOrchestration(t *testing.T) {
+	s := pgtest.Start(t)
+	for _, tc := range []struct {
+		name string
+		test func(*testing.T, *pgtest.Server)
+	}{
+		{"RefreshOnlyWhatIsDue", testRefreshOnlyWhatIsDue},
+		{"RefreshRequests", testRefreshRequests},
+		{"LockTimeout", testLockTimeout},
+		{"StatementTimeout", testStatementTimeout},
+		{"PgCronSchedule", testPgCronSchedule},
+		{"StandbySkips", testStandbySkips},
+	} {
+		t.Run(tc.name, func(t *testing.T) { tc.test(t, s) })
+	}
+}
+
+func startedAt(t *testing.T, conn *pgx.Conn) map[string]time.Time {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), "SELECT invariant, last_started_at FROM pgconsistency.refresh_state")
+	require.NoError(t, err)
+	out := map[string]time.Time{}
+	for rows.Next() {
+		var inv string
+		var at time.Time
+		require.NoError(t, rows.Scan(&inv, &at))
+		out[inv] = at
+	}
+	require.NoError(t, rows.Err())
+	return out
+}
+
+// refreshed lists the invariants whose last start changed between two reads.
+func refreshed(before, after map[string]time.Time) []string {
+	var out []string
+	for _, inv := range fixture.Invariants {
+		if !after[inv].Equal(before[inv]) {
+			out = append(out, inv)
+		}
+	}
+	return out
+}
+
+// age pretends the latest refresh of the invariants started d earlier.
+func age(t *testing.T, conn *pgx.Conn, d string, invariants ...string) {
+	t.Helper()
+	exec(t, conn, "UPDATE pgconsistency.refresh_state SET last_started_at = last_started_at - $1::interval WHERE invariant = ANY($2)",
+		d, invariants)
+}
+
+func testRefreshOnlyWhatIsDue(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s)
+	conn := s.Conn(t, db)
+	exec(t, conn, "UPDATE pgconsistency.invariant SET refresh_period = '1 minute' WHERE name = 'dataset_seed_missing'")
+	exec(t, conn, "UPDATE pgconsistency.invariant SET refresh_period = '6 hours' WHERE name = 'dataset_key_blocks_missing'")
+
+	before := startedAt(t, conn)
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	first := startedAt(t, conn)
+	assert.ElementsMatch(t, fixture.Invariants, refreshed(before, first), "never refreshed: all due")
+
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	assert.Empty(t, refreshed(first, startedAt(t, conn)), "just refreshed: nothing due")
+
+	// 35 minutes later: the default 30-minute and the 1-minute periods have
+	// passed, the 6-hour one has not.
+	age(t, conn, "35 minutes", fixture.Invariants...)
+	aged := startedAt(t, conn)
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	got := refreshed(aged, startedAt(t, conn))
+	assert.Len(t, got, len(fixture.Invariants)-1)
+	assert.NotContains(t, got, "dataset_key_blocks_missing")
+
+	// 29 min 40 s after a 30-minute period started: within the 30 s slack, due.
+	age(t, conn, "29 minutes 40 seconds", "dataset_head_ref_missing")
+	// 29 minutes: not due.
+	age(t, conn, "29 minutes", "dataset_statistics_missing")
+	aged = startedAt(t, conn)
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	assert.Equal(t, []string{"dataset_head_ref_missing"}, refreshed(aged, startedAt(t, conn)))
+
+	// A name, or force, refreshes regardless of the period.
+	aged = startedAt(t, conn)
+	exec(t, conn, "CALL pgconsistency.refresh('dataset_key_blocks_missing')")
+	assert.Equal(t, []string{"dataset_key_blocks_missing"}, refreshed(aged, startedAt(t, conn)))
+	aged = startedAt(t, conn)
+	exec(t, conn, "CALL pgconsistency.refresh(force => true)")
+	assert.ElementsMatch(t, fixture.Invariants, refreshed(aged, startedAt(t, conn)))
+	aged = startedAt(t, conn)
+	exec(t, conn, "CALL pgconsistency.refresh('dataset_key_blocks_missing', force => false)")
+	assert.Empty(t, refreshed(aged, startedAt(t, conn)), "force => false with a name: only if due")
+}
+
+type request struct {
+	Requests  int
+	DueAt     time.Time
+	ClaimedAt *time.Time
+}
+
+func requests(t *testing.T, conn *pgx.Conn) []request {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), "SELECT requests, due_at, claimed_at FROM pgconsistency.refresh_request ORDER BY id")
+	require.NoError(t, err)
+	out, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (request, error) {
+		var q request
+		err := r.Scan(&q.Requests, &q.DueAt, &q.ClaimedAt)
+		return q, err
+	})
+	require.NoError(t, err)
+	return out
+}
+
+func testRefreshRequests(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s)
+	conn, notices := connWithNotices(t, s, db)
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	base := startedAt(t, conn)
+
+	var due1, due2 time.Time
+	require.NoError(t, conn.QueryRow(t.Context(),
+		"SELECT pgconsistency.request_refresh(delay => '10 minutes', reason => 'deploy v1')").Scan(&due1))
+	assert.EqualValues(t, 1, status(t, conn)["dataset_seed_missing"].PendingRequests)
+
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	assert.Empty(t, refreshed(base, startedAt(t, conn)), "the request is not due yet")
+
+	// A second request during the delay: the deployment has not settled,
+	// the wait starts again; still one request.
+	require.NoError(t, conn.QueryRow(t.Context(),
+		"SELECT pgconsistency.request_refresh(delay => '10 minutes')").Scan(&due2))
+	assert.True(t, due2.After(due1), "pushed back: %s then %s", due1, due2)
+	reqs := requests(t, conn)
+	require.Len(t, reqs, 1)
+	assert.Equal(t, 2, reqs[0].Requests)
+
+	// The delay passes.
+	exec(t, conn, "UPDATE pgconsistency.refresh_request SET due_at = now() - interval '1 second' WHERE claimed_at IS NULL")
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	after := startedAt(t, conn)
+	assert.ElementsMatch(t, fixture.Invariants, refreshed(base, after), "a due request refreshes everything, due or not")
+	assert.Contains(t, strings.Join(notices(), "\n"), "running the requested refresh of every invariant (2 request(s)")
+	reqs = requests(t, conn)
+	require.Len(t, reqs, 1)
+	require.NotNil(t, reqs[0].ClaimedAt)
+	assert.EqualValues(t, 0, status(t, conn)["dataset_seed_missing"].PendingRequests)
+
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	assert.Empty(t, refreshed(after, startedAt(t, conn)), "a request runs once")
+
+	_, err := conn.Exec(t.Context(), "SELECT pgconsistency.request_refresh(delay => '-1 minute')")
+	require.ErrorContains(t, err, "delay must be zero or more")
+}
+
+func testLockTimeout(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s)
+	conn, notices := connWithNotices(t, s, db)
+	exec(t, conn, "UPDATE pgconsistency.invariant SET lock_timeout = '200 milliseconds' WHERE name = 'dataset_seed_missing'")
+	exec(t, conn, "CALL pgconsistency.refresh()")
+
+	// A migration holds the table the invariant reads.
+	other := s.Conn(t, db)
+	tx, err := other.Begin(t.Context())
+	require.NoError(t, err)
+	_, err = tx.Exec(t.Context(), "LOCK TABLE public.dataset_key_blocks IN ACCESS EXCLUSIVE MODE")
+	require.NoError(t, err)
+
+	exec(t, conn, "CALL pgconsistency.refresh('dataset_seed_missing')")
+	require.NoError(t, tx.Rollback(t.Context()))
+	st := status(t, conn)["dataset_seed_missing"]
+	assert.Equal(t, "timed_out", *st.LastStatus)
+	assert.Equal(t, "timed_out", st.LastOutcome)
+	assert.Contains(t, *st.LastError, "canceling statement due to lock timeout")
+	assert.Contains(t, *st.LastError, "lock_timeout (00:00:00.2)")
+	assert.EqualValues(t, 1, st.ConsecutiveFailures)
+	assert.NotNil(t, st.RefreshedAt, "the previous snapshot stays")
+	assert.Contains(t, strings.Join(notices(), "\n"), "WARNING: pgconsistency: refresh of dataset_seed_missing timed out")
+
+	exec(t, conn, "CALL pgconsistency.refresh('dataset_seed_missing')")
+	st = status(t, conn)["dataset_seed_missing"]
+	assert.Equal(t, "succeeded", st.LastOutcome, "the lock is gone")
+	assert.EqualValues(t, 0, st.ConsecutiveFailures)
+}
+
+func testStatementTimeout(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s)
+	conn := s.Conn(t, db)
+	exec(t, conn, `SELECT pgconsistency.define_invariant('slow_check',
+		$q$ SELECT 'k'::text AS key FROM pg_catalog.pg_sleep(2) $q$, 'info')`)
+	exec(t, conn, "UPDATE pgconsistency.invariant SET statement_timeout = '300 milliseconds' WHERE name = 'slow_check'")
+
+	// What the receiver's scheduler does: each refresh a statement of its
+	// own, under the invariant's statement_timeout.
+	var timeout string
+	require.NoError(t, conn.QueryRow(t.Context(),
+		"SELECT (extract(epoch FROM statement_timeout) * 1000)::bigint::text FROM pgconsistency.invariant WHERE name = 'slow_check'").Scan(&timeout))
+	exec(t, conn, "SELECT set_config('statement_timeout', $1, false)", timeout)
+	exec(t, conn, "CALL pgconsistency.refresh('slow_check')")
+	exec(t, conn, "RESET statement_timeout")
+
+	st := status(t, conn)["slow_check"]
+	assert.Equal(t, "timed_out", st.LastOutcome)
+	assert.Contains(t, *st.LastError, "canceling statement due to statement timeout")
+	assert.Contains(t, *st.LastError, "statement_timeout (00:00:00.3)")
+	assert.Contains(t, *st.LastError, "UPDATE pgconsistency.invariant SET statement_timeout")
+	assert.Nil(t, st.RefreshedAt)
+
+	// A cancel that is not a timeout is not swallowed: it stops the refresh.
+	canceled := s.Conn(t, db)
+	ctx, cancel := context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	_, err := canceled.Exec(ctx, "CALL pgconsistency.refresh('slow_check')")
+	require.Error(t, err)
+	assert.EqualValues(t, 1, status(t, conn)["slow_check"].ConsecutiveFailures, "a user's cancel is not recorded as a timeout")
+}
+
+func testPgCronSchedule(t *testing.T, s *pgtest.Server) {
+	require.True(t, s.HasPgCron(), "pg_cron is not installed: run make test as root (it installs postgresql-15-cron)")
+	db := fixture.NewDatabase(t, s)
+	cronDB := s.Conn(t, "postgres")
+	// Twice: the jobs are updated in place, not duplicated.
+	s.Psql(t, "postgres", "-v", "database="+db, "-f", fixture.Path("sql/pg_cron.sql"))
+	s.Psql(t, "postgres", "-v", "database="+db, "-f", fixture.Path("sql/pg_cron.sql"))
+	t.Cleanup(func() {
+		_, err := cronDB.Exec(context.Background(), "SELECT cron.unschedule(jobname) FROM cron.job WHERE jobname LIKE 'pgconsistency-%'")
+		assert.NoError(t, err)
+	})
+
+	rows, err := cronDB.Query(t.Context(), "SELECT jobname, schedule, command, database FROM cron.job WHERE jobname LIKE 'pgconsistency-%' ORDER BY jobname")
+	require.NoError(t, err)
+	jobs, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) ([4]string, error) {
+		var j [4]string
+		err := r.Scan(&j[0], &j[1], &j[2], &j[3])
+		return j, err
+	})
+	require.NoError(t, err)
+	assert.Equal(t, [][4]string{
+		{"pgconsistency-cleanup", "17 3 * * *", "DELETE FROM cron.job_run_details WHERE end_time < now() - interval '7 days'", "postgres"},
+		{"pgconsistency-refresh-" + db, "* * * * *", "CALL pgconsistency.refresh()", db},
+	}, jobs)
+
+	// The job really refreshes: a request due in 2 s is run once, by the
+	// job's next run (pg_cron 1.4 runs jobs at the start of each minute).
+	conn := s.Conn(t, db)
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	before := startedAt(t, conn)
+	var due time.Time
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT pgconsistency.request_refresh(delay => '2 seconds', reason => 'pg_cron test')").Scan(&due))
+	var reqs []request
+	require.Eventually(t, func() bool {
+		reqs = requests(t, conn)
+		return len(reqs) == 1 && reqs[0].ClaimedAt != nil
+	}, 150*time.Second, time.Second, "the pg_cron job did not run the request")
+	assert.False(t, reqs[0].ClaimedAt.Before(due), "claimed at %s, due at %s: not before the delay", reqs[0].ClaimedAt, due)
+	after := startedAt(t, conn)
+	assert.ElementsMatch(t, fixture.Invariants, refreshed(before, after))
+	var runs int
+	require.NoError(t, cronDB.QueryRow(t.Context(), `SELECT count(*) FROM cron.job_run_details d JOIN cron.job j USING (jobid)
+		WHERE j.jobname = $1 AND d.status = 'succeeded'`, "pgconsistency-refresh-"+db).Scan(&runs))
+	assert.GreaterOrEqual(t, runs, 1)
+}
+
+func testStandbySkips(t *testing.T, s *pgtest.Server) {
+	primary := pgtest.Start(t)
+	db := fixture.NewDatabase(t, primary)
+	exec(t, primary.Conn(t, db), "CALL pgconsistency.refresh()")
+	standby := primary.StartStandby(t)
+	conn, notices := connWithNotices(t, standby, db)
+	var st statusRow
+	require.Eventually(t, func() bool {
+		st = status(t, conn)["dataset_seed_missing"]
+		return st.LastStatus != nil
+	}, 30*time.Second, 100*time.Millisecond, "the primary's refresh state replicates")
+	exec(t, conn, "CALL pgconsistency.refresh(force => true)")
+	assert.Contains(t, strings.Join(notices(), "\n"),
+		"NOTICE: pgconsistency: nothing refreshed: this server is a standby; refreshes run on the primary and replicate here")
+	assert.Equal(t, st, status(t, conn)["dataset_seed_missing"], "nothing changed, nothing failed")
+}
