@@ -2,7 +2,8 @@
 # make run: the whole path on a throwaway PostgreSQL with demo data.
 #   1. a PostgreSQL cluster (with pg_cron) in a temporary directory, on a free port
 #   2. the application schema, 30 datasets and a few broken ones of every kind
-#   3. sql/install.sql, a least-privilege role for the collector, one refresh
+#   3. sql/install.sql, a least-privilege role for the collector, one refresh,
+#      and sql/pg_cron.sql so that due invariants refresh every minute
 #   4. the collector (config/collector-prometheus.yaml), and Prometheus if installed
 # Ctrl-C stops everything and removes the temporary directory.
 set -euo pipefail
@@ -70,6 +71,10 @@ done
 echo "demo: installing sql/install.sql and refreshing every invariant once"
 psql_demo -d demo -f "$root/sql/install.sql" >/dev/null
 psql_demo -d demo -c "CALL pgconsistency.refresh()"
+if [ -n "$preload" ]; then
+  echo "demo: scheduling refreshes with pg_cron (sql/pg_cron.sql: every minute, due invariants only)"
+  psql_demo -d demo -v database=demo -f "$root/sql/pg_cron.sql" >/dev/null
+fi
 psql_demo -d demo <<SQL
 CREATE ROLE otel_pgconsistency LOGIN PASSWORD '$password';
 GRANT USAGE ON SCHEMA pgconsistency TO otel_pgconsistency;
