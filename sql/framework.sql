@@ -24,8 +24,9 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
     view_name     text        NOT NULL,
     enabled       boolean     NOT NULL DEFAULT true,
     -- CALL pgconsistency.refresh() refreshes the invariant once this long has
-    -- passed since its previous refresh started (up to 30 s early, half the
-    -- period at most, so the jitter of a schedule never skips a whole period).
+    -- passed since its previous refresh started (up to a tenth of it, at most
+    -- 30 s, early: a schedule whose tick equals the period must not miss
+    -- every other tick because of a few milliseconds of jitter).
     refresh_period    interval NOT NULL DEFAULT '30 minutes'
                                CONSTRAINT invariant_refresh_period_positive CHECK (refresh_period > interval '0'),
     -- Guardrails of one refresh. lock_timeout bounds every lock wait of the
@@ -373,7 +374,7 @@ BEGIN
         SELECT 1 FROM pgconsistency.refresh_state s
          WHERE s.invariant = inv.name
            AND s.last_started_at > v_started - inv.refresh_period
-                                   + least(interval '30 seconds', inv.refresh_period / 2)) THEN
+                                   + least(interval '30 seconds', inv.refresh_period / 10)) THEN
         RETURN 'not_due';
     END IF;
 
