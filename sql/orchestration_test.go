@@ -17,20 +17,14 @@ import (
 // TestOrchestration covers when refreshes run: periods, force, requests after
 // deployments, the pg_cron schedule, and the guardrails.
 func TestOrchestration(t *testing.T) {
-	s := pgtest.Start(t)
-	for _, tc := range []struct {
-		name string
-		test func(*testing.T, *pgtest.Server)
-	}{
+	runOnOneCluster(t, []sqlTest{
 		{"RefreshOnlyWhatIsDue", testRefreshOnlyWhatIsDue},
 		{"RefreshRequests", testRefreshRequests},
 		{"LockTimeout", testLockTimeout},
 		{"StatementTimeout", testStatementTimeout},
 		{"PgCronSchedule", testPgCronSchedule},
 		{"StandbySkips", testStandbySkips},
-	} {
-		t.Run(tc.name, func(t *testing.T) { tc.test(t, s) })
-	}
+	})
 }
 
 func startedAt(t *testing.T, conn *pgx.Conn) map[string]time.Time {
@@ -278,10 +272,9 @@ func testPgCronSchedule(t *testing.T, s *pgtest.Server) {
 }
 
 func testStandbySkips(t *testing.T, s *pgtest.Server) {
-	primary := pgtest.Start(t)
-	db := fixture.NewDatabase(t, primary)
-	exec(t, primary.Conn(t, db), "CALL pgconsistency.refresh()")
-	standby := primary.StartStandby(t)
+	db := fixture.NewDatabase(t, s)
+	exec(t, s.Conn(t, db), "CALL pgconsistency.refresh()")
+	standby := s.StartStandby(t)
 	conn, notices := connWithNotices(t, standby, db)
 	var st statusRow
 	require.Eventually(t, func() bool {

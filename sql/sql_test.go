@@ -21,14 +21,23 @@ import (
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
 )
 
-// TestSQL runs every test of this package on one cluster; each works in
-// databases of its own.
-func TestSQL(t *testing.T) {
+// sqlTest is one test of this package; the tests of one top-level test share
+// a cluster, and each works in databases of its own.
+type sqlTest struct {
+	name string
+	test func(*testing.T, *pgtest.Server)
+}
+
+func runOnOneCluster(t *testing.T, tests []sqlTest) {
 	s := pgtest.Start(t)
-	for _, tc := range []struct {
-		name string
-		test func(*testing.T, *pgtest.Server)
-	}{
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) { tc.test(t, s) })
+	}
+}
+
+// TestSQL covers the framework and the dataset invariant pack.
+func TestSQL(t *testing.T) {
+	runOnOneCluster(t, []sqlTest{
 		{"InvariantFixtures", testInvariantFixtures},
 		{"RefreshIsConcurrentAfterTheFirst", testRefreshIsConcurrentAfterTheFirst},
 		{"ConcurrentRefreshSkips", testConcurrentRefreshSkips},
@@ -38,9 +47,7 @@ func TestSQL(t *testing.T) {
 		{"StatusReadsStoredCountsOnly", testStatusReadsStoredCountsOnly},
 		{"InvariantPlansAreSinglePass", testInvariantPlansAreSinglePass},
 		{"RegisterRejectsUnusableViews", testRegisterRejectsUnusableViews},
-	} {
-		t.Run(tc.name, func(t *testing.T) { tc.test(t, s) })
-	}
+	})
 }
 
 type statusRow struct {
