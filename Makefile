@@ -14,7 +14,7 @@ COLLECTOR := _build/otelcol-pgconsistency
 # what the distribution is built from: rebuilt when one of these changes
 COLLECTOR_SOURCES := builder-config.yaml go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build deps check-fmt vet generate
+.PHONY: all run test build deps check-fmt vet check-alerting generate
 
 all: test
 
@@ -35,8 +35,14 @@ vet:
 # clusters the tests start, and end to end (internal/e2e) with the built
 # collector and a real Prometheus. -p 2: two cores; each SQL, integration or
 # e2e test binary runs its own PostgreSQL.
-test: deps check-fmt vet build
+test: deps check-fmt vet check-alerting build
 	$(GO) test -count=1 -p 2 -timeout 30m ./...
+
+# The alert rules and their unit tests, and the Alertmanager example.
+check-alerting:
+	promtool check rules config/prometheus-rules.yaml
+	promtool test rules config/prometheus-rules.test.yaml
+	amtool check-config config/alertmanager.yml
 
 build: $(COLLECTOR)
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, when it is missing: the
-# PostgreSQL 15 server, pg_cron, psql and Prometheus (remote write receiver,
-# promtool). On Debian as root it runs apt-get; elsewhere it says what to install.
+# PostgreSQL 15 server, pg_cron, psql, Prometheus (remote write receiver,
+# promtool) and Alertmanager (amtool). On Debian as root it runs apt-get; elsewhere it says what to install.
 set -euo pipefail
 
 pkgs=()
@@ -18,6 +18,7 @@ if ! ls ${pg_libdir:-/usr/lib/postgresql/*/lib}/pg_cron.so /usr/lib/postgresql/*
 fi
 command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client-15)
 command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
+command -v amtool >/dev/null 2>&1 || pkgs+=(prometheus-alertmanager)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 
 if [ ${#pkgs[@]} -eq 0 ]; then

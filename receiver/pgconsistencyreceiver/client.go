@@ -22,6 +22,7 @@ type invariantStatus struct {
 	LastDurationSeconds *float64   `db:"last_duration_seconds"`
 	ConsecutiveFailures int64      `db:"consecutive_failures"`
 	LastOutcome         string     `db:"last_outcome"`
+	RefreshPeriod       float64    `db:"refresh_period_seconds"`
 	// database-wide values, the same on every row
 	PendingRequests       int64      `db:"pending_requests"`
 	DeployMarkerChangedAt *time.Time `db:"deploy_marker_changed_at"`
@@ -39,7 +40,8 @@ type clientFactory func(ctx context.Context, cfg *Config) (client, error)
 // statusColumns are named, not *, so that new columns in the view never
 // break an older receiver.
 const statusColumns = `invariant, severity, anomalies, new_anomalies, refreshed_at,
-	last_duration_seconds, consecutive_failures, last_outcome, pending_requests, deploy_marker_changed_at`
+	last_duration_seconds, consecutive_failures, last_outcome, refresh_period_seconds, pending_requests,
+	deploy_marker_changed_at`
 
 type pgxClient struct {
 	pool        *pgxpool.Pool

@@ -93,6 +93,7 @@ func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 			duration = *r.LastDurationSeconds
 		}
 		s.mb.RecordPgconsistencyRefreshDurationDataPoint(now, duration, r.Invariant)
+		s.mb.RecordPgconsistencyRefreshPeriodDataPoint(now, r.RefreshPeriod, r.Invariant)
 		// Every outcome, 1 for the latest and 0 for the others, so that a
 		// change of outcome never leaves a stale series behind.
 		for name, outcome := range metadata.MapAttributeOutcome {

@@ -80,6 +80,7 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 			RefreshedAt: &refreshed, LastDurationSeconds: ptr(30.0), ConsecutiveFailures: 4, LastOutcome: "timed_out"},
 	}}
 	for i := range f.rows {
+		f.rows[i].RefreshPeriod = 1800
 		f.rows[i].PendingRequests = 1
 		f.rows[i].DeployMarkerChangedAt = &deployed
 	}

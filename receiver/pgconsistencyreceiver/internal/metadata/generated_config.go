@@ -127,6 +127,26 @@ func (ms *PgconsistencyRefreshOutcomeMetricConfig) Unmarshal(parser *confmap.Con
 	return nil
 }
 
+// PgconsistencyRefreshPeriodMetricConfig provides config for the pgconsistency.refresh.period metric.
+type PgconsistencyRefreshPeriodMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyRefreshPeriodMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
 // PgconsistencyRefreshRequestsPendingMetricConfig provides config for the pgconsistency.refresh.requests.pending metric.
 type PgconsistencyRefreshRequestsPendingMetricConfig struct {
 	Enabled          bool `mapstructure:"enabled"`
@@ -195,6 +215,7 @@ type MetricsConfig struct {
 	PgconsistencyRefreshDuration        PgconsistencyRefreshDurationMetricConfig        `mapstructure:"pgconsistency.refresh.duration"`
 	PgconsistencyRefreshFailures        PgconsistencyRefreshFailuresMetricConfig        `mapstructure:"pgconsistency.refresh.failures"`
 	PgconsistencyRefreshOutcome         PgconsistencyRefreshOutcomeMetricConfig         `mapstructure:"pgconsistency.refresh.outcome"`
+	PgconsistencyRefreshPeriod          PgconsistencyRefreshPeriodMetricConfig          `mapstructure:"pgconsistency.refresh.period"`
 	PgconsistencyRefreshRequestsPending PgconsistencyRefreshRequestsPendingMetricConfig `mapstructure:"pgconsistency.refresh.requests.pending"`
 	PgconsistencySnapshotTimestamp      PgconsistencySnapshotTimestampMetricConfig      `mapstructure:"pgconsistency.snapshot.timestamp"`
 	PgconsistencyUp                     PgconsistencyUpMetricConfig                     `mapstructure:"pgconsistency.up"`
@@ -218,6 +239,9 @@ func DefaultMetricsConfig() MetricsConfig {
 			Enabled: true,
 		},
 		PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyRefreshPeriod: PgconsistencyRefreshPeriodMetricConfig{
 			Enabled: true,
 		},
 		PgconsistencyRefreshRequestsPending: PgconsistencyRefreshRequestsPendingMetricConfig{

@@ -44,6 +44,9 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{
 						Enabled: true,
 					},
+					PgconsistencyRefreshPeriod: PgconsistencyRefreshPeriodMetricConfig{
+						Enabled: true,
+					},
 					PgconsistencyRefreshRequestsPending: PgconsistencyRefreshRequestsPendingMetricConfig{
 						Enabled: true,
 					},
@@ -83,6 +86,9 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{
 						Enabled: false,
 					},
+					PgconsistencyRefreshPeriod: PgconsistencyRefreshPeriodMetricConfig{
+						Enabled: false,
+					},
 					PgconsistencyRefreshRequestsPending: PgconsistencyRefreshRequestsPendingMetricConfig{
 						Enabled: false,
 					},
@@ -104,7 +110,7 @@ func TestMetricsBuilderConfig(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := loadMetricsBuilderConfig(t, tt.name)
-			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, ResourceAttributeConfig{}))
+			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, ResourceAttributeConfig{}))
 			require.Emptyf(t, diff, "Config mismatch (-expected +actual):\n%s", diff)
 		})
 	}

@@ -80,6 +80,10 @@ var MetricsInfo = metricsInfo{
 		Name:       "pgconsistency.refresh.outcome",
 		Attributes: []string{"invariant", "outcome"},
 	},
+	PgconsistencyRefreshPeriod: metricInfo{
+		Name:       "pgconsistency.refresh.period",
+		Attributes: []string{"invariant"},
+	},
 	PgconsistencyRefreshRequestsPending: metricInfo{
 		Name: "pgconsistency.refresh.requests.pending",
 	},
@@ -99,6 +103,7 @@ type metricsInfo struct {
 	PgconsistencyRefreshDuration        metricInfo
 	PgconsistencyRefreshFailures        metricInfo
 	PgconsistencyRefreshOutcome         metricInfo
+	PgconsistencyRefreshPeriod          metricInfo
 	PgconsistencyRefreshRequestsPending metricInfo
 	PgconsistencySnapshotTimestamp      metricInfo
 	PgconsistencyUp                     metricInfo
@@ -422,6 +427,58 @@ func newMetricPgconsistencyRefreshOutcome(cfg PgconsistencyRefreshOutcomeMetricC
 	return m
 }
 
+type metricPgconsistencyRefreshPeriod struct {
+	data     pmetric.Metric                         // data buffer for generated metric.
+	config   PgconsistencyRefreshPeriodMetricConfig // metric config provided by user.
+	capacity int                                    // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.refresh.period metric with initial data.
+func (m *metricPgconsistencyRefreshPeriod) init() {
+	m.data.SetName("pgconsistency.refresh.period")
+	m.data.SetDescription("The invariant's refresh_period, how often it is meant to be refreshed; a snapshot much older than this is stale.")
+	m.data.SetUnit("s")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+}
+
+func (m *metricPgconsistencyRefreshPeriod) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetDoubleValue(val)
+	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyRefreshPeriod) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyRefreshPeriod) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyRefreshPeriod(cfg PgconsistencyRefreshPeriodMetricConfig) metricPgconsistencyRefreshPeriod {
+	m := metricPgconsistencyRefreshPeriod{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
 type metricPgconsistencyRefreshRequestsPending struct {
 	data     pmetric.Metric                                  // data buffer for generated metric.
 	config   PgconsistencyRefreshRequestsPendingMetricConfig // metric config provided by user.
@@ -590,6 +647,7 @@ type MetricsBuilder struct {
 	metricPgconsistencyRefreshDuration        metricPgconsistencyRefreshDuration
 	metricPgconsistencyRefreshFailures        metricPgconsistencyRefreshFailures
 	metricPgconsistencyRefreshOutcome         metricPgconsistencyRefreshOutcome
+	metricPgconsistencyRefreshPeriod          metricPgconsistencyRefreshPeriod
 	metricPgconsistencyRefreshRequestsPending metricPgconsistencyRefreshRequestsPending
 	metricPgconsistencySnapshotTimestamp      metricPgconsistencySnapshotTimestamp
 	metricPgconsistencyUp                     metricPgconsistencyUp
@@ -624,6 +682,7 @@ func NewMetricsBuilder(mbc MetricsBuilderConfig, settings receiver.Settings, opt
 		metricPgconsistencyRefreshDuration:        newMetricPgconsistencyRefreshDuration(mbc.Metrics.PgconsistencyRefreshDuration),
 		metricPgconsistencyRefreshFailures:        newMetricPgconsistencyRefreshFailures(mbc.Metrics.PgconsistencyRefreshFailures),
 		metricPgconsistencyRefreshOutcome:         newMetricPgconsistencyRefreshOutcome(mbc.Metrics.PgconsistencyRefreshOutcome),
+		metricPgconsistencyRefreshPeriod:          newMetricPgconsistencyRefreshPeriod(mbc.Metrics.PgconsistencyRefreshPeriod),
 		metricPgconsistencyRefreshRequestsPending: newMetricPgconsistencyRefreshRequestsPending(mbc.Metrics.PgconsistencyRefreshRequestsPending),
 		metricPgconsistencySnapshotTimestamp:      newMetricPgconsistencySnapshotTimestamp(mbc.Metrics.PgconsistencySnapshotTimestamp),
 		metricPgconsistencyUp:                     newMetricPgconsistencyUp(mbc.Metrics.PgconsistencyUp),
@@ -723,6 +782,7 @@ func (mb *MetricsBuilder) EmitForResource(options ...ResourceMetricsOption) {
 	mb.metricPgconsistencyRefreshDuration.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshFailures.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshOutcome.emit(ils.Metrics())
+	mb.metricPgconsistencyRefreshPeriod.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshRequestsPending.emit(ils.Metrics())
 	mb.metricPgconsistencySnapshotTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyUp.emit(ils.Metrics())
@@ -785,6 +845,11 @@ func (mb *MetricsBuilder) RecordPgconsistencyRefreshFailuresDataPoint(ts pcommon
 // RecordPgconsistencyRefreshOutcomeDataPoint adds a data point to pgconsistency.refresh.outcome metric.
 func (mb *MetricsBuilder) RecordPgconsistencyRefreshOutcomeDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, outcomeAttributeValue AttributeOutcome) {
 	mb.metricPgconsistencyRefreshOutcome.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, outcomeAttributeValue.String())
+}
+
+// RecordPgconsistencyRefreshPeriodDataPoint adds a data point to pgconsistency.refresh.period metric.
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshPeriodDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
+	mb.metricPgconsistencyRefreshPeriod.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
 }
 
 // RecordPgconsistencyRefreshRequestsPendingDataPoint adds a data point to pgconsistency.refresh.requests.pending metric.

@@ -86,6 +86,9 @@ func TestMetricsBuilder(t *testing.T) {
 			mb.RecordPgconsistencyRefreshOutcomeDataPoint(ts, 1, "invariant-val", AttributeOutcomeNever)
 			defaultMetricsCount++
 			allMetricsCount++
+			mb.RecordPgconsistencyRefreshPeriodDataPoint(ts, 1, "invariant-val")
+			defaultMetricsCount++
+			allMetricsCount++
 			mb.RecordPgconsistencyRefreshRequestsPendingDataPoint(ts, 1)
 			defaultMetricsCount++
 			allMetricsCount++
@@ -222,6 +225,21 @@ func TestMetricsBuilder(t *testing.T) {
 					outcomeAttrVal, ok := dp.Attributes().Get("outcome")
 					assert.True(t, ok)
 					assert.Equal(t, "never", outcomeAttrVal.Str())
+				case "pgconsistency.refresh.period":
+					assert.False(t, validatedMetrics["pgconsistency.refresh.period"], "Found a duplicate in the metrics slice: pgconsistency.refresh.period")
+					validatedMetrics["pgconsistency.refresh.period"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "The invariant's refresh_period, how often it is meant to be refreshed; a snapshot much older than this is stale.", mi.Description())
+					assert.Equal(t, "s", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
+					assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+					invariantAttrVal, ok := dp.Attributes().Get("invariant")
+					assert.True(t, ok)
+					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
 				case "pgconsistency.refresh.requests.pending":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.requests.pending"], "Found a duplicate in the metrics slice: pgconsistency.refresh.requests.pending")
 					validatedMetrics["pgconsistency.refresh.requests.pending"] = true
