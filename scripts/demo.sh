@@ -102,11 +102,13 @@ prom_line="Prometheus is not installed (apt-get install prometheus) — skipped"
 if command -v prometheus >/dev/null 2>&1; then
   prom_port=$(free_port 9090)
   mkdir -p "$work/prometheus"
-  sed "s/COLLECTOR_TARGET/127.0.0.1:$exporter_port/" "$root/config/prometheus.yml" >"$work/prometheus/prometheus.yml"
+  sed -e "s/COLLECTOR_TARGET/127.0.0.1:$exporter_port/" -e "s|RULES_FILE|$root/config/prometheus-rules.yaml|" \
+    "$root/config/prometheus.yml" >"$work/prometheus/prometheus.yml"
   prometheus --config.file="$work/prometheus/prometheus.yml" --storage.tsdb.path="$work/prometheus/data" \
     --web.listen-address="127.0.0.1:$prom_port" >"$work/prometheus.log" 2>&1 &
   pids+=($!)
-  prom_line="Prometheus UI:  http://127.0.0.1:$prom_port/graph?g0.expr=pgconsistency_anomalies&g0.tab=1"
+  prom_line="Prometheus UI:  http://127.0.0.1:$prom_port/graph?g0.expr=pgconsistency_anomalies&g0.tab=1
+                  alerts: http://127.0.0.1:$prom_port/alerts (the rules of config/prometheus-rules.yaml)"
 fi
 
 # Wait for the first scrape to reach the exporter.

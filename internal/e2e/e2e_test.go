@@ -101,28 +101,36 @@ type prometheus struct {
 	port   int
 	dir    string
 	config string
+	flags  []string
 	proc   *process
 }
 
 func startPrometheus(t *testing.T) *prometheus {
 	t.Helper()
+	return startPrometheusWith(t, "global:\n  evaluation_interval: 1s\n")
+}
+
+// startPrometheusWith starts Debian's Prometheus with the given configuration
+// file contents and extra flags, accepting remote write.
+func startPrometheusWith(t *testing.T, config string, flags ...string) *prometheus {
+	t.Helper()
 	bin, err := exec.LookPath("prometheus")
 	require.NoError(t, err, "prometheus is not installed: run `make test` as root (it installs Debian's prometheus)")
 	dir := t.TempDir()
-	config := filepath.Join(dir, "prometheus.yml")
-	require.NoError(t, os.WriteFile(config, []byte("global:\n  evaluation_interval: 1s\n"), 0o644))
-	p := &prometheus{t: t, port: freePort(t), dir: dir, config: config}
+	path := filepath.Join(dir, "prometheus.yml")
+	require.NoError(t, os.WriteFile(path, []byte(config), 0o644))
+	p := &prometheus{t: t, port: freePort(t), dir: dir, config: path, flags: flags}
 	p.start(bin)
 	return p
 }
 
 func (p *prometheus) start(bin string) {
 	p.t.Helper()
-	p.proc = startProcess(p.t, "prometheus", nil, bin,
-		"--config.file="+p.config,
-		"--storage.tsdb.path="+filepath.Join(p.dir, "data"),
-		"--web.listen-address=127.0.0.1:"+strconv.Itoa(p.port),
-		"--web.enable-remote-write-receiver")
+	p.proc = startProcess(p.t, "prometheus", nil, bin, append([]string{
+		"--config.file=" + p.config,
+		"--storage.tsdb.path=" + filepath.Join(p.dir, "data"),
+		"--web.listen-address=127.0.0.1:" + strconv.Itoa(p.port),
+		"--web.enable-remote-write-receiver"}, p.flags...)...)
 	require.Eventually(p.t, func() bool {
 		resp, err := http.Get(p.url("/-/ready"))
 		if err != nil {
