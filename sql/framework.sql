@@ -64,6 +64,9 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
     anomalies                bigint      NOT NULL DEFAULT 0,
     new_anomalies            bigint      NOT NULL DEFAULT 0,
     resolved_anomalies       bigint      NOT NULL DEFAULT 0,
+    -- open anomalies acknowledged (not in "anomalies"), kept current by
+    -- acknowledge(), unacknowledge() and the expiry in refresh()
+    acknowledged_anomalies   bigint      NOT NULL DEFAULT 0,
     consecutive_failures     integer     NOT NULL DEFAULT 0,
     -- the latest refresh skipped because another one held the invariant's lock
     last_skipped_at          timestamptz,
@@ -72,18 +75,43 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
 COMMENT ON TABLE pgconsistency.refresh_state IS
   'Outcome of the latest refresh of each invariant; written by pgconsistency.refresh()';
 
--- Keys of the anomalies currently open, with the time each was first seen.
--- Maintained by refresh() in O(anomalies): it is what tells a new anomaly from
--- an old one even when the total count stays the same.
+-- The lifecycle of every anomaly, by invariant and key: first seen, last seen,
+-- resolved, acknowledged. Maintained by refresh() in O(anomalies): it is what
+-- tells a new anomaly from an old one even when the total count stays the
+-- same. A resolved anomaly that comes back is new again (new seq, new
+-- first_seen_at, acknowledgement cleared).
+CREATE SEQUENCE IF NOT EXISTS pgconsistency.anomaly_seq;
 CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
-    invariant     text        NOT NULL
-                              REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
-    key           text        NOT NULL,
-    first_seen_at timestamptz NOT NULL,
+    invariant       text        NOT NULL
+                                REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    key             text        NOT NULL,
+    -- increases each time the anomaly appears: the order of the log records
+    seq             bigint      NOT NULL,
+    first_seen_at   timestamptz NOT NULL,
+    last_seen_at    timestamptz NOT NULL,
+    resolved_at     timestamptz,
+    -- the view's row (without key) when it appeared
+    details         jsonb,
+    acknowledged_at timestamptz,
+    acknowledged_by text,
+    ack_reason      text,
+    ack_until       timestamptz,
     PRIMARY KEY (invariant, key)
 );
+CREATE INDEX IF NOT EXISTS anomaly_open ON pgconsistency.anomaly (invariant) WHERE resolved_at IS NULL;
+CREATE INDEX IF NOT EXISTS anomaly_seq_idx ON pgconsistency.anomaly (seq);
 COMMENT ON TABLE pgconsistency.anomaly IS
-  'Open anomalies by invariant and key, with the refresh that first saw each';
+  'Anomalies by invariant and key: first seen, last seen, resolved, acknowledged';
+
+-- Where each log consumer (a receiver in a logs pipeline, by component id)
+-- is in the sequence of new anomalies: each anomaly is logged once.
+CREATE TABLE IF NOT EXISTS pgconsistency.log_cursor (
+    consumer   text        PRIMARY KEY,
+    last_seq   bigint      NOT NULL,
+    updated_at timestamptz NOT NULL
+);
+COMMENT ON TABLE pgconsistency.log_cursor IS
+  'Last anomaly seq delivered to each log consumer';
 
 -- Refresh requests, e.g. from a deploy pipeline: "refresh everything once the
 -- deployment has settled". At most one request is pending; asking again
@@ -320,6 +348,175 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.observe_deploy_marker(text, interval) IS
   'Record the deploy marker; on a change, request a refresh after delay. Called by the receiver';
 
+-- open_counts: the open anomalies of an invariant, not acknowledged and
+-- acknowledged (an acknowledgement past its "until" no longer counts).
+-- O(open anomalies of the invariant), through the partial index.
+CREATE OR REPLACE FUNCTION pgconsistency.open_counts(invariant text, OUT open bigint, OUT acknowledged bigint)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT count(*) FILTER (WHERE NOT a.is_acked), count(*) FILTER (WHERE a.is_acked)
+      FROM (SELECT a.acknowledged_at IS NOT NULL AND (a.ack_until IS NULL OR a.ack_until > pg_catalog.now()) AS is_acked
+              FROM pgconsistency.anomaly a
+             WHERE a.invariant = open_counts.invariant AND a.resolved_at IS NULL) a
+$fn$;
+
+-- recount: bring the stored counts of an invariant up to date after an
+-- acknowledgement changed, so the status view stays a read of stored numbers.
+CREATE OR REPLACE FUNCTION pgconsistency.recount(invariant text) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    UPDATE pgconsistency.refresh_state s
+       SET anomalies = c.open, acknowledged_anomalies = c.acknowledged
+      FROM pgconsistency.open_counts(recount.invariant) c
+     WHERE s.invariant = recount.invariant
+$fn$;
+
+-- acknowledge: take a known, open anomaly out of pgconsistency.anomalies
+-- (it is counted in acknowledged_anomalies instead) until it is resolved, or
+-- until "until" passes. A new anomaly in the same invariant still counts and
+-- alerts. Returns the number of anomalies acknowledged (1).
+CREATE OR REPLACE FUNCTION pgconsistency.acknowledge(
+    invariant text, key text, reason text, until timestamptz DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_count integer;
+BEGIN
+    IF coalesce(pg_catalog.btrim(reason), '') = '' THEN
+        RAISE EXCEPTION 'pgconsistency: acknowledging needs a reason'
+            USING HINT = 'Say why the anomaly may stay, e.g. reason => ''lost in the 2026-11 incident, not recoverable''.';
+    END IF;
+    IF until IS NOT NULL AND until <= pg_catalog.now() THEN
+        RAISE EXCEPTION 'pgconsistency: acknowledgement until % is already past', until;
+    END IF;
+    UPDATE pgconsistency.anomaly a
+       SET acknowledged_at = pg_catalog.now(), acknowledged_by = session_user,
+           ack_reason = acknowledge.reason, ack_until = acknowledge.until
+     WHERE a.invariant = acknowledge.invariant AND a.key = acknowledge.key AND a.resolved_at IS NULL;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count = 0 THEN
+        RAISE EXCEPTION 'pgconsistency: no open anomaly % in invariant %', pg_catalog.quote_literal(key), pg_catalog.quote_literal(invariant)
+            USING HINT = 'SELECT key FROM pgconsistency.anomaly WHERE invariant = ... AND resolved_at IS NULL lists the open ones.';
+    END IF;
+    PERFORM pgconsistency.recount(invariant);
+    RETURN v_count;
+END
+$fn$;
+
+-- acknowledge_all: acknowledge every anomaly open now in one invariant, with
+-- one reason: the "known leftovers" case. Anomalies appearing later are new
+-- and count. Returns how many were acknowledged.
+CREATE OR REPLACE FUNCTION pgconsistency.acknowledge_all(
+    invariant text, reason text, until timestamptz DEFAULT NULL
+) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_count integer;
+BEGIN
+    IF coalesce(pg_catalog.btrim(reason), '') = '' THEN
+        RAISE EXCEPTION 'pgconsistency: acknowledging needs a reason'
+            USING HINT = 'Say why the anomalies may stay, e.g. reason => ''known leftovers of the 2026-11 incident''.';
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = acknowledge_all.invariant) THEN
+        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant);
+    END IF;
+    UPDATE pgconsistency.anomaly a
+       SET acknowledged_at = pg_catalog.now(), acknowledged_by = session_user,
+           ack_reason = acknowledge_all.reason, ack_until = acknowledge_all.until
+     WHERE a.invariant = acknowledge_all.invariant AND a.resolved_at IS NULL;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    PERFORM pgconsistency.recount(invariant);
+    RETURN v_count;
+END
+$fn$;
+
+-- unacknowledge: the anomaly counts again. Returns 1, or 0 if it was not acknowledged.
+CREATE OR REPLACE FUNCTION pgconsistency.unacknowledge(invariant text, key text) RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE pgconsistency.anomaly a
+       SET acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
+     WHERE a.invariant = unacknowledge.invariant AND a.key = unacknowledge.key AND a.acknowledged_at IS NOT NULL;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    PERFORM pgconsistency.recount(invariant);
+    RETURN v_count;
+END
+$fn$;
+
+-- expire_acknowledgements: acknowledgements past their "until" end, and the
+-- counts of their invariants are brought up to date. O(expired). Run by
+-- refresh() on every call, so expiries take effect within a minute under
+-- pg_cron or the receiver's scheduler. Returns how many expired.
+CREATE OR REPLACE FUNCTION pgconsistency.expire_acknowledgements() RETURNS integer
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_invariants text[];
+    v_name text;
+    v_count integer;
+BEGIN
+    WITH expired AS (
+        UPDATE pgconsistency.anomaly a
+           SET acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
+         WHERE a.ack_until <= pg_catalog.now()
+        RETURNING a.invariant)
+    SELECT pg_catalog.array_agg(DISTINCT e.invariant), count(*) INTO v_invariants, v_count FROM expired e;
+    FOREACH v_name IN ARRAY coalesce(v_invariants, '{}') LOOP
+        PERFORM pgconsistency.recount(v_name);
+    END LOOP;
+    RETURN v_count;
+END
+$fn$;
+
+-- new_anomalies_for_log: the anomalies that appeared since a log consumer's
+-- cursor, oldest first, at most max_rows. A consumer seen for the first time
+-- starts at the current end: what was there before is not new to it.
+-- advance_log_cursor() moves the cursor once the records were delivered.
+CREATE OR REPLACE FUNCTION pgconsistency.new_anomalies_for_log(consumer text, max_rows integer)
+RETURNS TABLE (seq bigint, invariant text, severity text, key text, details jsonb, first_seen_at timestamptz)
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_last bigint;
+BEGIN
+    SELECT c.last_seq INTO v_last FROM pgconsistency.log_cursor c WHERE c.consumer = new_anomalies_for_log.consumer;
+    IF NOT FOUND THEN
+        INSERT INTO pgconsistency.log_cursor AS c (consumer, last_seq, updated_at)
+        VALUES (new_anomalies_for_log.consumer, coalesce((SELECT max(a.seq) FROM pgconsistency.anomaly a), 0), pg_catalog.now())
+        ON CONFLICT ON CONSTRAINT log_cursor_pkey DO NOTHING;
+        RETURN;
+    END IF;
+    RETURN QUERY
+        SELECT a.seq, a.invariant, i.severity, a.key, a.details, a.first_seen_at
+          FROM pgconsistency.anomaly a
+          JOIN pgconsistency.invariant i ON i.name = a.invariant
+         WHERE a.seq > v_last
+         ORDER BY a.seq
+         LIMIT max_rows;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION pgconsistency.advance_log_cursor(consumer text, seq bigint) RETURNS void
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    UPDATE pgconsistency.log_cursor c
+       SET last_seq = GREATEST(c.last_seq, advance_log_cursor.seq), updated_at = pg_catalog.now()
+     WHERE c.consumer = advance_log_cursor.consumer
+$fn$;
+
 -- Older signatures, replaced below (CREATE OR REPLACE cannot change them).
 DROP FUNCTION IF EXISTS pgconsistency.refresh_invariant(text);
 DROP PROCEDURE IF EXISTS pgconsistency.refresh(text);
@@ -343,6 +540,7 @@ DECLARE
     v_total    bigint;
     v_new      bigint;
     v_resolved bigint;
+    v_acked    bigint;
     v_status   text := 'succeeded';
     v_error    text;
     v_hint     text;
@@ -399,24 +597,38 @@ BEGIN
             EXECUTE pg_catalog.format('REFRESH MATERIALIZED VIEW %I.%I', inv.view_schema, inv.view_name);
         END IF;
 
-        -- Update the open-anomaly keys: O(anomalies), the application tables
-        -- are not read again. All three CTEs see the same snapshot.
+        -- Update the anomalies' lifecycle: O(anomalies), the application
+        -- tables are not read again. The CTEs see the same snapshot and touch
+        -- disjoint rows: still open (last seen now), new or back again,
+        -- resolved (open but gone from the view).
         EXECUTE pg_catalog.format($q$
-            WITH cur AS (SELECT v.key FROM %I.%I v),
-            ins AS (
-                INSERT INTO pgconsistency.anomaly (invariant, key, first_seen_at)
-                SELECT $1, cur.key, $2 FROM cur
-                 WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.anomaly a WHERE a.invariant = $1 AND a.key = cur.key)
+            WITH cur AS (SELECT v.key, pg_catalog.to_jsonb(v) - 'key' AS details FROM %I.%I v),
+            seen AS (
+                UPDATE pgconsistency.anomaly a SET last_seen_at = $2
+                  FROM cur
+                 WHERE a.invariant = $1 AND a.key = cur.key AND a.resolved_at IS NULL
                 RETURNING 1),
-            del AS (
-                DELETE FROM pgconsistency.anomaly a
-                 WHERE a.invariant = $1
+            appeared AS (
+                INSERT INTO pgconsistency.anomaly AS a (invariant, key, seq, first_seen_at, last_seen_at, details)
+                SELECT $1, cur.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, cur.details
+                  FROM cur
+                 WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.anomaly o
+                                    WHERE o.invariant = $1 AND o.key = cur.key AND o.resolved_at IS NULL)
+                ON CONFLICT ON CONSTRAINT anomaly_pkey DO UPDATE
+                   SET seq = EXCLUDED.seq, first_seen_at = EXCLUDED.first_seen_at,
+                       last_seen_at = EXCLUDED.last_seen_at, resolved_at = NULL, details = EXCLUDED.details,
+                       acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
+                RETURNING 1),
+            resolved AS (
+                UPDATE pgconsistency.anomaly a SET resolved_at = $2
+                 WHERE a.invariant = $1 AND a.resolved_at IS NULL
                    AND NOT EXISTS (SELECT 1 FROM cur WHERE cur.key = a.key)
                 RETURNING 1)
-            SELECT (SELECT count(*) FROM cur), (SELECT count(*) FROM ins), (SELECT count(*) FROM del)
+            SELECT (SELECT count(*) FROM appeared), (SELECT count(*) FROM resolved)
         $q$, inv.view_schema, inv.view_name)
-        INTO v_total, v_new, v_resolved
+        INTO v_new, v_resolved
         USING inv.name, v_started;
+        SELECT c.open, c.acknowledged INTO v_total, v_acked FROM pgconsistency.open_counts(inv.name) c;
     EXCEPTION
         WHEN query_canceled THEN
             GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
@@ -447,18 +659,20 @@ BEGIN
     IF v_status = 'succeeded' THEN
         INSERT INTO pgconsistency.refresh_state AS s
                (invariant, last_status, last_started_at, last_finished_at, last_duration_seconds, last_error,
-                refreshed_at, refresh_duration_seconds, anomalies, new_anomalies, resolved_anomalies, consecutive_failures)
+                refreshed_at, refresh_duration_seconds, anomalies, new_anomalies, resolved_anomalies,
+                acknowledged_anomalies, consecutive_failures)
         VALUES (inv.name, 'succeeded', v_started, v_finished,
                 EXTRACT(epoch FROM v_finished - v_started)::double precision, NULL,
                 v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision,
-                v_total, v_new, v_resolved, 0)
+                v_total, v_new, v_resolved, v_acked, 0)
         ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
            SET last_status = EXCLUDED.last_status, last_started_at = EXCLUDED.last_started_at,
                last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
                last_error = NULL, refreshed_at = EXCLUDED.refreshed_at,
                refresh_duration_seconds = EXCLUDED.refresh_duration_seconds,
                anomalies = EXCLUDED.anomalies, new_anomalies = EXCLUDED.new_anomalies,
-               resolved_anomalies = EXCLUDED.resolved_anomalies, consecutive_failures = 0;
+               resolved_anomalies = EXCLUDED.resolved_anomalies,
+               acknowledged_anomalies = EXCLUDED.acknowledged_anomalies, consecutive_failures = 0;
         RETURN 'succeeded';
     END IF;
 
@@ -507,6 +721,7 @@ BEGIN
     IF invariant IS NULL AND pgconsistency.claim_refresh_request() THEN
         v_force := true;
     END IF;
+    PERFORM pgconsistency.expire_acknowledgements();
     COMMIT; -- the claim is visible at once: the request runs once
 
     SELECT pg_catalog.array_agg(i.name ORDER BY i.name) INTO v_names
@@ -538,6 +753,7 @@ SELECT i.name                                    AS invariant,
        coalesce(s.anomalies, 0)                  AS anomalies,
        coalesce(s.new_anomalies, 0)              AS new_anomalies,
        coalesce(s.resolved_anomalies, 0)         AS resolved_anomalies,
+       coalesce(s.acknowledged_anomalies, 0)     AS acknowledged_anomalies,
        s.refreshed_at,
        s.refresh_duration_seconds,
        coalesce(s.consecutive_failures, 0)       AS consecutive_failures,
