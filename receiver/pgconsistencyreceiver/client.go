@@ -18,6 +18,8 @@ type invariantStatus struct {
 	Severity            string     `db:"severity"`
 	Anomalies           int64      `db:"anomalies"`
 	NewAnomalies        int64      `db:"new_anomalies"`
+	ResolvedAnomalies   int64      `db:"resolved_anomalies"`
+	AckedAnomalies      int64      `db:"acknowledged_anomalies"`
 	RefreshedAt         *time.Time `db:"refreshed_at"`
 	LastDurationSeconds *float64   `db:"last_duration_seconds"`
 	ConsecutiveFailures int64      `db:"consecutive_failures"`
@@ -39,7 +41,7 @@ type clientFactory func(ctx context.Context, cfg *Config) (client, error)
 
 // statusColumns are named, not *, so that new columns in the view never
 // break an older receiver.
-const statusColumns = `invariant, severity, anomalies, new_anomalies, refreshed_at,
+const statusColumns = `invariant, severity, anomalies, new_anomalies, resolved_anomalies, acknowledged_anomalies, refreshed_at,
 	last_duration_seconds, consecutive_failures, last_outcome, refresh_period_seconds, pending_requests,
 	deploy_marker_changed_at`
 

@@ -22,6 +22,7 @@ const (
 	defaultCollectionInterval = 60 * time.Second
 	defaultTimeout            = 10 * time.Second
 	defaultDeployDelay        = 10 * time.Minute
+	defaultMaxLogRecords      = 100
 
 	// PostgreSQL truncates identifiers longer than this many bytes.
 	maxIdentifierLength = 63
@@ -52,6 +53,9 @@ type Config struct {
 	// without pg_cron. Off by default.
 	Refresh RefreshConfig `mapstructure:"refresh"`
 
+	// Logs configures the receiver in a logs pipeline.
+	Logs LogsConfig `mapstructure:"logs"`
+
 	// prevent unkeyed literal initialization
 	_ struct{}
 }
@@ -65,6 +69,17 @@ type RefreshConfig struct {
 	// DeployMarker, when its query is set, requests a refresh after Delay
 	// whenever the value of the query changes.
 	DeployMarker DeployMarkerConfig `mapstructure:"deploy_marker"`
+
+	// prevent unkeyed literal initialization
+	_ struct{}
+}
+
+// LogsConfig configures the log records of new anomalies.
+type LogsConfig struct {
+	// MaxRecordsPerScrape caps the records of one collection interval, so a
+	// flood of anomalies cannot flood the pipeline; the rest follow at the
+	// next intervals.
+	MaxRecordsPerScrape int `mapstructure:"max_records_per_scrape"`
 
 	// prevent unkeyed literal initialization
 	_ struct{}
@@ -101,6 +116,7 @@ func createDefaultConfig() *Config {
 		Refresh: RefreshConfig{
 			DeployMarker: DeployMarkerConfig{Delay: defaultDeployDelay},
 		},
+		Logs: LogsConfig{MaxRecordsPerScrape: defaultMaxLogRecords},
 	}
 }
 
@@ -122,6 +138,9 @@ func (cfg *Config) Validate() error {
 		errs = append(errs, fmt.Errorf(`"schema" must not be empty: set it to the schema of the pgconsistency objects (default %q)`, defaultSchema))
 	case len(cfg.Schema) > maxIdentifierLength:
 		errs = append(errs, fmt.Errorf(`"schema" %q is longer than %d bytes, which PostgreSQL does not allow for a name`, cfg.Schema, maxIdentifierLength))
+	}
+	if cfg.Logs.MaxRecordsPerScrape <= 0 {
+		errs = append(errs, fmt.Errorf(`"logs::max_records_per_scrape" (%d) must be at least 1`, cfg.Logs.MaxRecordsPerScrape))
 	}
 	if cfg.Refresh.Schedule < 0 {
 		errs = append(errs, fmt.Errorf(`"refresh::schedule" (%s) must be positive, e.g. 1m, or 0 to leave refreshes to pg_cron`, cfg.Refresh.Schedule))

@@ -76,12 +76,14 @@ func TestLoadConfig(t *testing.T) {
 		cfg := loadConfig(t, "minimal")
 		assert.Zero(t, cfg.Refresh.Schedule, "the scheduler is off by default: pg_cron or the DBA's cron refreshes")
 		assert.Equal(t, 10*time.Minute, cfg.Refresh.DeployMarker.Delay)
+		assert.Equal(t, 100, cfg.Logs.MaxRecordsPerScrape)
 		err := confmap.Validate(loadConfig(t, "marker_without_schedule"))
 		require.Error(t, err)
 		for _, want := range []string{
 			`"refresh::schedule" (-1m0s) must be positive`,
 			`"refresh::deploy_marker::query" needs "refresh::schedule"`,
 			`"refresh::deploy_marker::delay" (-5m0s) must be zero or more`,
+			`"logs::max_records_per_scrape" (0) must be at least 1`,
 		} {
 			assert.ErrorContains(t, err, want)
 		}

@@ -17,7 +17,17 @@ func NewFactory() receiver.Factory {
 	return receiver.NewFactory(
 		metadata.Type,
 		func() component.Config { return createDefaultConfig() },
-		receiver.WithMetrics(createMetricsReceiver, metadata.MetricsStability))
+		receiver.WithMetrics(createMetricsReceiver, metadata.MetricsStability),
+		receiver.WithLogs(createLogsReceiver, metadata.LogsStability))
+}
+
+func createLogsReceiver(
+	_ context.Context,
+	set receiver.Settings,
+	rConf component.Config,
+	next consumer.Logs,
+) (receiver.Logs, error) {
+	return newLogsReceiver(rConf.(*Config), set, next), nil
 }
 
 func createMetricsReceiver(

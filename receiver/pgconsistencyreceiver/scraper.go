@@ -32,13 +32,17 @@ func newScraper(cfg *Config, set receiver.Settings, newClient clientFactory) *pg
 		s.refresher = newRefresher(cfg, set.Logger)
 	}
 	// The resource is the same on every scrape: build it once.
+	s.resource = resourceFor(cfg, s.mb.NewResourceBuilder())
+	return s
+}
+
+// resourceFor is the resource of the database cfg watches.
+func resourceFor(cfg *Config, rb *metadata.ResourceBuilder) pcommon.Resource {
 	host, port, _ := cfg.hostPort() // validated at startup
-	rb := s.mb.NewResourceBuilder()
 	rb.SetPostgresqlDatabaseName(cfg.Database)
 	rb.SetServerAddress(host)
 	rb.SetServerPort(int64(port))
-	s.resource = rb.Emit()
-	return s
+	return rb.Emit()
 }
 
 func (s *pgScraper) start(ctx context.Context, _ component.Host) error {
@@ -80,6 +84,8 @@ func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 		r := &rows[i]
 		s.mb.RecordPgconsistencyAnomaliesDataPoint(now, r.Anomalies, r.Invariant, r.Severity)
 		s.mb.RecordPgconsistencyAnomaliesNewDataPoint(now, r.NewAnomalies, r.Invariant, r.Severity)
+		s.mb.RecordPgconsistencyAnomaliesResolvedDataPoint(now, r.ResolvedAnomalies, r.Invariant, r.Severity)
+		s.mb.RecordPgconsistencyAnomaliesAcknowledgedDataPoint(now, r.AckedAnomalies, r.Invariant, r.Severity)
 		s.mb.RecordPgconsistencyRefreshFailuresDataPoint(now, r.ConsecutiveFailures, r.Invariant)
 		// Never refreshed: timestamp 0 makes the snapshot infinitely old, so
 		// staleness alerts fire instead of the series being absent.

@@ -69,7 +69,7 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 	deployed := time.Date(2026, 11, 23, 18, 0, 0, 0, time.UTC)
 	f := &fakeClient{rows: []invariantStatus{
 		{Invariant: "dataset_seed_missing", Severity: "critical", Anomalies: 3, NewAnomalies: 1,
-			RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded"},
+			ResolvedAnomalies: 2, AckedAnomalies: 5, RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded"},
 		// clean: zeros must be emitted, not left out
 		{Invariant: "dataset_head_ref_missing", Severity: "critical",
 			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.25), LastOutcome: "skipped"},

@@ -27,6 +27,26 @@ func (ms *PgconsistencyAnomaliesMetricConfig) Unmarshal(parser *confmap.Conf) er
 	return nil
 }
 
+// PgconsistencyAnomaliesAcknowledgedMetricConfig provides config for the pgconsistency.anomalies.acknowledged metric.
+type PgconsistencyAnomaliesAcknowledgedMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyAnomaliesAcknowledgedMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
 // PgconsistencyAnomaliesNewMetricConfig provides config for the pgconsistency.anomalies.new metric.
 type PgconsistencyAnomaliesNewMetricConfig struct {
 	Enabled          bool `mapstructure:"enabled"`
@@ -34,6 +54,26 @@ type PgconsistencyAnomaliesNewMetricConfig struct {
 }
 
 func (ms *PgconsistencyAnomaliesNewMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+// PgconsistencyAnomaliesResolvedMetricConfig provides config for the pgconsistency.anomalies.resolved metric.
+type PgconsistencyAnomaliesResolvedMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyAnomaliesResolvedMetricConfig) Unmarshal(parser *confmap.Conf) error {
 	if parser == nil {
 		return nil
 	}
@@ -210,7 +250,9 @@ func (ms *PgconsistencyUpMetricConfig) Unmarshal(parser *confmap.Conf) error {
 // MetricsConfig provides config for pgconsistency metrics.
 type MetricsConfig struct {
 	PgconsistencyAnomalies              PgconsistencyAnomaliesMetricConfig              `mapstructure:"pgconsistency.anomalies"`
+	PgconsistencyAnomaliesAcknowledged  PgconsistencyAnomaliesAcknowledgedMetricConfig  `mapstructure:"pgconsistency.anomalies.acknowledged"`
 	PgconsistencyAnomaliesNew           PgconsistencyAnomaliesNewMetricConfig           `mapstructure:"pgconsistency.anomalies.new"`
+	PgconsistencyAnomaliesResolved      PgconsistencyAnomaliesResolvedMetricConfig      `mapstructure:"pgconsistency.anomalies.resolved"`
 	PgconsistencyDeployMarkerTimestamp  PgconsistencyDeployMarkerTimestampMetricConfig  `mapstructure:"pgconsistency.deploy_marker.timestamp"`
 	PgconsistencyRefreshDuration        PgconsistencyRefreshDurationMetricConfig        `mapstructure:"pgconsistency.refresh.duration"`
 	PgconsistencyRefreshFailures        PgconsistencyRefreshFailuresMetricConfig        `mapstructure:"pgconsistency.refresh.failures"`
@@ -226,7 +268,13 @@ func DefaultMetricsConfig() MetricsConfig {
 		PgconsistencyAnomalies: PgconsistencyAnomaliesMetricConfig{
 			Enabled: true,
 		},
+		PgconsistencyAnomaliesAcknowledged: PgconsistencyAnomaliesAcknowledgedMetricConfig{
+			Enabled: true,
+		},
 		PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
 			Enabled: true,
 		},
 		PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{

@@ -29,7 +29,13 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyAnomalies: PgconsistencyAnomaliesMetricConfig{
 						Enabled: true,
 					},
+					PgconsistencyAnomaliesAcknowledged: PgconsistencyAnomaliesAcknowledgedMetricConfig{
+						Enabled: true,
+					},
 					PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
+						Enabled: true,
+					},
+					PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
 						Enabled: true,
 					},
 					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
@@ -71,7 +77,13 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyAnomalies: PgconsistencyAnomaliesMetricConfig{
 						Enabled: false,
 					},
+					PgconsistencyAnomaliesAcknowledged: PgconsistencyAnomaliesAcknowledgedMetricConfig{
+						Enabled: false,
+					},
 					PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
+						Enabled: false,
+					},
+					PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
 						Enabled: false,
 					},
 					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
@@ -110,7 +122,7 @@ func TestMetricsBuilderConfig(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := loadMetricsBuilderConfig(t, tt.name)
-			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, ResourceAttributeConfig{}))
+			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, ResourceAttributeConfig{}))
 			require.Emptyf(t, diff, "Config mismatch (-expected +actual):\n%s", diff)
 		})
 	}

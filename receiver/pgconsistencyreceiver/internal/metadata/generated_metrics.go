@@ -61,8 +61,16 @@ var MetricsInfo = metricsInfo{
 		Name:       "pgconsistency.anomalies",
 		Attributes: []string{"invariant", "severity"},
 	},
+	PgconsistencyAnomaliesAcknowledged: metricInfo{
+		Name:       "pgconsistency.anomalies.acknowledged",
+		Attributes: []string{"invariant", "severity"},
+	},
 	PgconsistencyAnomaliesNew: metricInfo{
 		Name:       "pgconsistency.anomalies.new",
+		Attributes: []string{"invariant", "severity"},
+	},
+	PgconsistencyAnomaliesResolved: metricInfo{
+		Name:       "pgconsistency.anomalies.resolved",
 		Attributes: []string{"invariant", "severity"},
 	},
 	PgconsistencyDeployMarkerTimestamp: metricInfo{
@@ -98,7 +106,9 @@ var MetricsInfo = metricsInfo{
 
 type metricsInfo struct {
 	PgconsistencyAnomalies              metricInfo
+	PgconsistencyAnomaliesAcknowledged  metricInfo
 	PgconsistencyAnomaliesNew           metricInfo
+	PgconsistencyAnomaliesResolved      metricInfo
 	PgconsistencyDeployMarkerTimestamp  metricInfo
 	PgconsistencyRefreshDuration        metricInfo
 	PgconsistencyRefreshFailures        metricInfo
@@ -167,6 +177,59 @@ func newMetricPgconsistencyAnomalies(cfg PgconsistencyAnomaliesMetricConfig) met
 	return m
 }
 
+type metricPgconsistencyAnomaliesAcknowledged struct {
+	data     pmetric.Metric                                 // data buffer for generated metric.
+	config   PgconsistencyAnomaliesAcknowledgedMetricConfig // metric config provided by user.
+	capacity int                                            // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.anomalies.acknowledged metric with initial data.
+func (m *metricPgconsistencyAnomaliesAcknowledged) init() {
+	m.data.SetName("pgconsistency.anomalies.acknowledged")
+	m.data.SetDescription("Open anomalies acknowledged with pgconsistency.acknowledge(); they are not in pgconsistency.anomalies.")
+	m.data.SetUnit("{anomaly}")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+}
+
+func (m *metricPgconsistencyAnomaliesAcknowledged) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	dp.Attributes().PutStr("severity", severityAttributeValue)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyAnomaliesAcknowledged) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyAnomaliesAcknowledged) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyAnomaliesAcknowledged(cfg PgconsistencyAnomaliesAcknowledgedMetricConfig) metricPgconsistencyAnomaliesAcknowledged {
+	m := metricPgconsistencyAnomaliesAcknowledged{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
 type metricPgconsistencyAnomaliesNew struct {
 	data     pmetric.Metric                        // data buffer for generated metric.
 	config   PgconsistencyAnomaliesNewMetricConfig // metric config provided by user.
@@ -212,6 +275,59 @@ func (m *metricPgconsistencyAnomaliesNew) emit(metrics pmetric.MetricSlice) {
 
 func newMetricPgconsistencyAnomaliesNew(cfg PgconsistencyAnomaliesNewMetricConfig) metricPgconsistencyAnomaliesNew {
 	m := metricPgconsistencyAnomaliesNew{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyAnomaliesResolved struct {
+	data     pmetric.Metric                             // data buffer for generated metric.
+	config   PgconsistencyAnomaliesResolvedMetricConfig // metric config provided by user.
+	capacity int                                        // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.anomalies.resolved metric with initial data.
+func (m *metricPgconsistencyAnomaliesResolved) init() {
+	m.data.SetName("pgconsistency.anomalies.resolved")
+	m.data.SetDescription("Anomalies that disappeared in the latest refresh of the invariant.")
+	m.data.SetUnit("{anomaly}")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+}
+
+func (m *metricPgconsistencyAnomaliesResolved) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	dp.Attributes().PutStr("severity", severityAttributeValue)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyAnomaliesResolved) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyAnomaliesResolved) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyAnomaliesResolved(cfg PgconsistencyAnomaliesResolvedMetricConfig) metricPgconsistencyAnomaliesResolved {
+	m := metricPgconsistencyAnomaliesResolved{config: cfg}
 
 	if cfg.Enabled {
 		m.data = pmetric.NewMetric()
@@ -642,7 +758,9 @@ type MetricsBuilder struct {
 	resourceAttributeIncludeFilter            map[string]filter.Filter
 	resourceAttributeExcludeFilter            map[string]filter.Filter
 	metricPgconsistencyAnomalies              metricPgconsistencyAnomalies
+	metricPgconsistencyAnomaliesAcknowledged  metricPgconsistencyAnomaliesAcknowledged
 	metricPgconsistencyAnomaliesNew           metricPgconsistencyAnomaliesNew
+	metricPgconsistencyAnomaliesResolved      metricPgconsistencyAnomaliesResolved
 	metricPgconsistencyDeployMarkerTimestamp  metricPgconsistencyDeployMarkerTimestamp
 	metricPgconsistencyRefreshDuration        metricPgconsistencyRefreshDuration
 	metricPgconsistencyRefreshFailures        metricPgconsistencyRefreshFailures
@@ -677,7 +795,9 @@ func NewMetricsBuilder(mbc MetricsBuilderConfig, settings receiver.Settings, opt
 		metricsBuffer:                             pmetric.NewMetrics(),
 		buildInfo:                                 settings.BuildInfo,
 		metricPgconsistencyAnomalies:              newMetricPgconsistencyAnomalies(mbc.Metrics.PgconsistencyAnomalies),
+		metricPgconsistencyAnomaliesAcknowledged:  newMetricPgconsistencyAnomaliesAcknowledged(mbc.Metrics.PgconsistencyAnomaliesAcknowledged),
 		metricPgconsistencyAnomaliesNew:           newMetricPgconsistencyAnomaliesNew(mbc.Metrics.PgconsistencyAnomaliesNew),
+		metricPgconsistencyAnomaliesResolved:      newMetricPgconsistencyAnomaliesResolved(mbc.Metrics.PgconsistencyAnomaliesResolved),
 		metricPgconsistencyDeployMarkerTimestamp:  newMetricPgconsistencyDeployMarkerTimestamp(mbc.Metrics.PgconsistencyDeployMarkerTimestamp),
 		metricPgconsistencyRefreshDuration:        newMetricPgconsistencyRefreshDuration(mbc.Metrics.PgconsistencyRefreshDuration),
 		metricPgconsistencyRefreshFailures:        newMetricPgconsistencyRefreshFailures(mbc.Metrics.PgconsistencyRefreshFailures),
@@ -777,7 +897,9 @@ func (mb *MetricsBuilder) EmitForResource(options ...ResourceMetricsOption) {
 	ils.Scope().SetVersion(mb.buildInfo.Version)
 	ils.Metrics().EnsureCapacity(mb.metricsCapacity)
 	mb.metricPgconsistencyAnomalies.emit(ils.Metrics())
+	mb.metricPgconsistencyAnomaliesAcknowledged.emit(ils.Metrics())
 	mb.metricPgconsistencyAnomaliesNew.emit(ils.Metrics())
+	mb.metricPgconsistencyAnomaliesResolved.emit(ils.Metrics())
 	mb.metricPgconsistencyDeployMarkerTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshDuration.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshFailures.emit(ils.Metrics())
@@ -822,9 +944,19 @@ func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesDataPoint(ts pcommon.Times
 	mb.metricPgconsistencyAnomalies.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
 }
 
+// RecordPgconsistencyAnomaliesAcknowledgedDataPoint adds a data point to pgconsistency.anomalies.acknowledged metric.
+func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesAcknowledgedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
+	mb.metricPgconsistencyAnomaliesAcknowledged.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
+}
+
 // RecordPgconsistencyAnomaliesNewDataPoint adds a data point to pgconsistency.anomalies.new metric.
 func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesNewDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
 	mb.metricPgconsistencyAnomaliesNew.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
+}
+
+// RecordPgconsistencyAnomaliesResolvedDataPoint adds a data point to pgconsistency.anomalies.resolved metric.
+func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesResolvedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
+	mb.metricPgconsistencyAnomaliesResolved.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
 }
 
 // RecordPgconsistencyDeployMarkerTimestampDataPoint adds a data point to pgconsistency.deploy_marker.timestamp metric.

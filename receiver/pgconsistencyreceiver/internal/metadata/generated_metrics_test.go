@@ -71,7 +71,13 @@ func TestMetricsBuilder(t *testing.T) {
 			mb.RecordPgconsistencyAnomaliesDataPoint(ts, 1, "invariant-val", "severity-val")
 			defaultMetricsCount++
 			allMetricsCount++
+			mb.RecordPgconsistencyAnomaliesAcknowledgedDataPoint(ts, 1, "invariant-val", "severity-val")
+			defaultMetricsCount++
+			allMetricsCount++
 			mb.RecordPgconsistencyAnomaliesNewDataPoint(ts, 1, "invariant-val", "severity-val")
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyAnomaliesResolvedDataPoint(ts, 1, "invariant-val", "severity-val")
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 1)
@@ -147,12 +153,48 @@ func TestMetricsBuilder(t *testing.T) {
 					severityAttrVal, ok := dp.Attributes().Get("severity")
 					assert.True(t, ok)
 					assert.Equal(t, "severity-val", severityAttrVal.Str())
+				case "pgconsistency.anomalies.acknowledged":
+					assert.False(t, validatedMetrics["pgconsistency.anomalies.acknowledged"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.acknowledged")
+					validatedMetrics["pgconsistency.anomalies.acknowledged"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "Open anomalies acknowledged with pgconsistency.acknowledge(); they are not in pgconsistency.anomalies.", mi.Description())
+					assert.Equal(t, "{anomaly}", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+					invariantAttrVal, ok := dp.Attributes().Get("invariant")
+					assert.True(t, ok)
+					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					severityAttrVal, ok := dp.Attributes().Get("severity")
+					assert.True(t, ok)
+					assert.Equal(t, "severity-val", severityAttrVal.Str())
 				case "pgconsistency.anomalies.new":
 					assert.False(t, validatedMetrics["pgconsistency.anomalies.new"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.new")
 					validatedMetrics["pgconsistency.anomalies.new"] = true
 					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
 					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
 					assert.Equal(t, "Violating rows first seen in the latest refresh of the invariant.", mi.Description())
+					assert.Equal(t, "{anomaly}", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+					invariantAttrVal, ok := dp.Attributes().Get("invariant")
+					assert.True(t, ok)
+					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					severityAttrVal, ok := dp.Attributes().Get("severity")
+					assert.True(t, ok)
+					assert.Equal(t, "severity-val", severityAttrVal.Str())
+				case "pgconsistency.anomalies.resolved":
+					assert.False(t, validatedMetrics["pgconsistency.anomalies.resolved"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.resolved")
+					validatedMetrics["pgconsistency.anomalies.resolved"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "Anomalies that disappeared in the latest refresh of the invariant.", mi.Description())
 					assert.Equal(t, "{anomaly}", mi.Unit())
 					dp := mi.Gauge().DataPoints().At(0)
 					assert.Equal(t, start, dp.StartTimestamp())

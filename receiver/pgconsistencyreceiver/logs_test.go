@@ -1,0 +1,159 @@
+package pgconsistencyreceiver
+
+import (
+	"context"
+	"errors"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+	"go.opentelemetry.io/collector/component"
+	"go.opentelemetry.io/collector/consumer"
+	"go.opentelemetry.io/collector/consumer/consumertest"
+	"go.opentelemetry.io/collector/pdata/plog"
+	"go.opentelemetry.io/collector/receiver"
+	"go.opentelemetry.io/collector/receiver/receivertest"
+
+	"github.com/pgconsistency/pgconsistency/internal/fixture"
+	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver/internal/metadata"
+)
+
+func startLogsReceiver(t *testing.T, srv *pgtest.Server, db string, next consumer.Logs, maxRecords int) receiver.Logs {
+	t.Helper()
+	cfg := serverConfig(srv, db)
+	cfg.CollectionInterval = 200 * time.Millisecond
+	cfg.InitialDelay = 0
+	cfg.Logs.MaxRecordsPerScrape = maxRecords
+	set := receivertest.NewNopSettings(metadata.Type)
+	set.ID = component.NewIDWithName(metadata.Type, "logs-test")
+	rcv, err := NewFactory().CreateLogs(t.Context(), set, cfg, next)
+	require.NoError(t, err)
+	require.NoError(t, rcv.Start(t.Context(), nil))
+	return rcv
+}
+
+// records flattens what the sink received: key → number of records, and the
+// largest batch.
+func records(sink *consumertest.LogsSink) (map[string]int, int, []plog.LogRecord) {
+	byKey := map[string]int{}
+	var all []plog.LogRecord
+	largest := 0
+	for _, ld := range sink.AllLogs() {
+		largest = max(largest, ld.LogRecordCount())
+		for i := 0; i < ld.ResourceLogs().Len(); i++ {
+			sl := ld.ResourceLogs().At(i).ScopeLogs()
+			for j := 0; j < sl.Len(); j++ {
+				lrs := sl.At(j).LogRecords()
+				for k := 0; k < lrs.Len(); k++ {
+					key, _ := lrs.At(k).Attributes().Get("pgconsistency.anomaly.key")
+					byKey[key.Str()]++
+					all = append(all, lrs.At(k))
+				}
+			}
+		}
+	}
+	return byKey, largest, all
+}
+
+func cursorExists(t *testing.T, srv *pgtest.Server, db string) func() bool {
+	return func() bool {
+		var n int
+		err := srv.Conn(t, db).QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.log_cursor WHERE consumer = 'pgconsistency/logs-test'").Scan(&n)
+		return err == nil && n == 1
+	}
+}
+
+// TestIntegrationLogsOnePerNewAnomaly: in a logs pipeline the receiver
+// delivers exactly one record per new anomaly, none for old ones, none twice
+// after a restart, never more than the cap per interval.
+func TestIntegrationLogsOnePerNewAnomaly(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv, "dataset_head_ref_missing") // old: 1, 2, 21
+	conn := srv.Conn(t, db)
+	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+	breakHeads := func(datasets ...int) {
+		for _, i := range datasets {
+			_, err := conn.Exec(t.Context(), "DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'", fixture.DatasetID(i))
+			require.NoError(t, err)
+		}
+		_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh('dataset_head_ref_missing')")
+		require.NoError(t, err)
+	}
+
+	sink := new(consumertest.LogsSink)
+	rcv := startLogsReceiver(t, srv, db, sink, 2)
+	require.Eventually(t, cursorExists(t, srv, db), 10*time.Second, 50*time.Millisecond)
+	breakHeads(3, 4, 5, 6, 7)
+	require.Eventually(t, func() bool { return sink.LogRecordCount() >= 5 }, 20*time.Second, 50*time.Millisecond)
+	time.Sleep(time.Second) // more intervals: nothing more may come
+	byKey, largest, all := records(sink)
+	assert.Equal(t, map[string]int{
+		fixture.DatasetID(3): 1, fixture.DatasetID(4): 1, fixture.DatasetID(5): 1, fixture.DatasetID(6): 1, fixture.DatasetID(7): 1,
+	}, byKey, "one record per new anomaly, none for the old ones (1, 2, 21)")
+	assert.LessOrEqual(t, largest, 2, "the cap per interval")
+	assert.GreaterOrEqual(t, len(sink.AllLogs()), 3, "5 records at 2 per interval")
+
+	lr := all[0]
+	assert.Equal(t, plog.SeverityNumberError, lr.SeverityNumber())
+	assert.Equal(t, "critical", lr.SeverityText())
+	inv, _ := lr.Attributes().Get("pgconsistency.invariant")
+	assert.Equal(t, "dataset_head_ref_missing", inv.Str())
+	details, ok := lr.Attributes().Get("pgconsistency.anomaly.details")
+	require.True(t, ok)
+	assert.Contains(t, details.Map().AsRaw(), "dataset_name")
+	assert.Contains(t, lr.Body().Str(), "new anomaly in invariant dataset_head_ref_missing: did:odf:")
+	res := sink.AllLogs()[0].ResourceLogs().At(0).Resource().Attributes().AsRaw()
+	assert.Equal(t, db, res["postgresql.database.name"])
+
+	// Restart: a new receiver with the same id continues after the cursor.
+	require.NoError(t, rcv.Shutdown(context.Background()))
+	breakHeads(8, 9)
+	sink2 := new(consumertest.LogsSink)
+	rcv2 := startLogsReceiver(t, srv, db, sink2, 2)
+	t.Cleanup(func() { require.NoError(t, rcv2.Shutdown(context.Background())) })
+	require.Eventually(t, func() bool { return sink2.LogRecordCount() >= 2 }, 20*time.Second, 50*time.Millisecond)
+	time.Sleep(time.Second)
+	byKey, _, _ = records(sink2)
+	assert.Equal(t, map[string]int{fixture.DatasetID(8): 1, fixture.DatasetID(9): 1}, byKey, "no duplicate after the restart")
+}
+
+// flakyLogs refuses the first batches, as a pipeline under backpressure would.
+type flakyLogs struct {
+	consumertest.LogsSink
+	refusals atomic.Int32
+}
+
+func (f *flakyLogs) ConsumeLogs(ctx context.Context, ld plog.Logs) error {
+	if f.refusals.Add(-1) >= 0 {
+		return errors.New("queue full")
+	}
+	return f.LogsSink.ConsumeLogs(ctx, ld)
+}
+
+// TestIntegrationLogsRefusedBatchIsNotLost: a batch the pipeline refuses is
+// delivered at a later interval, once.
+func TestIntegrationLogsRefusedBatchIsNotLost(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	conn := srv.Conn(t, db)
+	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+	sink := &flakyLogs{}
+	sink.refusals.Store(3)
+	rcv := startLogsReceiver(t, srv, db, sink, 10)
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+	require.Eventually(t, cursorExists(t, srv, db), 10*time.Second, 50*time.Millisecond)
+	_, err = conn.Exec(t.Context(), "DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1", fixture.DatasetID(12))
+	require.NoError(t, err)
+	_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh('dataset_key_blocks_missing')")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return sink.LogRecordCount() >= 1 }, 20*time.Second, 50*time.Millisecond)
+	time.Sleep(time.Second)
+	byKey, _, _ := records(&sink.LogsSink)
+	assert.Equal(t, map[string]int{fixture.DatasetID(12): 1}, byKey)
+	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts were refused")
+}
