@@ -358,3 +358,35 @@ func TestEndToEnd(t *testing.T) {
 			window.Round(time.Millisecond), got, minSamples)
 	})
 }
+
+// TestShippedConfigsValidate: every collector configuration in config/ is
+// accepted by the built collector, and a bad one is refused naming the key.
+func TestShippedConfigsValidate(t *testing.T) {
+	bin := fixture.Path("_build/otelcol-pgconsistency")
+	configs, err := filepath.Glob(fixture.Path("config/collector-*.yaml"))
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, len(configs), 3)
+	for _, c := range configs {
+		cmd := exec.Command(bin, "validate", "--config", c)
+		cmd.Env = append(os.Environ(), "PGCONSISTENCY_DB_PASSWORD=unused")
+		out, err := cmd.CombinedOutput()
+		require.NoError(t, err, "%s: %s", c, out)
+	}
+
+	bad := filepath.Join(t.TempDir(), "bad.yaml")
+	require.NoError(t, os.WriteFile(bad, []byte(`receivers:
+  pgconsistency:
+    endpoint: db.internal
+    username: otel
+    collection_interval: 1m
+exporters:
+  debug: {}
+service:
+  pipelines:
+    metrics: {receivers: [pgconsistency], exporters: [debug]}
+`), 0o644))
+	out, err := exec.Command(bin, "validate", "--config", bad).CombinedOutput()
+	require.Error(t, err, "a bad configuration must be refused")
+	require.Contains(t, string(out), `"endpoint" "db.internal" must be host:port`)
+	require.Contains(t, string(out), `"database" must be set`)
+}
