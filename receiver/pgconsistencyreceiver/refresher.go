@@ -121,6 +121,12 @@ func (r *refresher) pass(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The bookkeeping queries run under the receiver's timeout, not under the
+	// statement_timeout of the last invariant refreshed.
+	if _, err := conn.Exec(ctx, "SELECT pg_catalog.set_config('statement_timeout', $1, false)",
+		strconv.FormatInt(r.cfg.Timeout.Milliseconds(), 10)); err != nil {
+		return err
+	}
 	var standby bool
 	if err := conn.QueryRow(ctx, "SELECT pg_catalog.pg_is_in_recovery()").Scan(&standby); err != nil {
 		return err
