@@ -373,12 +373,11 @@ AS $fn$
      WHERE s.invariant = recount.invariant
 $fn$;
 
--- acknowledge: take a known, open anomaly out of pgconsistency.anomalies
--- (it is counted in acknowledged_anomalies instead) until it is resolved, or
--- until "until" passes. A new anomaly in the same invariant still counts and
--- alerts. Returns the number of anomalies acknowledged (1).
-CREATE OR REPLACE FUNCTION pgconsistency.acknowledge(
-    invariant text, key text, reason text, until timestamptz DEFAULT NULL
+-- acknowledge_open: the one place acknowledgements are given. key NULL means
+-- every anomaly open now in the invariant. Internal: use acknowledge() or
+-- acknowledge_all().
+CREATE OR REPLACE FUNCTION pgconsistency.acknowledge_open(
+    invariant text, key text, reason text, until timestamptz
 ) RETURNS integer
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -388,17 +387,22 @@ DECLARE
 BEGIN
     IF coalesce(pg_catalog.btrim(reason), '') = '' THEN
         RAISE EXCEPTION 'pgconsistency: acknowledging needs a reason'
-            USING HINT = 'Say why the anomaly may stay, e.g. reason => ''lost in the 2026-11 incident, not recoverable''.';
+            USING HINT = 'Say why the anomaly may stay, e.g. reason => ''known leftover of the 2026-11 incident, not recoverable''.';
     END IF;
     IF until IS NOT NULL AND until <= pg_catalog.now() THEN
         RAISE EXCEPTION 'pgconsistency: acknowledgement until % is already past', until;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = acknowledge_open.invariant) THEN
+        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
+            USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
+    END IF;
     UPDATE pgconsistency.anomaly a
        SET acknowledged_at = pg_catalog.now(), acknowledged_by = session_user,
-           ack_reason = acknowledge.reason, ack_until = acknowledge.until
-     WHERE a.invariant = acknowledge.invariant AND a.key = acknowledge.key AND a.resolved_at IS NULL;
+           ack_reason = acknowledge_open.reason, ack_until = acknowledge_open.until
+     WHERE a.invariant = acknowledge_open.invariant AND a.resolved_at IS NULL
+       AND (acknowledge_open.key IS NULL OR a.key = acknowledge_open.key);
     GET DIAGNOSTICS v_count = ROW_COUNT;
-    IF v_count = 0 THEN
+    IF v_count = 0 AND key IS NOT NULL THEN
         RAISE EXCEPTION 'pgconsistency: no open anomaly % in invariant %', pg_catalog.quote_literal(key), pg_catalog.quote_literal(invariant)
             USING HINT = 'SELECT key FROM pgconsistency.anomaly WHERE invariant = ... AND resolved_at IS NULL lists the open ones.';
     END IF;
@@ -407,33 +411,29 @@ BEGIN
 END
 $fn$;
 
+-- acknowledge: take a known, open anomaly out of pgconsistency.anomalies
+-- (it is counted in acknowledged_anomalies instead) until it is resolved, or
+-- until "until" passes. A new anomaly in the same invariant still counts and
+-- alerts. Returns the number of anomalies acknowledged (1).
+CREATE OR REPLACE FUNCTION pgconsistency.acknowledge(
+    invariant text, key text, reason text, until timestamptz DEFAULT NULL
+) RETURNS integer
+LANGUAGE sql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pgconsistency.acknowledge_open(acknowledge.invariant, acknowledge.key, acknowledge.reason, acknowledge.until)
+$fn$;
+
 -- acknowledge_all: acknowledge every anomaly open now in one invariant, with
 -- one reason: the "known leftovers" case. Anomalies appearing later are new
 -- and count. Returns how many were acknowledged.
 CREATE OR REPLACE FUNCTION pgconsistency.acknowledge_all(
     invariant text, reason text, until timestamptz DEFAULT NULL
 ) RETURNS integer
-LANGUAGE plpgsql
+LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    v_count integer;
-BEGIN
-    IF coalesce(pg_catalog.btrim(reason), '') = '' THEN
-        RAISE EXCEPTION 'pgconsistency: acknowledging needs a reason'
-            USING HINT = 'Say why the anomalies may stay, e.g. reason => ''known leftovers of the 2026-11 incident''.';
-    END IF;
-    IF NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = acknowledge_all.invariant) THEN
-        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant);
-    END IF;
-    UPDATE pgconsistency.anomaly a
-       SET acknowledged_at = pg_catalog.now(), acknowledged_by = session_user,
-           ack_reason = acknowledge_all.reason, ack_until = acknowledge_all.until
-     WHERE a.invariant = acknowledge_all.invariant AND a.resolved_at IS NULL;
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    PERFORM pgconsistency.recount(invariant);
-    RETURN v_count;
-END
+    SELECT pgconsistency.acknowledge_open(acknowledge_all.invariant, NULL, acknowledge_all.reason, acknowledge_all.until)
 $fn$;
 
 -- unacknowledge: the anomaly counts again. Returns 1, or 0 if it was not acknowledged.
