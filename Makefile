@@ -14,7 +14,7 @@ COLLECTOR := _build/otelcol-pgconsistency
 # what the distribution is built from: rebuilt when one of these changes
 COLLECTOR_SOURCES := builder-config.yaml go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build deps check-fmt vet check-alerting generate
+.PHONY: all run test build deps check-fmt vet check-alerting fuzz generate
 
 all: test
 
@@ -37,6 +37,13 @@ vet:
 # e2e test binary runs its own PostgreSQL.
 test: deps check-fmt vet check-alerting build
 	$(GO) test -count=1 -p 2 -timeout 30m ./...
+	$(MAKE) fuzz
+
+# A short, bounded run of each fuzz target (names, identifiers, endpoints).
+FUZZTIME ?= 10s
+fuzz:
+	$(GO) test -run '^$$' -fuzz '^FuzzStatusQuery$$' -fuzztime $(FUZZTIME) ./receiver/pgconsistencyreceiver/
+	$(GO) test -run '^$$' -fuzz '^FuzzEndpoint$$' -fuzztime $(FUZZTIME) ./receiver/pgconsistencyreceiver/
 
 # The alert rules and their unit tests, and the Alertmanager example.
 check-alerting:

@@ -47,6 +47,7 @@ func TestSQL(t *testing.T) {
 		{"StatusReadsStoredCountsOnly", testStatusReadsStoredCountsOnly},
 		{"InvariantPlansAreSinglePass", testInvariantPlansAreSinglePass},
 		{"RegisterRejectsUnusableViews", testRegisterRejectsUnusableViews},
+		{"NamesAreRejectedOrQuoted", testNamesAreRejectedOrQuoted},
 	})
 }
 
@@ -442,4 +443,36 @@ func testRegisterRejectsUnusableViews(t *testing.T, s *pgtest.Server) {
 	require.Contains(t, st, "custom_check")
 	assert.Equal(t, "succeeded", *st["custom_check"].LastStatus)
 	assert.Len(t, st, len(fixture.Invariants)+1)
+}
+
+// testNamesAreRejectedOrQuoted: names that try SQL injection are either
+// refused by the registry (invariant names) or quoted as identifiers
+// (schemas and views of registered views): nothing they contain runs.
+func testNamesAreRejectedOrQuoted(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s)
+	conn := s.Conn(t, db)
+	for _, name := range []string{
+		"x; DROP TABLE public.dataset_entries; --",
+		`x"; DROP TABLE public.dataset_entries; --`,
+		"Upper", "with space", "1starts_with_digit", strings.Repeat("a", 64),
+	} {
+		_, err := conn.Exec(t.Context(), "SELECT pgconsistency.define_invariant($1, 'SELECT 1::text AS key')", name)
+		require.ErrorContains(t, err, "invalid invariant name", name)
+	}
+
+	const schema, view = `odd schema; DROP TABLE public.dataset_entries; --`, `view"; DROP TABLE public.dataset_entries; --`
+	ident := pgx.Identifier{schema, view}.Sanitize()
+	exec(t, conn, "CREATE SCHEMA "+pgx.Identifier{schema}.Sanitize())
+	exec(t, conn, "CREATE MATERIALIZED VIEW "+ident+" AS SELECT dataset_id::text AS key FROM public.dataset_entries WHERE kind = 'derivative' WITH NO DATA")
+	exec(t, conn, "CREATE UNIQUE INDEX ON "+ident+" (key)")
+	exec(t, conn, "SELECT pgconsistency.register_invariant('odd_one', $1, $2, 'info', 'derivatives')", schema, view)
+	exec(t, conn, "CALL pgconsistency.refresh('odd_one')")
+	exec(t, conn, "CALL pgconsistency.refresh('odd_one')") // the concurrent refresh too
+	st := status(t, conn)["odd_one"]
+	require.NotNil(t, st.LastStatus)
+	assert.Equal(t, "succeeded", *st.LastStatus)
+	assert.EqualValues(t, 10, st.Anomalies)
+	var n int
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT count(*) FROM public.dataset_entries").Scan(&n))
+	assert.Equal(t, 30, n, "nothing was dropped")
 }

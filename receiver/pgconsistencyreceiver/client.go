@@ -45,6 +45,12 @@ const statusColumns = `invariant, severity, anomalies, new_anomalies, resolved_a
 	last_duration_seconds, consecutive_failures, last_outcome, refresh_period_seconds, pending_requests,
 	deploy_marker_changed_at`
 
+// statusQuery reads the status view of schema; the schema name is quoted as
+// an identifier, never pasted as text.
+func statusQuery(schema string) string {
+	return "SELECT " + statusColumns + " FROM " + pgx.Identifier{schema, "status"}.Sanitize() + " WHERE enabled"
+}
+
 type pgxClient struct {
 	pool        *pgxpool.Pool
 	statusQuery string
@@ -110,7 +116,7 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 	}
 	return &pgxClient{
 		pool:        pool,
-		statusQuery: "SELECT " + statusColumns + " FROM " + pgx.Identifier{cfg.Schema, "status"}.Sanitize() + " WHERE enabled",
+		statusQuery: statusQuery(cfg.Schema),
 		target:      fmt.Sprintf("database %q at %s", cfg.Database, cfg.Endpoint),
 	}, nil
 }

@@ -261,6 +261,19 @@ func TestIntegrationSchemaNotInstalled(t *testing.T) {
 	require.ErrorContains(t, err, `relation "pgconsistency.status" does not exist`)
 	require.ErrorContains(t, err, "sql/install.sql")
 
+	// A schema that tries SQL injection is quoted as an identifier: the query
+	// fails as "does not exist", and nothing of it runs.
+	injected := serverConfig(srv, db)
+	injected.Schema = `pgconsistency"; CREATE TABLE public.injected (x int); --`
+	c3, err := newPgxClient(t.Context(), injected)
+	require.NoError(t, err)
+	defer c3.close()
+	_, err = c3.status(t.Context())
+	require.ErrorContains(t, err, "does not exist")
+	var injectedTables int
+	require.NoError(t, srv.Conn(t, db).QueryRow(t.Context(), "SELECT count(*) FROM pg_class WHERE relname = 'injected'").Scan(&injectedTables))
+	require.Zero(t, injectedTables)
+
 	cfg.Password = "wrong"
 	c2, err := newPgxClient(t.Context(), cfg)
 	require.NoError(t, err)
