@@ -281,3 +281,35 @@ func TestIntegrationSchemaNotInstalled(t *testing.T) {
 	_, err = c2.status(t.Context())
 	require.ErrorContains(t, err, "password authentication failed")
 }
+
+// TestIntegrationStatusBlockedByALock: with the state table locked by another
+// session, scrapes end within their timeout and report up = 0; once the lock
+// is released the next scrape succeeds.
+func TestIntegrationStatusBlockedByALock(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv, "dataset_seed_missing")
+	conn := srv.Conn(t, db)
+	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+	sink, _ := startReceiver(t, srv, db)
+	want := map[string]int{"dataset_seed_missing": 3}
+	waitFor(t, sink, "before the lock", expectCounts(want))
+
+	tx, err := srv.Conn(t, db).Begin(t.Context())
+	require.NoError(t, err)
+	_, err = tx.Exec(t.Context(), "LOCK TABLE pgconsistency.refresh_state IN ACCESS EXCLUSIVE MODE")
+	require.NoError(t, err)
+	locked := len(sink.AllMetrics())
+	snap := waitFor(t, sink, "while locked", func(s snapshot) error {
+		if up, _ := s.get("pgconsistency.up", ""); up != 0 {
+			return fmt.Errorf("pgconsistency.up = %v, want 0", up)
+		}
+		return nil
+	})
+	assert.Len(t, snap.values, 1, "only pgconsistency.up while the status cannot be read")
+	time.Sleep(time.Second)
+	assert.GreaterOrEqual(t, len(sink.AllMetrics())-locked, 3, "scrapes keep ending (timeout 200 ms, interval 250 ms)")
+
+	require.NoError(t, tx.Rollback(t.Context()))
+	waitFor(t, sink, "after the lock", expectCounts(want))
+}
