@@ -164,3 +164,40 @@ func (c *pgxClient) explain(err error) error {
 func (c *pgxClient) close() {
 	c.pool.Close()
 }
+
+// dedicatedConn is a connection of its own, for work that must not share the
+// scrape pool (refreshes, the log cursor). After an error, close it: the
+// next get connects again.
+type dedicatedConn struct {
+	cfg      *Config
+	appName  string               // application_name in pg_stat_activity
+	onNotice pgconn.NoticeHandler // nil: notices are dropped
+	conn     *pgx.Conn
+}
+
+func (d *dedicatedConn) get(ctx context.Context) (*pgx.Conn, error) {
+	if d.conn != nil && !d.conn.IsClosed() {
+		return d.conn, nil
+	}
+	cc, err := connConfig(ctx, d.cfg)
+	if err != nil {
+		return nil, err
+	}
+	cc.RuntimeParams["application_name"] = d.appName
+	cc.OnNotice = d.onNotice
+	conn, err := pgx.ConnectConfig(ctx, cc)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to database %q at %s: %w", d.cfg.Database, d.cfg.Endpoint, err)
+	}
+	d.conn = conn
+	return conn, nil
+}
+
+func (d *dedicatedConn) close() {
+	if d.conn != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = d.conn.Close(ctx)
+		d.conn = nil
+	}
+}

@@ -36,7 +36,7 @@ type logsReceiver struct {
 
 	cancel context.CancelFunc
 	done   chan struct{}
-	conn   *pgx.Conn // owned by the loop goroutine
+	conn   dedicatedConn // used by the loop goroutine only
 }
 
 func newLogsReceiver(cfg *Config, set receiver.Settings, next consumer.Logs) *logsReceiver {
@@ -50,6 +50,7 @@ func newLogsReceiver(cfg *Config, set receiver.Settings, next consumer.Logs) *lo
 		query: "SELECT seq, invariant, severity, key, details::text, first_seen_at FROM " +
 			schema + ".new_anomalies_for_log($1, $2)",
 		advance: "SELECT " + schema + ".advance_log_cursor($1, $2)",
+		conn:    dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-logs"},
 	}
 	// The same resource attributes as the metrics, as configured for them.
 	r.resource = resourceFor(cfg, metadata.NewResourceBuilder(cfg.ResourceAttributes))
@@ -75,7 +76,7 @@ func (r *logsReceiver) Shutdown(context.Context) error {
 
 func (r *logsReceiver) loop(ctx context.Context) {
 	defer close(r.done)
-	defer r.closeConn()
+	defer r.conn.close()
 	select {
 	case <-ctx.Done():
 		return
@@ -86,7 +87,7 @@ func (r *logsReceiver) loop(ctx context.Context) {
 	for {
 		if err := r.pass(ctx); err != nil && ctx.Err() == nil {
 			r.logger.Error("pgconsistency: reading new anomalies for the logs pipeline failed; retrying next interval", zap.Error(err))
-			r.closeConn()
+			r.conn.close()
 		}
 		select {
 		case <-ctx.Done():
@@ -94,32 +95,6 @@ func (r *logsReceiver) loop(ctx context.Context) {
 		case <-ticker.C:
 		}
 	}
-}
-
-func (r *logsReceiver) closeConn() {
-	if r.conn != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = r.conn.Close(ctx)
-		r.conn = nil
-	}
-}
-
-func (r *logsReceiver) connect(ctx context.Context) (*pgx.Conn, error) {
-	if r.conn != nil && !r.conn.IsClosed() {
-		return r.conn, nil
-	}
-	cc, err := connConfig(ctx, r.cfg)
-	if err != nil {
-		return nil, err
-	}
-	cc.RuntimeParams["application_name"] = "otelcol-pgconsistency-logs"
-	conn, err := pgx.ConnectConfig(ctx, cc)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to database %q at %s: %w", r.cfg.Database, r.cfg.Endpoint, err)
-	}
-	r.conn = conn
-	return conn, nil
 }
 
 type newAnomaly struct {
@@ -138,7 +113,7 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 		ctx, cancel = context.WithTimeout(ctx, r.cfg.Timeout)
 		defer cancel()
 	}
-	conn, err := r.connect(ctx)
+	conn, err := r.conn.get(ctx)
 	if err != nil {
 		return err
 	}

@@ -29,11 +29,27 @@ type refresher struct {
 
 	cancel context.CancelFunc
 	done   chan struct{}
-	conn   *pgx.Conn // owned by the loop goroutine
+	conn   dedicatedConn // used by the loop goroutine only
 }
 
 func newRefresher(cfg *Config, logger *zap.Logger) *refresher {
-	return &refresher{cfg: cfg, logger: logger, schema: pgx.Identifier{cfg.Schema}.Sanitize()}
+	r := &refresher{cfg: cfg, logger: logger, schema: pgx.Identifier{cfg.Schema}.Sanitize()}
+	r.conn = dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-refresh", onNotice: r.logNotice}
+	return r
+}
+
+// logNotice logs what refreshes say for what it is: skips and the like as
+// information (a skip is not an error), warnings (failures) as warnings.
+func (r *refresher) logNotice(_ *pgconn.PgConn, n *pgconn.Notice) {
+	msg := n.Message
+	if n.Detail != "" {
+		msg += " (" + n.Detail + ")"
+	}
+	if n.Severity == "WARNING" {
+		r.logger.Warn(msg)
+	} else {
+		r.logger.Info(msg)
+	}
 }
 
 func (r *refresher) start() {
@@ -55,13 +71,13 @@ func (r *refresher) shutdown() {
 
 func (r *refresher) loop(ctx context.Context) {
 	defer close(r.done)
-	defer r.closeConn()
+	defer r.conn.close()
 	ticker := time.NewTicker(r.cfg.Refresh.Schedule)
 	defer ticker.Stop()
 	for {
 		if err := r.pass(ctx); err != nil && ctx.Err() == nil {
 			r.logger.Error("pgconsistency refresh pass failed; the next one is in "+r.cfg.Refresh.Schedule.String(), zap.Error(err))
-			r.closeConn() // reconnect next time: the connection may be broken
+			r.conn.close() // reconnect next time: the connection may be broken
 		}
 		select {
 		case <-ctx.Done():
@@ -71,45 +87,6 @@ func (r *refresher) loop(ctx context.Context) {
 	}
 }
 
-func (r *refresher) closeConn() {
-	if r.conn != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		_ = r.conn.Close(ctx)
-		r.conn = nil
-	}
-}
-
-func (r *refresher) connect(ctx context.Context) (*pgx.Conn, error) {
-	if r.conn != nil && !r.conn.IsClosed() {
-		return r.conn, nil
-	}
-	cc, err := connConfig(ctx, r.cfg)
-	if err != nil {
-		return nil, err
-	}
-	cc.RuntimeParams["application_name"] = "otelcol-pgconsistency-refresh"
-	// Skips and timeouts come as notices and warnings: log them for what
-	// they are. A skip is information, not an error.
-	cc.OnNotice = func(_ *pgconn.PgConn, n *pgconn.Notice) {
-		msg := n.Message
-		if n.Detail != "" {
-			msg += " (" + n.Detail + ")"
-		}
-		if n.Severity == "WARNING" {
-			r.logger.Warn(msg)
-		} else {
-			r.logger.Info(msg)
-		}
-	}
-	conn, err := pgx.ConnectConfig(ctx, cc)
-	if err != nil {
-		return nil, fmt.Errorf("connecting to database %q at %s to refresh: %w", r.cfg.Database, r.cfg.Endpoint, err)
-	}
-	r.conn = conn
-	return conn, nil
-}
-
 type dueInvariant struct {
 	name             string
 	statementTimeout string // milliseconds
@@ -117,7 +94,7 @@ type dueInvariant struct {
 
 // pass does one round of due work.
 func (r *refresher) pass(ctx context.Context) error {
-	conn, err := r.connect(ctx)
+	conn, err := r.conn.get(ctx)
 	if err != nil {
 		return err
 	}
