@@ -228,6 +228,49 @@ func TestIntegrationDatabaseDownAndBack(t *testing.T) {
 	waitFor(t, sink, "after the outage", expectCounts(want))
 }
 
+// receiverConnections counts the receiver's sessions in pg_stat_activity.
+func receiverConnections(t *testing.T, srv *pgtest.Server) int {
+	t.Helper()
+	var n int
+	require.NoError(t, srv.Conn(t, "").QueryRow(t.Context(),
+		"SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE 'otelcol-pgconsistency%'").Scan(&n))
+	return n
+}
+
+// TestIntegrationCrashAndRecovery: the server is killed (pg_ctl stop -m
+// immediate, as in a crash) while the receiver runs, and started again: up
+// goes 0 then 1, and the receiver holds as many connections after as before.
+func TestIntegrationCrashAndRecovery(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv, "dataset_head_ref_missing")
+	conn := srv.Conn(t, db)
+	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+	require.NoError(t, conn.Close(t.Context()))
+
+	sink, _ := startReceiver(t, srv, db)
+	want := map[string]int{"dataset_head_ref_missing": 3}
+	waitFor(t, sink, "before the crash", expectCounts(want))
+	before := receiverConnections(t, srv)
+	require.GreaterOrEqual(t, before, 1)
+	require.LessOrEqual(t, before, 2, "the scrape pool holds at most 2 connections")
+
+	for round := 1; round <= 3; round++ {
+		srv.StopImmediate(t)
+		waitFor(t, sink, "during the crash", func(s snapshot) error {
+			if up, ok := s.get("pgconsistency.up", ""); !ok || up != 0 {
+				return fmt.Errorf("pgconsistency.up = %v (present %v), want 0", up, ok)
+			}
+			return nil
+		})
+		srv.StartAgain(t)
+		waitFor(t, sink, "after the crash", expectCounts(want))
+		time.Sleep(time.Second) // a few more scrapes
+		after := receiverConnections(t, srv)
+		assert.LessOrEqual(t, after, before, "round %d: no connection leak (%d before, %d after)", round, before, after)
+	}
+}
+
 // TestIntegrationStartsWithDatabaseDown: Start succeeds with nothing listening;
 // metrics appear once the database is there.
 func TestIntegrationStartsWithDatabaseDown(t *testing.T) {
