@@ -200,28 +200,38 @@ func TestIntegrationExactGauges(t *testing.T) {
 	})
 }
 
-// TestIntegrationDatabaseDownAndBack: with the database stopped, up is 0;
-// when it starts again, up is 1 and the counts are back, with no restart of
-// the receiver.
-func TestIntegrationDatabaseDownAndBack(t *testing.T) {
+// expectDown checks that the scrape reported pgconsistency.up = 0.
+func expectDown(s snapshot) error {
+	if up, ok := s.get("pgconsistency.up", ""); !ok || up != 0 {
+		return fmt.Errorf("pgconsistency.up = %v (present %v), want 0", up, ok)
+	}
+	return nil
+}
+
+// receiverOnBrokenHeads starts a cluster whose database has 3 datasets
+// without a head reference, refreshed, and a receiver on it; it returns the
+// counts the receiver must report.
+func receiverOnBrokenHeads(t *testing.T) (*pgtest.Server, *consumertest.MetricsSink, map[string]int) {
+	t.Helper()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, "dataset_head_ref_missing")
 	conn := srv.Conn(t, db)
 	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
 	require.NoError(t, err)
 	require.NoError(t, conn.Close(t.Context()))
-
 	sink, _ := startReceiver(t, srv, db)
-	want := map[string]int{"dataset_head_ref_missing": 3}
+	return srv, sink, map[string]int{"dataset_head_ref_missing": 3}
+}
+
+// TestIntegrationDatabaseDownAndBack: with the database stopped, up is 0;
+// when it starts again, up is 1 and the counts are back, with no restart of
+// the receiver.
+func TestIntegrationDatabaseDownAndBack(t *testing.T) {
+	srv, sink, want := receiverOnBrokenHeads(t)
 	waitFor(t, sink, "before the outage", expectCounts(want))
 
 	srv.Stop(t)
-	snap := waitFor(t, sink, "during the outage", func(s snapshot) error {
-		if up, ok := s.get("pgconsistency.up", ""); !ok || up != 0 {
-			return fmt.Errorf("pgconsistency.up = %v (present %v), want 0", up, ok)
-		}
-		return nil
-	})
+	snap := waitFor(t, sink, "during the outage", expectDown)
 	assert.Len(t, snap.values, 1, "with the database down only pgconsistency.up is reported")
 
 	srv.StartAgain(t)
@@ -241,15 +251,7 @@ func receiverConnections(t *testing.T, srv *pgtest.Server) int {
 // immediate, as in a crash) while the receiver runs, and started again: up
 // goes 0 then 1, and the receiver holds as many connections after as before.
 func TestIntegrationCrashAndRecovery(t *testing.T) {
-	srv := pgtest.Start(t)
-	db := fixture.NewDatabase(t, srv, "dataset_head_ref_missing")
-	conn := srv.Conn(t, db)
-	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
-	require.NoError(t, err)
-	require.NoError(t, conn.Close(t.Context()))
-
-	sink, _ := startReceiver(t, srv, db)
-	want := map[string]int{"dataset_head_ref_missing": 3}
+	srv, sink, want := receiverOnBrokenHeads(t)
 	waitFor(t, sink, "before the crash", expectCounts(want))
 	before := receiverConnections(t, srv)
 	require.GreaterOrEqual(t, before, 1)
@@ -257,12 +259,7 @@ func TestIntegrationCrashAndRecovery(t *testing.T) {
 
 	for round := 1; round <= 3; round++ {
 		srv.StopImmediate(t)
-		waitFor(t, sink, "during the crash", func(s snapshot) error {
-			if up, ok := s.get("pgconsistency.up", ""); !ok || up != 0 {
-				return fmt.Errorf("pgconsistency.up = %v (present %v), want 0", up, ok)
-			}
-			return nil
-		})
+		waitFor(t, sink, "during the crash", expectDown)
 		srv.StartAgain(t)
 		waitFor(t, sink, "after the crash", expectCounts(want))
 		time.Sleep(time.Second) // a few more scrapes
@@ -279,12 +276,7 @@ func TestIntegrationStartsWithDatabaseDown(t *testing.T) {
 	srv.Stop(t)
 
 	sink, _ := startReceiver(t, srv, db)
-	waitFor(t, sink, "database down at start", func(s snapshot) error {
-		if up, ok := s.get("pgconsistency.up", ""); !ok || up != 0 {
-			return fmt.Errorf("pgconsistency.up = %v (present %v), want 0", up, ok)
-		}
-		return nil
-	})
+	waitFor(t, sink, "database down at start", expectDown)
 	srv.StartAgain(t)
 	snap := waitFor(t, sink, "database up", expectCounts(map[string]int{}))
 	ts, _ := snap.get("pgconsistency.snapshot.timestamp", "dataset_seed_missing")
