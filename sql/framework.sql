@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
                                CONSTRAINT invariant_statement_timeout_positive CHECK (statement_timeout > interval '0'),
     lock_timeout      interval NOT NULL DEFAULT '30 seconds'
                                CONSTRAINT invariant_lock_timeout_positive CHECK (lock_timeout > interval '0'),
+    -- Planner settings of this invariant's refresh, e.g. {"enable_hashjoin": "off"}
+    -- (see valid_refresh_settings for the names allowed). Every refresh
+    -- runs with max_parallel_workers_per_gather = 0 unless this says otherwise.
+    settings      jsonb       NOT NULL DEFAULT '{}'::jsonb,
     -- md5 of the query when the view was created by define_invariant();
     -- NULL for views registered with register_invariant().
     query_md5     text,
@@ -45,6 +49,32 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
 );
 COMMENT ON TABLE pgconsistency.invariant IS
   'Registered invariants: one materialized view of violating rows each';
+
+-- Installs made before the column existed.
+ALTER TABLE pgconsistency.invariant ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}'::jsonb;
+
+-- The settings an invariant's refresh may change: the planner's and the
+-- memory of one query; never anything that outlives the refresh's
+-- transaction or touches security (set_config(..., true) is transaction-local).
+CREATE OR REPLACE FUNCTION pgconsistency.valid_refresh_settings(settings jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pg_catalog.jsonb_typeof(settings) = 'object'
+       AND NOT EXISTS (
+           SELECT 1 FROM pg_catalog.jsonb_each(settings) AS e(k, v)
+            WHERE e.k !~ '^(enable_[a-z_]+|work_mem|hash_mem_multiplier|max_parallel_workers_per_gather|random_page_cost|seq_page_cost|cpu_[a-z_]+_cost|effective_cache_size|jit|temp_buffers)$'
+               OR pg_catalog.jsonb_typeof(e.v) NOT IN ('string', 'number', 'boolean'))
+$fn$;
+DO $do$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                    WHERE conrelid = 'pgconsistency.invariant'::regclass AND conname = 'invariant_settings_valid') THEN
+        ALTER TABLE pgconsistency.invariant ADD CONSTRAINT invariant_settings_valid
+            CHECK (pgconsistency.valid_refresh_settings(settings));
+    END IF;
+END
+$do$;
 
 -- Refresh state: written only by pgconsistency.refresh(), one row per invariant
 -- that has been refreshed (or attempted) at least once.
@@ -256,11 +286,15 @@ COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, tex
 -- replaces the view (created WITH NO DATA: nothing scans at install time).
 -- The query must schema-qualify every table and must not use volatile
 -- functions such as now(): REFRESH ... CONCURRENTLY diffs whole rows.
+-- settings, when given, replaces the invariant's refresh settings (see the
+-- invariant table); NULL keeps them as they are.
+DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text);
 CREATE OR REPLACE FUNCTION pgconsistency.define_invariant(
     name        text,
     query       text,
     severity    text DEFAULT 'warning',
-    description text DEFAULT NULL
+    description text DEFAULT NULL,
+    settings    jsonb DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -295,10 +329,12 @@ BEGIN
     END IF;
 
     PERFORM pgconsistency.register_invariant(name, 'pgconsistency', name, severity, description);
-    UPDATE pgconsistency.invariant i SET query_md5 = v_md5 WHERE i.name = define_invariant.name;
+    UPDATE pgconsistency.invariant i
+       SET query_md5 = v_md5, settings = coalesce(define_invariant.settings, i.settings)
+     WHERE i.name = define_invariant.name;
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text) IS
+COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text, jsonb) IS
   'Create or replace the materialized view pgconsistency.<name> from a query and register it as an invariant';
 
 -- The last value seen of the deploy marker (a query the receiver watches, such
@@ -582,6 +618,12 @@ BEGIN
     PERFORM pg_catalog.set_config('lock_timeout', (EXTRACT(epoch FROM inv.lock_timeout) * 1000)::bigint::text, true);
 
     BEGIN
+        -- One core per refresh: parallel workers made the refreshes of make
+        -- bench 2x slower on 2 cores and take CPU from the application.
+        -- Then the invariant's own planner settings (transaction-local).
+        PERFORM pg_catalog.set_config('max_parallel_workers_per_gather', '0', true);
+        PERFORM pg_catalog.set_config(e.key, e.value, true) FROM pg_catalog.jsonb_each_text(inv.settings) AS e;
+
         SELECT c.relispopulated INTO v_populated
           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = inv.view_schema AND c.relname = inv.view_name AND c.relkind = 'm';
