@@ -2,6 +2,7 @@
 #   make run        the demo: throwaway PostgreSQL with demo data, the collector, Prometheus
 #   make test       every test (installs what is missing on Debian, as root)
 #   make build      the collector distribution: _build/otelcol-pgconsistency
+#   make bench      the benchmark of BENCHMARKS.md (SCALE=100000,1000000 datasets)
 #   make generate   regenerate the receiver's mdatagen code from metadata.yaml
 
 GO        ?= go
@@ -14,7 +15,7 @@ COLLECTOR := _build/otelcol-pgconsistency
 # what the distribution is built from: rebuilt when one of these changes
 COLLECTOR_SOURCES := builder-config.yaml go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build deps check-fmt vet check-alerting fuzz generate
+.PHONY: all run test build deps check-fmt vet check-alerting fuzz generate bench
 
 all: test
 
@@ -44,6 +45,18 @@ FUZZTIME ?= 10s
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzStatusQuery$$' -fuzztime $(FUZZTIME) ./receiver/pgconsistencyreceiver/
 	$(GO) test -run '^$$' -fuzz '^FuzzEndpoint$$' -fuzztime $(FUZZTIME) ./receiver/pgconsistencyreceiver/
+
+# The benchmark harness (internal/bench): generated data at each SCALE (a
+# comma-separated list of dataset counts, multiples of 1000), refresh against
+# the scan bound, scrape, prometheus-postgres-exporter, write load, collector.
+# Tables on stdout, also written to bench-results.md. About 25 minutes for
+# both default scales on 2 cores.
+SCALE ?= 100000,1000000
+BENCH_FLAGS ?=
+bench: deps build
+	@scripts/install-deps.sh bench
+	$(GO) test -run '^$$' -bench '^BenchmarkSuite$$' -benchtime 1x -timeout 90m ./internal/bench \
+		-args -scales $(SCALE) $(BENCH_FLAGS) | tee bench-results.md
 
 # The alert rules and their unit tests, and the Alertmanager example.
 check-alerting:

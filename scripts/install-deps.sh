@@ -2,9 +2,17 @@
 # Installs what the tests and the demo need, when it is missing: the
 # PostgreSQL 15 server, pg_cron, psql, Prometheus (remote write receiver,
 # promtool) and Alertmanager (amtool). On Debian as root it runs apt-get; elsewhere it says what to install.
+# `install-deps.sh bench` also installs what make bench compares with and
+# loads the database with: prometheus-postgres-exporter and pgbench.
 set -euo pipefail
 
 pkgs=()
+if [ "${1:-}" = bench ]; then
+  command -v prometheus-postgres-exporter >/dev/null 2>&1 || pkgs+=(prometheus-postgres-exporter)
+  if ! command -v pgbench >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/pgbench >/dev/null 2>&1; then
+    pkgs+=(postgresql-15)
+  fi
+fi
 pg_bindir=$(pg_config --bindir 2>/dev/null || true)
 pg_libdir=$(pg_config --pkglibdir 2>/dev/null || true)
 if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then

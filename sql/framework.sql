@@ -771,6 +771,9 @@ BEGIN
      WHERE (refresh.invariant IS NULL AND i.enabled) OR i.name = refresh.invariant;
 
     FOREACH v_name IN ARRAY coalesce(v_names, '{}') LOOP
+        -- A refresh lost in a crash is redone by the next one: its commit
+        -- need not wait for the WAL flush the application's commits wait for.
+        PERFORM pg_catalog.set_config('synchronous_commit', 'off', true);
         PERFORM pgconsistency.refresh_invariant(v_name, v_force);
         COMMIT;
     END LOOP;

@@ -22,6 +22,7 @@ func TestOrchestration(t *testing.T) {
 		{"RefreshRequests", testRefreshRequests},
 		{"LockTimeout", testLockTimeout},
 		{"StatementTimeout", testStatementTimeout},
+		{"RefreshSettings", testRefreshSettings},
 		{"PgCronSchedule", testPgCronSchedule},
 		{"StandbySkips", testStandbySkips},
 	})
@@ -285,4 +286,56 @@ func testStandbySkips(t *testing.T, s *pgtest.Server) {
 	assert.Contains(t, strings.Join(notices(), "\n"),
 		"NOTICE: pgconsistency: nothing refreshed: this server is a standby; refreshes run on the primary and replicate here")
 	assert.Equal(t, st, status(t, conn)["dataset_seed_missing"], "nothing changed, nothing failed")
+}
+
+// testRefreshSettings: every refresh runs without parallel workers and with
+// the invariant's own planner settings, only inside its own transaction;
+// settings outside the allowed planner and memory ones are refused, and a bad
+// value fails that invariant's refresh only.
+func testRefreshSettings(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s, "dataset_seed_missing")
+	conn := s.Conn(t, db)
+	// The view records the settings its refresh ran with.
+	exec(t, conn, `SELECT pgconsistency.define_invariant('settings_probe',
+		$q$ SELECT pg_catalog.current_setting('enable_hashjoin') || '/' ||
+		           pg_catalog.current_setting('max_parallel_workers_per_gather') || '/' ||
+		           pg_catalog.current_setting('work_mem') AS key $q$,
+		'info', settings => '{"enable_hashjoin": "off", "work_mem": "8MB"}')`)
+	exec(t, conn, "CALL pgconsistency.refresh(force => true)")
+	var key string
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT key FROM pgconsistency.settings_probe").Scan(&key))
+	assert.Equal(t, "off/0/8MB", key)
+	var syncCommit string
+	require.NoError(t, conn.QueryRow(t.Context(), "SHOW synchronous_commit").Scan(&syncCommit))
+	assert.Equal(t, "on", syncCommit)
+	var sessionHashJoin string
+	require.NoError(t, conn.QueryRow(t.Context(), "SHOW enable_hashjoin").Scan(&sessionHashJoin))
+	assert.Equal(t, "on", sessionHashJoin, "the settings must not outlive the refresh")
+	assert.EqualValues(t, 3, status(t, conn)["dataset_seed_missing"].Anomalies)
+
+	// Re-defining without settings keeps them; the shipped pack sets its own.
+	exec(t, conn, `SELECT pgconsistency.define_invariant('settings_probe',
+		$q$ SELECT pg_catalog.current_setting('enable_hashjoin') AS key $q$, 'info')`)
+	var settings string
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT settings::text FROM pgconsistency.invariant WHERE name = 'settings_probe'").Scan(&settings))
+	assert.Equal(t, `{"work_mem": "8MB", "enable_hashjoin": "off"}`, settings)
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT settings::text FROM pgconsistency.invariant WHERE name = 'dataset_head_ref_missing'").Scan(&settings))
+	assert.Equal(t, `{"enable_hashjoin": "off"}`, settings)
+
+	// Anything but planner and memory settings is refused.
+	for _, bad := range []string{`{"search_path": "public"}`, `{"role": "postgres"}`, `{"session_authorization": "x"}`,
+		`{"statement_timeout": "0"}`, `["enable_hashjoin"]`, `{"enable_hashjoin": {"x": 1}}`} {
+		_, err := conn.Exec(t.Context(), "UPDATE pgconsistency.invariant SET settings = $1::jsonb WHERE name = 'settings_probe'", bad)
+		require.Error(t, err, bad)
+		assert.Contains(t, err.Error(), "invariant_settings_valid", bad)
+	}
+
+	// A bad value: that refresh fails with PostgreSQL's message, the others run.
+	exec(t, conn, `UPDATE pgconsistency.invariant SET settings = '{"work_mem": "lots"}' WHERE name = 'settings_probe'`)
+	exec(t, conn, "CALL pgconsistency.refresh(force => true)")
+	st := status(t, conn)
+	assert.Equal(t, "failed", st["settings_probe"].LastOutcome)
+	require.NotNil(t, st["settings_probe"].LastError)
+	assert.Contains(t, *st["settings_probe"].LastError, `invalid value for parameter "work_mem": "lots"`)
+	assert.Equal(t, "succeeded", st["dataset_seed_missing"].LastOutcome)
 }
