@@ -375,4 +375,10 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.audit_restore(bigint) IS
   'Re-insert the row removed by the DELETE recorded in pgconsistency.audit_log row audit_id; returns it';
 
+-- As in framework.sql: nothing in the schema is executable by PUBLIC. A DBA
+-- grants audit_history to whoever investigates (docs/audit.md).
+REVOKE EXECUTE ON FUNCTION pgconsistency.drop_audit_triggers(regclass), pgconsistency.enable_audit(regclass, text),
+       pgconsistency.disable_audit(regclass), pgconsistency.enable_dataset_audit(text),
+       pgconsistency.audit_history(text, timestamptz, text), pgconsistency.audit_restore(bigint) FROM PUBLIC;
+
 COMMIT;

@@ -5,6 +5,13 @@
 -- Every name is schema-qualified and every function pins its search_path,
 -- because PostgreSQL 17+ runs REFRESH MATERIALIZED VIEW with a safe search_path
 -- and because callers (pg_cron, deploy tools) may have any search_path.
+--
+-- Privileges: the functions that refresh or write pgconsistency's state are
+-- SECURITY DEFINER (they run as the owner of the schema, who owns the views),
+-- so that a role granted EXECUTE on them needs no privilege on the tables
+-- behind them, nor on the application's tables. EXECUTE is revoked from
+-- PUBLIC at the end of this file; sql/roles.sql grants what a reader (the
+-- receiver) and a refresher (pg_cron, deploy pipelines) need.
 
 CREATE SCHEMA IF NOT EXISTS pgconsistency;
 COMMENT ON SCHEMA pgconsistency IS
@@ -171,6 +178,7 @@ CREATE OR REPLACE FUNCTION pgconsistency.request_refresh(
     reason text DEFAULT NULL
 ) RETURNS timestamptz
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -200,6 +208,7 @@ COMMENT ON FUNCTION pgconsistency.request_refresh(interval, text) IS
 CREATE OR REPLACE FUNCTION pgconsistency.claim_refresh_request()
 RETURNS boolean
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -355,6 +364,7 @@ COMMENT ON TABLE pgconsistency.deploy_marker IS
 CREATE OR REPLACE FUNCTION pgconsistency.observe_deploy_marker(value text, delay interval DEFAULT '10 minutes')
 RETURNS boolean
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -455,6 +465,7 @@ CREATE OR REPLACE FUNCTION pgconsistency.acknowledge(
     invariant text, key text, reason text, until timestamptz DEFAULT NULL
 ) RETURNS integer
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT pgconsistency.acknowledge_open(acknowledge.invariant, acknowledge.key, acknowledge.reason, acknowledge.until)
@@ -467,6 +478,7 @@ CREATE OR REPLACE FUNCTION pgconsistency.acknowledge_all(
     invariant text, reason text, until timestamptz DEFAULT NULL
 ) RETURNS integer
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT pgconsistency.acknowledge_open(acknowledge_all.invariant, NULL, acknowledge_all.reason, acknowledge_all.until)
@@ -475,6 +487,7 @@ $fn$;
 -- unacknowledge: the anomaly counts again. Returns 1, or 0 if it was not acknowledged.
 CREATE OR REPLACE FUNCTION pgconsistency.unacknowledge(invariant text, key text) RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -495,6 +508,7 @@ $fn$;
 -- pg_cron or the receiver's scheduler. Returns how many expired.
 CREATE OR REPLACE FUNCTION pgconsistency.expire_acknowledgements() RETURNS integer
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -522,6 +536,7 @@ $fn$;
 CREATE OR REPLACE FUNCTION pgconsistency.new_anomalies_for_log(consumer text, max_rows integer)
 RETURNS TABLE (seq bigint, invariant text, severity text, key text, details jsonb, first_seen_at timestamptz)
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -546,6 +561,7 @@ $fn$;
 
 CREATE OR REPLACE FUNCTION pgconsistency.advance_log_cursor(consumer text, seq bigint) RETURNS void
 LANGUAGE sql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     UPDATE pgconsistency.log_cursor c
@@ -566,6 +582,7 @@ DROP PROCEDURE IF EXISTS pgconsistency.refresh(text);
 CREATE OR REPLACE FUNCTION pgconsistency.refresh_invariant(invariant text, force boolean DEFAULT true)
 RETURNS text
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -743,7 +760,10 @@ COMMENT ON FUNCTION pgconsistency.refresh_invariant(text, boolean) IS
 -- failure does not undo or stop the others. Not inside BEGIN ... COMMIT.
 -- On a standby it does nothing: the primary's refreshes replicate there.
 -- (No SET search_path here: a procedure with SET clauses cannot COMMIT; every
--- name in it is qualified instead.)
+-- name in it is qualified instead. For the same reason it cannot be SECURITY
+-- DEFINER: it runs as its caller, who needs SELECT on pgconsistency.invariant
+-- and EXECUTE on the SECURITY DEFINER functions it calls; sql/roles.sql
+-- grants exactly that to pgconsistency_refresher.)
 CREATE OR REPLACE PROCEDURE pgconsistency.refresh(invariant text DEFAULT NULL, force boolean DEFAULT NULL)
 LANGUAGE plpgsql
 AS $pr$
@@ -785,6 +805,15 @@ COMMENT ON PROCEDURE pgconsistency.refresh(text, boolean) IS
 -- status: one row per registered invariant; the one query the receiver runs
 -- each scrape. It reads stored counts only (never the anomaly views), so its
 -- cost does not depend on the size of the application tables.
+-- The grants on the view (to pgconsistency_reader, see sql/roles.sql) would
+-- be lost with it: they are kept in a session setting and given back below.
+DO $do$
+BEGIN
+    PERFORM pg_catalog.set_config('pgconsistency.status_acl',
+        coalesce((SELECT c.relacl::text FROM pg_catalog.pg_class c
+                   WHERE c.oid = pg_catalog.to_regclass('pgconsistency.status')), ''), false);
+END
+$do$;
 DROP VIEW IF EXISTS pgconsistency.status; -- its columns changed; recreated below
 CREATE VIEW pgconsistency.status AS
 SELECT i.name                                    AS invariant,
@@ -819,3 +848,34 @@ SELECT i.name                                    AS invariant,
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name;
 COMMENT ON VIEW pgconsistency.status IS
   'One row per registered invariant: latest snapshot counts and refresh outcome (cheap: reads stored state only)';
+
+DO $do$
+DECLARE
+    g record;
+BEGIN
+    FOR g IN
+        SELECT a.privilege_type, a.is_grantable,
+               CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                    ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END AS grantee
+          FROM pg_catalog.aclexplode(NULLIF(pg_catalog.current_setting('pgconsistency.status_acl', true), '')::pg_catalog.aclitem[]) a
+         WHERE a.grantee <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'pgconsistency.status'::pg_catalog.regclass)
+    LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON pgconsistency.status TO %s%s', g.privilege_type, g.grantee,
+                                  CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+    PERFORM pg_catalog.set_config('pgconsistency.status_acl', '', false);
+END
+$do$;
+
+-- PostgreSQL grants EXECUTE on every new function and procedure to PUBLIC.
+-- With SECURITY DEFINER that would let any role that can connect refresh,
+-- request refreshes, acknowledge anomalies or move log cursors: nobody but
+-- the owner may run anything here until sql/roles.sql (or a DBA) grants it.
+-- Re-running is harmless, and grants to other roles are kept (CREATE OR
+-- REPLACE keeps a function's privileges).
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgconsistency FROM PUBLIC;
+REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA pgconsistency FROM PUBLIC;
+-- Except the pure check of the invariant table's settings constraint: a
+-- CHECK constraint runs its functions with the privileges of whoever writes
+-- the table.
+GRANT EXECUTE ON FUNCTION pgconsistency.valid_refresh_settings(jsonb) TO PUBLIC;

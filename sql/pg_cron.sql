@@ -6,7 +6,8 @@
 --
 --   psql -v ON_ERROR_STOP=1 -d postgres -v database=app -f sql/pg_cron.sql
 --
--- It schedules, as the user running it (who must own the invariant views):
+-- It schedules, as the user running it (the owner of the pgconsistency
+-- schema, or a member of pgconsistency_refresher from sql/roles.sql):
 --   pgconsistency-refresh-<database>  every minute: CALL pgconsistency.refresh()
 --       in <database>. That refreshes only the invariants whose refresh_period
 --       has passed, and runs a requested refresh (request_refresh) once it is

@@ -254,9 +254,10 @@ func TestEndToEnd(t *testing.T) {
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, fixture.Invariants...)
 	srv.Psql(t, db, "-c", "CALL pgconsistency.refresh()")
+	// The shipped least-privilege setup: sql/roles.sql and its reader role.
+	srv.PsqlFile(t, db, fixture.Path("sql/roles.sql"))
 	srv.Psql(t, db, "-c", `CREATE ROLE otel_pgconsistency LOGIN PASSWORD 'e2e-secret';
-		GRANT USAGE ON SCHEMA pgconsistency TO otel_pgconsistency;
-		GRANT SELECT ON pgconsistency.status TO otel_pgconsistency;`)
+		GRANT pgconsistency_reader TO otel_pgconsistency;`)
 	prom := startPrometheus(t)
 
 	dbEnv := map[string]string{
