@@ -125,7 +125,8 @@ type Server struct {
 type Option func(*options)
 
 type options struct {
-	settings [][2]string
+	settings  [][2]string
+	dataFiles [][2]string // name in the data directory, content
 }
 
 // WithSetting sets a server configuration parameter, overriding pgtest's own
@@ -134,6 +135,21 @@ type options struct {
 // skipped when an external server is used, since it cannot be reconfigured.
 func WithSetting(name, value string) Option {
 	return func(o *options) { o.settings = append(o.settings, [2]string{name, value}) }
+}
+
+// WithDataFile writes a file into the cluster's data directory before the
+// server first starts, owned by the server's OS user and readable only by it
+// (mode 0600), as PostgreSQL requires of a private key. Settings that take a
+// path resolve relative paths in the data directory, so a TLS server is
+//
+//	pgtest.Start(t,
+//		pgtest.WithDataFile("server.crt", cert), pgtest.WithDataFile("server.key", key),
+//		pgtest.WithSetting("ssl", "on"),
+//		pgtest.WithSetting("ssl_cert_file", "server.crt"), pgtest.WithSetting("ssl_key_file", "server.key"))
+//
+// name must be a plain file name. Standbys get the files with the base backup.
+func WithDataFile(name string, content []byte) Option {
+	return func(o *options) { o.dataFiles = append(o.dataFiles, [2]string{name, string(content)}) }
 }
 
 // Start returns a running server for the test. Unless $PGCONSISTENCY_TEST_DSN
@@ -147,7 +163,7 @@ func Start(tb testing.TB, opts ...Option) *Server {
 	}
 	var s *Server
 	if dsn := os.Getenv(EnvTestDSN); dsn != "" {
-		if len(o.settings) > 0 {
+		if len(o.settings) > 0 || len(o.dataFiles) > 0 {
 			tb.Skipf("pgtest: server options need a cluster started by the test, but %s is set", EnvTestDSN)
 		}
 		s = useExternal(tb, dsn)
@@ -205,6 +221,14 @@ func startCluster(tb testing.TB, o options) *Server {
 	}
 	if err := s.appendToFile(filepath.Join(s.dataDir(), "postgresql.conf"), "\ninclude 'pgtest.conf'\n"); err != nil {
 		tb.Fatalf("pgtest: %v", err)
+	}
+	for _, f := range o.dataFiles {
+		if f[0] != filepath.Base(f[0]) || f[0] == "." || f[0] == ".." {
+			tb.Fatalf("pgtest: WithDataFile(%q): expected a plain file name", f[0])
+		}
+		if err := s.writeFile(filepath.Join(s.dataDir(), f[0]), f[1]); err != nil {
+			tb.Fatalf("pgtest: %v", err)
+		}
 	}
 	s.startOnFreePort(tb)
 	return s

@@ -2,9 +2,11 @@ package pgconsistencyreceiver // import "github.com/pgconsistency/pgconsistency/
 
 import (
 	"context"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -82,9 +84,7 @@ func connConfig(ctx context.Context, cfg *Config) (*pgx.ConnConfig, error) {
 		cc.TLSConfig.ServerName = host
 	}
 	cc.RuntimeParams = map[string]string{"application_name": "otelcol-pgconsistency"}
-	if cfg.Timeout > 0 {
-		cc.ConnectTimeout = cfg.Timeout
-	}
+	cc.ConnectTimeout = cfg.effectiveTimeout()
 	return cc, nil
 }
 
@@ -97,9 +97,7 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 	}
 	// The scrape only reads, and can never hold the database longer than its timeout.
 	cc.RuntimeParams["default_transaction_read_only"] = "on"
-	if cfg.Timeout > 0 {
-		cc.RuntimeParams["statement_timeout"] = strconv.FormatInt(cfg.Timeout.Milliseconds(), 10)
-	}
+	cc.RuntimeParams["statement_timeout"] = strconv.FormatInt(cfg.effectiveTimeout().Milliseconds(), 10)
 	pc, err := pgxpool.ParseConfig("")
 	if err != nil {
 		return nil, fmt.Errorf("building the PostgreSQL connection configuration: %w", err)
@@ -157,8 +155,34 @@ func (c *pgxClient) explain(err error) error {
 		}
 		return fmt.Errorf("reading pgconsistency status in %s: %w", c.target, err)
 	}
+	if advice := tlsAdvice(err); advice != "" {
+		return fmt.Errorf("cannot read pgconsistency status from %s: %s: %w", c.target, advice, err)
+	}
 	return fmt.Errorf("cannot read pgconsistency status from %s (is the server up and reachable, and "+
 		"are endpoint, username, password and tls right?): %w", c.target, err)
+}
+
+// tlsAdvice says which "tls" setting to change when err is a TLS mismatch
+// between the receiver and the server, and "" otherwise.
+func tlsAdvice(err error) string {
+	var unknownCA x509.UnknownAuthorityError
+	var wrongHost x509.HostnameError
+	var invalid x509.CertificateInvalidError
+	switch {
+	case errors.As(err, &unknownCA):
+		return `the server's certificate is not signed by a CA the receiver trusts: set "tls::ca_file" ` +
+			`to the certificate of the CA that issued it (or "tls::insecure_skip_verify: true" to encrypt without verifying)`
+	case errors.As(err, &wrongHost):
+		return fmt.Sprintf(`the server's certificate is not valid for host %q: use a host of "endpoint" that the `+
+			`certificate names, or set "tls::server_name_override" to one of its names`, wrongHost.Host)
+	case errors.As(err, &invalid):
+		return `the server's certificate is not valid (expired, not yet valid, or not a server certificate): ` +
+			`renew it on the server (or set "tls::insecure_skip_verify: true" to encrypt without verifying)`
+	case strings.Contains(err.Error(), "server refused TLS connection"): // pgconn has no error value for it
+		return `the server does not support TLS (ssl = off): set "tls::insecure: true" to connect over plain TCP, ` +
+			`or turn ssl on in the server`
+	}
+	return ""
 }
 
 func (c *pgxClient) close() {

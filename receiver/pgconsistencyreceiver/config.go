@@ -4,6 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
+	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -20,7 +22,7 @@ const (
 	defaultEndpoint           = "localhost:5432"
 	defaultSchema             = "pgconsistency"
 	defaultCollectionInterval = 60 * time.Second
-	defaultTimeout            = 10 * time.Second
+	maxDerivedTimeout         = 10 * time.Second // cap of the timeout derived when "timeout" is not set
 	defaultDeployDelay        = 10 * time.Minute
 	defaultMaxLogRecords      = 100
 
@@ -39,7 +41,11 @@ type Config struct {
 
 	Username string              `mapstructure:"username"`
 	Password configopaque.String `mapstructure:"password"`
-	Database string              `mapstructure:"database"`
+	// PasswordFile is the path of a file holding the password (e.g. a
+	// mounted secret), read when the receiver starts; one trailing newline
+	// is ignored. Exclusive with Password.
+	PasswordFile string `mapstructure:"password_file"`
+	Database     string `mapstructure:"database"`
 
 	// TLS to the server. Default: TLS required, certificate not verified
 	// (sslmode=require); insecure: true disables TLS, and
@@ -100,7 +106,8 @@ type DeployMarkerConfig struct {
 func createDefaultConfig() *Config {
 	cc := scraperhelper.NewDefaultControllerConfig()
 	cc.CollectionInterval = defaultCollectionInterval
-	cc.Timeout = defaultTimeout
+	// 0: derived from collection_interval, see effectiveTimeout.
+	cc.Timeout = 0
 	return &Config{
 		ControllerConfig:     cc,
 		MetricsBuilderConfig: metadata.DefaultMetricsBuilderConfig(),
@@ -133,11 +140,23 @@ func (cfg *Config) Validate() error {
 	if cfg.Database == "" {
 		errs = append(errs, errors.New(`"database" must be set: the database where sql/install.sql installed pgconsistency`))
 	}
+	if cfg.Password != "" && cfg.PasswordFile != "" {
+		errs = append(errs, errors.New(`"password" and "password_file" are both set: keep one, "password_file" for a mounted secret or "password" (e.g. password: ${env:VAR})`))
+	}
+	if cfg.Timeout > 0 && cfg.CollectionInterval > 0 && cfg.Timeout >= cfg.CollectionInterval {
+		errs = append(errs, fmt.Errorf(`"timeout" (%s) must be shorter than "collection_interval" (%s), so that a scrape ends before the next one is due: `+
+			`lower "timeout", or remove it to use the default (half of "collection_interval", at most %s)`,
+			cfg.Timeout, cfg.CollectionInterval, maxDerivedTimeout))
+	}
 	switch {
 	case cfg.Schema == "":
 		errs = append(errs, fmt.Errorf(`"schema" must not be empty: set it to the schema of the pgconsistency objects (default %q)`, defaultSchema))
 	case len(cfg.Schema) > maxIdentifierLength:
-		errs = append(errs, fmt.Errorf(`"schema" %q is longer than %d bytes, which PostgreSQL does not allow for a name`, cfg.Schema, maxIdentifierLength))
+		errs = append(errs, fmt.Errorf(`"schema" %q is longer than %d bytes, which PostgreSQL does not allow for a name: `+
+			`set it to the schema where sql/install.sql installed pgconsistency (default %q)`, cfg.Schema, maxIdentifierLength, defaultSchema))
+	case !plainIdentifier.MatchString(cfg.Schema):
+		errs = append(errs, fmt.Errorf(`"schema" %q is not a plain PostgreSQL name: use lower-case letters, digits and _ (starting with a letter or _), `+
+			`as the schema was created by sql/install.sql (default %q)`, cfg.Schema, defaultSchema))
 	}
 	if cfg.Logs.MaxRecordsPerScrape <= 0 {
 		errs = append(errs, fmt.Errorf(`"logs::max_records_per_scrape" (%d) must be at least 1`, cfg.Logs.MaxRecordsPerScrape))
@@ -154,6 +173,46 @@ func (cfg *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// plainIdentifier is a name PostgreSQL takes as it is without quotes. The
+// shipped SQL names the schema without quotes, so a schema that needs them
+// (upper case, spaces, quotes) cannot be one it installed.
+var plainIdentifier = regexp.MustCompile(`^[a-z_][a-z0-9_$]*$`)
+
+// effectiveTimeout is the limit of one scrape, of connecting and of each
+// statement (statement_timeout). An explicit "timeout" wins; otherwise it
+// is half of collection_interval, at most maxDerivedTimeout: the other half
+// leaves the pipeline time to take the data before the next scrape is due,
+// and short intervals (tests, demos) work without setting a timeout.
+func (cfg *Config) effectiveTimeout() time.Duration {
+	if cfg.Timeout > 0 {
+		return cfg.Timeout
+	}
+	if cfg.CollectionInterval <= 0 {
+		return maxDerivedTimeout
+	}
+	return min(maxDerivedTimeout, cfg.CollectionInterval/2)
+}
+
+// loadPasswordFile sets Password from PasswordFile, if set. It runs at
+// Start on the receiver's own copy of the configuration, so a rotated
+// secret is picked up by a restart. Errors name the key and the path, never
+// the contents.
+func (cfg *Config) loadPasswordFile() error {
+	if cfg.PasswordFile == "" {
+		return nil
+	}
+	b, err := os.ReadFile(cfg.PasswordFile)
+	if err != nil {
+		return fmt.Errorf(`"password_file": cannot read the password from %q: %w; check the path and that the collector's user may read it`, cfg.PasswordFile, err)
+	}
+	password := strings.TrimSuffix(strings.TrimSuffix(string(b), "\n"), "\r")
+	if password == "" {
+		return fmt.Errorf(`"password_file" %q is empty: write the password in it, or remove "password_file" if the role needs no password`, cfg.PasswordFile)
+	}
+	cfg.Password = configopaque.String(password)
+	return nil
 }
 
 // hostPort returns the host (or socket directory) and port of the endpoint.

@@ -1,7 +1,9 @@
 package pgconsistencyreceiver
 
 import (
+	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -32,7 +34,9 @@ func TestDefaultConfig(t *testing.T) {
 	assert.Equal(t, confignet.TransportTypeTCP, cfg.Transport)
 	assert.Equal(t, "pgconsistency", cfg.Schema)
 	assert.Equal(t, 60*time.Second, cfg.CollectionInterval)
-	assert.Equal(t, 10*time.Second, cfg.Timeout)
+	assert.Zero(t, cfg.Timeout, "timeout is derived from collection_interval unless set")
+	assert.Equal(t, 10*time.Second, cfg.effectiveTimeout())
+	assert.Empty(t, cfg.PasswordFile)
 	assert.False(t, cfg.TLS.Insecure, "TLS is on by default")
 	assert.True(t, cfg.TLS.InsecureSkipVerify, "like sslmode=require by default")
 	// username and database have no sane default: the default config must say so.
@@ -59,6 +63,7 @@ func TestLoadConfig(t *testing.T) {
 		assert.Equal(t, "consistency", cfg.Schema)
 		assert.Equal(t, 5*time.Minute, cfg.CollectionInterval)
 		assert.Equal(t, 20*time.Second, cfg.Timeout)
+		assert.Equal(t, 20*time.Second, cfg.effectiveTimeout(), "an explicit timeout wins")
 		assert.Equal(t, 2*time.Second, cfg.InitialDelay)
 		assert.False(t, cfg.TLS.InsecureSkipVerify)
 		assert.Equal(t, "/etc/ssl/certs/db-ca.pem", cfg.TLS.CAFile)
@@ -87,6 +92,24 @@ func TestLoadConfig(t *testing.T) {
 		} {
 			assert.ErrorContains(t, err, want)
 		}
+	})
+	t.Run("password_file", func(t *testing.T) {
+		cfg := loadConfig(t, "password_file")
+		require.NoError(t, confmap.Validate(cfg), "the file is read at start, not when the configuration is loaded")
+		assert.Equal(t, "/run/secrets/pgconsistency-password", cfg.PasswordFile)
+		assert.Empty(t, string(cfg.Password))
+	})
+	t.Run("short_interval without timeout", func(t *testing.T) {
+		cfg := loadConfig(t, "short_interval")
+		require.NoError(t, confmap.Validate(cfg))
+		assert.Zero(t, cfg.Timeout)
+		assert.Equal(t, 125*time.Millisecond, cfg.effectiveTimeout())
+	})
+	t.Run("secrets_and_timeout_wrong", func(t *testing.T) {
+		err := confmap.Validate(loadConfig(t, "secrets_and_timeout_wrong"))
+		require.Error(t, err)
+		assert.ErrorContains(t, err, `"password" and "password_file" are both set: keep one`)
+		assert.ErrorContains(t, err, `"timeout" (30s) must be shorter than "collection_interval" (30s)`)
 	})
 	t.Run("unix_socket", func(t *testing.T) {
 		cfg := loadConfig(t, "unix_socket")
@@ -144,9 +167,134 @@ func TestValidateEndpoint(t *testing.T) {
 	}
 }
 
-func TestValidateSchemaLength(t *testing.T) {
-	cfg := createDefaultConfig()
-	cfg.Username, cfg.Database = "otel", "app"
-	cfg.Schema = "s234567890123456789012345678901234567890123456789012345678901234"
-	require.ErrorContains(t, confmap.Validate(cfg), "longer than 63 bytes")
+func TestValidateSchema(t *testing.T) {
+	tests := []struct {
+		schema  string
+		wantErr string
+	}{
+		{schema: "pgconsistency"},
+		{schema: "_checks_2"},
+		{schema: "checks$v2"},
+		{schema: strings.Repeat("s", 63)},
+		{schema: strings.Repeat("s", 64), wantErr: `is longer than 63 bytes`},
+		{schema: "", wantErr: `"schema" must not be empty`},
+		{schema: `pg"consistency`, wantErr: `"schema" "pg\"consistency" is not a plain PostgreSQL name`},
+		{schema: "pg consistency", wantErr: `"schema" "pg consistency" is not a plain PostgreSQL name`},
+		{schema: "PgConsistency", wantErr: `is not a plain PostgreSQL name: use lower-case letters`},
+		{schema: "2checks", wantErr: `is not a plain PostgreSQL name`},
+		{schema: "public.pgconsistency", wantErr: `is not a plain PostgreSQL name`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.schema, func(t *testing.T) {
+			cfg := createDefaultConfig()
+			cfg.Username, cfg.Database = "otel", "app"
+			cfg.Schema = tt.schema
+			err := confmap.Validate(cfg)
+			if tt.wantErr == "" {
+				require.NoError(t, err)
+				return
+			}
+			require.ErrorContains(t, err, tt.wantErr)
+		})
+	}
+}
+
+func TestTimeout(t *testing.T) {
+	tests := []struct {
+		name      string
+		interval  time.Duration
+		timeout   time.Duration
+		effective time.Duration
+		wantErr   string
+	}{
+		{name: "default interval", interval: 60 * time.Second, effective: 10 * time.Second},
+		{name: "derived is capped", interval: time.Hour, effective: 10 * time.Second},
+		{name: "derived is half the interval", interval: 10 * time.Second, effective: 5 * time.Second},
+		{name: "1s", interval: time.Second, effective: 500 * time.Millisecond},
+		{name: "250ms", interval: 250 * time.Millisecond, effective: 125 * time.Millisecond},
+		{name: "explicit below interval", interval: time.Minute, timeout: 59 * time.Second, effective: 59 * time.Second},
+		{name: "explicit above the cap", interval: 5 * time.Minute, timeout: 30 * time.Second, effective: 30 * time.Second},
+		{name: "explicit equal to interval", interval: time.Second, timeout: time.Second,
+			wantErr: `"timeout" (1s) must be shorter than "collection_interval" (1s), so that a scrape ends before the next one is due: lower "timeout", or remove it`},
+		{name: "explicit above interval", interval: 250 * time.Millisecond, timeout: 10 * time.Second,
+			wantErr: `"timeout" (10s) must be shorter than "collection_interval" (250ms)`},
+		{name: "negative", interval: time.Minute, timeout: -time.Second, wantErr: `"timeout": requires positive value`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := createDefaultConfig()
+			cfg.Username, cfg.Database = "otel", "app"
+			cfg.CollectionInterval, cfg.Timeout = tt.interval, tt.timeout
+			err := confmap.Validate(cfg)
+			if tt.wantErr != "" {
+				require.ErrorContains(t, err, tt.wantErr)
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.effective, cfg.effectiveTimeout())
+			// What the receiver runs with: the controller, the connect
+			// timeout and statement_timeout all see the effective value.
+			run := runConfig(cfg)
+			assert.Equal(t, tt.effective, run.Timeout)
+			assert.Equal(t, tt.timeout, cfg.Timeout, "the collector's configuration is left as written")
+			cc, err := connConfig(t.Context(), run)
+			require.NoError(t, err)
+			assert.Equal(t, tt.effective, cc.ConnectTimeout)
+		})
+	}
+}
+
+func TestPasswordFile(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, content string) string {
+		path := filepath.Join(dir, name)
+		require.NoError(t, os.WriteFile(path, []byte(content), 0o600))
+		return path
+	}
+	tests := []struct {
+		name    string
+		path    string
+		want    string
+		wantErr []string
+	}{
+		{name: "trailing newline stripped", path: write("lf", "s3cret pw\n"), want: "s3cret pw"},
+		{name: "CRLF stripped", path: write("crlf", "s3cret\r\n"), want: "s3cret"},
+		{name: "no newline", path: write("plain", "s3cret"), want: "s3cret"},
+		{name: "only one newline stripped", path: write("two", "s3cret\n\n"), want: "s3cret\n"},
+		{name: "inner spaces kept", path: write("spaces", " a b \n"), want: " a b "},
+		{name: "missing", path: filepath.Join(dir, "missing"),
+			wantErr: []string{`"password_file": cannot read the password from "` + filepath.Join(dir, "missing") + `"`, "no such file or directory", "check the path"}},
+		{name: "a directory", path: dir, wantErr: []string{`"password_file": cannot read the password from "` + dir + `"`}},
+		{name: "empty", path: write("empty", ""), wantErr: []string{`"password_file" "` + filepath.Join(dir, "empty") + `" is empty`}},
+		{name: "only a newline", path: write("newline", "\n"), wantErr: []string{`is empty: write the password in it`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := createDefaultConfig()
+			cfg.Username, cfg.Database = "otel", "app"
+			cfg.PasswordFile = tt.path
+			require.NoError(t, confmap.Validate(cfg), "validation does not read the file")
+			run := runConfig(cfg)
+			err := run.loadPasswordFile()
+			if tt.wantErr != nil {
+				require.Error(t, err)
+				for _, want := range tt.wantErr {
+					assert.ErrorContains(t, err, want)
+				}
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, string(run.Password))
+			assert.Empty(t, string(cfg.Password), "the password goes into the receiver's copy only")
+			cc, err := connConfig(t.Context(), run)
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, cc.Password)
+		})
+	}
+	t.Run("without password_file the password is kept", func(t *testing.T) {
+		cfg := createDefaultConfig()
+		cfg.Password = "inline"
+		require.NoError(t, cfg.loadPasswordFile())
+		assert.Equal(t, "inline", string(cfg.Password))
+	})
 }

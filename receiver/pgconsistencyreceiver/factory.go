@@ -21,13 +21,36 @@ func NewFactory() receiver.Factory {
 		receiver.WithLogs(createLogsReceiver, metadata.LogsStability))
 }
 
+// runConfig is the configuration a receiver runs with: a copy of the
+// collector's, with the derived timeout filled in, so that the scraper
+// controller, the connect timeout and the statement_timeout all see one
+// value. The password read from password_file at Start goes into this copy
+// too, never into the collector's configuration.
+func runConfig(cfg *Config) *Config {
+	c := *cfg
+	c.Timeout = cfg.effectiveTimeout()
+	return &c
+}
+
 func createLogsReceiver(
 	_ context.Context,
 	set receiver.Settings,
 	rConf component.Config,
 	next consumer.Logs,
 ) (receiver.Logs, error) {
-	return newLogsReceiver(rConf.(*Config), set, next), nil
+	return &logsWithPasswordFile{newLogsReceiver(runConfig(rConf.(*Config)), set, next)}, nil
+}
+
+// logsWithPasswordFile reads password_file before the logs receiver starts.
+type logsWithPasswordFile struct {
+	*logsReceiver
+}
+
+func (r *logsWithPasswordFile) Start(ctx context.Context, host component.Host) error {
+	if err := r.cfg.loadPasswordFile(); err != nil {
+		return err
+	}
+	return r.logsReceiver.Start(ctx, host)
 }
 
 func createMetricsReceiver(
@@ -36,10 +59,16 @@ func createMetricsReceiver(
 	rConf component.Config,
 	next consumer.Metrics,
 ) (receiver.Metrics, error) {
-	cfg := rConf.(*Config)
+	cfg := runConfig(rConf.(*Config))
 	s := newScraper(cfg, set, newPgxClient)
 	sc, err := scraper.NewMetrics(s.scrape,
-		scraper.WithStart(s.start),
+		scraper.WithStart(func(ctx context.Context, host component.Host) error {
+			// Before the client is created: it copies the password.
+			if err := cfg.loadPasswordFile(); err != nil {
+				return err
+			}
+			return s.start(ctx, host)
+		}),
 		scraper.WithShutdown(s.shutdown))
 	if err != nil {
 		return nil, err

@@ -108,11 +108,8 @@ type newAnomaly struct {
 
 // pass delivers one batch of new anomalies, then moves the cursor.
 func (r *logsReceiver) pass(ctx context.Context) error {
-	if r.cfg.Timeout > 0 {
-		var cancel context.CancelFunc
-		ctx, cancel = context.WithTimeout(ctx, r.cfg.Timeout)
-		defer cancel()
-	}
+	ctx, cancel := context.WithTimeout(ctx, r.cfg.effectiveTimeout())
+	defer cancel()
 	conn, err := r.conn.get(ctx)
 	if err != nil {
 		return err

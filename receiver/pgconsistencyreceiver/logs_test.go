@@ -24,7 +24,10 @@ import (
 func startLogsReceiver(t *testing.T, srv *pgtest.Server, db string, next consumer.Logs, maxRecords int) receiver.Logs {
 	t.Helper()
 	cfg := serverConfig(srv, db)
-	cfg.CollectionInterval = 200 * time.Millisecond
+	cfg.CollectionInterval = 300 * time.Millisecond
+	// Explicit: the derived timeout (half the interval) leaves a loaded CI
+	// machine little time for the cursor's round trips.
+	cfg.Timeout = 250 * time.Millisecond
 	cfg.InitialDelay = 0
 	cfg.Logs.MaxRecordsPerScrape = maxRecords
 	set := receivertest.NewNopSettings(metadata.Type)

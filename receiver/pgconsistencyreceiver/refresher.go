@@ -101,7 +101,7 @@ func (r *refresher) pass(ctx context.Context) error {
 	// The bookkeeping queries run under the receiver's timeout, not under the
 	// statement_timeout of the last invariant refreshed.
 	if _, err := conn.Exec(ctx, "SELECT pg_catalog.set_config('statement_timeout', $1, false)",
-		strconv.FormatInt(r.cfg.Timeout.Milliseconds(), 10)); err != nil {
+		strconv.FormatInt(r.cfg.effectiveTimeout().Milliseconds(), 10)); err != nil {
 		return err
 	}
 	var standby bool
