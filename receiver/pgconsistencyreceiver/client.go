@@ -211,6 +211,9 @@ func (d *dedicatedConn) get(ctx context.Context) (*pgx.Conn, error) {
 	cc.OnNotice = d.onNotice
 	conn, err := pgx.ConnectConfig(ctx, cc)
 	if err != nil {
+		if advice := tlsAdvice(err); advice != "" {
+			return nil, fmt.Errorf("connecting to database %q at %s: %w; %s", d.cfg.Database, d.cfg.Endpoint, err, advice)
+		}
 		return nil, fmt.Errorf("connecting to database %q at %s: %w", d.cfg.Database, d.cfg.Endpoint, err)
 	}
 	d.conn = conn
