@@ -3,6 +3,7 @@
 #   make test       every test (installs what is missing on Debian, as root)
 #   make build      the collector distribution: _build/otelcol-pgconsistency
 #   make bench      the benchmark of BENCHMARKS.md (SCALE=100000,1000000 datasets)
+#   make soak       the collector under load (1,000 invariants; 20 databases) and a 10-minute soak
 #   make generate   regenerate the receiver's mdatagen code from metadata.yaml
 
 GO        ?= go
@@ -15,7 +16,7 @@ COLLECTOR := _build/otelcol-pgconsistency
 # what the distribution is built from: rebuilt when one of these changes
 COLLECTOR_SOURCES := builder-config.yaml go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build deps check-fmt vet check-alerting fuzz generate bench
+.PHONY: all run test build deps check-fmt vet check-alerting fuzz generate bench soak
 
 all: test
 
@@ -57,6 +58,15 @@ bench: deps build
 	@scripts/install-deps.sh bench
 	$(GO) test -run '^$$' -bench '^BenchmarkSuite$$' -benchtime 1x -timeout 90m ./internal/bench \
 		-args -scales $(SCALE) $(BENCH_FLAGS) | tee bench-results.md
+
+# Load and soak of the collector binary (internal/soak): one collector with
+# 1,000 invariants and one with 20 receivers for 20 databases (CPU, memory,
+# connections, scrape time), then a soak of -soak.duration at -soak.interval
+# with a server restart in the middle (stable memory and connection count).
+# About 15 minutes with the defaults; e.g. SOAK_FLAGS='-soak.duration 1h'.
+SOAK_FLAGS ?=
+soak: deps build
+	$(GO) test -run '^$$' -bench '^Benchmark(Load|Soak)$$' -benchtime 1x -timeout 60m ./internal/soak -args $(SOAK_FLAGS)
 
 # The alert rules and their unit tests, and the Alertmanager example.
 check-alerting:
