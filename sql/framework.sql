@@ -83,6 +83,28 @@ BEGIN
 END
 $do$;
 
+-- after_refresh: optional function (schema-qualified name, one text argument:
+-- the invariant's name) that refresh_invariant calls after a successful
+-- refresh, in the same transaction, e.g. to remember counters the next
+-- refresh compares with (the operations pack's deadlocks_detected).
+ALTER TABLE pgconsistency.invariant ADD COLUMN IF NOT EXISTS after_refresh text;
+
+-- Parameters of invariants (thresholds and the like): the invariant's query
+-- reads them with pgconsistency.parameter(invariant, name), so they change
+-- with set_parameter() and no SQL file is edited. Each has a type its value
+-- must cast to.
+CREATE TABLE IF NOT EXISTS pgconsistency.invariant_parameter (
+    invariant   text    NOT NULL REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    name        text    NOT NULL,
+    value       text    NOT NULL,
+    type        regtype NOT NULL,
+    default_value text  NOT NULL,
+    description text,
+    PRIMARY KEY (invariant, name)
+);
+COMMENT ON TABLE pgconsistency.invariant_parameter IS
+  'Parameters (thresholds) of invariants; change them with pgconsistency.set_parameter()';
+
 -- Refresh state: written only by pgconsistency.refresh(), one row per invariant
 -- that has been refreshed (or attempted) at least once.
 CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
@@ -293,8 +315,76 @@ COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, tex
 -- query (columns: key text NOT NULL, then any details) and register it.
 -- Re-running with the same query is a no-op for the view; a changed query
 -- replaces the view (created WITH NO DATA: nothing scans at install time).
--- The query must schema-qualify every table and must not use volatile
--- functions such as now(): REFRESH ... CONCURRENTLY diffs whole rows.
+-- The query must schema-qualify every table and keep volatile values such
+-- as now() out of its output columns (comparing with now() in WHERE is fine):
+-- REFRESH ... CONCURRENTLY diffs whole rows.
+-- parameter: the value of an invariant's parameter, for its query, e.g.
+-- (SELECT pgconsistency.parameter('transaction_long_running', 'threshold')::interval).
+-- NULL when the parameter does not exist (the query's cast then fails the
+-- refresh with a message naming the invariant).
+CREATE OR REPLACE FUNCTION pgconsistency.parameter(invariant text, name text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT p.value FROM pgconsistency.invariant_parameter p
+     WHERE p.invariant = parameter.invariant AND p.name = parameter.name
+$fn$;
+
+-- define_parameter: declare a parameter of an invariant with its type and
+-- default. Re-running keeps a value changed with set_parameter().
+CREATE OR REPLACE FUNCTION pgconsistency.define_parameter(
+    invariant     text,
+    name          text,
+    type          regtype,
+    default_value text,
+    description   text DEFAULT NULL
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = define_parameter.invariant) THEN
+        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
+            USING HINT = 'Define the invariant first.';
+    END IF;
+    EXECUTE pg_catalog.format('SELECT %L::%s', default_value, type); -- raises if it does not cast
+    INSERT INTO pgconsistency.invariant_parameter AS p (invariant, name, value, type, default_value, description)
+    VALUES (define_parameter.invariant, define_parameter.name, default_value, type, default_value, description)
+    ON CONFLICT ON CONSTRAINT invariant_parameter_pkey DO UPDATE
+       SET type = EXCLUDED.type, default_value = EXCLUDED.default_value, description = EXCLUDED.description;
+END
+$fn$;
+
+-- set_parameter: change a parameter; the value must cast to its type. It
+-- applies from the invariant's next refresh.
+CREATE OR REPLACE FUNCTION pgconsistency.set_parameter(invariant text, name text, value text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_type regtype;
+BEGIN
+    SELECT p.type INTO v_type FROM pgconsistency.invariant_parameter p
+     WHERE p.invariant = set_parameter.invariant AND p.name = set_parameter.name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgconsistency: invariant % has no parameter %', pg_catalog.quote_literal(invariant), pg_catalog.quote_literal(name)
+            USING HINT = coalesce('Its parameters: ' || (SELECT pg_catalog.string_agg(p.name, ', ' ORDER BY p.name)
+                                                           FROM pgconsistency.invariant_parameter p
+                                                          WHERE p.invariant = set_parameter.invariant),
+                                  'It has none.');
+    END IF;
+    BEGIN
+        EXECUTE pg_catalog.format('SELECT %L::%s', value, v_type);
+    EXCEPTION WHEN OTHERS THEN
+        RAISE EXCEPTION 'pgconsistency: % is not a valid % for parameter % of invariant %',
+            pg_catalog.quote_literal(value), v_type, name, invariant
+            USING HINT = 'Examples: ''1 hour'' for an interval, 80 for a numeric.';
+    END;
+    UPDATE pgconsistency.invariant_parameter p SET value = set_parameter.value
+     WHERE p.invariant = set_parameter.invariant AND p.name = set_parameter.name;
+END
+$fn$;
+
 -- settings, when given, replaces the invariant's refresh settings (see the
 -- invariant table); NULL keeps them as they are.
 DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text);
@@ -688,6 +778,11 @@ BEGIN
         INTO v_new, v_resolved
         USING inv.name, v_started;
         SELECT c.open, c.acknowledged INTO v_total, v_acked FROM pgconsistency.open_counts(inv.name) c;
+        IF inv.after_refresh IS NOT NULL THEN
+            -- regprocedure: the name must resolve to a function of one text argument.
+            EXECUTE pg_catalog.format('SELECT %s($1)', (inv.after_refresh || '(text)')::regprocedure::oid::regproc)
+                USING inv.name;
+        END IF;
     EXCEPTION
         WHEN query_canceled THEN
             GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;

@@ -47,6 +47,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/procstat"
 )
 
 var (
@@ -568,28 +569,20 @@ func collectorCost(b *testing.B, srv *pgtest.Server, db string) collectorResult 
 	return r
 }
 
-func procCPU(b *testing.B, pid int) time.Duration {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	must(b, err)
-	// Fields after the command name in parentheses; utime and stime are
-	// fields 14 and 15 of the whole line, in clock ticks (100 per second).
-	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(utime+stime) * 10 * time.Millisecond
+func procCPU(tb testing.TB, pid int) time.Duration {
+	tb.Helper()
+	d, err := procstat.CPU(pid)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return d
 }
 
-func procMem(b *testing.B, pid int) (rss, hwm int64) {
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	must(b, err)
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) >= 2 && f[0] == "VmRSS:" {
-			rss, _ = strconv.ParseInt(f[1], 10, 64)
-		}
-		if len(f) >= 2 && f[0] == "VmHWM:" {
-			hwm, _ = strconv.ParseInt(f[1], 10, 64)
-		}
+func procMem(tb testing.TB, pid int) (rss, hwm int64) {
+	tb.Helper()
+	rss, hwm, err := procstat.Memory(pid)
+	if err != nil {
+		tb.Fatal(err)
 	}
 	return rss, hwm
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/procstat"
 )
 
 // appName is the application_name of the receiver's scrape connections.
@@ -299,35 +300,20 @@ func sumConns(m map[string]int) int {
 	return n
 }
 
-// procCPU is the user+system CPU time of a process, from /proc/<pid>/stat.
 func procCPU(tb testing.TB, pid int) time.Duration {
 	tb.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	must(tb, err)
-	// After the command name in parentheses, utime and stime are the 12th
-	// and 13th fields, in clock ticks of 10 ms.
-	f := strings.Fields(string(data[strings.LastIndexByte(string(data), ')')+2:]))
-	utime, _ := strconv.ParseInt(f[11], 10, 64)
-	stime, _ := strconv.ParseInt(f[12], 10, 64)
-	return time.Duration(utime+stime) * 10 * time.Millisecond
+	d, err := procstat.CPU(pid)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return d
 }
 
-// procMem returns VmRSS and VmHWM (peak RSS) of a process, in KiB.
 func procMem(tb testing.TB, pid int) (rss, hwm int64) {
 	tb.Helper()
-	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
-	must(tb, err)
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 2 {
-			continue
-		}
-		switch f[0] {
-		case "VmRSS:":
-			rss, _ = strconv.ParseInt(f[1], 10, 64)
-		case "VmHWM:":
-			hwm, _ = strconv.ParseInt(f[1], 10, 64)
-		}
+	rss, hwm, err := procstat.Memory(pid)
+	if err != nil {
+		tb.Fatal(err)
 	}
 	return rss, hwm
 }

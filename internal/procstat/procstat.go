@@ -1,0 +1,64 @@
+// Package procstat reads what the benchmarks measure of a process from
+// Linux's /proc: its CPU time and its memory.
+package procstat
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// clockTick is the unit of utime and stime in /proc/<pid>/stat (USER_HZ,
+// 100 on Linux).
+const clockTick = 10 * time.Millisecond
+
+// CPU is the user plus system CPU time the process has used so far.
+func CPU(pid int) (time.Duration, error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// After the command name in parentheses (which may hold spaces), utime
+	// and stime are the 12th and 13th fields.
+	end := strings.LastIndexByte(string(data), ')')
+	if end < 0 || end+2 > len(data) {
+		return 0, fmt.Errorf("/proc/%d/stat: unexpected format", pid)
+	}
+	f := strings.Fields(string(data[end+2:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields after the command name", pid, len(f))
+	}
+	utime, err1 := strconv.ParseInt(f[11], 10, 64)
+	stime, err2 := strconv.ParseInt(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: utime %q, stime %q", pid, f[11], f[12])
+	}
+	return time.Duration(utime+stime) * clockTick, nil
+}
+
+// Memory returns the resident set size (VmRSS) and its peak (VmHWM) of the
+// process, in KiB.
+func Memory(pid int) (rssKiB, peakKiB int64, err error) {
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 2 {
+			continue
+		}
+		switch f[0] {
+		case "VmRSS:":
+			rssKiB, _ = strconv.ParseInt(f[1], 10, 64)
+		case "VmHWM:":
+			peakKiB, _ = strconv.ParseInt(f[1], 10, 64)
+		}
+	}
+	if rssKiB == 0 {
+		return 0, 0, fmt.Errorf("/proc/%d/status: no VmRSS", pid)
+	}
+	return rssKiB, peakKiB, nil
+}
