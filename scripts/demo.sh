@@ -75,10 +75,12 @@ if [ -n "$preload" ]; then
   echo "demo: scheduling refreshes with pg_cron (sql/pg_cron.sql: every minute, due invariants only)"
   psql_demo -d demo -v database=demo -f "$root/sql/pg_cron.sql" >/dev/null
 fi
+# Least privilege as shipped: the collector logs in as a member of
+# pgconsistency_reader (sql/roles.sql), which reads the status view only.
+psql_demo -d demo -f "$root/sql/roles.sql" >/dev/null
 psql_demo -d demo <<SQL
 CREATE ROLE otel_pgconsistency LOGIN PASSWORD '$password';
-GRANT USAGE ON SCHEMA pgconsistency TO otel_pgconsistency;
-GRANT SELECT ON pgconsistency.status TO otel_pgconsistency;
+GRANT pgconsistency_reader TO otel_pgconsistency;
 SQL
 psql_demo -d demo -c "SELECT invariant, severity, anomalies, new_anomalies, last_status FROM pgconsistency.status ORDER BY invariant"
 
