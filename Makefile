@@ -56,8 +56,10 @@ SCALE ?= 100000,1000000
 BENCH_FLAGS ?=
 bench: deps build
 	@scripts/install-deps.sh bench
+	@# the tables go to bench-results.md, then to the terminal; progress and
+	@# errors go to stderr as they happen. The exit status is go test's.
 	$(GO) test -run '^$$' -bench '^BenchmarkSuite$$' -benchtime 1x -timeout 90m ./internal/bench \
-		-args -scales $(SCALE) $(BENCH_FLAGS) | tee bench-results.md
+		-args -scales $(SCALE) $(BENCH_FLAGS) > bench-results.md; rc=$$?; cat bench-results.md; exit $$rc
 
 # Load and soak of the collector binary (internal/soak): one collector with
 # 1,000 invariants and one with 20 receivers for 20 databases (CPU, memory,
