@@ -45,9 +45,9 @@ import (
 
 	"github.com/jackc/pgx/v5"
 
+	"github.com/pgconsistency/pgconsistency/internal/benchkit"
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
-	"github.com/pgconsistency/pgconsistency/internal/procstat"
 )
 
 var (
@@ -77,7 +77,7 @@ func runSuite(b *testing.B) {
 		}
 		scales = append(scales, n)
 	}
-	scrapeBin := buildScrapeBenchmark(b)
+	scrapeBin := benchkit.BuildScrapeBenchmark(b)
 	fmt.Print(machine(b))
 	// fsync and full_page_writes back on (pgtest turns them off for tests):
 	// the write load must pay what it pays in production.
@@ -107,7 +107,7 @@ type result struct {
 	refreshFirst  time.Duration
 	refreshSteady []time.Duration
 	invariants    []invariantResult
-	scrape        []scrapeResult
+	scrape        []benchkit.ScrapeResult
 	exporter      []time.Duration
 	writes        []writeResult
 	collector     collectorResult
@@ -127,12 +127,6 @@ type writeResult struct {
 	clients               int
 	before, during, after float64 // transactions per second
 	refreshes             int     // refreshes that ran during the "during" phase
-}
-
-type scrapeResult struct {
-	invariants           int
-	nsPerOp, p50, p99    float64
-	bytesPerOp, allocsOp float64
 }
 
 type collectorResult struct {
@@ -292,86 +286,25 @@ func walkPlan(node map[string]any, nodes, relations *[]string) {
 
 // scrapes runs the receiver's BenchmarkScrape against db with 8, 100 and
 // 1,000 registered invariants.
-func scrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn, bin string) []scrapeResult {
+func scrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn, bin string) []benchkit.ScrapeResult {
 	ctx := b.Context()
-	var out []scrapeResult
+	var out []benchkit.ScrapeResult
 	for _, total := range []int{8, 100, 1000} {
 		if extra := total - len(fixture.Invariants); extra > 0 {
-			// Cheap extra invariants: one view each over a small table,
-			// registered and refreshed like any other.
-			_, err := conn.Exec(ctx, `
-				CREATE SCHEMA IF NOT EXISTS bench_extra;
-				CREATE TABLE IF NOT EXISTS bench_extra.t (key text PRIMARY KEY);
-				INSERT INTO bench_extra.t VALUES ('a'), ('b') ON CONFLICT DO NOTHING;
-				DO $$
-				BEGIN
-					FOR i IN 1..`+strconv.Itoa(extra)+` LOOP
-						IF to_regclass(format('bench_extra.inv_%s', i)) IS NULL THEN
-							EXECUTE format('CREATE MATERIALIZED VIEW bench_extra.inv_%s AS SELECT key FROM bench_extra.t WITH NO DATA', i);
-							EXECUTE format('CREATE UNIQUE INDEX ON bench_extra.inv_%s (key)', i);
-							PERFORM pgconsistency.register_invariant(format('bench_extra_%s', i), 'bench_extra', format('inv_%s', i), 'info');
-						END IF;
-					END LOOP;
-				END $$;`)
-			must(b, err)
-			_, err = conn.Exec(ctx, `CALL pgconsistency.refresh()`) // the new ones are due, the others are not
-			must(b, err)
+			benchkit.RegisterExtraInvariants(b, srv, db, "bench_extra", extra)
 		}
 		var registered int
 		must(b, conn.QueryRow(ctx, `SELECT count(*) FROM pgconsistency.status`).Scan(&registered))
 		if registered != total {
 			b.Fatalf("%d invariants in the status view, want %d", registered, total)
 		}
-		cmd := exec.Command(bin, "-test.run", "^$", "-test.bench", "^BenchmarkScrape$", "-test.benchmem",
-			"-test.benchtime", *flagScrape, "-test.count", "1")
-		cmd.Env = append(os.Environ(), "PGCONSISTENCY_BENCH_DSN="+srv.DSN(db))
-		outb, err := cmd.CombinedOutput()
-		if err != nil {
-			b.Fatalf("BenchmarkScrape: %v\n%s", err, outb)
-		}
-		s := parseScrape(b, string(outb))
-		if s.invariants != total {
-			b.Fatalf("BenchmarkScrape reported %d invariants, want %d", s.invariants, total)
-		}
+		s := benchkit.RunScrapeBenchmark(b, bin, srv.DSN(db), *flagScrape, total)
 		out = append(out, s)
-		logf("scrape with %d invariants: %.3f ms p50", total, s.p50)
+		logf("scrape with %d invariants: %.3f ms p50", total, s.P50)
 	}
 	_, err := conn.Exec(ctx, `DELETE FROM pgconsistency.invariant WHERE name LIKE 'bench\_extra\_%'; DROP SCHEMA bench_extra CASCADE`)
 	must(b, err)
 	return out
-}
-
-var benchLine = regexp.MustCompile(`(?m)^BenchmarkScrape\S*\s+\d+\s+(.*)$`)
-
-func parseScrape(b *testing.B, out string) scrapeResult {
-	m := benchLine.FindStringSubmatch(out)
-	if m == nil {
-		b.Fatalf("no BenchmarkScrape line in:\n%s", out)
-	}
-	f := strings.Fields(m[1])
-	vals := map[string]float64{}
-	for i := 0; i+1 < len(f); i += 2 {
-		v, err := strconv.ParseFloat(f[i], 64)
-		if err != nil {
-			b.Fatalf("BenchmarkScrape: %q: %v", m[0], err)
-		}
-		vals[f[i+1]] = v
-	}
-	return scrapeResult{
-		invariants: int(vals["invariants"]), nsPerOp: vals["ns/op"], p50: vals["ms-p50"], p99: vals["ms-p99"],
-		bytesPerOp: vals["B/op"], allocsOp: vals["allocs/op"],
-	}
-}
-
-// buildScrapeBenchmark compiles the receiver's test binary once.
-func buildScrapeBenchmark(b *testing.B) string {
-	bin := filepath.Join(b.TempDir(), "receiver.test")
-	cmd := exec.Command("go", "test", "-c", "-o", bin, "./receiver/pgconsistencyreceiver/")
-	cmd.Dir = fixture.Root()
-	if out, err := cmd.CombinedOutput(); err != nil {
-		b.Fatalf("building the receiver's benchmark: %v\n%s", err, out)
-	}
-	return bin
 }
 
 // exporterScrapes runs prometheus-postgres-exporter with the eight detection
@@ -544,7 +477,7 @@ func collectorCost(b *testing.B, srv *pgtest.Server, db string) collectorResult 
 	url := fmt.Sprintf("http://127.0.0.1:%d/metrics", promPort)
 	waitHTTP(b, url)
 	time.Sleep(5 * time.Second) // warmed up: pool connected, first scrapes done
-	cpu0 := procCPU(b, cmd.Process.Pid)
+	cpu0 := benchkit.CPU(b, cmd.Process.Pid)
 	start := time.Now()
 	var r collectorResult
 	for time.Since(start) < *flagCollector {
@@ -560,31 +493,13 @@ func collectorCost(b *testing.B, srv *pgtest.Server, db string) collectorResult 
 		r.scrapesUp = regexp.MustCompile(`(?m)^pgconsistency_up\{[^}]*\} 1$`).Match(body)
 	}
 	r.duration = time.Since(start)
-	r.cpu = procCPU(b, cmd.Process.Pid) - cpu0
-	r.rssKiB, r.hwmKiB = procMem(b, cmd.Process.Pid)
+	r.cpu = benchkit.CPU(b, cmd.Process.Pid) - cpu0
+	r.rssKiB, r.hwmKiB = benchkit.Memory(b, cmd.Process.Pid)
 	if !r.scrapesUp {
 		b.Fatal("the collector reported pgconsistency_up 0")
 	}
 	logf("collector: %s CPU in %s, RSS %d MiB", r.cpu, r.duration.Round(time.Second), r.rssKiB/1024)
 	return r
-}
-
-func procCPU(tb testing.TB, pid int) time.Duration {
-	tb.Helper()
-	d, err := procstat.CPU(pid)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return d
-}
-
-func procMem(tb testing.TB, pid int) (rss, hwm int64) {
-	tb.Helper()
-	rss, hwm, err := procstat.Memory(pid)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return rss, hwm
 }
 
 func (r *result) markdown() string {
@@ -616,12 +531,12 @@ func (r *result) markdown() string {
 
 	fmt.Fprintf(&w, "| scrape (BenchmarkScrape) | ns/op | median | p99 | B/op | allocs/op |\n|---|---:|---:|---:|---:|---:|\n")
 	for _, s := range r.scrape {
-		fmt.Fprintf(&w, "| %d invariants | %.0f | %.3f ms | %.3f ms | %.0f | %.0f |\n", s.invariants, s.nsPerOp, s.p50, s.p99, s.bytesPerOp, s.allocsOp)
+		fmt.Fprintf(&w, "| %d invariants | %.0f | %.3f ms | %.3f ms | %.0f | %.0f |\n", s.Invariants, s.NsPerOp, s.P50, s.P99, s.BytesPerOp, s.AllocsPerOp)
 	}
 	ex := median(r.exporter)
 	fmt.Fprintf(&w, "\n| the alternative | median scrape | ratio to our scrape (8 invariants) |\n|---|---:|---:|\n")
 	fmt.Fprintf(&w, "| prometheus-postgres-exporter, the 8 queries as custom queries (%d scrapes: %s) | %s | %.0f× |\n\n",
-		len(r.exporter), list(r.exporter), ms(ex), float64(ex)/(r.scrape[0].p50*float64(time.Millisecond)))
+		len(r.exporter), list(r.exporter), ms(ex), float64(ex)/(r.scrape[0].P50*float64(time.Millisecond)))
 
 	fmt.Fprintf(&w, "| write load (pgbench, %s per phase) | before | during back-to-back refreshes | after | during / mean(before, after) |\n|---|---:|---:|---:|---:|\n", *flagWrites)
 	for _, x := range r.writes {

@@ -21,7 +21,6 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
-	"github.com/pgconsistency/pgconsistency/internal/procstat"
 )
 
 // appName is the application_name of the receiver's scrape connections.
@@ -298,24 +297,6 @@ func sumConns(m map[string]int) int {
 		n += v
 	}
 	return n
-}
-
-func procCPU(tb testing.TB, pid int) time.Duration {
-	tb.Helper()
-	d, err := procstat.CPU(pid)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return d
-}
-
-func procMem(tb testing.TB, pid int) (rss, hwm int64) {
-	tb.Helper()
-	rss, hwm, err := procstat.Memory(pid)
-	if err != nil {
-		tb.Fatal(err)
-	}
-	return rss, hwm
 }
 
 // waitFor polls cond every 100 ms until it holds, failing the test with the

@@ -17,17 +17,13 @@ package soak
 import (
 	"flag"
 	"fmt"
-	"os"
-	"os/exec"
-	"path/filepath"
-	"regexp"
 	"runtime"
 	"slices"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/pgconsistency/pgconsistency/internal/benchkit"
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
 )
@@ -133,12 +129,12 @@ func runSoak(tb testing.TB, p soakParams) *soakResult {
 	accepted0 := total(tel0, "otelcol_receiver_accepted_metric_points")
 	errored0 := total(tel0, "otelcol_scraper_errored_metric_points")
 	start := time.Now()
-	cpu0 := procCPU(tb, c.pid())
+	cpu0 := benchkit.CPU(tb, c.pid())
 
 	take := func() soakSample {
 		tel := scrapeSamples(tb, c.telemetry)
 		s := soakSample{at: time.Since(start), conns: sumConns(connections(tb, srv))}
-		s.rssKiB, _ = procMem(tb, c.pid())
+		s.rssKiB, _ = benchkit.Memory(tb, c.pid())
 		s.scrapes = (total(tel, "otelcol_receiver_accepted_metric_points") - accepted0) / points
 		if s.conns > 2 {
 			tb.Fatalf("at %s: %d connections with application_name %s, want at most 2 (the pool's max): a connection leak\n%s",
@@ -190,8 +186,8 @@ func runSoak(tb testing.TB, p soakParams) *soakResult {
 	}
 	last := r.samples[len(r.samples)-1]
 	r.elapsed = last.at
-	r.cpu = procCPU(tb, c.pid()) - cpu0
-	_, r.hwmKiB = procMem(tb, c.pid())
+	r.cpu = benchkit.CPU(tb, c.pid()) - cpu0
+	_, r.hwmKiB = benchkit.Memory(tb, c.pid())
 	r.erroredPoints = erroredSince()
 
 	// A single scrape may time out on a loaded machine: up must be 1 again
@@ -291,7 +287,7 @@ func (r *soakResult) markdown() string {
 // databases of one cluster, each for -load.duration at a 1 s interval.
 func BenchmarkLoad(b *testing.B) {
 	for b.Loop() {
-		scrapeBin := buildScrapeBenchmark(b)
+		scrapeBin := benchkit.BuildScrapeBenchmark(b)
 		srv := pgtest.Start(b)
 		fmt.Printf("PostgreSQL %s; %d cores.\n\n", strings.TrimSpace(srv.Psql(b, "postgres", "-tAc", "SHOW server_version")), runtime.NumCPU())
 		many := loadManyInvariants(b, srv, scrapeBin)
@@ -322,21 +318,9 @@ func loadManyInvariants(b *testing.B, srv *pgtest.Server, scrapeBin string) load
 		b.Fatalf("%d dataset invariants, this benchmark adds %d to reach 1,000", len(fixture.Invariants), extraInvariants)
 	}
 	db := fixture.NewDatabase(b, srv, fixture.Invariants...)
-	// Cheap extra invariants: one view each over a two-row table, registered
-	// and refreshed like any other; each has 2 anomalies.
-	srv.Psql(b, db, "-c", `
-		CREATE SCHEMA load_extra;
-		CREATE TABLE load_extra.t (key text PRIMARY KEY);
-		INSERT INTO load_extra.t VALUES ('a'), ('b');
-		DO $$
-		BEGIN
-			FOR i IN 1..`+strconv.Itoa(extraInvariants)+` LOOP
-				EXECUTE format('CREATE MATERIALIZED VIEW load_extra.inv_%s AS SELECT key FROM load_extra.t WITH NO DATA', i);
-				EXECUTE format('CREATE UNIQUE INDEX ON load_extra.inv_%s (key)', i);
-				PERFORM pgconsistency.register_invariant(format('load_extra_%s', i), 'load_extra', format('inv_%s', i), 'info');
-			END LOOP;
-		END $$;`)
-	srv.Psql(b, db, "-c", "CALL pgconsistency.refresh()")
+	// Cheap extra invariants, registered and refreshed like any other; each
+	// has 2 anomalies.
+	benchkit.RegisterExtraInvariants(b, srv, db, "load_extra", extraInvariants)
 	out := strings.Fields(srv.Psql(b, db, "-tAc", "SELECT count(*), count(*) FILTER (WHERE last_error IS NOT NULL OR refreshed_at IS NULL) FROM pgconsistency.status", "-F", " "))
 	if len(out) != 2 || out[0] != "1000" || out[1] != "0" {
 		b.Fatalf("status view: %v (invariants, not refreshed or failed), want 1000 refreshed invariants", out)
@@ -344,7 +328,8 @@ func loadManyInvariants(b *testing.B, srv *pgtest.Server, scrapeBin string) load
 	logf("1,000 invariants registered and refreshed")
 
 	r := loadResult{what: "1 receiver, 1,000 invariants"}
-	r.scrapeP50, r.scrapeP99, r.scrapeAllocs = scrapeBenchmark(b, scrapeBin, srv.DSN(db), 1000)
+	sr := benchkit.RunScrapeBenchmark(b, scrapeBin, srv.DSN(db), *flagScrapeTime, 1000)
+	r.scrapeP50, r.scrapeP99, r.scrapeAllocs = sr.P50, sr.P99, sr.AllocsPerOp
 	c := startCollector(b, srv, []receiverConfig{{id: "pgconsistency", database: db}}, time.Second)
 	measureCollector(b, srv, c, &r)
 
@@ -437,14 +422,14 @@ func loadManyDatabases(b *testing.B, srv *pgtest.Server) loadResult {
 func measureCollector(b *testing.B, srv *pgtest.Server, c *collector, r *loadResult) {
 	waitFor(b, time.Minute, "pgconsistency_up 1", func() (bool, string) { return upIs(b, c, 1) })
 	time.Sleep(5 * time.Second) // warm-up before measuring: pools connected, first exports done
-	cpu0 := procCPU(b, c.pid())
+	cpu0 := benchkit.CPU(b, c.pid())
 	points0 := total(scrapeSamples(b, c.telemetry), "otelcol_receiver_accepted_metric_points")
 	start := time.Now()
 	time.Sleep(*flagLoadDuration) // the measured run
 	r.duration = time.Since(start)
 	tel := scrapeSamples(b, c.telemetry)
-	r.cpu = procCPU(b, c.pid()) - cpu0
-	r.rssKiB, r.hwmKiB = procMem(b, c.pid())
+	r.cpu = benchkit.CPU(b, c.pid()) - cpu0
+	r.rssKiB, r.hwmKiB = benchkit.Memory(b, c.pid())
 	r.pointsPerSecond = (total(tel, "otelcol_receiver_accepted_metric_points") - points0) / r.duration.Seconds()
 	if e := total(tel, "otelcol_scraper_errored_metric_points"); e != 0 {
 		b.Fatalf("%v scrape errors (points) during the load run, want none\n%s", e, c.logTail())
@@ -468,46 +453,4 @@ func loadMarkdown(rs ...loadResult) string {
 	fmt.Fprintf(&w, "\n| receiver scrape with 1,000 invariants (BenchmarkScrape, -benchtime %s) | median | p99 | allocs/op |\n|---|---:|---:|---:|\n", *flagScrapeTime)
 	fmt.Fprintf(&w, "| status query + metrics built | %.3f ms | %.3f ms | %.0f |\n\n", rs[0].scrapeP50, rs[0].scrapeP99, rs[0].scrapeAllocs)
 	return w.String()
-}
-
-// buildScrapeBenchmark compiles the receiver's test binary.
-func buildScrapeBenchmark(b *testing.B) string {
-	bin := filepath.Join(b.TempDir(), "receiver.test")
-	cmd := exec.Command("go", "test", "-c", "-o", bin, "./receiver/pgconsistencyreceiver/")
-	cmd.Dir = fixture.Root()
-	if out, err := cmd.CombinedOutput(); err != nil {
-		b.Fatalf("building the receiver's test binary for BenchmarkScrape: %v\n%s", err, out)
-	}
-	return bin
-}
-
-var scrapeLine = regexp.MustCompile(`(?m)^BenchmarkScrape\S*\s+\d+\s+(.*)$`)
-
-// scrapeBenchmark runs the receiver's BenchmarkScrape against dsn and
-// returns its median and p99 (ms) and allocations per scrape.
-func scrapeBenchmark(b *testing.B, bin, dsn string, invariants int) (p50, p99, allocs float64) {
-	cmd := exec.Command(bin, "-test.run", "^$", "-test.bench", "^BenchmarkScrape$", "-test.benchmem",
-		"-test.benchtime", *flagScrapeTime, "-test.count", "1")
-	cmd.Env = append(os.Environ(), "PGCONSISTENCY_BENCH_DSN="+dsn)
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		b.Fatalf("BenchmarkScrape: %v\n%s", err, out)
-	}
-	m := scrapeLine.FindStringSubmatch(string(out))
-	if m == nil {
-		b.Fatalf("no BenchmarkScrape line in:\n%s", out)
-	}
-	vals := map[string]float64{}
-	f := strings.Fields(m[1])
-	for i := 0; i+1 < len(f); i += 2 {
-		v, err := strconv.ParseFloat(f[i], 64)
-		if err != nil {
-			b.Fatalf("BenchmarkScrape: %q: %v", m[0], err)
-		}
-		vals[f[i+1]] = v
-	}
-	if int(vals["invariants"]) != invariants {
-		b.Fatalf("BenchmarkScrape reported %v invariants, want %d", vals["invariants"], invariants)
-	}
-	return vals["ms-p50"], vals["ms-p99"], vals["allocs/op"]
 }

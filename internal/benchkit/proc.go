@@ -1,12 +1,15 @@
-// Package procstat reads what the benchmarks measure of a process from
-// Linux's /proc: its CPU time and its memory.
-package procstat
+// Package benchkit holds what the benchmark harnesses of make bench
+// (internal/bench) and make soak (internal/soak) share: CPU time and memory
+// of a process from Linux's /proc, the receiver's BenchmarkScrape run against
+// a database, and cheap extra invariants to register.
+package benchkit
 
 import (
 	"fmt"
 	"os"
 	"strconv"
 	"strings"
+	"testing"
 	"time"
 )
 
@@ -14,8 +17,29 @@ import (
 // 100 on Linux).
 const clockTick = 10 * time.Millisecond
 
-// CPU is the user plus system CPU time the process has used so far.
-func CPU(pid int) (time.Duration, error) {
+// CPU is the user plus system CPU time the process has used so far; it
+// fails the test if /proc cannot tell.
+func CPU(tb testing.TB, pid int) time.Duration {
+	tb.Helper()
+	d, err := readCPU(pid)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return d
+}
+
+// Memory returns the resident set size (VmRSS) and its peak (VmHWM) of the
+// process, in KiB; it fails the test if /proc cannot tell.
+func Memory(tb testing.TB, pid int) (rssKiB, peakKiB int64) {
+	tb.Helper()
+	rss, peak, err := readMemory(pid)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	return rss, peak
+}
+
+func readCPU(pid int) (time.Duration, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, err
@@ -38,9 +62,7 @@ func CPU(pid int) (time.Duration, error) {
 	return time.Duration(utime+stime) * clockTick, nil
 }
 
-// Memory returns the resident set size (VmRSS) and its peak (VmHWM) of the
-// process, in KiB.
-func Memory(pid int) (rssKiB, peakKiB int64, err error) {
+func readMemory(pid int) (rssKiB, peakKiB int64, err error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, 0, err
