@@ -318,6 +318,22 @@ COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, tex
 -- The query must schema-qualify every table and keep volatile values such
 -- as now() out of its output columns (comparing with now() in WHERE is fine):
 -- REFRESH ... CONCURRENTLY diffs whole rows.
+-- apply_refresh_settings: the settings a refresh runs with, for the rest of
+-- the current transaction. One core per refresh (parallel workers made the
+-- refreshes of make bench 2x slower on 2 cores and take CPU from the
+-- application), then the invariant's own planner settings. No SET clause:
+-- it would undo these settings when the function returns.
+CREATE OR REPLACE FUNCTION pgconsistency.apply_refresh_settings(settings jsonb) RETURNS void
+LANGUAGE plpgsql
+AS $fn$
+BEGIN
+    PERFORM pg_catalog.set_config('max_parallel_workers_per_gather', '0', true);
+    PERFORM pg_catalog.set_config(e.key, e.value, true) FROM pg_catalog.jsonb_each_text(settings) AS e;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.apply_refresh_settings(jsonb) IS
+  'Internal: set the planner settings of a refresh (and of EXPLAINs of it) for the current transaction';
+
 -- parameter: the value of an invariant's parameter, for its query, e.g.
 -- (SELECT pgconsistency.parameter('transaction_long_running', 'threshold')::interval).
 -- NULL when the parameter does not exist (the query's cast then fails the
@@ -725,11 +741,7 @@ BEGIN
     PERFORM pg_catalog.set_config('lock_timeout', (EXTRACT(epoch FROM inv.lock_timeout) * 1000)::bigint::text, true);
 
     BEGIN
-        -- One core per refresh: parallel workers made the refreshes of make
-        -- bench 2x slower on 2 cores and take CPU from the application.
-        -- Then the invariant's own planner settings (transaction-local).
-        PERFORM pg_catalog.set_config('max_parallel_workers_per_gather', '0', true);
-        PERFORM pg_catalog.set_config(e.key, e.value, true) FROM pg_catalog.jsonb_each_text(inv.settings) AS e;
+        PERFORM pgconsistency.apply_refresh_settings(inv.settings);
 
         SELECT c.relispopulated INTO v_populated
           FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace

@@ -240,9 +240,7 @@ func invariants(b *testing.B, conn *pgx.Conn, r *result) []invariantResult {
 		// The query under the refresh's own settings.
 		tx, err := conn.Begin(ctx)
 		must(b, err)
-		_, err = tx.Exec(ctx, `SELECT pg_catalog.set_config('max_parallel_workers_per_gather', '0', true)`)
-		must(b, err)
-		_, err = tx.Exec(ctx, `SELECT pg_catalog.set_config(e.key, e.value, true) FROM pg_catalog.jsonb_each_text($1::jsonb) e`, x.settings)
+		_, err = tx.Exec(ctx, `SELECT pgconsistency.apply_refresh_settings($1::jsonb)`, x.settings)
 		must(b, err)
 		var plan []map[string]any
 		must(b, tx.QueryRow(ctx, `EXPLAIN (ANALYZE, TIMING OFF, COSTS OFF, FORMAT JSON) `+strings.TrimSuffix(strings.TrimSpace(x.def), ";")).Scan(&plan))
