@@ -6,8 +6,6 @@ package sql_test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"net/url"
 	"strings"
 	"testing"
@@ -413,20 +411,8 @@ func testAuditApplicationRoleNeedsNoGrant(t *testing.T, s *pgtest.Server) {
 	conn := s.Conn(t, db)
 	exec(t, conn, "SELECT pgconsistency.enable_dataset_audit()")
 
-	secret := make([]byte, 8)
-	_, _ = rand.Read(secret)
-	role := "pgc_audit_app_" + hex.EncodeToString(secret[:4])
-	password := hex.EncodeToString(secret)
+	role, password := s.CreateLoginRole(t, db, "pgc_audit_app_")
 	ident := pgx.Identifier{role}.Sanitize()
-	exec(t, conn, "CREATE ROLE "+ident+" LOGIN PASSWORD '"+password+"'") // hex: nothing to quote
-	// Runs before conn is closed: cleanups run last in, first out.
-	t.Cleanup(func() {
-		for _, q := range []string{"DROP OWNED BY " + ident, "DROP ROLE " + ident} {
-			if _, err := conn.Exec(context.Background(), q); err != nil {
-				t.Logf("cleanup: %s: %v", q, err)
-			}
-		}
-	})
 	exec(t, conn, "GRANT SELECT, INSERT, UPDATE, DELETE ON public.dataset_references TO "+ident)
 	var usage, insert bool
 	require.NoError(t, conn.QueryRow(t.Context(), `SELECT has_schema_privilege($1, 'pgconsistency', 'USAGE'),

@@ -2,8 +2,6 @@ package sql_test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"net/url"
 	"strings"
@@ -44,20 +42,8 @@ func rolesDatabase(t *testing.T, s *pgtest.Server) string {
 // to db as that role. The role is dropped at cleanup.
 func loginAs(t *testing.T, s *pgtest.Server, admin *pgx.Conn, db string, grants ...string) (*pgx.Conn, string) {
 	t.Helper()
-	secret := make([]byte, 8)
-	_, _ = rand.Read(secret)
-	role := "pgc_role_test_" + hex.EncodeToString(secret[:4])
-	password := hex.EncodeToString(secret)
+	role, password := s.CreateLoginRole(t, db, "pgc_role_test_")
 	ident := pgx.Identifier{role}.Sanitize()
-	exec(t, admin, "CREATE ROLE "+ident+" LOGIN PASSWORD '"+password+"'") // hex: nothing to quote
-	// Runs after the role's connection is closed: cleanups run last in, first out.
-	t.Cleanup(func() {
-		for _, q := range []string{"DROP OWNED BY " + ident, "DROP ROLE " + ident} {
-			if _, err := admin.Exec(context.Background(), q); err != nil {
-				t.Logf("cleanup: %s: %v", q, err)
-			}
-		}
-	})
 	for _, g := range grants {
 		exec(t, admin, strings.ReplaceAll(g, "ROLE", ident))
 	}
@@ -83,15 +69,6 @@ func denied(t *testing.T, conn *pgx.Conn, sql, what string) {
 		assert.Equal(t, "42501", pgErr.Code, "%s: %v", sql, err)
 		assert.Contains(t, pgErr.Message, "permission denied for "+what, sql)
 	}
-}
-
-// wantCounts is every invariant's anomaly count with every fixture applied.
-func wantCounts() map[string]int64 {
-	out := map[string]int64{}
-	for _, inv := range fixture.Invariants {
-		out[inv] = int64(len(fixture.Breakage[inv]))
-	}
-	return out
 }
 
 func anomalyCounts(t *testing.T, conn *pgx.Conn) map[string]int64 {
@@ -136,7 +113,7 @@ func testReaderReadsStatusOnly(t *testing.T, s *pgtest.Server) {
 
 	got := anomalyCounts(t, reader)
 	require.Len(t, got, len(fixture.Invariants))
-	assert.Equal(t, wantCounts(), got)
+	assert.Equal(t, fixture.Counts[int64](), got)
 
 	denied(t, reader, "SELECT count(*) FROM public.dataset_entries", "table dataset_entries")
 	denied(t, reader, "SELECT count(*) FROM pgconsistency.dataset_seed_missing", "materialized view dataset_seed_missing")
@@ -162,7 +139,7 @@ func testReaderReadsStatusOnly(t *testing.T, s *pgtest.Server) {
 
 	// install.sql re-creates the status view; the reader keeps reading it.
 	s.PsqlFile(t, db, fixture.Path("sql/install.sql"))
-	want := wantCounts()
+	want := fixture.Counts[int64]()
 	want["dataset_head_ref_missing"]++
 	assert.Equal(t, want, anomalyCounts(t, reader), "after install.sql ran again")
 }
@@ -187,7 +164,7 @@ func testRefresherRefreshes(t *testing.T, s *pgtest.Server) {
 	exec(t, refresher, "CALL pgconsistency.refresh(force => true)")
 	st := status(t, admin)
 	require.Len(t, st, len(fixture.Invariants))
-	for inv, want := range wantCounts() {
+	for inv, want := range fixture.Counts[int64]() {
 		row := st[inv]
 		require.NotNil(t, row.LastStatus, inv)
 		assert.Equal(t, "succeeded", *row.LastStatus, "%s: %v", inv, row.LastError)

@@ -228,7 +228,7 @@ func TestPasswordFileThroughCollector(t *testing.T) {
 			return string(b)
 		}
 		if wantMetrics {
-			want := expected()
+			want := fixture.Counts[float64]()
 			var last map[string]float64
 			if !assert.Eventually(t, func() bool {
 				got, _, err := scrapeExporter(exporter)

@@ -200,15 +200,6 @@ func startCollector(t *testing.T, config string, env map[string]string) *process
 	return startProcess(t, filepath.Base(config), envList, bin, "--config", fixture.Path(config))
 }
 
-// expected is the count of every invariant with all fixtures applied.
-func expected() map[string]float64 {
-	want := map[string]float64{}
-	for inv, broken := range fixture.Breakage {
-		want[inv] = float64(len(broken))
-	}
-	return want
-}
-
 func byInvariant(samples []sample) map[string]float64 {
 	got := map[string]float64{}
 	for _, s := range samples {
@@ -282,7 +273,7 @@ func TestEndToEnd(t *testing.T) {
 	peEnv["PGCONSISTENCY_TELEMETRY_PORT"] = strconv.Itoa(freePort(t))
 	startCollector(t, "config/collector-prometheus.yaml", peEnv)
 
-	want := expected()
+	want := fixture.Counts[float64]()
 	dbSelector := fmt.Sprintf(`postgresql_database_name=%q`, db)
 
 	t.Run("remote write into Prometheus", func(t *testing.T) {

@@ -66,6 +66,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -489,6 +490,45 @@ func (s *Server) CreateDatabase(tb testing.TB, name string) string {
 		})
 	}
 	return name
+}
+
+// CreateLoginRole creates a LOGIN role named prefix plus random hex digits,
+// with a random password and no privileges, and returns both. At cleanup it
+// drops what the role owns in database db, then the role. Call it before
+// connecting as the role: cleanups run last in, first out, so the role's
+// connections are closed by then.
+func (s *Server) CreateLoginRole(tb testing.TB, db, prefix string) (role, password string) {
+	tb.Helper()
+	secret := make([]byte, 8)
+	_, _ = rand.Read(secret)
+	role = prefix + hex.EncodeToString(secret[:4])
+	password = hex.EncodeToString(secret)
+	ident := pgx.Identifier{role}.Sanitize()
+	conn, err := pgx.Connect(tb.Context(), s.DSN(db))
+	if err != nil {
+		tb.Fatalf("pgtest: connecting to %s: %v", db, err)
+	}
+	defer conn.Close(context.Background())
+	// hex: nothing to quote in the password
+	if _, err := conn.Exec(tb.Context(), "CREATE ROLE "+ident+" LOGIN PASSWORD '"+password+"'"); err != nil {
+		tb.Fatalf("pgtest: creating role %s: %v", role, err)
+	}
+	tb.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		conn, err := pgx.Connect(ctx, s.DSN(db))
+		if err != nil {
+			tb.Logf("pgtest: dropping role %s: %v", role, err)
+			return
+		}
+		defer conn.Close(ctx)
+		for _, q := range []string{"DROP OWNED BY " + ident, "DROP ROLE " + ident} {
+			if _, err := conn.Exec(ctx, q); err != nil {
+				tb.Logf("pgtest: cleanup: %s: %v", q, err)
+			}
+		}
+	})
+	return role, password
 }
 
 // Conn returns a connection to database db (the default database if empty)

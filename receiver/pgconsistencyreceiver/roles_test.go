@@ -2,8 +2,6 @@ package pgconsistencyreceiver
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"testing"
 	"time"
@@ -36,22 +34,10 @@ func rolesDatabase(t *testing.T, srv *pgtest.Server, fixtures ...string) string 
 // and nothing else, and returns a function that makes a receiver
 // configuration log in as it. The role is dropped at cleanup, after the
 // receivers started later are shut down.
-func loginRole(t *testing.T, admin *pgx.Conn, groups ...string) (string, func(*Config)) {
+func loginRole(t *testing.T, srv *pgtest.Server, db string, admin *pgx.Conn, groups ...string) (string, func(*Config)) {
 	t.Helper()
-	secret := make([]byte, 8)
-	_, _ = rand.Read(secret)
-	role := "otel_pgconsistency_" + hex.EncodeToString(secret[:4])
-	password := hex.EncodeToString(secret)
+	role, password := srv.CreateLoginRole(t, db, "otel_pgconsistency_")
 	ident := pgx.Identifier{role}.Sanitize()
-	_, err := admin.Exec(t.Context(), "CREATE ROLE "+ident+" LOGIN PASSWORD '"+password+"'") // hex: nothing to quote
-	require.NoError(t, err)
-	t.Cleanup(func() {
-		for _, q := range []string{"DROP OWNED BY " + ident, "DROP ROLE " + ident} {
-			if _, err := admin.Exec(context.Background(), q); err != nil {
-				t.Logf("cleanup: %s: %v", q, err)
-			}
-		}
-	})
 	for _, g := range groups {
 		_, err := admin.Exec(t.Context(), "GRANT "+pgx.Identifier{g}.Sanitize()+" TO "+ident)
 		require.NoError(t, err)
@@ -60,15 +46,6 @@ func loginRole(t *testing.T, admin *pgx.Conn, groups ...string) (string, func(*C
 		c.Username = role
 		c.Password = configopaque.String(password)
 	}
-}
-
-// fixtureCounts is every invariant's count with every anomaly fixture applied.
-func fixtureCounts() map[string]int {
-	want := map[string]int{}
-	for _, inv := range fixture.Invariants {
-		want[inv] = len(fixture.Breakage[inv])
-	}
-	return want
 }
 
 // sessionUsers lists the users of the sessions named applicationName.
@@ -89,10 +66,10 @@ func TestIntegrationReaderRoleScrapes(t *testing.T) {
 	admin := srv.Conn(t, db)
 	_, err := admin.Exec(t.Context(), "CALL pgconsistency.refresh()")
 	require.NoError(t, err)
-	role, asReader := loginRole(t, admin, "pgconsistency_reader")
+	role, asReader := loginRole(t, srv, db, admin, "pgconsistency_reader")
 
 	sink, _ := startReceiver(t, srv, db, asReader)
-	waitFor(t, sink, "exact counts read by the reader role", expectCounts(fixtureCounts()))
+	waitFor(t, sink, "exact counts read by the reader role", expectCounts(fixture.Counts[int]()))
 	assert.Equal(t, []string{role}, sessionUsers(t, admin, "otelcol-pgconsistency"), "the scrape session's user")
 }
 
@@ -105,7 +82,7 @@ func TestIntegrationReaderRoleLogs(t *testing.T) {
 	admin := srv.Conn(t, db)
 	_, err := admin.Exec(t.Context(), "CALL pgconsistency.refresh()")
 	require.NoError(t, err)
-	role, asReader := loginRole(t, admin, "pgconsistency_reader")
+	role, asReader := loginRole(t, srv, db, admin, "pgconsistency_reader")
 
 	cfg := serverConfig(srv, db)
 	cfg.CollectionInterval = 200 * time.Millisecond
@@ -150,7 +127,7 @@ func TestIntegrationRefresherRoleSchedules(t *testing.T) {
 	srv := pgtest.Start(t)
 	db := rolesDatabase(t, srv, fixture.Invariants...)
 	admin := srv.Conn(t, db)
-	role, asRefresher := loginRole(t, admin, "pgconsistency_reader", "pgconsistency_refresher")
+	role, asRefresher := loginRole(t, srv, db, admin, "pgconsistency_reader", "pgconsistency_refresher")
 	// The marker query reads an application table: that one grant goes to
 	// the login role, as sql/roles.sql says.
 	_, err := admin.Exec(t.Context(), `CREATE TABLE public.schema_migrations (version bigint PRIMARY KEY);
@@ -165,7 +142,7 @@ func TestIntegrationRefresherRoleSchedules(t *testing.T) {
 		c.Refresh.DeployMarker.Query = "SELECT max(version) FROM public.schema_migrations"
 		c.Refresh.DeployMarker.Delay = 0
 	})
-	waitFor(t, sink, "exact counts refreshed by the refresher role", expectCounts(fixtureCounts()))
+	waitFor(t, sink, "exact counts refreshed by the refresher role", expectCounts(fixture.Counts[int]()))
 	assert.Equal(t, []string{role}, sessionUsers(t, admin, "otelcol-pgconsistency-refresh"), "the refresh session's user")
 
 	// The first marker value is the baseline; a new one is a deployment.
@@ -200,5 +177,5 @@ func TestIntegrationRefresherRoleSchedules(t *testing.T) {
 			string(beforeJSON)).Scan(&claimed, &refreshedAfter)
 		return err == nil && claimed == 1 && refreshedAfter == len(fixture.Invariants)
 	}, 30*time.Second, 100*time.Millisecond, "the requested refresh after the marker change never ran for every invariant")
-	waitFor(t, sink, "counts after the requested refresh", expectCounts(fixtureCounts()))
+	waitFor(t, sink, "counts after the requested refresh", expectCounts(fixture.Counts[int]()))
 }
