@@ -41,6 +41,27 @@
 // Server.StartStandby adds a streaming-replication hot standby of a cluster,
 // in a temporary directory and on a port of its own.
 //
+// # PgBouncer
+//
+// Server.StartPgBouncer starts Debian's pgbouncer (1.18) in front of one
+// database, as a child process of the test binary, on a free 127.0.0.1 port
+// and in a temporary directory of its own:
+//
+//	b := srv.StartPgBouncer(t, db)
+//	role, password := srv.CreateLoginRole(t, db, "reader_")
+//	b.AddUser(t, role, password)
+//	conn, err := pgx.Connect(ctx, b.DSN(srv.User, srv.Password))
+//
+// It pools in transaction mode and keeps pgbouncer's defaults otherwise. In
+// particular ignore_startup_parameters is not set, so, as with a production
+// PgBouncer, a client sending any startup parameter but client_encoding,
+// DateStyle, TimeZone, standard_conforming_strings and application_name is
+// refused with "unsupported startup parameter". Since each transaction may
+// get another server connection, clients need a pgx query exec mode that
+// keeps no named prepared statements (pgbouncer 1.18 does not track them).
+// pgbouncer is taken from $PATH or /usr/sbin; `make test` installs it. Like
+// the server, it runs as the "postgres" OS user when the tests run as root.
+//
 // # External server
 //
 // If $PGCONSISTENCY_TEST_DSN is set to a postgres:// URL of a superuser on an
@@ -60,6 +81,11 @@
 // does not. To stop one at once:
 //
 //	pg_ctl -D /tmp/pgtest-XXXX/data stop -m immediate   # as postgres when root
+//
+// A pgbouncer, on the other hand, gets SIGKILL when the test binary dies,
+// however it dies (a parent-death signal); only its pgbouncer-* directory
+// (under /tmp when root) stays behind. Should one survive anyway, its pid is
+// in the pgbouncer.pid file of that directory.
 package pgtest
 
 import (
