@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, when it is missing: the
-# PostgreSQL 15 server, pg_cron, psql, Prometheus (remote write receiver,
-# promtool) and Alertmanager (amtool). On Debian as root it runs apt-get; elsewhere it says what to install.
+# PostgreSQL 15 server, pg_cron, psql, PgBouncer (pgtest starts one in front
+# of a test server), Prometheus (remote write receiver, promtool),
+# Alertmanager (amtool), and the de_DE.UTF-8 locale
+# (generated with localedef). On Debian as root it runs apt-get; elsewhere it
+# says what to install.
 # `install-deps.sh bench` also installs what make bench compares with and
 # loads the database with: prometheus-postgres-exporter and pgbench.
 set -euo pipefail
@@ -25,20 +28,45 @@ if ! ls ${pg_libdir:-/usr/lib/postgresql/*/lib}/pg_cron.so /usr/lib/postgresql/*
   pkgs+=(postgresql-15-cron)
 fi
 command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client-15)
+# Debian puts pgbouncer in /usr/sbin, which may not be on a user's PATH.
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  pkgs+=(pgbouncer)
+fi
 command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
 command -v amtool >/dev/null 2>&1 || pkgs+=(prometheus-alertmanager)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 
+# A second message locale for the server: the SQL tests check that a refresh
+# tells a timeout from a cancel whatever language the server speaks.
+need_locale=
+if ! locale -a 2>/dev/null | grep -qix 'de_DE.utf8'; then
+  need_locale=1
+  command -v localedef >/dev/null 2>&1 || pkgs+=(locales)
+fi
+
+generate_locale() {
+  if [ -n "$need_locale" ] && [ "$(id -u)" -eq 0 ]; then
+    localedef -i de_DE -f UTF-8 de_DE.UTF-8
+  fi
+}
+
 if [ ${#pkgs[@]} -eq 0 ]; then
+  generate_locale
+  if [ -n "$need_locale" ] && [ "$(id -u)" -ne 0 ]; then
+    echo "missing: the de_DE.UTF-8 locale (for the SQL tests); as root: localedef -i de_DE -f UTF-8 de_DE.UTF-8" >&2
+    exit 1
+  fi
   exit 0
 fi
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "installing: ${pkgs[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  # The Debian postgresql package starts a cluster on 5432; the tests never
-  # use it, they start their own on free ports.
+  # The Debian postgresql package starts a cluster on 5432 (and pgbouncer's
+  # service may listen on 6432); the tests never use them, they start their
+  # own on free ports.
   apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+  generate_locale
   exit 0
 fi
 echo "missing: ${pkgs[*]}" >&2

@@ -19,11 +19,12 @@
 SET client_min_messages = warning;
 
 BEGIN;
+\o /dev/null
 
 DO $check$
 BEGIN
-    IF pg_catalog.to_regclass('pgconsistency.invariant') IS NULL THEN
-        RAISE EXCEPTION 'pgconsistency is not installed in database %', pg_catalog.current_database()
+    IF pg_catalog.to_regprocedure('pgconsistency.install_index(text, text)') IS NULL THEN
+        RAISE EXCEPTION 'pgconsistency is not installed (or is older than 0.2.0) in database %', pg_catalog.current_database()
             USING HINT = 'Run sql/install.sql first, then sql/audit.sql.';
     END IF;
 END
@@ -60,24 +61,27 @@ CREATE TABLE IF NOT EXISTS pgconsistency.audit_log (
     client_addr      inet,                 -- NULL over the unix socket
     statement        text                  -- current_query(), the top-level statement, cut at 1000 characters
 );
-COMMENT ON TABLE pgconsistency.audit_log IS
-  'pgconsistency audit trail: row history of the tables audited with pgconsistency.enable_audit()';
+SELECT pgconsistency.install_comment('pgconsistency.audit_log',
+  'pgconsistency audit trail: row history of the tables audited with pgconsistency.enable_audit()');
 
 -- Every index is paid on every audited row change, so there are few.
 -- "What happened to key K": audit_history(). The partial indexes get almost
--- no entries (few rows have an old_row_key or are TRUNCATEs).
-CREATE INDEX IF NOT EXISTS audit_log_row_key
-    ON pgconsistency.audit_log (row_key, changed_at) WHERE row_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS audit_log_old_row_key
-    ON pgconsistency.audit_log (old_row_key) WHERE old_row_key IS NOT NULL;
-CREATE INDEX IF NOT EXISTS audit_log_truncate
-    ON pgconsistency.audit_log (changed_at) WHERE operation = 'TRUNCATE';
+-- no entries (few rows have an old_row_key or are TRUNCATEs). Created only
+-- when missing (audit_log takes the application's writes: CREATE INDEX IF
+-- NOT EXISTS would lock it before checking).
+SELECT pgconsistency.install_index('audit_log_row_key',
+  'CREATE INDEX audit_log_row_key ON pgconsistency.audit_log (row_key, changed_at) WHERE row_key IS NOT NULL');
+SELECT pgconsistency.install_index('audit_log_old_row_key',
+  'CREATE INDEX audit_log_old_row_key ON pgconsistency.audit_log (old_row_key) WHERE old_row_key IS NOT NULL');
+SELECT pgconsistency.install_index('audit_log_truncate',
+  $$CREATE INDEX audit_log_truncate ON pgconsistency.audit_log (changed_at) WHERE operation = 'TRUNCATE'$$);
 -- "What happened since time X" (add the table as a filter), and pruning.
-CREATE INDEX IF NOT EXISTS audit_log_changed_at
-    ON pgconsistency.audit_log (changed_at);
+SELECT pgconsistency.install_index('audit_log_changed_at',
+  'CREATE INDEX audit_log_changed_at ON pgconsistency.audit_log (changed_at)');
 
 -- The audited tables, maintained by enable_audit() and disable_audit().
--- By name, like pgconsistency.invariant (pg_upgrade refuses reg* columns).
+-- By name, like pgconsistency.invariant: a table dropped and re-created by a
+-- migration keeps its entry.
 CREATE TABLE IF NOT EXISTS pgconsistency.audited_table (
     table_schema text        NOT NULL,
     table_name   text        NOT NULL,
@@ -86,8 +90,8 @@ CREATE TABLE IF NOT EXISTS pgconsistency.audited_table (
     enabled_by   text        NOT NULL DEFAULT session_user,
     PRIMARY KEY (table_schema, table_name)
 );
-COMMENT ON TABLE pgconsistency.audited_table IS
-  'Tables whose row changes pgconsistency.audit_log records; see enable_audit() and disable_audit()';
+SELECT pgconsistency.install_comment('pgconsistency.audited_table',
+  'Tables whose row changes pgconsistency.audit_log records; see enable_audit() and disable_audit()');
 
 REVOKE ALL ON pgconsistency.audit_log, pgconsistency.audited_table FROM PUBLIC;
 
@@ -381,4 +385,5 @@ REVOKE EXECUTE ON FUNCTION pgconsistency.drop_audit_triggers(regclass), pgconsis
        pgconsistency.disable_audit(regclass), pgconsistency.enable_dataset_audit(text),
        pgconsistency.audit_history(text, timestamptz, text), pgconsistency.audit_restore(bigint) FROM PUBLIC;
 
+\o
 COMMIT;

@@ -14,13 +14,140 @@
 -- receiver) and a refresher (pg_cron, deploy pipelines) need.
 
 CREATE SCHEMA IF NOT EXISTS pgconsistency;
-COMMENT ON SCHEMA pgconsistency IS
-  'pgconsistency: data-consistency invariants materialized as views, their refresh state and status';
+
+-- version: the version of the SQL installed, the top entry of CHANGELOG.md.
+-- install.sql upgrades any older install in place (see "Upgrades" below).
+CREATE OR REPLACE FUNCTION pgconsistency.version() RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$ SELECT '0.2.0'::text $fn$;
+
+-- install_ddl: run one DDL statement of an install or upgrade with bounded
+-- lock waits. install.sql runs on every deployment, while refreshes and
+-- readers hold locks on pgconsistency's tables: a DDL statement that waits
+-- for its lock queues every later reader behind it. So each attempt waits at
+-- most 200 ms for its locks, then lets the readers through for a second and
+-- tries again, until pgconsistency.install_lock_wait (default 10 s, set by
+-- install.sql from psql's -v lock_wait=...) has passed; then the install
+-- fails, rolled back whole, with a message that says to re-run it.
+-- Internal to the installer and define_invariant. Callers run it only when
+-- the catalog says the change is needed, so an unchanged install takes no
+-- lock that can wait.
+CREATE OR REPLACE FUNCTION pgconsistency.install_ddl(ddl text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_budget   interval := coalesce(NULLIF(pg_catalog.current_setting('pgconsistency.install_lock_wait', true), ''), '10 s')::interval;
+    v_deadline timestamptz := pg_catalog.clock_timestamp() + v_budget;
+    v_attempts integer := 0;
+BEGIN
+    LOOP
+        v_attempts := v_attempts + 1;
+        BEGIN
+            PERFORM pg_catalog.set_config('lock_timeout', '200ms', true);
+            EXECUTE ddl;
+            PERFORM pg_catalog.set_config('lock_timeout', '0', true);
+            RETURN;
+        EXCEPTION WHEN lock_not_available THEN
+            PERFORM pg_catalog.set_config('lock_timeout', '0', true);
+            IF pg_catalog.clock_timestamp() + interval '1 second' > v_deadline THEN
+                RAISE EXCEPTION 'pgconsistency: install stopped: another session held a lock it needs for % (% attempts in %); nothing was changed',
+                    pg_catalog.left(pg_catalog.regexp_replace(pg_catalog.btrim(ddl), '\s+', ' ', 'g'), 120), v_attempts, v_budget
+                    USING ERRCODE = 'lock_not_available',
+                          HINT = 'A refresh or a long transaction holds a lock on pgconsistency''s objects (pg_locks shows which). '
+                                 'Re-run install.sql: it is safe to repeat and picks up where it failed. '
+                                 'To wait longer: psql -v lock_wait=60s -f install.sql.';
+            END IF;
+            PERFORM pg_catalog.pg_sleep(1);
+        END;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.install_ddl(text) IS
+  'Internal: run a DDL statement of the installer with short lock waits and retries, failing with a hint to re-run';
+
+-- install_comment: COMMENT ON a relation only when the comment differs (a
+-- COMMENT takes a SHARE UPDATE EXCLUSIVE lock on its table).
+CREATE OR REPLACE FUNCTION pgconsistency.install_comment(relation text, comment text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_rel regclass := pg_catalog.to_regclass(relation);
+    v_kind text;
+BEGIN
+    IF v_rel IS NULL OR pg_catalog.obj_description(v_rel, 'pg_class') IS NOT DISTINCT FROM comment THEN
+        RETURN;
+    END IF;
+    SELECT CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END
+      INTO v_kind FROM pg_catalog.pg_class c WHERE c.oid = v_rel;
+    PERFORM pgconsistency.install_ddl(pg_catalog.format('COMMENT ON %s %s IS %L', v_kind, v_rel, comment));
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.install_comment(text, text) IS
+  'Internal: set a relation''s comment when it differs, with the installer''s bounded lock waits';
+
+-- install_column: ALTER TABLE ... ADD COLUMN when the column is missing (an
+-- upgrade); ADD COLUMN IF NOT EXISTS would take its ACCESS EXCLUSIVE lock
+-- first and check afterwards.
+CREATE OR REPLACE FUNCTION pgconsistency.install_column(relation text, col text, definition text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = relation::regclass AND a.attname = col AND NOT a.attisdropped) THEN
+        PERFORM pgconsistency.install_ddl(pg_catalog.format('ALTER TABLE %s ADD COLUMN %I %s', relation, col, definition));
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.install_column(text, text, text) IS
+  'Internal: add a column missing from an older install, with the installer''s bounded lock waits';
+
+-- install_index: CREATE INDEX when no relation of that name exists
+-- (CREATE INDEX IF NOT EXISTS takes its SHARE lock before it checks).
+CREATE OR REPLACE FUNCTION pgconsistency.install_index(name text, ddl text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF pg_catalog.to_regclass('pgconsistency.' || pg_catalog.quote_ident(name)) IS NULL THEN
+        PERFORM pgconsistency.install_ddl(ddl);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.install_index(text, text) IS
+  'Internal: create an index missing from an older install, with the installer''s bounded lock waits';
+
+-- An install made before 0.1.0 (the first release) cannot be upgraded in
+-- place: its tables lack columns that 0.1.0 has always had.
+DO $do$
+BEGIN
+    IF pg_catalog.to_regclass('pgconsistency.anomaly') IS NOT NULL AND NOT EXISTS (
+        SELECT 1 FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = pg_catalog.to_regclass('pgconsistency.anomaly') AND a.attname = 'resolved_at' AND NOT a.attisdropped) THEN
+        RAISE EXCEPTION 'pgconsistency: the schema pgconsistency holds an install older than release 0.1.0, which install.sql cannot upgrade'
+            USING HINT = 'Keep what you need (SELECT * FROM pgconsistency.status), then DROP SCHEMA pgconsistency CASCADE and run install.sql again.';
+    END IF;
+END
+$do$;
+
+DO $do$
+BEGIN
+    IF pg_catalog.obj_description((SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgconsistency'), 'pg_namespace')
+       IS DISTINCT FROM 'pgconsistency: data-consistency invariants materialized as views, their refresh state and status' THEN
+        COMMENT ON SCHEMA pgconsistency IS
+          'pgconsistency: data-consistency invariants materialized as views, their refresh state and status';
+    END IF;
+END
+$do$;
 
 -- The registry: one row per invariant. The anomaly rows live in a materialized
 -- view (any schema) with a text column "key" that identifies the offending
 -- entity and a unique index on it, so REFRESH ... CONCURRENTLY works.
--- The view is stored by name, not as regclass: pg_upgrade refuses reg* columns.
+-- The view is stored by name, not as regclass: define_invariant drops and
+-- re-creates views whose query changed, and the registry must survive that.
 CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
     name          text        PRIMARY KEY
                               CONSTRAINT invariant_name_format CHECK (name ~ '^[a-z][a-z0-9_]{0,62}$'),
@@ -48,17 +175,29 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
     -- (see valid_refresh_settings for the names allowed). Every refresh
     -- runs with max_parallel_workers_per_gather = 0 unless this says otherwise.
     settings      jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    -- after_refresh: optional function (schema-qualified name, one text
+    -- argument: the invariant's name) that refresh_invariant calls after a
+    -- successful refresh, in the same transaction, e.g. to remember counters
+    -- the next refresh compares with (the operations pack's deadlocks_detected).
+    after_refresh text,
+    -- Resolved anomalies are deleted this long after they were resolved (by
+    -- the invariant's refresh), once every log consumer has read them.
+    resolved_retention interval NOT NULL DEFAULT '30 days'
+                                CONSTRAINT invariant_resolved_retention_positive CHECK (resolved_retention > interval '0'),
     -- md5 of the query when the view was created by define_invariant();
     -- NULL for views registered with register_invariant().
     query_md5     text,
     registered_at timestamptz NOT NULL DEFAULT now(),
     CONSTRAINT invariant_view_unique UNIQUE (view_schema, view_name)
 );
-COMMENT ON TABLE pgconsistency.invariant IS
-  'Registered invariants: one materialized view of violating rows each';
+SELECT pgconsistency.install_comment('pgconsistency.invariant',
+  'Registered invariants: one materialized view of violating rows each');
 
--- Installs made before the column existed.
-ALTER TABLE pgconsistency.invariant ADD COLUMN IF NOT EXISTS settings jsonb NOT NULL DEFAULT '{}'::jsonb;
+-- Upgrades of the registry (each a no-op, taking no lock, when the column exists).
+SELECT pgconsistency.install_column('pgconsistency.invariant', 'settings', $$jsonb NOT NULL DEFAULT '{}'::jsonb$$);
+SELECT pgconsistency.install_column('pgconsistency.invariant', 'after_refresh', 'text');
+SELECT pgconsistency.install_column('pgconsistency.invariant', 'resolved_retention',  -- 0.2.0
+  $$interval NOT NULL DEFAULT '30 days' CONSTRAINT invariant_resolved_retention_positive CHECK (resolved_retention > interval '0')$$);
 
 -- The settings an invariant's refresh may change: the planner's and the
 -- memory of one query; never anything that outlives the refresh's
@@ -77,17 +216,11 @@ DO $do$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
                     WHERE conrelid = 'pgconsistency.invariant'::regclass AND conname = 'invariant_settings_valid') THEN
-        ALTER TABLE pgconsistency.invariant ADD CONSTRAINT invariant_settings_valid
-            CHECK (pgconsistency.valid_refresh_settings(settings));
+        PERFORM pgconsistency.install_ddl('ALTER TABLE pgconsistency.invariant ADD CONSTRAINT invariant_settings_valid
+            CHECK (pgconsistency.valid_refresh_settings(settings))');
     END IF;
 END
 $do$;
-
--- after_refresh: optional function (schema-qualified name, one text argument:
--- the invariant's name) that refresh_invariant calls after a successful
--- refresh, in the same transaction, e.g. to remember counters the next
--- refresh compares with (the operations pack's deadlocks_detected).
-ALTER TABLE pgconsistency.invariant ADD COLUMN IF NOT EXISTS after_refresh text;
 
 -- Parameters of invariants (thresholds and the like): the invariant's query
 -- reads them with pgconsistency.parameter(invariant, name), so they change
@@ -102,8 +235,8 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant_parameter (
     description text,
     PRIMARY KEY (invariant, name)
 );
-COMMENT ON TABLE pgconsistency.invariant_parameter IS
-  'Parameters (thresholds) of invariants; change them with pgconsistency.set_parameter()';
+SELECT pgconsistency.install_comment('pgconsistency.invariant_parameter',
+  'Parameters (thresholds) of invariants; change them with pgconsistency.set_parameter()');
 
 -- Refresh state: written only by pgconsistency.refresh(), one row per invariant
 -- that has been refreshed (or attempted) at least once.
@@ -131,14 +264,17 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
     last_skipped_at          timestamptz,
     skips                    bigint      NOT NULL DEFAULT 0
 );
-COMMENT ON TABLE pgconsistency.refresh_state IS
-  'Outcome of the latest refresh of each invariant; written by pgconsistency.refresh()';
+SELECT pgconsistency.install_comment('pgconsistency.refresh_state',
+  'Outcome of the latest refresh of each invariant; written by pgconsistency.refresh()');
 
 -- The lifecycle of every anomaly, by invariant and key: first seen, last seen,
 -- resolved, acknowledged. Maintained by refresh() in O(anomalies): it is what
 -- tells a new anomaly from an old one even when the total count stays the
 -- same. A resolved anomaly that comes back is new again (new seq, new
--- first_seen_at, acknowledgement cleared).
+-- first_seen_at, acknowledgement cleared). Resolved anomalies are deleted
+-- after their invariant's resolved_retention.
+-- seq orders the log records: it is taken under a lock held until commit
+-- (see refresh_invariant), so seqs become visible in increasing order.
 CREATE SEQUENCE IF NOT EXISTS pgconsistency.anomaly_seq;
 CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     invariant       text        NOT NULL
@@ -157,20 +293,33 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     ack_until       timestamptz,
     PRIMARY KEY (invariant, key)
 );
-CREATE INDEX IF NOT EXISTS anomaly_open ON pgconsistency.anomaly (invariant) WHERE resolved_at IS NULL;
-CREATE INDEX IF NOT EXISTS anomaly_seq_idx ON pgconsistency.anomaly (seq);
-COMMENT ON TABLE pgconsistency.anomaly IS
-  'Anomalies by invariant and key: first seen, last seen, resolved, acknowledged';
+SELECT pgconsistency.install_index('anomaly_open',
+  'CREATE INDEX anomaly_open ON pgconsistency.anomaly (invariant) WHERE resolved_at IS NULL');
+SELECT pgconsistency.install_index('anomaly_seq_idx',
+  'CREATE INDEX anomaly_seq_idx ON pgconsistency.anomaly (seq)');
+-- 0.2.0: the expiry of acknowledgements and the retention of resolved
+-- anomalies read only the rows they change.
+SELECT pgconsistency.install_index('anomaly_ack_until',
+  'CREATE INDEX anomaly_ack_until ON pgconsistency.anomaly (ack_until) WHERE ack_until IS NOT NULL');
+SELECT pgconsistency.install_index('anomaly_resolved',
+  'CREATE INDEX anomaly_resolved ON pgconsistency.anomaly (invariant, resolved_at) WHERE resolved_at IS NOT NULL');
+SELECT pgconsistency.install_comment('pgconsistency.anomaly',
+  'Anomalies by invariant and key: first seen, last seen, resolved, acknowledged');
 
 -- Where each log consumer (a receiver in a logs pipeline, by component id)
 -- is in the sequence of new anomalies: each anomaly is logged once.
+-- owner: the role that created the cursor; only it (or a role with the
+-- privileges of pgconsistency's owner) reads and moves it. NULL for cursors
+-- made before 0.2.0: the next role to use it becomes its owner.
 CREATE TABLE IF NOT EXISTS pgconsistency.log_cursor (
     consumer   text        PRIMARY KEY,
     last_seq   bigint      NOT NULL,
-    updated_at timestamptz NOT NULL
+    updated_at timestamptz NOT NULL,
+    owner      text
 );
-COMMENT ON TABLE pgconsistency.log_cursor IS
-  'Last anomaly seq delivered to each log consumer';
+SELECT pgconsistency.install_column('pgconsistency.log_cursor', 'owner', 'text');  -- 0.2.0
+SELECT pgconsistency.install_comment('pgconsistency.log_cursor',
+  'Last anomaly seq delivered to each log consumer');
 
 -- Refresh requests, e.g. from a deploy pipeline: "refresh everything once the
 -- deployment has settled". At most one request is pending; asking again
@@ -185,10 +334,10 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_request (
     -- set by the refresh that runs it: a request runs once
     claimed_at   timestamptz
 );
-CREATE UNIQUE INDEX IF NOT EXISTS refresh_request_one_pending
-    ON pgconsistency.refresh_request ((true)) WHERE claimed_at IS NULL;
-COMMENT ON TABLE pgconsistency.refresh_request IS
-  'Requests for a refresh of every invariant after a delay; written by pgconsistency.request_refresh()';
+SELECT pgconsistency.install_index('refresh_request_one_pending',
+  'CREATE UNIQUE INDEX refresh_request_one_pending ON pgconsistency.refresh_request ((true)) WHERE claimed_at IS NULL');
+SELECT pgconsistency.install_comment('pgconsistency.refresh_request',
+  'Requests for a refresh of every invariant after a delay; written by pgconsistency.request_refresh()');
 
 -- request_refresh: ask for a refresh of every enabled invariant once "delay"
 -- has passed without another request. For deploy pipelines and migration
@@ -298,6 +447,7 @@ BEGIN
             name, coalesce(register_invariant.severity, 'NULL');
     END IF;
 
+    -- An unchanged registration writes nothing (install.sql runs on every deploy).
     INSERT INTO pgconsistency.invariant AS i (name, description, severity, view_schema, view_name)
     VALUES (register_invariant.name, coalesce(register_invariant.description, ''), register_invariant.severity,
             register_invariant.view_schema, register_invariant.view_name)
@@ -305,7 +455,9 @@ BEGIN
        SET description = EXCLUDED.description,
            severity    = EXCLUDED.severity,
            view_schema = EXCLUDED.view_schema,
-           view_name   = EXCLUDED.view_name;
+           view_name   = EXCLUDED.view_name
+     WHERE (i.description, i.severity, i.view_schema, i.view_name)
+           IS DISTINCT FROM (EXCLUDED.description, EXCLUDED.severity, EXCLUDED.view_schema, EXCLUDED.view_name);
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, text) IS
@@ -401,8 +553,10 @@ BEGIN
 END
 $fn$;
 
--- settings, when given, replaces the invariant's refresh settings (see the
--- invariant table); NULL keeps them as they are.
+-- settings, when given, are the refresh settings (see the invariant table)
+-- of a new invariant, or of one whose query changed; otherwise the settings
+-- a DBA may have changed since (UPDATE pgconsistency.invariant SET settings)
+-- are kept. NULL keeps them as they are.
 DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text);
 CREATE OR REPLACE FUNCTION pgconsistency.define_invariant(
     name        text,
@@ -435,18 +589,30 @@ BEGIN
       FROM pgconsistency.invariant i
      WHERE i.name = define_invariant.name AND i.view_schema = 'pgconsistency' AND i.view_name = define_invariant.name;
 
+    -- A changed query replaces the view: its DROP waits for a running
+    -- refresh of it, with the installer's bounded lock waits.
     IF v_relkind IS NULL OR v_existing IS DISTINCT FROM v_md5 THEN
-        EXECUTE pg_catalog.format('DROP MATERIALIZED VIEW IF EXISTS pgconsistency.%I', name);
+        IF v_relkind IS NOT NULL THEN
+            PERFORM pgconsistency.install_ddl(pg_catalog.format('DROP MATERIALIZED VIEW pgconsistency.%I', name));
+        END IF;
         EXECUTE pg_catalog.format('CREATE MATERIALIZED VIEW pgconsistency.%I AS %s WITH NO DATA', name, query);
         EXECUTE pg_catalog.format('CREATE UNIQUE INDEX %I ON pgconsistency.%I (key)', name || '_key', name);
         EXECUTE pg_catalog.format('COMMENT ON MATERIALIZED VIEW pgconsistency.%I IS %L', name,
                                   'pgconsistency invariant ' || name || ': ' || coalesce(description, ''));
+    ELSE
+        PERFORM pgconsistency.install_comment(pg_catalog.format('pgconsistency.%I', name),
+                                              'pgconsistency invariant ' || name || ': ' || coalesce(description, ''));
     END IF;
 
     PERFORM pgconsistency.register_invariant(name, 'pgconsistency', name, severity, description);
+    -- settings are those of a new invariant or of a changed query; re-running
+    -- a pack keeps what a DBA changed since.
     UPDATE pgconsistency.invariant i
-       SET query_md5 = v_md5, settings = coalesce(define_invariant.settings, i.settings)
-     WHERE i.name = define_invariant.name;
+       SET query_md5 = v_md5,
+           settings = CASE WHEN i.query_md5 IS DISTINCT FROM v_md5 THEN coalesce(define_invariant.settings, i.settings)
+                           ELSE i.settings END
+     WHERE i.name = define_invariant.name
+       AND i.query_md5 IS DISTINCT FROM v_md5;
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text, jsonb) IS
@@ -460,8 +626,8 @@ CREATE TABLE IF NOT EXISTS pgconsistency.deploy_marker (
     seen_at    timestamptz NOT NULL,
     changed_at timestamptz
 );
-COMMENT ON TABLE pgconsistency.deploy_marker IS
-  'Last seen value of the deploy marker; written by pgconsistency.observe_deploy_marker()';
+SELECT pgconsistency.install_comment('pgconsistency.deploy_marker',
+  'Last seen value of the deploy marker; written by pgconsistency.observe_deploy_marker()');
 
 -- observe_deploy_marker: record the marker's current value; when it differs
 -- from the last one seen, request a refresh after delay (the deployment must
@@ -635,10 +801,50 @@ BEGIN
 END
 $fn$;
 
+-- log_cursor_owned: the cursor of a log consumer, locked, after checking
+-- that the calling role (the login role: session_user, since the callers are
+-- SECURITY DEFINER) may use it: its owner, or a role with the privileges of
+-- pgconsistency's owner. A cursor without an owner (made before 0.2.0) is
+-- taken over by its next user. NULL when the consumer has no cursor yet.
+-- Internal to new_anomalies_for_log and advance_log_cursor.
+CREATE OR REPLACE FUNCTION pgconsistency.log_cursor_owned(consumer text) RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_owner text;
+    v_last  bigint;
+BEGIN
+    SELECT c.owner, c.last_seq INTO v_owner, v_last
+      FROM pgconsistency.log_cursor c WHERE c.consumer = log_cursor_owned.consumer FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    IF v_owner IS NULL THEN
+        UPDATE pgconsistency.log_cursor c SET owner = session_user WHERE c.consumer = log_cursor_owned.consumer;
+    ELSIF v_owner IS DISTINCT FROM session_user::text
+          AND NOT pg_catalog.pg_has_role(session_user,
+                  (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgconsistency'), 'USAGE') THEN
+        RAISE EXCEPTION 'pgconsistency: the log cursor of consumer % belongs to role %, not to %',
+            pg_catalog.quote_literal(consumer), pg_catalog.quote_ident(v_owner), pg_catalog.quote_ident(session_user)
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Each log consumer (a receiver id) reads and moves its own cursor: give this receiver another id, '
+                         'or connect as the role that owns the cursor.';
+    END IF;
+    RETURN v_last;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.log_cursor_owned(text) IS
+  'Internal: lock a log consumer''s cursor after checking that the calling role owns it';
+
 -- new_anomalies_for_log: the anomalies that appeared since a log consumer's
 -- cursor, oldest first, at most max_rows. A consumer seen for the first time
 -- starts at the current end: what was there before is not new to it.
 -- advance_log_cursor() moves the cursor once the records were delivered.
+-- Each anomaly is delivered exactly once even when refreshes run at the
+-- same time: seqs are taken in commit order (see refresh_invariant).
+-- details (the anomaly's row: it copies application data) only for a role
+-- granted them on purpose: GRANT SELECT (details) ON pgconsistency.anomaly.
 CREATE OR REPLACE FUNCTION pgconsistency.new_anomalies_for_log(consumer text, max_rows integer)
 RETURNS TABLE (seq bigint, invariant text, severity text, key text, details jsonb, first_seen_at timestamptz)
 LANGUAGE plpgsql
@@ -646,17 +852,18 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    v_last bigint;
+    v_last    bigint := pgconsistency.log_cursor_owned(consumer);
+    v_details boolean := pg_catalog.has_column_privilege(session_user, 'pgconsistency.anomaly', 'details', 'SELECT');
 BEGIN
-    SELECT c.last_seq INTO v_last FROM pgconsistency.log_cursor c WHERE c.consumer = new_anomalies_for_log.consumer;
-    IF NOT FOUND THEN
-        INSERT INTO pgconsistency.log_cursor AS c (consumer, last_seq, updated_at)
-        VALUES (new_anomalies_for_log.consumer, coalesce((SELECT max(a.seq) FROM pgconsistency.anomaly a), 0), pg_catalog.now())
+    IF v_last IS NULL THEN
+        INSERT INTO pgconsistency.log_cursor AS c (consumer, last_seq, updated_at, owner)
+        VALUES (new_anomalies_for_log.consumer, coalesce((SELECT max(a.seq) FROM pgconsistency.anomaly a), 0),
+                pg_catalog.now(), session_user)
         ON CONFLICT ON CONSTRAINT log_cursor_pkey DO NOTHING;
         RETURN;
     END IF;
     RETURN QUERY
-        SELECT a.seq, a.invariant, i.severity, a.key, a.details, a.first_seen_at
+        SELECT a.seq, a.invariant, i.severity, a.key, CASE WHEN v_details THEN a.details END, a.first_seen_at
           FROM pgconsistency.anomaly a
           JOIN pgconsistency.invariant i ON i.name = a.invariant
          WHERE a.seq > v_last
@@ -664,16 +871,42 @@ BEGIN
          LIMIT max_rows;
 END
 $fn$;
+COMMENT ON FUNCTION pgconsistency.new_anomalies_for_log(text, integer) IS
+  'The new anomalies after a log consumer''s cursor, oldest first (details only with SELECT (details) ON pgconsistency.anomaly)';
 
+-- advance_log_cursor: the consumer delivered every record up to seq.
 CREATE OR REPLACE FUNCTION pgconsistency.advance_log_cursor(consumer text, seq bigint) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
+    IF pgconsistency.log_cursor_owned(consumer) IS NULL THEN
+        RAISE EXCEPTION 'pgconsistency: consumer % has no log cursor', pg_catalog.quote_literal(consumer)
+            USING HINT = 'new_anomalies_for_log(consumer, max_rows) creates it.';
+    END IF;
     UPDATE pgconsistency.log_cursor c
        SET last_seq = GREATEST(c.last_seq, advance_log_cursor.seq), updated_at = pg_catalog.now()
-     WHERE c.consumer = advance_log_cursor.consumer
+     WHERE c.consumer = advance_log_cursor.consumer;
+END
 $fn$;
+COMMENT ON FUNCTION pgconsistency.advance_log_cursor(text, bigint) IS
+  'Move a log consumer''s cursor past the records it delivered (only the role that owns the cursor)';
+
+-- refresh_due: whether an invariant whose latest refresh started at
+-- last_started_at is due at "at": its refresh_period has passed, up to a
+-- tenth of it (at most 30 s) early, so that a schedule whose tick equals
+-- the period does not miss every other tick by a few milliseconds of jitter.
+CREATE OR REPLACE FUNCTION pgconsistency.refresh_due(last_started_at timestamptz, refresh_period interval, at timestamptz)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT last_started_at IS NULL
+        OR last_started_at <= at - refresh_period + least(interval '30 seconds', refresh_period / 10)
+$fn$;
+COMMENT ON FUNCTION pgconsistency.refresh_due(timestamptz, interval, timestamptz) IS
+  'Internal: whether an invariant''s refresh_period has passed since its latest refresh started';
 
 -- Older signatures, replaced below (CREATE OR REPLACE cannot change them).
 DROP FUNCTION IF EXISTS pgconsistency.refresh_invariant(text);
@@ -704,6 +937,7 @@ DECLARE
     v_error    text;
     v_hint     text;
     v_state    text;
+    v_timeout  text;
 BEGIN
     SELECT * INTO inv FROM pgconsistency.invariant i WHERE i.name = refresh_invariant.invariant;
     IF NOT FOUND THEN
@@ -727,11 +961,9 @@ BEGIN
 
     -- Due? Checked under the lock, on committed state, so two schedulers
     -- never refresh the same invariant twice in one period.
-    IF NOT force AND EXISTS (
-        SELECT 1 FROM pgconsistency.refresh_state s
-         WHERE s.invariant = inv.name
-           AND s.last_started_at > v_started - inv.refresh_period
-                                   + least(interval '30 seconds', inv.refresh_period / 10)) THEN
+    IF NOT force AND NOT pgconsistency.refresh_due(
+        (SELECT s.last_started_at FROM pgconsistency.refresh_state s WHERE s.invariant = inv.name),
+        inv.refresh_period, v_started) THEN
         RETURN 'not_due';
     END IF;
 
@@ -757,6 +989,14 @@ BEGIN
         ELSE
             EXECUTE pg_catalog.format('REFRESH MATERIALIZED VIEW %I.%I', inv.view_schema, inv.view_name);
         END IF;
+
+        -- New anomalies take their seqs (the order of the log records) under
+        -- a lock held until this transaction commits: seqs then become
+        -- visible in increasing order, so a log consumer that has read up to
+        -- seq N never meets a smaller one later, whatever the refreshes
+        -- running at the same time (nextval alone does not order commits).
+        -- Concurrent refreshes queue here for the lifecycle step only.
+        PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.anomaly_seq'), 0);
 
         -- Update the anomalies' lifecycle: O(anomalies), the application
         -- tables are not read again. The CTEs see the same snapshot and touch
@@ -790,6 +1030,12 @@ BEGIN
         INTO v_new, v_resolved
         USING inv.name, v_started;
         SELECT c.open, c.acknowledged INTO v_total, v_acked FROM pgconsistency.open_counts(inv.name) c;
+        -- Retention: resolved anomalies older than resolved_retention go,
+        -- except those a log consumer has not read yet.
+        DELETE FROM pgconsistency.anomaly a
+         WHERE a.invariant = inv.name
+           AND a.resolved_at < v_started - inv.resolved_retention
+           AND a.seq <= coalesce((SELECT min(c.last_seq) FROM pgconsistency.log_cursor c), a.seq);
         IF inv.after_refresh IS NOT NULL THEN
             -- regprocedure: the name must resolve to a function of one text argument.
             EXECUTE pg_catalog.format('SELECT %s($1)', (inv.after_refresh || '(text)')::regprocedure::oid::regproc)
@@ -797,13 +1043,20 @@ BEGIN
         END IF;
     EXCEPTION
         WHEN query_canceled THEN
+            -- 57014 is a statement timeout or a cancel (pg_cancel_backend,
+            -- Ctrl-C). Not told apart by the message, which follows
+            -- lc_messages: a timeout is a cancel that came once the
+            -- statement_timeout armed for this statement had passed.
             GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
-            IF v_error NOT LIKE '%statement timeout%' THEN
+            v_timeout := pg_catalog.current_setting('statement_timeout');
+            IF v_timeout IN ('0', '') OR pg_catalog.clock_timestamp() - pg_catalog.statement_timestamp()
+                                         < (CASE WHEN v_timeout ~ '^[0-9]+$' THEN v_timeout || 'ms' ELSE v_timeout END)::interval
+                                           - interval '5 milliseconds' THEN
                 RAISE; -- a cancel by the user or an administrator stops the whole refresh
             END IF;
             v_status := 'timed_out';
-            v_error := pg_catalog.format('%s: the refresh ran longer than the invariant''s statement_timeout (%s)',
-                                         v_error, inv.statement_timeout);
+            v_error := pg_catalog.format('%s: the refresh ran longer than the statement_timeout in force (%s; the invariant''s statement_timeout is %s, in force under the receiver''s scheduler)',
+                                         v_error, v_timeout, inv.statement_timeout);
             v_hint := pg_catalog.format('Raise it with UPDATE pgconsistency.invariant SET statement_timeout = ... WHERE name = %L, or make the query cheaper.', inv.name);
         WHEN OTHERS THEN
             GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT, v_hint = PG_EXCEPTION_HINT, v_state = RETURNED_SQLSTATE;
@@ -858,6 +1111,51 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.refresh_invariant(text, boolean) IS
   'Internal: refresh one invariant in the current transaction; use CALL pgconsistency.refresh() instead';
 
+-- refresh_plan: the first step of every refresh loop (CALL refresh(),
+-- pg_cron, the receiver's scheduler): on the primary, it takes a due refresh
+-- request (which then runs once, however many schedulers poll), ends the
+-- acknowledgements past their "until", and returns the invariants to
+-- refresh now (name), each with the force flag to pass to refresh_invariant
+-- (forced) and its statement_timeout in milliseconds. With invariant NULL: the enabled ones
+-- that are due, or all enabled ones when force is true or a request is due;
+-- with a name: that one (force defaults to true). Commit after it, then run
+-- refresh_invariant(invariant, force) once per row, one transaction each.
+-- On a standby it returns nothing: the primary's refreshes replicate there.
+CREATE OR REPLACE FUNCTION pgconsistency.refresh_plan(invariant text DEFAULT NULL, force boolean DEFAULT NULL)
+RETURNS TABLE (name text, forced boolean, statement_timeout_ms bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_force boolean := coalesce(refresh_plan.force, refresh_plan.invariant IS NOT NULL);
+    v_now   timestamptz := pg_catalog.clock_timestamp();
+BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RAISE NOTICE 'pgconsistency: nothing refreshed: this server is a standby; refreshes run on the primary and replicate here';
+        RETURN;
+    END IF;
+    IF refresh_plan.invariant IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = refresh_plan.invariant) THEN
+        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(refresh_plan.invariant)
+            USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
+    END IF;
+    IF refresh_plan.invariant IS NULL AND pgconsistency.claim_refresh_request() THEN
+        v_force := true;
+    END IF;
+    PERFORM pgconsistency.expire_acknowledgements();
+    RETURN QUERY
+        SELECT i.name, v_force, (EXTRACT(epoch FROM i.statement_timeout) * 1000)::bigint
+          FROM pgconsistency.invariant i
+          LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+         WHERE CASE WHEN refresh_plan.invariant IS NOT NULL THEN i.name = refresh_plan.invariant
+                    ELSE i.enabled AND (v_force OR pgconsistency.refresh_due(s.last_started_at, i.refresh_period, v_now)) END
+         ORDER BY i.name;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.refresh_plan(text, boolean) IS
+  'First step of a refresh loop: take a due request, expire acknowledgements, list the invariants to refresh now';
+
 -- refresh: CALL pgconsistency.refresh() refreshes every enabled invariant
 -- that is due (its refresh_period has passed), and every enabled invariant
 -- when a requested refresh (request_refresh) is due.
@@ -865,37 +1163,24 @@ COMMENT ON FUNCTION pgconsistency.refresh_invariant(text, boolean) IS
 -- CALL pgconsistency.refresh(force => true) refreshes all of them now.
 -- Each invariant is refreshed and committed in its own transaction, so one
 -- failure does not undo or stop the others. Not inside BEGIN ... COMMIT.
--- On a standby it does nothing: the primary's refreshes replicate there.
+-- It is the one refresh loop: refresh_plan, then refresh_invariant per
+-- invariant; the receiver's scheduler runs the same two steps as statements
+-- of their own, so that each invariant's statement_timeout applies.
 -- (No SET search_path here: a procedure with SET clauses cannot COMMIT; every
 -- name in it is qualified instead. For the same reason it cannot be SECURITY
--- DEFINER: it runs as its caller, who needs SELECT on pgconsistency.invariant
--- and EXECUTE on the SECURITY DEFINER functions it calls; sql/roles.sql
--- grants exactly that to pgconsistency_refresher.)
+-- DEFINER: it runs as its caller, who needs EXECUTE on the SECURITY DEFINER
+-- functions it calls; sql/roles.sql grants that to pgconsistency_refresher.)
 CREATE OR REPLACE PROCEDURE pgconsistency.refresh(invariant text DEFAULT NULL, force boolean DEFAULT NULL)
 LANGUAGE plpgsql
 AS $pr$
 DECLARE
     v_names text[];
+    v_force boolean;
     v_name  text;
-    v_force boolean := coalesce(force, invariant IS NOT NULL);
 BEGIN
-    IF pg_catalog.pg_is_in_recovery() THEN
-        RAISE NOTICE 'pgconsistency: nothing refreshed: this server is a standby; refreshes run on the primary and replicate here';
-        RETURN;
-    END IF;
-    IF invariant IS NOT NULL AND NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.name = refresh.invariant) THEN
-        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
-            USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
-    END IF;
-    IF invariant IS NULL AND pgconsistency.claim_refresh_request() THEN
-        v_force := true;
-    END IF;
-    PERFORM pgconsistency.expire_acknowledgements();
+    SELECT pg_catalog.array_agg(p.name ORDER BY p.name), pg_catalog.bool_or(p.forced) INTO v_names, v_force
+      FROM pgconsistency.refresh_plan(refresh.invariant, refresh.force) p;
     COMMIT; -- the claim is visible at once: the request runs once
-
-    SELECT pg_catalog.array_agg(i.name ORDER BY i.name) INTO v_names
-      FROM pgconsistency.invariant i
-     WHERE (refresh.invariant IS NULL AND i.enabled) OR i.name = refresh.invariant;
 
     FOREACH v_name IN ARRAY coalesce(v_names, '{}') LOOP
         -- A refresh lost in a crash is redone by the next one: its commit
@@ -912,17 +1197,16 @@ COMMENT ON PROCEDURE pgconsistency.refresh(text, boolean) IS
 -- status: one row per registered invariant; the one query the receiver runs
 -- each scrape. It reads stored counts only (never the anomaly views), so its
 -- cost does not depend on the size of the application tables.
--- The grants on the view (to pgconsistency_reader, see sql/roles.sql) would
--- be lost with it: they are kept in a session setting and given back below.
+--
+-- Re-created only when its definition changed: DROP VIEW takes an ACCESS
+-- EXCLUSIVE lock that would queue the readers behind it on every deploy. The
+-- definition is compared through a temporary view of the new one (both
+-- deparsed by PostgreSQL, with every name qualified). The grants on the view
+-- (to pgconsistency_reader, see sql/roles.sql) are given back after a
+-- re-creation.
 DO $do$
-BEGIN
-    PERFORM pg_catalog.set_config('pgconsistency.status_acl',
-        coalesce((SELECT c.relacl::text FROM pg_catalog.pg_class c
-                   WHERE c.oid = pg_catalog.to_regclass('pgconsistency.status')), ''), false);
-END
-$do$;
-DROP VIEW IF EXISTS pgconsistency.status; -- its columns changed; recreated below
-CREATE VIEW pgconsistency.status AS
+DECLARE
+    v_def text := $def$
 SELECT i.name                                    AS invariant,
        i.severity,
        i.description,
@@ -950,27 +1234,42 @@ SELECT i.name                                    AS invariant,
             WHEN s.last_skipped_at > s.last_finished_at THEN 'skipped'
             ELSE s.last_status END               AS last_outcome,
        (SELECT count(*) FROM pgconsistency.refresh_request q WHERE q.claimed_at IS NULL) AS pending_requests,
-       (SELECT d.changed_at FROM pgconsistency.deploy_marker d) AS deploy_marker_changed_at
+       (SELECT d.changed_at FROM pgconsistency.deploy_marker d) AS deploy_marker_changed_at,
+       -- the installed SQL version (0.2.0 and later), the same on every row
+       pgconsistency.version()                   AS version
   FROM pgconsistency.invariant i
-  LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name;
-COMMENT ON VIEW pgconsistency.status IS
-  'One row per registered invariant: latest snapshot counts and refresh outcome (cheap: reads stored state only)';
-
-DO $do$
-DECLARE
+  LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+$def$;
+    v_acl aclitem[];
     g record;
 BEGIN
+    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
+    EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_status_next AS ' || v_def;
+    IF pg_catalog.to_regclass('pgconsistency.status') IS NOT NULL
+       AND pg_catalog.pg_get_viewdef(pg_catalog.to_regclass('pgconsistency.status'))
+           = pg_catalog.pg_get_viewdef(pg_catalog.to_regclass('pg_temp.pgconsistency_status_next')) THEN
+        DROP VIEW pg_temp.pgconsistency_status_next;
+        RETURN;
+    END IF;
+    DROP VIEW pg_temp.pgconsistency_status_next;
+
+    SELECT c.relacl INTO v_acl FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('pgconsistency.status');
+    IF pg_catalog.to_regclass('pgconsistency.status') IS NOT NULL THEN
+        PERFORM pgconsistency.install_ddl('DROP VIEW pgconsistency.status');
+    END IF;
+    EXECUTE 'CREATE VIEW pgconsistency.status AS ' || v_def;
+    COMMENT ON VIEW pgconsistency.status IS
+      'One row per registered invariant: latest snapshot counts and refresh outcome (cheap: reads stored state only)';
     FOR g IN
         SELECT a.privilege_type, a.is_grantable,
                CASE WHEN a.grantee = 0 THEN 'PUBLIC'
                     ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END AS grantee
-          FROM pg_catalog.aclexplode(NULLIF(pg_catalog.current_setting('pgconsistency.status_acl', true), '')::pg_catalog.aclitem[]) a
-         WHERE a.grantee <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = 'pgconsistency.status'::pg_catalog.regclass)
+          FROM pg_catalog.aclexplode(v_acl) a
+         WHERE a.grantee <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('pgconsistency.status'))
     LOOP
         EXECUTE pg_catalog.format('GRANT %s ON pgconsistency.status TO %s%s', g.privilege_type, g.grantee,
                                   CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
     END LOOP;
-    PERFORM pg_catalog.set_config('pgconsistency.status_acl', '', false);
 END
 $do$;
 
@@ -986,3 +1285,17 @@ REVOKE EXECUTE ON ALL PROCEDURES IN SCHEMA pgconsistency FROM PUBLIC;
 -- CHECK constraint runs its functions with the privileges of whoever writes
 -- the table.
 GRANT EXECUTE ON FUNCTION pgconsistency.valid_refresh_settings(jsonb) TO PUBLIC;
+-- And the version, which the status view calls (a view's functions run with
+-- the privileges of the role reading the view).
+GRANT EXECUTE ON FUNCTION pgconsistency.version() TO PUBLIC;
+
+-- Upgrades: where sql/roles.sql ran before, the functions a release adds to
+-- what its roles run get their grants now, so that a pg_cron job or a
+-- collector running as one of them keeps working before roles.sql is re-run.
+DO $do$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgconsistency_refresher') THEN
+        GRANT EXECUTE ON FUNCTION pgconsistency.refresh_plan(text, boolean) TO pgconsistency_refresher; -- 0.2.0
+    END IF;
+END
+$do$;

@@ -35,11 +35,8 @@ BEGIN;
 
 DO $check$
 BEGIN
-    IF pg_catalog.to_regclass('pgconsistency.invariant_parameter') IS NULL
-       OR NOT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
-                       WHERE a.attrelid = 'pgconsistency.invariant'::pg_catalog.regclass
-                         AND a.attname = 'after_refresh' AND NOT a.attisdropped) THEN
-        RAISE EXCEPTION 'pgconsistency is not installed (or is too old) in database %', pg_catalog.current_database()
+    IF pg_catalog.to_regprocedure('pgconsistency.install_comment(text, text)') IS NULL THEN
+        RAISE EXCEPTION 'pgconsistency is not installed (or is older than 0.2.0) in database %', pg_catalog.current_database()
             USING HINT = 'Run sql/install.sql first, then sql/operations.sql.';
     END IF;
 END
@@ -224,8 +221,8 @@ CREATE TABLE IF NOT EXISTS pgconsistency.deadlock_baseline (
     stats_reset timestamptz,
     recorded_at timestamptz NOT NULL
 );
-COMMENT ON TABLE pgconsistency.deadlock_baseline IS
-  'pg_stat_database.deadlocks as seen by the latest refresh of deadlocks_detected';
+SELECT pgconsistency.install_comment('pgconsistency.deadlock_baseline',
+  'pg_stat_database.deadlocks as seen by the latest refresh of deadlocks_detected');
 
 -- Reads pg_stat_database in the refresh's transaction: with the default
 -- stats_fetch_consistency (cache) it sees the same value the view's query saw.

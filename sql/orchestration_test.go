@@ -213,7 +213,8 @@ func testStatementTimeout(t *testing.T, s *pgtest.Server) {
 	st := status(t, conn)["slow_check"]
 	assert.Equal(t, "timed_out", st.LastOutcome)
 	assert.Contains(t, *st.LastError, "canceling statement due to statement timeout")
-	assert.Contains(t, *st.LastError, "statement_timeout (00:00:00.3)")
+	assert.Contains(t, *st.LastError, "statement_timeout in force (300ms")
+	assert.Contains(t, *st.LastError, "statement_timeout is 00:00:00.3")
 	assert.Contains(t, *st.LastError, "UPDATE pgconsistency.invariant SET statement_timeout")
 	assert.Nil(t, st.RefreshedAt)
 
@@ -224,6 +225,27 @@ func testStatementTimeout(t *testing.T, s *pgtest.Server) {
 	_, err := canceled.Exec(ctx, "CALL pgconsistency.refresh('slow_check')")
 	require.Error(t, err)
 	assert.EqualValues(t, 1, status(t, conn)["slow_check"].ConsecutiveFailures, "a user's cancel is not recorded as a timeout")
+
+	// The same in German: a timeout is told from a cancel by the limit that
+	// was armed, not by the message, which follows lc_messages.
+	german := s.Conn(t, db)
+	if _, err := german.Exec(t.Context(), "SET lc_messages = 'de_DE.UTF-8'"); err != nil {
+		t.Fatalf("the de_DE.UTF-8 locale is missing (%v): run scripts/install-deps.sh as root (make test does), which generates it", err)
+	}
+	exec(t, german, "SELECT set_config('statement_timeout', $1, false)", timeout)
+	_, err = german.Exec(t.Context(), "CALL pgconsistency.refresh('slow_check')")
+	require.NoError(t, err, "a timeout under lc_messages = de_DE is recorded, not raised")
+	st = status(t, conn)["slow_check"]
+	assert.Equal(t, "timed_out", st.LastOutcome)
+	assert.Contains(t, *st.LastError, "Zeitüberschreitung", "the server's own (German) message is kept")
+	assert.Contains(t, *st.LastError, "statement_timeout in force (300ms")
+	assert.EqualValues(t, 2, st.ConsecutiveFailures)
+	ctx, cancel = context.WithTimeout(t.Context(), 300*time.Millisecond)
+	defer cancel()
+	exec(t, german, "RESET statement_timeout")
+	_, err = german.Exec(ctx, "CALL pgconsistency.refresh('slow_check')")
+	require.Error(t, err, "a cancel under lc_messages = de_DE stops the refresh")
+	assert.EqualValues(t, 2, status(t, conn)["slow_check"].ConsecutiveFailures)
 }
 
 func testPgCronSchedule(t *testing.T, s *pgtest.Server) {
@@ -247,9 +269,37 @@ func testPgCronSchedule(t *testing.T, s *pgtest.Server) {
 	})
 	require.NoError(t, err)
 	assert.Equal(t, [][4]string{
-		{"pgconsistency-cleanup", "17 3 * * *", "DELETE FROM cron.job_run_details WHERE end_time < now() - interval '7 days'", "postgres"},
+		{"pgconsistency-cleanup", "17 3 * * *", `DELETE FROM cron.job_run_details
+       WHERE end_time < now() - interval '7 days'
+         AND jobid IN (SELECT jobid FROM cron.job WHERE jobname LIKE 'pgconsistency-%')`, "postgres"},
 		{"pgconsistency-refresh-" + db, "* * * * *", "CALL pgconsistency.refresh()", db},
 	}, jobs)
+
+	// The cleanup deletes the old history of pgconsistency's jobs only:
+	// another team's job keeps its history, however old.
+	exec(t, cronDB, "SELECT cron.schedule('other-team-report', '0 4 * * *', 'SELECT 1')")
+	t.Cleanup(func() { _, _ = cronDB.Exec(context.Background(), "SELECT cron.unschedule('other-team-report')") })
+	exec(t, cronDB, `INSERT INTO cron.job_run_details (jobid, runid, job_pid, database, username, command, status, return_message, start_time, end_time)
+		SELECT j.jobid, nextval('cron.runid_seq'), 1, 'postgres', 'postgres', j.command, 'succeeded', 'SELECT 1', now() - d, now() - d
+		  FROM cron.job j, (VALUES (interval '30 days'), (interval '1 day')) AS ages(d)
+		 WHERE j.jobname IN ('other-team-report', 'pgconsistency-refresh-' || $1)`, db)
+	var cleanup string
+	require.NoError(t, cronDB.QueryRow(t.Context(), "SELECT command FROM cron.job WHERE jobname = 'pgconsistency-cleanup'").Scan(&cleanup))
+	exec(t, cronDB, cleanup)
+	left := map[string]int{}
+	rows, err = cronDB.Query(t.Context(), `SELECT j.jobname, count(*) FROM cron.job_run_details d JOIN cron.job j USING (jobid)
+		WHERE j.jobname IN ('other-team-report', 'pgconsistency-refresh-' || $1) GROUP BY 1`, db)
+	require.NoError(t, err)
+	for rows.Next() {
+		var name string
+		var n int
+		require.NoError(t, rows.Scan(&name, &n))
+		left[name] = n
+	}
+	require.NoError(t, rows.Err())
+	assert.Equal(t, map[string]int{"other-team-report": 2, "pgconsistency-refresh-" + db: 1}, left,
+		"the 30-day-old run of pgconsistency's job is deleted, the other team's runs are kept")
+	exec(t, cronDB, "DELETE FROM cron.job_run_details")
 
 	// The job really refreshes: a request due in 2 s is run once, by the
 	// job's next run (pg_cron 1.4 runs jobs at the start of each minute).

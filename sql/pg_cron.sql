@@ -12,8 +12,9 @@
 --       in <database>. That refreshes only the invariants whose refresh_period
 --       has passed, and runs a requested refresh (request_refresh) once it is
 --       due, so per-minute calls are cheap and requests run on time.
---   pgconsistency-cleanup  daily at 03:17 GMT: deletes cron.job_run_details rows
---       older than a week (pg_cron never deletes them itself).
+--   pgconsistency-cleanup  daily at 03:17 GMT: deletes the cron.job_run_details
+--       rows older than a week of pgconsistency's own jobs (pg_cron never
+--       deletes them itself); other jobs' history is left to their owners.
 -- Schedules use the 5-field cron syntax of pg_cron 1.4; pg_cron reads them in
 -- GMT. Re-running the file updates the jobs in place (they are matched by
 -- name): it never duplicates them.
@@ -38,4 +39,6 @@ SELECT cron.schedule_in_database(
 SELECT cron.schedule(
     'pgconsistency-cleanup',
     '17 3 * * *',
-    $$DELETE FROM cron.job_run_details WHERE end_time < now() - interval '7 days'$$);
+    $$DELETE FROM cron.job_run_details
+       WHERE end_time < now() - interval '7 days'
+         AND jobid IN (SELECT jobid FROM cron.job WHERE jobname LIKE 'pgconsistency-%')$$);

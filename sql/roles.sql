@@ -11,14 +11,18 @@
 --       pgconsistency.status; and, for a logs pipeline, EXECUTE on
 --       new_anomalies_for_log() and advance_log_cursor() (SECURITY DEFINER:
 --       the cursor is written by the functions, the role gets no table
---       privilege). Not the anomaly views nor pgconsistency.anomaly: their
---       rows copy application data.
+--       privilege; each login role reads and moves only the cursors it
+--       created). Not the anomaly views, nor pgconsistency.anomaly, nor the
+--       anomalies' details in the log records: they copy application data.
+--       To have the details in the log records, grant them on purpose to the
+--       collector's login role:
+--         GRANT SELECT (details) ON pgconsistency.anomaly TO otel_pgconsistency;
 --   pgconsistency_refresher  what refreshes: CALL pgconsistency.refresh(),
 --       request_refresh() for deploy pipelines, and what the receiver's
---       refresh scheduler (refresh::schedule) runs: refresh_invariant(),
---       claim_refresh_request(), observe_deploy_marker() and a SELECT on
---       pgconsistency.invariant. The refresh functions are SECURITY DEFINER:
---       the refresher need not own the views nor read the application tables.
+--       refresh scheduler (refresh::schedule) runs: refresh_plan(),
+--       refresh_invariant() and observe_deploy_marker(). The refresh
+--       functions are SECURITY DEFINER: the refresher need not own the views
+--       nor read the application tables.
 --
 -- Neither role gets anything on the application's tables. Give them to login
 -- roles:
@@ -81,12 +85,14 @@ GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_for_log(text, integer),
    TO pgconsistency_reader;
 
 -- The refresher. refresh() runs as its caller (a procedure that commits
--- cannot be SECURITY DEFINER): it reads pgconsistency.invariant and calls
--- the SECURITY DEFINER functions below; the receiver's scheduler does the same
--- one statement at a time.
+-- cannot be SECURITY DEFINER): it calls the SECURITY DEFINER functions
+-- below; the receiver's scheduler does the same one statement at a time.
+-- SELECT on the registry and claim_refresh_request() are what schedulers of
+-- release 0.1.0 call: kept so a collector upgraded after the SQL works.
 GRANT SELECT ON pgconsistency.invariant TO pgconsistency_refresher;
 GRANT EXECUTE ON PROCEDURE pgconsistency.refresh(text, boolean) TO pgconsistency_refresher;
-GRANT EXECUTE ON FUNCTION pgconsistency.refresh_invariant(text, boolean),
+GRANT EXECUTE ON FUNCTION pgconsistency.refresh_plan(text, boolean),
+                          pgconsistency.refresh_invariant(text, boolean),
                           pgconsistency.claim_refresh_request(),
                           pgconsistency.expire_acknowledgements(),
                           pgconsistency.request_refresh(interval, text),

@@ -224,8 +224,8 @@ func testPublicCannotExecute(t *testing.T, s *pgtest.Server) {
 	require.NoError(t, err)
 	public, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	assert.Equal(t, []string{"valid_refresh_settings"}, public,
-		"only the pure check of the settings constraint is PUBLIC")
+	assert.Equal(t, []string{"valid_refresh_settings", "version"}, public,
+		"only the pure check of the settings constraint and the version are PUBLIC")
 
 	rows, err = admin.Query(t.Context(), `
 		SELECT p.proname FROM pg_proc p
@@ -236,7 +236,7 @@ func testPublicCannotExecute(t *testing.T, s *pgtest.Server) {
 	require.NoError(t, err)
 	assert.Equal(t, []string{
 		"acknowledge", "acknowledge_all", "advance_log_cursor", "claim_refresh_request", "expire_acknowledgements",
-		"new_anomalies_for_log", "observe_deploy_marker", "refresh_invariant", "request_refresh", "unacknowledge",
+		"new_anomalies_for_log", "observe_deploy_marker", "refresh_invariant", "refresh_plan", "request_refresh", "unacknowledge",
 	}, definers)
 	rows, err = admin.Query(t.Context(), `
 		SELECT p.proname FROM pg_proc p
