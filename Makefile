@@ -44,7 +44,7 @@ test: deps check-fmt vet check-alerting build
 # A short, bounded run of each fuzz target (names, identifiers, endpoints).
 FUZZTIME ?= 10s
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzStatusQuery$$' -fuzztime $(FUZZTIME) ./receiver/pgconsistencyreceiver/
+	$(GO) test -run '^$$' -fuzz '^FuzzSchema$$' -fuzztime $(FUZZTIME) ./receiver/pgconsistencyreceiver/
 	$(GO) test -run '^$$' -fuzz '^FuzzEndpoint$$' -fuzztime $(FUZZTIME) ./receiver/pgconsistencyreceiver/
 
 # The benchmark harness (internal/bench): generated data at each SCALE (a

@@ -197,7 +197,10 @@ func startCollector(t *testing.T, config string, env map[string]string) *process
 	for _, k := range slices.Sorted(maps.Keys(env)) {
 		envList = append(envList, k+"="+env[k])
 	}
-	return startProcess(t, filepath.Base(config), envList, bin, "--config", fixture.Path(config))
+	if !filepath.IsAbs(config) {
+		config = fixture.Path(config)
+	}
+	return startProcess(t, filepath.Base(config), envList, bin, "--config", config)
 }
 
 func byInvariant(samples []sample) map[string]float64 {

@@ -30,6 +30,9 @@ type invariantStatus struct {
 	// database-wide values, the same on every row
 	PendingRequests       int64      `db:"pending_requests"`
 	DeployMarkerChangedAt *time.Time `db:"deploy_marker_changed_at"`
+	// Version is the installed SQL version; "" when the view has no version
+	// column (release 0.1.0).
+	Version string `db:"version"`
 }
 
 // client is what the scraper needs from the database; tests use a fake.
@@ -47,16 +50,47 @@ const statusColumns = `invariant, severity, anomalies, new_anomalies, resolved_a
 	last_duration_seconds, consecutive_failures, last_outcome, refresh_period_seconds, pending_requests,
 	deploy_marker_changed_at`
 
-// statusQuery reads the status view of schema; the schema name is quoted as
-// an identifier, never pasted as text.
-func statusQuery(schema string) string {
-	return "SELECT " + statusColumns + " FROM " + pgx.Identifier{schema, "status"}.Sanitize() + " WHERE enabled"
-}
+// schema is where sql/install.sql puts every object; the receiver's
+// "schema" setting can name no other (see Config.Schema).
+const schema = "pgconsistency"
+
+// statusQuery reads the status view, with its version column (0.2.0 and
+// later); legacyStatusQuery reads the view of release 0.1.0, which has none,
+// so that a collector upgraded before the database keeps reporting.
+var (
+	statusQuery       = "SELECT " + statusColumns + ", version FROM " + schema + ".status WHERE enabled"
+	legacyStatusQuery = "SELECT " + statusColumns + ", '' AS version FROM " + schema + ".status WHERE enabled"
+)
 
 type pgxClient struct {
-	pool        *pgxpool.Pool
-	statusQuery string
-	target      string // for error messages: database@host:port
+	pool    *pgxpool.Pool
+	timeout time.Duration
+	target  string // for error messages: database@host:port
+}
+
+// inTransaction runs fn in a transaction that carries its own limits:
+// statement_timeout set for this transaction only (set_config(..., true),
+// i.e. SET LOCAL), and read only when asked. Behind a transaction-pooling
+// proxy (PgBouncer, most managed proxies) startup parameters are refused and
+// session settings do not follow the client from one transaction to the
+// next; what is set inside a transaction does.
+func inTransaction(ctx context.Context, db beginner, readOnly bool, timeout time.Duration, fn func(pgx.Tx) error) error {
+	opts := pgx.TxOptions{}
+	if readOnly {
+		opts.AccessMode = pgx.ReadOnly
+	}
+	return pgx.BeginTxFunc(ctx, db, opts, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SELECT pg_catalog.set_config('statement_timeout', $1, true)",
+			strconv.FormatInt(timeout.Milliseconds(), 10)); err != nil {
+			return err
+		}
+		return fn(tx)
+	})
+}
+
+// beginner is a pool or a connection.
+type beginner interface {
+	BeginTx(ctx context.Context, txOptions pgx.TxOptions) (pgx.Tx, error)
 }
 
 // connConfig is how the receiver connects: credentials set field by field
@@ -83,8 +117,16 @@ func connConfig(ctx context.Context, cfg *Config) (*pgx.ConnConfig, error) {
 	if cc.TLSConfig != nil && cc.TLSConfig.ServerName == "" {
 		cc.TLSConfig.ServerName = host
 	}
+	// application_name is the only startup parameter: poolers refuse others.
 	cc.RuntimeParams = map[string]string{"application_name": "otelcol-pgconsistency"}
 	cc.ConnectTimeout = cfg.effectiveTimeout()
+	// No named prepared statements (a pooler may run each transaction on
+	// another server connection, where they do not exist) and no statement
+	// descriptions fetched in a round trip of their own: each query is one
+	// Parse/Bind/Execute/Sync with the unnamed statement.
+	cc.DefaultQueryExecMode = pgx.QueryExecModeExec
+	cc.StatementCacheCapacity = 0
+	cc.DescriptionCacheCapacity = 0
 	return cc, nil
 }
 
@@ -95,9 +137,6 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 	if err != nil {
 		return nil, err
 	}
-	// The scrape only reads, and can never hold the database longer than its timeout.
-	cc.RuntimeParams["default_transaction_read_only"] = "on"
-	cc.RuntimeParams["statement_timeout"] = strconv.FormatInt(cfg.effectiveTimeout().Milliseconds(), 10)
 	pc, err := pgxpool.ParseConfig("")
 	if err != nil {
 		return nil, fmt.Errorf("building the PostgreSQL connection configuration: %w", err)
@@ -113,9 +152,9 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 		return nil, fmt.Errorf("creating the PostgreSQL connection pool: %w", err)
 	}
 	return &pgxClient{
-		pool:        pool,
-		statusQuery: statusQuery(cfg.Schema),
-		target:      fmt.Sprintf("database %q at %s", cfg.Database, cfg.Endpoint),
+		pool:    pool,
+		timeout: cfg.effectiveTimeout(),
+		target:  fmt.Sprintf("database %q at %s", cfg.Database, cfg.Endpoint),
 	}, nil
 }
 
@@ -133,12 +172,29 @@ func (c *pgxClient) status(ctx context.Context) ([]invariantStatus, error) {
 	return rows, nil
 }
 
+// queryStatus reads the status in a read-only transaction under the
+// scrape's statement_timeout: the scrape can never write, nor hold the
+// database longer than its timeout.
 func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) {
-	rows, err := c.pool.Query(ctx, c.statusQuery)
-	if err != nil {
-		return nil, err
+	rows, err := c.readStatus(ctx, statusQuery)
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42703" { // undefined_column: the SQL of release 0.1.0
+		return c.readStatus(ctx, legacyStatusQuery)
 	}
-	return pgx.CollectRows(rows, pgx.RowToStructByName[invariantStatus])
+	return rows, err
+}
+
+func (c *pgxClient) readStatus(ctx context.Context, query string) ([]invariantStatus, error) {
+	var out []invariantStatus
+	err := inTransaction(ctx, c.pool, true, c.timeout, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, query)
+		if err != nil {
+			return err
+		}
+		out, err = pgx.CollectRows(rows, pgx.RowToStructByName[invariantStatus])
+		return err
+	})
+	return out, err
 }
 
 // explain turns the errors users will meet into messages that say what to do.
@@ -148,7 +204,7 @@ func (c *pgxClient) explain(err error) error {
 		switch pgErr.Code {
 		case "42P01", "3F000": // undefined_table, invalid_schema_name
 			return fmt.Errorf("reading pgconsistency status in %s: %w; install it with "+
-				"`psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`, or set \"schema\" to where it is installed", c.target, err)
+				"`psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`", c.target, err)
 		case "42501": // insufficient_privilege
 			return fmt.Errorf("reading pgconsistency status in %s: %w; grant the receiver's role "+
 				"USAGE on the schema and SELECT on its status view", c.target, err)

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"net"
 	"os"
-	"regexp"
 	"strconv"
 	"strings"
 	"time"
@@ -20,14 +19,10 @@ import (
 
 const (
 	defaultEndpoint           = "localhost:5432"
-	defaultSchema             = "pgconsistency"
 	defaultCollectionInterval = 60 * time.Second
 	maxDerivedTimeout         = 10 * time.Second // cap of the timeout derived when "timeout" is not set
 	defaultDeployDelay        = 10 * time.Minute
 	defaultMaxLogRecords      = 100
-
-	// PostgreSQL truncates identifiers longer than this many bytes.
-	maxIdentifierLength = 63
 )
 
 // Config is the configuration of the pgconsistency receiver.
@@ -52,7 +47,8 @@ type Config struct {
 	// insecure_skip_verify: false verifies the certificate (sslmode=verify-full).
 	TLS configtls.ClientConfig `mapstructure:"tls"`
 
-	// Schema is where sql/install.sql put the pgconsistency objects.
+	// Schema is deprecated: sql/install.sql installs into schema
+	// pgconsistency, the only value accepted (with a warning); remove it.
 	Schema string `mapstructure:"schema"`
 
 	// Refresh makes the receiver run the refreshes itself, for servers
@@ -119,7 +115,6 @@ func createDefaultConfig() *Config {
 			Insecure:           false,
 			InsecureSkipVerify: true,
 		},
-		Schema: defaultSchema,
 		Refresh: RefreshConfig{
 			DeployMarker: DeployMarkerConfig{Delay: defaultDeployDelay},
 		},
@@ -148,15 +143,9 @@ func (cfg *Config) Validate() error {
 			`lower "timeout", or remove it to use the default (half of "collection_interval", at most %s)`,
 			cfg.Timeout, cfg.CollectionInterval, maxDerivedTimeout))
 	}
-	switch {
-	case cfg.Schema == "":
-		errs = append(errs, fmt.Errorf(`"schema" must not be empty: set it to the schema of the pgconsistency objects (default %q)`, defaultSchema))
-	case len(cfg.Schema) > maxIdentifierLength:
-		errs = append(errs, fmt.Errorf(`"schema" %q is longer than %d bytes, which PostgreSQL does not allow for a name: `+
-			`set it to the schema where sql/install.sql installed pgconsistency (default %q)`, cfg.Schema, maxIdentifierLength, defaultSchema))
-	case !plainIdentifier.MatchString(cfg.Schema):
-		errs = append(errs, fmt.Errorf(`"schema" %q is not a plain PostgreSQL name: use lower-case letters, digits and _ (starting with a letter or _), `+
-			`as the schema was created by sql/install.sql (default %q)`, cfg.Schema, defaultSchema))
+	if cfg.Schema != "" && cfg.Schema != schema {
+		errs = append(errs, fmt.Errorf(`"schema" %q is not supported: sql/install.sql installs pgconsistency into schema %q, `+
+			`the only one the receiver reads; remove "schema" (it is deprecated)`, cfg.Schema, schema))
 	}
 	if cfg.Logs.MaxRecordsPerScrape <= 0 {
 		errs = append(errs, fmt.Errorf(`"logs::max_records_per_scrape" (%d) must be at least 1`, cfg.Logs.MaxRecordsPerScrape))
@@ -175,10 +164,14 @@ func (cfg *Config) Validate() error {
 	return errors.Join(errs...)
 }
 
-// plainIdentifier is a name PostgreSQL takes as it is without quotes. The
-// shipped SQL names the schema without quotes, so a schema that needs them
-// (upper case, spaces, quotes) cannot be one it installed.
-var plainIdentifier = regexp.MustCompile(`^[a-z_][a-z0-9_$]*$`)
+// deprecations are the warnings to log at start for deprecated settings.
+func (cfg *Config) deprecations() []string {
+	var out []string
+	if cfg.Schema != "" {
+		out = append(out, `"schema" is deprecated and will be removed: pgconsistency is always in schema pgconsistency; remove the key`)
+	}
+	return out
+}
 
 // effectiveTimeout is the limit of one scrape, of connecting and of each
 // statement (statement_timeout). An explicit "timeout" wins; otherwise it

@@ -3,7 +3,6 @@ package pgconsistencyreceiver
 import (
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 	"time"
 
@@ -13,6 +12,11 @@ import (
 	"go.opentelemetry.io/collector/config/confignet"
 	"go.opentelemetry.io/collector/confmap"
 	"go.opentelemetry.io/collector/confmap/confmaptest"
+	"go.opentelemetry.io/collector/consumer/consumertest"
+	"go.opentelemetry.io/collector/receiver/receivertest"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver/internal/metadata"
 )
@@ -32,7 +36,8 @@ func TestDefaultConfig(t *testing.T) {
 	cfg := createDefaultConfig()
 	assert.Equal(t, "localhost:5432", cfg.Endpoint)
 	assert.Equal(t, confignet.TransportTypeTCP, cfg.Transport)
-	assert.Equal(t, "pgconsistency", cfg.Schema)
+	assert.Empty(t, cfg.Schema, "schema is deprecated: unset by default")
+	assert.Empty(t, cfg.deprecations())
 	assert.Equal(t, 60*time.Second, cfg.CollectionInterval)
 	assert.Zero(t, cfg.Timeout, "timeout is derived from collection_interval unless set")
 	assert.Equal(t, 10*time.Second, cfg.effectiveTimeout())
@@ -53,14 +58,16 @@ func TestLoadConfig(t *testing.T) {
 		assert.Equal(t, "otel", cfg.Username)
 		assert.Equal(t, "app", cfg.Database)
 		assert.Equal(t, "localhost:5432", cfg.Endpoint)
-		assert.Equal(t, "pgconsistency", cfg.Schema)
+		assert.Empty(t, cfg.Schema)
 	})
 	t.Run("all_settings", func(t *testing.T) {
 		cfg := loadConfig(t, "all_settings")
 		require.NoError(t, confmap.Validate(cfg))
 		assert.Equal(t, "db.example.internal:6432", cfg.Endpoint)
 		assert.Equal(t, "s3cret", string(cfg.Password))
-		assert.Equal(t, "consistency", cfg.Schema)
+		assert.Equal(t, "pgconsistency", cfg.Schema)
+		assert.Equal(t, []string{`"schema" is deprecated and will be removed: pgconsistency is always in schema pgconsistency; remove the key`},
+			cfg.deprecations(), "the old key still works, with a warning")
 		assert.Equal(t, 5*time.Minute, cfg.CollectionInterval)
 		assert.Equal(t, 20*time.Second, cfg.Timeout)
 		assert.Equal(t, 20*time.Second, cfg.effectiveTimeout(), "an explicit timeout wins")
@@ -126,7 +133,7 @@ func TestLoadConfig(t *testing.T) {
 			`"transport" "udp" is not supported`,
 			`"username" must be set`,
 			`"database" must be set`,
-			`"schema" must not be empty`,
+			`"schema" "consistency" is not supported`,
 			`"collection_interval": requires positive value`,
 		} {
 			assert.ErrorContains(t, err, want)
@@ -167,22 +174,19 @@ func TestValidateEndpoint(t *testing.T) {
 	}
 }
 
+// TestValidateSchema: "schema" is deprecated. Unset or "pgconsistency" (the
+// only schema the SQL installs into) is accepted; anything else is refused
+// with the key and the fix, and never reaches a query.
 func TestValidateSchema(t *testing.T) {
 	tests := []struct {
 		schema  string
 		wantErr string
 	}{
+		{schema: ""},
 		{schema: "pgconsistency"},
-		{schema: "_checks_2"},
-		{schema: "checks$v2"},
-		{schema: strings.Repeat("s", 63)},
-		{schema: strings.Repeat("s", 64), wantErr: `is longer than 63 bytes`},
-		{schema: "", wantErr: `"schema" must not be empty`},
-		{schema: `pg"consistency`, wantErr: `"schema" "pg\"consistency" is not a plain PostgreSQL name`},
-		{schema: "pg consistency", wantErr: `"schema" "pg consistency" is not a plain PostgreSQL name`},
-		{schema: "PgConsistency", wantErr: `is not a plain PostgreSQL name: use lower-case letters`},
-		{schema: "2checks", wantErr: `is not a plain PostgreSQL name`},
-		{schema: "public.pgconsistency", wantErr: `is not a plain PostgreSQL name`},
+		{schema: "checks", wantErr: `"schema" "checks" is not supported: sql/install.sql installs pgconsistency into schema "pgconsistency"`},
+		{schema: `pg"consistency`, wantErr: `remove "schema" (it is deprecated)`},
+		{schema: "PgConsistency", wantErr: `is not supported`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.schema, func(t *testing.T) {
@@ -297,4 +301,27 @@ func TestPasswordFile(t *testing.T) {
 		require.NoError(t, cfg.loadPasswordFile())
 		assert.Equal(t, "inline", string(cfg.Password))
 	})
+}
+
+// TestDeprecatedSchemaWarns: a configuration that still sets the deprecated
+// "schema" (to the one schema that works) creates both receivers and logs a
+// deprecation warning for each; without it, nothing is logged.
+func TestDeprecatedSchemaWarns(t *testing.T) {
+	for _, tt := range []struct {
+		schema string
+		warns  int
+	}{{schema: "pgconsistency", warns: 2}, {schema: "", warns: 0}} {
+		core, logs := observer.New(zapcore.WarnLevel)
+		set := receivertest.NewNopSettings(metadata.Type)
+		set.Logger = zap.New(core)
+		cfg := createDefaultConfig()
+		cfg.Username, cfg.Database, cfg.Schema = "otel", "app", tt.schema
+		require.NoError(t, confmap.Validate(cfg))
+		_, err := NewFactory().CreateMetrics(t.Context(), set, cfg, consumertest.NewNop())
+		require.NoError(t, err)
+		_, err = NewFactory().CreateLogs(t.Context(), set, cfg, consumertest.NewNop())
+		require.NoError(t, err)
+		deprecated := logs.FilterMessageSnippet(`"schema" is deprecated`).All()
+		assert.Len(t, deprecated, tt.warns, "schema %q", tt.schema)
+	}
 }

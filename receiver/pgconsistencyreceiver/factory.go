@@ -38,7 +38,9 @@ func createLogsReceiver(
 	rConf component.Config,
 	next consumer.Logs,
 ) (receiver.Logs, error) {
-	return &logsWithPasswordFile{newLogsReceiver(runConfig(rConf.(*Config)), set, next)}, nil
+	cfg := runConfig(rConf.(*Config))
+	warnDeprecations(cfg, set)
+	return &logsWithPasswordFile{newLogsReceiver(cfg, set, next)}, nil
 }
 
 // logsWithPasswordFile reads password_file before the logs receiver starts.
@@ -60,6 +62,7 @@ func createMetricsReceiver(
 	next consumer.Metrics,
 ) (receiver.Metrics, error) {
 	cfg := runConfig(rConf.(*Config))
+	warnDeprecations(cfg, set)
 	s := newScraper(cfg, set, newPgxClient)
 	sc, err := scraper.NewMetrics(s.scrape,
 		scraper.WithStart(func(ctx context.Context, host component.Host) error {
@@ -75,4 +78,11 @@ func createMetricsReceiver(
 	}
 	return scraperhelper.NewMetricsController(&cfg.ControllerConfig, set, next,
 		scraperhelper.AddMetricsScraper(metadata.Type, sc))
+}
+
+// warnDeprecations logs a warning for each deprecated setting in use.
+func warnDeprecations(cfg *Config, set receiver.Settings) {
+	for _, w := range cfg.deprecations() {
+		set.Logger.Warn(w)
+	}
 }

@@ -7,22 +7,26 @@ import (
 	"go.opentelemetry.io/collector/config/confignet"
 )
 
-// FuzzStatusQuery: whatever the configured schema, it ends up inside one
-// quoted identifier; nothing of it can become SQL.
-func FuzzStatusQuery(f *testing.F) {
-	for _, seed := range []string{"pgconsistency", `pg"consistency`, `x"; DROP TABLE public.dataset_entries; --`, "with space", "", "\x00", `""`, "Ünïcode"} {
+// FuzzSchema: whatever "schema" holds, the configuration is either valid
+// (unset or "pgconsistency", the only schema the SQL installs into) or
+// refused with an error naming the key (the queries name the schema as a
+// constant: no setting reaches them).
+func FuzzSchema(f *testing.F) {
+	for _, seed := range []string{"pgconsistency", "", `pg"consistency`, `x"; DROP TABLE public.dataset_entries; --`, "with space", "\x00", "Ünïcode"} {
 		f.Add(seed)
 	}
-	f.Fuzz(func(t *testing.T, schema string) {
-		q := statusQuery(schema)
-		clean := strings.ReplaceAll(schema, "\x00", "") // pgx drops NUL bytes, which PostgreSQL refuses anyway
-		want := `"` + strings.ReplaceAll(clean, `"`, `""`) + `"."status"`
-		if !strings.Contains(q, " FROM "+want+" WHERE enabled") {
-			t.Fatalf("schema %q: query %q does not quote it as %s", schema, q, want)
-		}
-		// Outside the identifier, the query is the same for every schema.
-		if got := strings.Replace(q, want, `"S"."status"`, 1); got != statusQuery("S") {
-			t.Fatalf("schema %q changed the query outside its identifier: %q", schema, got)
+	f.Fuzz(func(t *testing.T, s string) {
+		cfg := createDefaultConfig()
+		cfg.Username, cfg.Database = "otel", "app"
+		cfg.Schema = s
+		err := cfg.Validate()
+		switch {
+		case s == "" || s == "pgconsistency":
+			if err != nil {
+				t.Fatalf("schema %q refused: %v", s, err)
+			}
+		case err == nil || !strings.Contains(err.Error(), `"schema"`):
+			t.Fatalf("schema %q: want an error naming the key, got %v", s, err)
 		}
 	})
 }

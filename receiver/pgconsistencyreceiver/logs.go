@@ -40,7 +40,6 @@ type logsReceiver struct {
 }
 
 func newLogsReceiver(cfg *Config, set receiver.Settings, next consumer.Logs) *logsReceiver {
-	schema := pgx.Identifier{cfg.Schema}.Sanitize()
 	r := &logsReceiver{
 		cfg:      cfg,
 		logger:   set.Logger,
@@ -114,16 +113,20 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	rows, err := conn.Query(ctx, r.query, r.consumer, r.cfg.Logs.MaxRecordsPerScrape)
-	if err != nil {
+	timeout := r.cfg.effectiveTimeout()
+	var batch []newAnomaly
+	if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, r.query, r.consumer, r.cfg.Logs.MaxRecordsPerScrape)
+		if err != nil {
+			return err
+		}
+		batch, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (newAnomaly, error) {
+			var a newAnomaly
+			err := row.Scan(&a.seq, &a.invariant, &a.severity, &a.key, &a.details, &a.firstSeenAt)
+			return a, err
+		})
 		return err
-	}
-	batch, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (newAnomaly, error) {
-		var a newAnomaly
-		err := row.Scan(&a.seq, &a.invariant, &a.severity, &a.key, &a.details, &a.firstSeenAt)
-		return a, err
-	})
-	if err != nil || len(batch) == 0 {
+	}); err != nil || len(batch) == 0 {
 		return err
 	}
 	now := pcommon.NewTimestampFromTime(time.Now())
@@ -133,8 +136,10 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 	if err := r.next.ConsumeLogs(ctx, r.lb.Emit(metadata.WithLogsResource(r.resource))); err != nil {
 		return fmt.Errorf("the logs pipeline refused %d new anomaly records (kept for the next interval): %w", len(batch), err)
 	}
-	_, err = conn.Exec(ctx, r.advance, r.consumer, batch[len(batch)-1].seq)
-	return err
+	return inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, r.advance, r.consumer, batch[len(batch)-1].seq)
+		return err
+	})
 }
 
 func logRecord(a newAnomaly, observed pcommon.Timestamp) plog.LogRecord {

@@ -14,18 +14,19 @@ import (
 )
 
 // refresher runs the refreshes from the collector, for servers without
-// pg_cron: every refresh.schedule it watches the deploy marker, takes a due
-// refresh request, and refreshes each enabled invariant that is due (all of
-// them after a request), each as a statement of its own under the
-// invariant's statement_timeout. It has its own connection and goroutine,
-// so a refresh never delays or fails a scrape. Several collectors may run
-// it against one database: the advisory lock and the due check in
-// pgconsistency.refresh_invariant() make each invariant refresh once per
-// period.
+// pg_cron: every refresh.schedule it watches the deploy marker, then runs
+// the refresh loop of CALL pgconsistency.refresh() as statements of its own:
+// refresh_plan() (takes a due refresh request, expires acknowledgements,
+// lists what is due), then refresh_invariant() for each invariant it listed,
+// one transaction each under the invariant's statement_timeout. It has its
+// own connection and goroutine, so a refresh never delays or fails a scrape.
+// Several collectors may run it against one database: the advisory lock and
+// the due check in pgconsistency.refresh_invariant() make each invariant
+// refresh once per period. Every limit is set per transaction, so it works
+// behind a transaction-pooling proxy.
 type refresher struct {
 	cfg    *Config
 	logger *zap.Logger
-	schema string
 
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -33,7 +34,7 @@ type refresher struct {
 }
 
 func newRefresher(cfg *Config, logger *zap.Logger) *refresher {
-	r := &refresher{cfg: cfg, logger: logger, schema: pgx.Identifier{cfg.Schema}.Sanitize()}
+	r := &refresher{cfg: cfg, logger: logger}
 	r.conn = dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-refresh", onNotice: r.logNotice}
 	return r
 }
@@ -87,9 +88,11 @@ func (r *refresher) loop(ctx context.Context) {
 	}
 }
 
-type dueInvariant struct {
-	name             string
-	statementTimeout string // milliseconds
+// plannedRefresh is one row of pgconsistency.refresh_plan().
+type plannedRefresh struct {
+	Name               string `db:"name"`
+	Forced             bool   `db:"forced"`
+	StatementTimeoutMS int64  `db:"statement_timeout_ms"`
 }
 
 // pass does one round of due work.
@@ -98,62 +101,49 @@ func (r *refresher) pass(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	// The bookkeeping queries run under the receiver's timeout, not under the
-	// statement_timeout of the last invariant refreshed.
-	if _, err := conn.Exec(ctx, "SELECT pg_catalog.set_config('statement_timeout', $1, false)",
-		strconv.FormatInt(r.cfg.effectiveTimeout().Milliseconds(), 10)); err != nil {
-		return err
-	}
-	var standby bool
-	if err := conn.QueryRow(ctx, "SELECT pg_catalog.pg_is_in_recovery()").Scan(&standby); err != nil {
-		return err
-	}
-	if standby {
-		r.logger.Info("pgconsistency: nothing refreshed: the server is a standby; refreshes run on the primary and replicate here")
-		return nil
-	}
+	timeout := r.cfg.effectiveTimeout()
 	if q := r.cfg.Refresh.DeployMarker.Query; q != "" {
-		if err := r.observeDeployMarker(ctx, conn, q); err != nil {
+		if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
+			return r.observeDeployMarker(ctx, tx, q)
+		}); err != nil {
 			return err
 		}
 	}
-	var force bool
-	if err := conn.QueryRow(ctx, "SELECT "+r.schema+".claim_refresh_request()").Scan(&force); err != nil {
+	// The plan (a claimed request, expired acknowledgements) is committed
+	// before the refreshes, as in CALL pgconsistency.refresh().
+	var plan []plannedRefresh
+	if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
+		rows, err := tx.Query(ctx, "SELECT name, forced, statement_timeout_ms FROM "+schema+".refresh_plan()")
+		if err != nil {
+			return err
+		}
+		plan, err = pgx.CollectRows(rows, pgx.RowToStructByName[plannedRefresh])
 		return err
-	}
-	rows, err := conn.Query(ctx, `SELECT name, (extract(epoch FROM statement_timeout) * 1000)::bigint::text
-		FROM `+r.schema+`.invariant WHERE enabled ORDER BY name`)
-	if err != nil {
-		return err
-	}
-	invariants, err := pgx.CollectRows(rows, func(row pgx.CollectableRow) (dueInvariant, error) {
-		var d dueInvariant
-		err := row.Scan(&d.name, &d.statementTimeout)
-		return d, err
-	})
-	if err != nil {
-		return err
+	}); err != nil {
+		return explainRefreshError(err)
 	}
 
 	outcomes := map[string][]string{}
+	forced := false
 	var errs []error
-	for _, inv := range invariants {
-		outcome, err := r.refreshOne(ctx, conn, inv, force)
+	for _, p := range plan {
+		forced = forced || p.Forced
+		outcome, err := r.refreshOne(ctx, conn, p)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
 			}
-			errs = append(errs, fmt.Errorf("refreshing %s: %w", inv.name, err))
+			errs = append(errs, fmt.Errorf("refreshing %s: %w", p.Name, err))
 			if conn.IsClosed() {
 				break
 			}
 			continue
 		}
-		outcomes[outcome] = append(outcomes[outcome], inv.name)
+		outcomes[outcome] = append(outcomes[outcome], p.Name)
 	}
 	if len(outcomes) > 0 && (len(outcomes) > 1 || len(outcomes["not_due"]) == 0) {
 		fields := make([]zap.Field, 0, len(outcomes)+1)
-		fields = append(fields, zap.Bool("requested", force))
+		fields = append(fields, zap.Bool("requested", forced))
 		for outcome, names := range outcomes {
 			fields = append(fields, zap.String(outcome, strings.Join(names, ",")))
 		}
@@ -162,25 +152,39 @@ func (r *refresher) pass(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// refreshOne refreshes one invariant as a statement of its own, so that the
-// invariant's statement_timeout applies to it alone.
-func (r *refresher) refreshOne(ctx context.Context, conn *pgx.Conn, inv dueInvariant, force bool) (string, error) {
-	if _, err := conn.Exec(ctx, "SELECT pg_catalog.set_config('statement_timeout', $1, false)", inv.statementTimeout); err != nil {
-		return "", err
-	}
+// refreshOne refreshes one invariant in a transaction of its own, under the
+// invariant's statement_timeout. Its commit does not wait for the WAL flush:
+// a refresh lost in a crash is redone by the next one (as in CALL refresh()).
+func (r *refresher) refreshOne(ctx context.Context, conn *pgx.Conn, p plannedRefresh) (string, error) {
 	var outcome string
-	err := conn.QueryRow(ctx, "SELECT "+r.schema+".refresh_invariant($1, $2)", inv.name, force).Scan(&outcome)
+	err := inTransaction(ctx, conn, false, time.Duration(p.StatementTimeoutMS)*time.Millisecond, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SELECT pg_catalog.set_config('synchronous_commit', 'off', true)"); err != nil {
+			return err
+		}
+		return tx.QueryRow(ctx, "SELECT "+schema+".refresh_invariant($1, $2)", p.Name, p.Forced).Scan(&outcome)
+	})
 	return outcome, err
 }
 
-func (r *refresher) observeDeployMarker(ctx context.Context, conn *pgx.Conn, query string) error {
+// explainRefreshError says what to do when the SQL the scheduler calls is
+// missing: an install older than the receiver.
+func explainRefreshError(err error) error {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) && pgErr.Code == "42883" { // undefined_function
+		return fmt.Errorf("%w; the pgconsistency SQL in this database is older than the receiver's scheduler needs (0.2.0): "+
+			"upgrade it with `psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`", err)
+	}
+	return err
+}
+
+func (r *refresher) observeDeployMarker(ctx context.Context, tx pgx.Tx, query string) error {
 	var value *string
-	if err := conn.QueryRow(ctx, "SELECT ("+query+")::text").Scan(&value); err != nil {
+	if err := tx.QueryRow(ctx, "SELECT ("+query+")::text").Scan(&value); err != nil {
 		return fmt.Errorf(`running "refresh::deploy_marker::query": %w`, err)
 	}
 	var changed bool
 	delay := strconv.FormatInt(r.cfg.Refresh.DeployMarker.Delay.Milliseconds(), 10) + " milliseconds"
-	if err := conn.QueryRow(ctx, "SELECT "+r.schema+".observe_deploy_marker($1, $2::interval)", value, delay).Scan(&changed); err != nil {
+	if err := tx.QueryRow(ctx, "SELECT "+schema+".observe_deploy_marker($1, $2::interval)", value, delay).Scan(&changed); err != nil {
 		return err
 	}
 	if changed {

@@ -221,3 +221,27 @@ func TestIntegrationRefreshOutcomeMetrics(t *testing.T) {
 	failures, _ = snap.get("pgconsistency.refresh.failures", "dataset_seed_missing")
 	assert.Equal(t, 0.0, failures, "a skip is not a failure")
 }
+
+// TestIntegrationSchedulerExpiresAcknowledgements: the receiver's scheduler
+// runs the same refresh loop as CALL pgconsistency.refresh(), expiry of
+// acknowledgements included: an acknowledgement past its "until" stops
+// hiding its anomaly within a pass, although no invariant is due.
+func TestIntegrationSchedulerExpiresAcknowledgements(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv, "dataset_seed_missing")
+	conn := srv.Conn(t, db)
+	_, err := conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+	_, err = conn.Exec(t.Context(), `SELECT pgconsistency.acknowledge('dataset_seed_missing', $1, 'known, fixed by tomorrow',
+		until => clock_timestamp() + interval '2 seconds')`, fixture.DatasetID(13))
+	require.NoError(t, err)
+	refreshLog(t, conn)
+
+	sink, _ := startReceiver(t, srv, db, withSchedule(200*time.Millisecond))
+	acked := map[string]int{"dataset_seed_missing": 2}
+	waitFor(t, sink, "the acknowledged anomaly is not counted", expectCounts(acked))
+	start := time.Now()
+	waitFor(t, sink, "the expired acknowledgement counts again", expectCounts(map[string]int{"dataset_seed_missing": 3}))
+	t.Logf("the acknowledgement expired and the anomaly counted again %s later", time.Since(start).Round(time.Millisecond))
+	assert.Empty(t, refreshStarts(t, conn), "no invariant was due: the expiry, not a refresh, brought it back")
+}

@@ -116,6 +116,9 @@ func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 		if at := rows[0].DeployMarkerChangedAt; at != nil {
 			s.mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(now, float64(at.UnixNano())/1e9)
 		}
+		if v := rows[0].Version; v != "" {
+			s.mb.RecordPgconsistencyVersionDataPoint(now, 1, v)
+		}
 	}
 	return s.mb.Emit(metadata.WithResource(s.resource)), nil
 }

@@ -83,6 +83,7 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 		f.rows[i].RefreshPeriod = 1800
 		f.rows[i].PendingRequests = 1
 		f.rows[i].DeployMarkerChangedAt = &deployed
+		f.rows[i].Version = "0.2.0"
 	}
 	s := startFake(t, f)
 	require.NoError(t, compareGolden(t, "expected.yaml", s))

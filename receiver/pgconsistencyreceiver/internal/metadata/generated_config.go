@@ -247,6 +247,26 @@ func (ms *PgconsistencyUpMetricConfig) Unmarshal(parser *confmap.Conf) error {
 	return nil
 }
 
+// PgconsistencyVersionMetricConfig provides config for the pgconsistency.version metric.
+type PgconsistencyVersionMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyVersionMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
 // MetricsConfig provides config for pgconsistency metrics.
 type MetricsConfig struct {
 	PgconsistencyAnomalies              PgconsistencyAnomaliesMetricConfig              `mapstructure:"pgconsistency.anomalies"`
@@ -261,6 +281,7 @@ type MetricsConfig struct {
 	PgconsistencyRefreshRequestsPending PgconsistencyRefreshRequestsPendingMetricConfig `mapstructure:"pgconsistency.refresh.requests.pending"`
 	PgconsistencySnapshotTimestamp      PgconsistencySnapshotTimestampMetricConfig      `mapstructure:"pgconsistency.snapshot.timestamp"`
 	PgconsistencyUp                     PgconsistencyUpMetricConfig                     `mapstructure:"pgconsistency.up"`
+	PgconsistencyVersion                PgconsistencyVersionMetricConfig                `mapstructure:"pgconsistency.version"`
 }
 
 func DefaultMetricsConfig() MetricsConfig {
@@ -299,6 +320,9 @@ func DefaultMetricsConfig() MetricsConfig {
 			Enabled: true,
 		},
 		PgconsistencyUp: PgconsistencyUpMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyVersion: PgconsistencyVersionMetricConfig{
 			Enabled: true,
 		},
 	}

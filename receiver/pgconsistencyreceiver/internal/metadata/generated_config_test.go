@@ -62,6 +62,9 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyUp: PgconsistencyUpMetricConfig{
 						Enabled: true,
 					},
+					PgconsistencyVersion: PgconsistencyVersionMetricConfig{
+						Enabled: true,
+					},
 				},
 				ResourceAttributes: ResourceAttributesConfig{
 					PostgresqlDatabaseName: ResourceAttributeConfig{Enabled: true},
@@ -110,6 +113,9 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyUp: PgconsistencyUpMetricConfig{
 						Enabled: false,
 					},
+					PgconsistencyVersion: PgconsistencyVersionMetricConfig{
+						Enabled: false,
+					},
 				},
 				ResourceAttributes: ResourceAttributesConfig{
 					PostgresqlDatabaseName: ResourceAttributeConfig{Enabled: false},
@@ -122,7 +128,7 @@ func TestMetricsBuilderConfig(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := loadMetricsBuilderConfig(t, tt.name)
-			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, ResourceAttributeConfig{}))
+			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, PgconsistencyVersionMetricConfig{}, ResourceAttributeConfig{}))
 			require.Emptyf(t, diff, "Config mismatch (-expected +actual):\n%s", diff)
 		})
 	}

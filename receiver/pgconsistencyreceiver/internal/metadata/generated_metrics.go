@@ -102,6 +102,10 @@ var MetricsInfo = metricsInfo{
 	PgconsistencyUp: metricInfo{
 		Name: "pgconsistency.up",
 	},
+	PgconsistencyVersion: metricInfo{
+		Name:       "pgconsistency.version",
+		Attributes: []string{"version"},
+	},
 }
 
 type metricsInfo struct {
@@ -117,6 +121,7 @@ type metricsInfo struct {
 	PgconsistencyRefreshRequestsPending metricInfo
 	PgconsistencySnapshotTimestamp      metricInfo
 	PgconsistencyUp                     metricInfo
+	PgconsistencyVersion                metricInfo
 }
 
 type metricInfo struct {
@@ -747,6 +752,58 @@ func newMetricPgconsistencyUp(cfg PgconsistencyUpMetricConfig) metricPgconsisten
 	return m
 }
 
+type metricPgconsistencyVersion struct {
+	data     pmetric.Metric                   // data buffer for generated metric.
+	config   PgconsistencyVersionMetricConfig // metric config provided by user.
+	capacity int                              // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.version metric with initial data.
+func (m *metricPgconsistencyVersion) init() {
+	m.data.SetName("pgconsistency.version")
+	m.data.SetDescription("Always 1, with the installed SQL version as attribute; absent while the installed SQL is older than 0.2.0 (which has no version) or the database cannot be read.")
+	m.data.SetUnit("{version}")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+}
+
+func (m *metricPgconsistencyVersion) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, versionAttributeValue string) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+	dp.Attributes().PutStr("version", versionAttributeValue)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyVersion) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyVersion) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyVersion(cfg PgconsistencyVersionMetricConfig) metricPgconsistencyVersion {
+	m := metricPgconsistencyVersion{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
 // MetricsBuilder provides an interface for scrapers to report metrics while taking care of all the transformations
 // required to produce metric representation defined in metadata and user config.
 type MetricsBuilder struct {
@@ -769,6 +826,7 @@ type MetricsBuilder struct {
 	metricPgconsistencyRefreshRequestsPending metricPgconsistencyRefreshRequestsPending
 	metricPgconsistencySnapshotTimestamp      metricPgconsistencySnapshotTimestamp
 	metricPgconsistencyUp                     metricPgconsistencyUp
+	metricPgconsistencyVersion                metricPgconsistencyVersion
 }
 
 // MetricBuilderOption applies changes to default metrics builder.
@@ -806,6 +864,7 @@ func NewMetricsBuilder(mbc MetricsBuilderConfig, settings receiver.Settings, opt
 		metricPgconsistencyRefreshRequestsPending: newMetricPgconsistencyRefreshRequestsPending(mbc.Metrics.PgconsistencyRefreshRequestsPending),
 		metricPgconsistencySnapshotTimestamp:      newMetricPgconsistencySnapshotTimestamp(mbc.Metrics.PgconsistencySnapshotTimestamp),
 		metricPgconsistencyUp:                     newMetricPgconsistencyUp(mbc.Metrics.PgconsistencyUp),
+		metricPgconsistencyVersion:                newMetricPgconsistencyVersion(mbc.Metrics.PgconsistencyVersion),
 		resourceAttributeIncludeFilter:            make(map[string]filter.Filter),
 		resourceAttributeExcludeFilter:            make(map[string]filter.Filter),
 	}
@@ -908,6 +967,7 @@ func (mb *MetricsBuilder) EmitForResource(options ...ResourceMetricsOption) {
 	mb.metricPgconsistencyRefreshRequestsPending.emit(ils.Metrics())
 	mb.metricPgconsistencySnapshotTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyUp.emit(ils.Metrics())
+	mb.metricPgconsistencyVersion.emit(ils.Metrics())
 
 	for _, op := range options {
 		op.apply(rm)
@@ -997,6 +1057,11 @@ func (mb *MetricsBuilder) RecordPgconsistencySnapshotTimestampDataPoint(ts pcomm
 // RecordPgconsistencyUpDataPoint adds a data point to pgconsistency.up metric.
 func (mb *MetricsBuilder) RecordPgconsistencyUpDataPoint(ts pcommon.Timestamp, val int64) {
 	mb.metricPgconsistencyUp.recordDataPoint(mb.startTime, ts, val)
+}
+
+// RecordPgconsistencyVersionDataPoint adds a data point to pgconsistency.version metric.
+func (mb *MetricsBuilder) RecordPgconsistencyVersionDataPoint(ts pcommon.Timestamp, val int64, versionAttributeValue string) {
+	mb.metricPgconsistencyVersion.recordDataPoint(mb.startTime, ts, val, versionAttributeValue)
 }
 
 // Reset resets metrics builder to its initial state. It should be used when external metrics source is restarted,

@@ -102,6 +102,9 @@ func TestMetricsBuilder(t *testing.T) {
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyUpDataPoint(ts, 1)
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyVersionDataPoint(ts, 1, "version-val")
 
 			rb := mb.NewResourceBuilder()
 			rb.SetPostgresqlDatabaseName("postgresql.database.name-val")
@@ -321,6 +324,21 @@ func TestMetricsBuilder(t *testing.T) {
 					assert.Equal(t, ts, dp.Timestamp())
 					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
 					assert.Equal(t, int64(1), dp.IntValue())
+				case "pgconsistency.version":
+					assert.False(t, validatedMetrics["pgconsistency.version"], "Found a duplicate in the metrics slice: pgconsistency.version")
+					validatedMetrics["pgconsistency.version"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "Always 1, with the installed SQL version as attribute; absent while the installed SQL is older than 0.2.0 (which has no version) or the database cannot be read.", mi.Description())
+					assert.Equal(t, "{version}", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+					versionAttrVal, ok := dp.Attributes().Get("version")
+					assert.True(t, ok)
+					assert.Equal(t, "version-val", versionAttrVal.Str())
 				}
 			}
 		})
