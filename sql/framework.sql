@@ -618,6 +618,35 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text, jsonb) IS
   'Create or replace the materialized view pgconsistency.<name> from a query and register it as an invariant';
 
+-- requires: whether every relation a pack's invariant reads exists; if not,
+-- a NOTICE names the invariant, what is missing and what to do, and the
+-- pack skips the invariant. Packs call it as
+--   SELECT pgconsistency.define_invariant(...) WHERE pgconsistency.requires('name', 'public.table', ...);
+-- so an invariant over a table that a later migration creates appears when
+-- install.sql runs after that migration.
+CREATE OR REPLACE FUNCTION pgconsistency.requires(invariant text, VARIADIC relations text[]) RETURNS boolean
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+SET client_min_messages = notice
+AS $fn$
+DECLARE
+    v_missing text[];
+BEGIN
+    SELECT pg_catalog.array_agg(r ORDER BY r) INTO v_missing
+      FROM pg_catalog.unnest(relations) AS r
+     WHERE pg_catalog.to_regclass(r) IS NULL;
+    IF v_missing IS NULL THEN
+        RETURN true;
+    END IF;
+    RAISE NOTICE 'pgconsistency: invariant % not installed: it reads %, which this database does not have',
+        invariant, pg_catalog.array_to_string(v_missing, ', ')
+        USING HINT = 'Run install.sql again after the migration that creates it.';
+    RETURN false;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.requires(text, text[]) IS
+  'For packs: true when every relation an invariant reads exists; otherwise a NOTICE saying which are missing';
+
 -- The last value seen of the deploy marker (a query the receiver watches, such
 -- as SELECT max(version) FROM schema_migrations). One row.
 CREATE TABLE IF NOT EXISTS pgconsistency.deploy_marker (
