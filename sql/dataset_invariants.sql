@@ -252,7 +252,7 @@ SELECT pgconsistency.define_invariant(
                          WHERE d.dataset_id = m.dataset_id AND d.block_hash_bin = m.head_ref_hash
                            AND d.block_ref_name = 'head') x) AS head_ref_sequence_number
           FROM (SELECT t.dataset_id, t.sequence_number AS last_sequence_number, t.block_hash_bin AS last_block_hash,
-                       min(r.block_hash_bin) AS head_ref_hash
+                       (pg_catalog.array_agg(r.block_hash_bin ORDER BY r.block_hash_bin))[1] AS head_ref_hash
                   FROM (SELECT DISTINCT ON (b.dataset_id) b.dataset_id, b.sequence_number, b.block_hash_bin
                           FROM (SELECT k.dataset_id, k.sequence_number, k.block_hash_bin FROM public.dataset_key_blocks k
                                  WHERE k.block_ref_name = 'head'
