@@ -104,6 +104,12 @@ func (r *refresher) pass(ctx context.Context) error {
 	timeout := r.cfg.effectiveTimeout()
 	if q := r.cfg.Refresh.DeployMarker.Query; q != "" {
 		if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
+			// A standby cannot record the marker; refresh_plan() says why
+			// nothing is refreshed there.
+			var standby bool
+			if err := tx.QueryRow(ctx, "SELECT pg_catalog.pg_is_in_recovery()").Scan(&standby); err != nil || standby {
+				return err
+			}
 			return r.observeDeployMarker(ctx, tx, q)
 		}); err != nil {
 			return err

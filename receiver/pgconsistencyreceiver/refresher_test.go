@@ -1,6 +1,7 @@
 package pgconsistencyreceiver
 
 import (
+	"context"
 	"fmt"
 	"testing"
 	"time"
@@ -8,9 +9,15 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+	"go.opentelemetry.io/collector/consumer/consumertest"
+	"go.opentelemetry.io/collector/receiver/receivertest"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver/internal/metadata"
 )
 
 // refreshLog makes the database record the start of every refresh, so a test
@@ -244,4 +251,33 @@ func TestIntegrationSchedulerExpiresAcknowledgements(t *testing.T) {
 	waitFor(t, sink, "the expired acknowledgement counts again", expectCounts(map[string]int{"dataset_seed_missing": 3}))
 	t.Logf("the acknowledgement expired and the anomaly counted again %s later", time.Since(start).Round(time.Millisecond))
 	assert.Empty(t, refreshStarts(t, conn), "no invariant was due: the expiry, not a refresh, brought it back")
+}
+
+// TestIntegrationSchedulerOnAStandby: pointed at a hot standby, the
+// scheduler (deploy marker included) refreshes nothing, says why at info
+// level, and logs no error: a standby cannot write, and the primary's
+// refreshes replicate to it.
+func TestIntegrationSchedulerOnAStandby(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	_, err := srv.Conn(t, db).Exec(t.Context(), "CALL pgconsistency.refresh()")
+	require.NoError(t, err)
+	standby := srv.StartStandby(t)
+
+	core, logs := observer.New(zapcore.InfoLevel)
+	set := receivertest.NewNopSettings(metadata.Type)
+	set.Logger = zap.New(core)
+	cfg := serverConfig(standby, db)
+	cfg.CollectionInterval = 250 * time.Millisecond
+	cfg.Refresh.Schedule = 200 * time.Millisecond
+	cfg.Refresh.DeployMarker.Query = "SELECT 'v1'"
+	rcv, err := NewFactory().CreateMetrics(t.Context(), set, cfg, consumertest.NewNop())
+	require.NoError(t, err)
+	require.NoError(t, rcv.Start(t.Context(), nil))
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+
+	require.Eventually(t, func() bool {
+		return logs.FilterMessageSnippet("nothing refreshed: this server is a standby").Len() >= 3
+	}, 30*time.Second, 50*time.Millisecond, "three passes on the standby")
+	assert.Zero(t, logs.FilterLevelExact(zapcore.ErrorLevel).Len(), "errors: %v", logs.FilterLevelExact(zapcore.ErrorLevel).All())
 }
