@@ -41,16 +41,17 @@ DECLARE
     v_budget   interval := coalesce(NULLIF(pg_catalog.current_setting('pgconsistency.install_lock_wait', true), ''), '10 s')::interval;
     v_deadline timestamptz := pg_catalog.clock_timestamp() + v_budget;
     v_attempts integer := 0;
+    v_saved    text := pg_catalog.current_setting('lock_timeout');
 BEGIN
     LOOP
         v_attempts := v_attempts + 1;
         BEGIN
             PERFORM pg_catalog.set_config('lock_timeout', '200ms', true);
             EXECUTE ddl;
-            PERFORM pg_catalog.set_config('lock_timeout', '0', true);
+            PERFORM pg_catalog.set_config('lock_timeout', v_saved, true);
             RETURN;
         EXCEPTION WHEN lock_not_available THEN
-            PERFORM pg_catalog.set_config('lock_timeout', '0', true);
+            PERFORM pg_catalog.set_config('lock_timeout', v_saved, true);
             IF pg_catalog.clock_timestamp() + interval '1 second' > v_deadline THEN
                 RAISE EXCEPTION 'pgconsistency: install stopped: another session held a lock it needs for % (% attempts in %); nothing was changed',
                     pg_catalog.left(pg_catalog.regexp_replace(pg_catalog.btrim(ddl), '\s+', ' ', 'g'), 120), v_attempts, v_budget
