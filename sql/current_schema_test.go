@@ -22,6 +22,7 @@ func TestCurrentSchema(t *testing.T) {
 	runOnOneCluster(t, []sqlTest{
 		{"InvariantFixtures", testCurrentInvariantFixtures},
 		{"Incident", testCurrentIncident},
+		{"HeadRefMismatchDetails", testHeadRefMismatchDetails},
 		{"OlderSchemaSkipsWhatItCannotHave", testOlderSchemaSkips},
 		{"MigrationAddsTheMissingInvariant", testMigrationAddsInvariant},
 	})
@@ -68,7 +69,10 @@ func refreshAll(t *testing.T, conn *pgx.Conn) {
 // testCurrentInvariantFixtures: clean data gives 0 everywhere; each fixture
 // gives exactly its broken datasets in its invariant, and in the other
 // invariants only the datasets that are there by definition too
-// (fixture.CurrentAlsoIn); all fixtures together give the union.
+// (fixture.CurrentAlsoIn: a head ref renamed "HEAD" is also an unknown ref
+// name; a dataset that lost every key block, or its Seed and SetDataSchema,
+// but kept its data blocks also has a chain gap); all fixtures together give
+// the union.
 func testCurrentInvariantFixtures(t *testing.T, s *pgtest.Server) {
 	cases := [][]string{nil}
 	for _, inv := range fixture.CurrentInvariants {
@@ -195,4 +199,42 @@ func testMigrationAddsInvariant(t *testing.T, s *pgtest.Server) {
 	assert.Equal(t, ids(7), viewKeys(t, conn, "dataset_owner_missing"))
 	assert.Equal(t, before["dataset_chain_gap"].RefreshedAt, after["dataset_chain_gap"].RefreshedAt,
 		"an invariant that was there keeps its snapshot (not due, not refreshed)")
+}
+
+// testHeadRefMismatchDetails: the details of a mismatch say, in the hex form
+// the service writes, what the reference holds and what the highest block
+// is, and which block the reference points at (NULL: none of the dataset's).
+func testHeadRefMismatchDetails(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewCurrentDatabase(t, s, "dataset_head_ref_mismatch")
+	conn := s.Conn(t, db)
+	refreshAll(t, conn)
+	type details struct {
+		RefHash, LastHash string
+		LastSeq           int64
+		RefSeq            *int64
+		WantRef, WantLast string
+		HeadSeq           int64
+	}
+	get := func(i int) details {
+		var d details
+		require.NoError(t, conn.QueryRow(t.Context(), `
+			SELECT m.head_ref_hash, m.last_block_hash, m.last_sequence_number, m.head_ref_sequence_number,
+			       (SELECT r.block_hash_hex FROM public.dataset_references r WHERE r.dataset_id = m.key AND r.block_ref_name = 'head'),
+			       'f1620' || encode(fixture.block_hash_bin($2, fixture.head_seq($2) + 1), 'hex'),
+			       fixture.head_seq($2)
+			  FROM pgconsistency.dataset_head_ref_mismatch m WHERE m.key = $1`, fixture.DatasetID(i), i).
+			Scan(&d.RefHash, &d.LastHash, &d.LastSeq, &d.RefSeq, &d.WantRef, &d.WantLast, &d.HeadSeq))
+		return d
+	}
+	// 20: block N+1 appended, the head still on block N.
+	d := get(20)
+	assert.Equal(t, d.WantRef, d.RefHash, "the reference's hash, as block_hash_hex")
+	assert.Equal(t, d.WantLast, d.LastHash)
+	assert.Equal(t, d.HeadSeq+1, d.LastSeq)
+	require.NotNil(t, d.RefSeq)
+	assert.Equal(t, d.HeadSeq, *d.RefSeq, "the reference points at the block before the last")
+	// 28: the head holds a hash none of its blocks has.
+	d = get(28)
+	assert.Equal(t, d.WantRef, d.RefHash)
+	assert.Nil(t, d.RefSeq, "no block of the dataset has the reference's hash")
 }
