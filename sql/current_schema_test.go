@@ -25,6 +25,7 @@ func TestCurrentSchema(t *testing.T) {
 		{"HeadRefMismatchDetails", testHeadRefMismatchDetails},
 		{"OlderSchemaSkipsWhatItCannotHave", testOlderSchemaSkips},
 		{"MigrationAddsTheMissingInvariant", testMigrationAddsInvariant},
+		{"MigrationRewritesATableTheViewsRead", testMigrationRewritesATable},
 	})
 }
 
@@ -237,4 +238,34 @@ func testHeadRefMismatchDetails(t *testing.T, s *pgtest.Server) {
 	d = get(28)
 	assert.Equal(t, d.WantRef, d.RefHash)
 	assert.Nil(t, d.RefSeq, "no block of the dataset has the reference's hash")
+}
+
+// testMigrationRewritesATable: a migration that changes the type of a column
+// the invariant views read is refused by PostgreSQL while the views exist;
+// release_table() drops them (and only them), the migration runs, the next
+// install.sql creates them again, and the next refresh finds the same
+// anomalies, none of them new.
+func testMigrationRewritesATable(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewCurrentDatabase(t, s, fixture.CurrentInvariants...)
+	conn := s.Conn(t, db)
+	refreshAll(t, conn)
+	before := status(t, conn)
+	const migration = "ALTER TABLE public.dataset_data_blocks ALTER COLUMN block_ref_name TYPE varchar(64)"
+
+	_, err := conn.Exec(t.Context(), migration)
+	require.ErrorContains(t, err, "cannot alter type of a column used by a view or rule", "the views hold the table")
+	rows, err := conn.Query(t.Context(), "SELECT pgconsistency.release_table('public.dataset_data_blocks')")
+	require.NoError(t, err)
+	released, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	assert.Equal(t, []string{"dataset_chain_gap", "dataset_head_ref_mismatch", "dataset_ref_name_unknown"}, released)
+	exec(t, conn, migration)
+
+	s.PsqlFile(t, db, fixture.Path("sql/install.sql"))
+	refreshAll(t, conn)
+	after := status(t, conn)
+	for _, inv := range fixture.CurrentInvariants {
+		assert.Equal(t, before[inv].Anomalies, after[inv].Anomalies, inv)
+		assert.Zero(t, after[inv].NewAnomalies, "%s: the anomalies are the same ones, not new", inv)
+	}
 }

@@ -648,6 +648,49 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.requires(text, text[]) IS
   'For packs: true when every relation an invariant reads exists; otherwise a NOTICE saying which are missing';
 
+-- release_table: make way for a migration that drops, re-creates or
+-- changes the type of a column of an application table. The invariant views
+-- depend on the tables they read, so PostgreSQL refuses such a migration
+-- ("cannot drop table … because other objects depend on it"). This drops the
+-- views of define_invariant() that read the table, with the installer's
+-- bounded lock waits, and returns their names; run install.sql (or the pack
+-- that defined them) after the migration, and it creates them again, empty
+-- until their next refresh. Their anomalies, acknowledgements, parameters
+-- and refresh state are kept; until then their refreshes fail with "does not
+-- exist", which pgconsistency.refresh.failures shows. Views registered with
+-- register_invariant() are not dropped: a NOTICE names them.
+CREATE OR REPLACE FUNCTION pgconsistency.release_table(relation regclass) RETURNS SETOF text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v record;
+BEGIN
+    FOR v IN
+        SELECT DISTINCT i.name, i.view_schema, i.view_name, i.query_md5 IS NOT NULL AS defined
+          FROM pg_catalog.pg_depend d
+          JOIN pg_catalog.pg_rewrite w ON w.oid = d.objid
+          JOIN pg_catalog.pg_class c ON c.oid = w.ev_class
+          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+          JOIN pgconsistency.invariant i ON i.view_schema = n.nspname AND i.view_name = c.relname
+         WHERE d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass
+           AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass
+           AND d.refobjid = relation
+         ORDER BY i.name
+    LOOP
+        IF NOT v.defined THEN
+            RAISE NOTICE 'pgconsistency: %.% (invariant %) reads % but was not made by define_invariant: drop and re-create it yourself',
+                v.view_schema, v.view_name, v.name, relation;
+            CONTINUE;
+        END IF;
+        PERFORM pgconsistency.install_ddl(pg_catalog.format('DROP MATERIALIZED VIEW %I.%I', v.view_schema, v.view_name));
+        RETURN NEXT v.name;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.release_table(regclass) IS
+  'Drop the invariant views that read a table, so that a migration can drop or rewrite it; install.sql re-creates them';
+
 -- The last value seen of the deploy marker (a query the receiver watches, such
 -- as SELECT max(version) FROM schema_migrations). One row.
 CREATE TABLE IF NOT EXISTS pgconsistency.deploy_marker (
