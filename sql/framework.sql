@@ -16,7 +16,9 @@
 CREATE SCHEMA IF NOT EXISTS pgconsistency;
 
 -- version: the version of the SQL installed, the top entry of CHANGELOG.md.
--- install.sql upgrades any older install in place (see "Upgrades" below).
+-- install.sql upgrades any older install in place: the install_* helpers
+-- below add what an older release lacks, without waiting on locks when
+-- nothing is missing.
 CREATE OR REPLACE FUNCTION pgconsistency.version() RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -57,7 +59,7 @@ BEGIN
                     pg_catalog.left(pg_catalog.regexp_replace(pg_catalog.btrim(ddl), '\s+', ' ', 'g'), 120), v_attempts, v_budget
                     USING ERRCODE = 'lock_not_available',
                           HINT = 'A refresh or a long transaction holds a lock on pgconsistency''s objects (pg_locks shows which). '
-                                 'Re-run install.sql: it is safe to repeat and picks up where it failed. '
+                                 'Re-run install.sql: it is safe to repeat. '
                                  'To wait longer: psql -v lock_wait=60s -f install.sql.';
             END IF;
             PERFORM pg_catalog.pg_sleep(1);
