@@ -218,6 +218,33 @@ func TestUpgradeFrom010(t *testing.T) {
 			"SELECT operation FROM pgconsistency.audit_history($1) LIMIT 1", fixture.DatasetID(18)).Scan(&op))
 		assert.Equal(t, "DELETE", op)
 	})
+
+	// What 0.2.0 adds to an upgraded install, besides keeping the rest.
+	t.Run("NewIn020", func(t *testing.T) {
+		var version string
+		require.NoError(t, u.reader.QueryRow(t.Context(), "SELECT DISTINCT version FROM pgconsistency.status").Scan(&version))
+		want, err := changelogVersion()
+		require.NoError(t, err)
+		assert.Equal(t, want, version, "the status view's version column, as the reader reads it")
+		var retentions []string
+		rows, err := admin.Query(t.Context(), "SELECT DISTINCT resolved_retention::text FROM pgconsistency.invariant")
+		require.NoError(t, err)
+		retentions, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		require.NoError(t, err)
+		assert.Equal(t, []string{"30 days"}, retentions, "every upgraded invariant has the default retention")
+		for _, idx := range []string{"anomaly_ack_until", "anomaly_resolved"} {
+			var exists bool
+			require.NoError(t, admin.QueryRow(t.Context(), "SELECT to_regclass('pgconsistency.' || $1) IS NOT NULL", idx).Scan(&exists))
+			assert.True(t, exists, idx)
+		}
+		var owner *string
+		require.NoError(t, admin.QueryRow(t.Context(), "SELECT owner FROM pgconsistency.log_cursor WHERE consumer = $1", logConsumer).Scan(&owner))
+		require.NotNil(t, owner, "the cursor of 0.1.0 is taken over by the role that used it after the upgrade")
+		assert.Equal(t, u.roles["reader"], *owner)
+		var plan int
+		require.NoError(t, u.refresher.QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.refresh_plan(force => true)").Scan(&plan))
+		assert.Positive(t, plan, "refresh_plan() as the refresher")
+	})
 }
 
 // used010 is what useRelease010 left: the login roles and their
