@@ -1073,6 +1073,19 @@ BEGIN
         -- Concurrent refreshes queue here for the lifecycle step only.
         PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.anomaly_seq'), 0);
 
+        -- The lifecycle step joins the view with pgconsistency.anomaly, whose
+        -- statistics a mass incident has just made wrong (100,000 anomalies
+        -- inserted by the previous refresh, not analysed yet). Under the
+        -- invariant's own planner settings (enable_hashjoin off, say, meant
+        -- for its query) the planner then chose nested loops over the view's
+        -- rows: quadratic, a refresh that never ended. So the invariant's
+        -- settings go back to the server's, and no nested loop is planned:
+        -- the joins are hash or merge joins, linear whatever the statistics.
+        PERFORM pg_catalog.set_config(e.key, s.reset_val, true)
+           FROM pg_catalog.jsonb_each_text(inv.settings) AS e
+           JOIN pg_catalog.pg_settings s ON s.name = e.key;
+        PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
+
         -- Update the anomalies' lifecycle: O(anomalies), the application
         -- tables are not read again. The CTEs see the same snapshot and touch
         -- disjoint rows: still open (last seen now), new or back again,
