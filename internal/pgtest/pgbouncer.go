@@ -126,23 +126,10 @@ func (s *Server) StartPgBouncer(tb testing.TB, db string, opts ...BouncerOption)
 	if err := b.writeAuthFile(); err != nil {
 		tb.Fatalf("pgtest: %v", err)
 	}
-	// As in startOnFreePort: the port is free only until pgbouncer binds it.
-	for attempt := 1; ; attempt++ {
-		if b.Port, err = freePort(); err != nil {
-			tb.Fatalf("pgtest: finding a free port: %v", err)
-		}
-		if err := b.writeFile(b.configPath(), b.config()); err != nil {
-			tb.Fatalf("pgtest: %v", err)
-		}
-		log, err := b.start()
-		if err == nil {
-			break
-		}
-		if attempt < startAttempts && strings.Contains(log, "Address already in use") {
-			continue
-		}
-		tb.Fatalf("pgtest: starting pgbouncer in %s: %v\npgbouncer log:\n%s", b.dir, err, tail(log))
-	}
+	onFreePort(tb, "pgbouncer", b.dir, func(port int) error {
+		b.Port = port
+		return b.writeFile(b.configPath(), b.config())
+	}, b.start)
 	return b
 }
 

@@ -300,25 +300,10 @@ func newServer(tb testing.TB, bin string, cred *syscall.Credential, password str
 // in s.dataDir() for the first time.
 func (s *Server) startOnFreePort(tb testing.TB) {
 	tb.Helper()
-	// The free port is only reserved until we close our listener, so another
-	// process may grab it before the server binds it. Then try another one.
-	for attempt := 1; ; attempt++ {
-		var err error
-		if s.Port, err = freePort(); err != nil {
-			tb.Fatalf("pgtest: finding a free port: %v", err)
-		}
-		if err := s.writeFile(filepath.Join(s.dataDir(), "pgtest.conf"), s.config()); err != nil {
-			tb.Fatalf("pgtest: %v", err)
-		}
-		log, err := s.start()
-		if err == nil {
-			break
-		}
-		if attempt < startAttempts && strings.Contains(log, "Address already in use") {
-			continue
-		}
-		tb.Fatalf("pgtest: starting server in %s: %v\nserver log:\n%s", s.dir, err, tail(log))
-	}
+	onFreePort(tb, "server", s.dir, func(port int) error {
+		s.Port = port
+		return s.writeFile(filepath.Join(s.dataDir(), "pgtest.conf"), s.config())
+	}, s.start)
 	s.url = &url.URL{
 		Scheme: "postgres",
 		User:   url.UserPassword(s.User, s.Password),
@@ -751,6 +736,32 @@ func serverCredential() (*syscall.Credential, error) {
 		return nil, err
 	}
 	return &syscall.Credential{Uid: uint32(uid), Gid: uint32(gid)}, nil
+}
+
+// onFreePort starts a server (what: "server", "pgbouncer") on a free port:
+// configure sets the port and writes the configuration, start starts it and
+// returns its log. The port is only free until our listener closes, so
+// another process may grab it before the server binds it: then it tries
+// another one, startAttempts times at most.
+func onFreePort(tb testing.TB, what, dir string, configure func(port int) error, start func() (string, error)) {
+	tb.Helper()
+	for attempt := 1; ; attempt++ {
+		port, err := freePort()
+		if err != nil {
+			tb.Fatalf("pgtest: finding a free port: %v", err)
+		}
+		if err := configure(port); err != nil {
+			tb.Fatalf("pgtest: %v", err)
+		}
+		log, err := start()
+		if err == nil {
+			return
+		}
+		if attempt < startAttempts && strings.Contains(log, "Address already in use") {
+			continue
+		}
+		tb.Fatalf("pgtest: starting %s in %s: %v\n%s log:\n%s", what, dir, err, what, tail(log))
+	}
 }
 
 // freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
