@@ -1,14 +1,17 @@
 // Package bench is the harness of `make bench`: it generates application data
-// shaped like production at given scales in a throwaway PostgreSQL cluster,
-// installs pgconsistency, and measures, side by side in one run:
+// in the service's schema of today (testdata/current/schema.sql) at given
+// scales in a throwaway PostgreSQL cluster, installs pgconsistency with its
+// thirteen dataset invariants, and measures, side by side in one run:
 //
 //   - the full refresh of the dataset invariants against the scan bound (the
 //     time to read every table they involve once), and per invariant its
 //     refresh time, plan and the scan bound of the tables it reads;
 //   - the receiver's scrape (BenchmarkScrape of the receiver package, run
-//     against the generated database) with 8, 100 and 1,000 invariants;
-//   - the alternative: prometheus-postgres-exporter running the eight
-//     detection queries as custom queries on every scrape of its /metrics;
+//     against the generated database) with the dataset invariants alone,
+//     then 100 and 1,000 invariants;
+//   - the alternative: prometheus-postgres-exporter running the detection
+//     queries (the views' definitions) as custom queries on every scrape of
+//     its /metrics;
 //   - the write throughput of a pgbench load on the application tables
 //     without and during refreshes;
 //   - RSS and CPU of the collector binary scraping the database.
@@ -59,7 +62,24 @@ var (
 )
 
 // tables are the application tables the dataset invariants read.
-var tables = []string{"dataset_entries", "dataset_references", "dataset_statistics", "dataset_key_blocks", "dataset_dependencies"}
+var tables = []string{
+	"dataset_entries", "dataset_references", "dataset_statistics", "dataset_key_blocks",
+	"dataset_data_blocks", "dataset_dependencies", "accounts",
+}
+
+// schema is the application schema generate.sql fills.
+const schema = "testdata/current/schema.sql"
+
+// expectedAnomalies is what generate.sql injects at scale n: one dataset in
+// 1,000 for each dataset invariant, each an anomaly of its own invariant
+// only.
+func expectedAnomalies(n int) map[string]int64 {
+	want := map[string]int64{}
+	for _, inv := range fixture.CurrentInvariants {
+		want[inv] = int64(n / 1000)
+	}
+	return want
+}
 
 // BenchmarkSuite runs the whole harness once (use -benchtime 1x).
 func BenchmarkSuite(b *testing.B) {
@@ -121,7 +141,12 @@ type invariantResult struct {
 	plan      string
 	relations []string
 	bound     time.Duration // scan bound of the relations it reads
+	textPlan  string        // EXPLAIN (ANALYZE, BUFFERS), of chainInvariants only
 }
+
+// chainInvariants read the whole metadata chain (key and data blocks, the
+// largest tables): their plans are printed with the time of every node.
+var chainInvariants = []string{"dataset_chain_gap", "dataset_head_ref_mismatch"}
 
 type writeResult struct {
 	clients               int
@@ -152,7 +177,7 @@ func sum(m map[string]time.Duration) time.Duration {
 func runScale(b *testing.B, srv *pgtest.Server, n int, scrapeBin string) *result {
 	r := &result{scale: n, rows: map[string]int64{}, bytes: map[string]int64{}, scan: map[string]time.Duration{}, scan1: map[string]time.Duration{}}
 	db := srv.CreateDatabase(b, fmt.Sprintf("bench_%d", n))
-	srv.PsqlFile(b, db, fixture.Path("testdata/schema.sql"))
+	srv.PsqlFile(b, db, fixture.Path(schema))
 	start := time.Now()
 	srv.Psql(b, db, "-v", "scale="+strconv.Itoa(n), "-f", fixture.Path("internal/bench/generate.sql"))
 	r.generate = time.Since(start)
@@ -226,24 +251,34 @@ func invariants(b *testing.B, conn *pgx.Conn, r *result) []invariantResult {
 		all = append(all, x)
 	}
 	must(b, rows.Err())
-	if len(all) != len(fixture.Invariants) {
-		b.Fatalf("%d invariants registered, want the %d dataset invariants", len(all), len(fixture.Invariants))
+	want := expectedAnomalies(r.scale)
+	if len(all) != len(want) {
+		b.Fatalf("%d invariants registered, want the %d dataset invariants", len(all), len(want))
 	}
 	var out []invariantResult
 	for _, x := range all {
 		if x.lastError != nil {
 			b.Fatalf("%s: refresh failed: %s", x.name, *x.lastError)
 		}
-		if want := int64(r.scale / 1000); x.anomalies != want {
-			b.Fatalf("%s: %d anomalies, want the %d injected", x.name, x.anomalies, want)
+		if w, ok := want[x.name]; !ok || x.anomalies != w {
+			b.Fatalf("%s: %d anomalies, want the %d injected", x.name, x.anomalies, w)
 		}
 		// The query under the refresh's own settings.
 		tx, err := conn.Begin(ctx)
 		must(b, err)
 		_, err = tx.Exec(ctx, `SELECT pgconsistency.apply_refresh_settings($1::jsonb)`, x.settings)
 		must(b, err)
+		query := strings.TrimSuffix(strings.TrimSpace(x.def), ";")
 		var plan []map[string]any
-		must(b, tx.QueryRow(ctx, `EXPLAIN (ANALYZE, TIMING OFF, COSTS OFF, FORMAT JSON) `+strings.TrimSuffix(strings.TrimSpace(x.def), ";")).Scan(&plan))
+		must(b, tx.QueryRow(ctx, `EXPLAIN (ANALYZE, TIMING OFF, COSTS OFF, FORMAT JSON) `+query).Scan(&plan))
+		if slices.Contains(chainInvariants, x.name) {
+			// With the time of every node: where the chain checks spend it.
+			rows, err := tx.Query(ctx, `EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) `+query)
+			must(b, err)
+			lines, err := pgx.CollectRows(rows, pgx.RowTo[string])
+			must(b, err)
+			x.textPlan = strings.Join(lines, "\n")
+		}
 		must(b, tx.Rollback(ctx))
 		x.query = time.Duration(plan[0]["Execution Time"].(float64) * float64(time.Millisecond))
 		var nodes []string
@@ -267,6 +302,9 @@ func walkPlan(node map[string]any, nodes, relations *[]string) {
 	if s, ok := node["Strategy"].(string); ok && name == "Aggregate" {
 		name = s + " Aggregate"
 	}
+	if m, ok := node["Sort Method"].(string); ok {
+		name += fmt.Sprintf(" [%s, %.0f MB %s]", m, node["Sort Space Used"].(float64)/1024, strings.ToLower(node["Sort Space Type"].(string)))
+	}
 	if idx, ok := node["Index Name"].(string); ok {
 		name += " (" + idx + ")"
 	} else if rel, ok := node["Relation Name"].(string); ok {
@@ -282,13 +320,13 @@ func walkPlan(node map[string]any, nodes, relations *[]string) {
 	}
 }
 
-// scrapes runs the receiver's BenchmarkScrape against db with 8, 100 and
-// 1,000 registered invariants.
+// scrapes runs the receiver's BenchmarkScrape against db with the dataset
+// invariants alone, then 100 and 1,000 registered invariants.
 func scrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn, bin string) []benchkit.ScrapeResult {
 	ctx := b.Context()
 	var out []benchkit.ScrapeResult
-	for _, total := range []int{8, 100, 1000} {
-		if extra := total - len(fixture.Invariants); extra > 0 {
+	for _, total := range []int{len(fixture.CurrentInvariants), 100, 1000} {
+		if extra := total - len(fixture.CurrentInvariants); extra > 0 {
 			benchkit.RegisterExtraInvariants(b, srv, db, "bench_extra", extra)
 		}
 		var registered int
@@ -305,9 +343,9 @@ func scrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn, bin st
 	return out
 }
 
-// exporterScrapes runs prometheus-postgres-exporter with the eight detection
-// queries as custom queries and times scrapes of its /metrics, checking the
-// counts it reports.
+// exporterScrapes runs prometheus-postgres-exporter with the detection
+// queries of the dataset invariants (the views' definitions) as custom
+// queries and times scrapes of its /metrics, checking the counts it reports.
 func exporterScrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn, n int) []time.Duration {
 	bin, err := exec.LookPath("prometheus-postgres-exporter")
 	if err != nil {
@@ -361,20 +399,27 @@ func exporterScrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn
 		resp.Body.Close()
 		must(b, err)
 		times = append(times, time.Since(start))
+		want := expectedAnomalies(n)
 		got := 0
 		sc := bufio.NewScanner(strings.NewReader(string(body)))
 		for sc.Scan() {
 			line := sc.Text()
-			if strings.HasPrefix(line, "direct_") && strings.Contains(line, "_anomalies") {
+			name, ok := strings.CutPrefix(line, "direct_")
+			if !ok {
+				continue
+			}
+			name, _, _ = strings.Cut(strings.Fields(name)[0], "{")
+			name, ok = strings.CutSuffix(name, "_anomalies")
+			if w, known := want[name]; ok && known {
 				f := strings.Fields(line)
-				if v, _ := strconv.ParseFloat(f[len(f)-1], 64); v == float64(n/1000) {
+				if v, _ := strconv.ParseFloat(f[len(f)-1], 64); v == float64(w) {
 					got++
 				}
 			}
 		}
-		if got != len(fixture.Invariants) {
+		if got != len(want) {
 			logText, _ := os.ReadFile(log.Name())
-			b.Fatalf("the exporter reported %d of %d invariants with %d anomalies:\n%s\nexporter log:\n%s", got, len(fixture.Invariants), n/1000, body, logText)
+			b.Fatalf("the exporter reported the injected counts for %d of %d invariants:\n%s\nexporter log:\n%s", got, len(want), body, logText)
 		}
 	}
 	logf("exporter scrape: %s median", median(times))
@@ -423,17 +468,50 @@ func writeLoad(b *testing.B, srv *pgtest.Server, db string, n, clients int) writ
 	cancel()
 	wg.Wait()
 	after := pgbench()
-	// The writes added complete datasets only: the counts stay the injected ones.
-	var bad int
-	must(b, srv.Conn(b, db).QueryRow(b.Context(), `SELECT count(*) FROM pgconsistency.status WHERE anomalies <> $1`, n/1000).Scan(&bad))
-	if bad > 0 {
-		b.Fatalf("%d invariants changed their counts under the write load", bad)
-	}
+	// The writes added complete datasets only: the counts stay the injected
+	// ones, in the refreshes that ran during the writes and in one after them.
+	conn2 := srv.Conn(b, db)
+	checkCounts(b, conn2, n, "after the refreshes during the write load")
+	_, err := conn2.Exec(b.Context(), `CALL pgconsistency.refresh(force => true)`)
+	must(b, err)
+	checkCounts(b, conn2, n, "after the write load")
 	logf("writes, %d clients: %.0f tps before, %.0f during %d refreshes, %.0f after", clients, before, during, count.Load(), after)
 	return writeResult{clients: clients, before: before, during: during, after: after, refreshes: int(count.Load())}
 }
 
-func pgbenchPath(b *testing.B) string {
+// checkCounts fails unless every dataset invariant's latest refresh
+// succeeded and found exactly the injected anomalies.
+func checkCounts(b testing.TB, conn *pgx.Conn, n int, when string) {
+	want := expectedAnomalies(n)
+	rows, err := conn.Query(b.Context(), `SELECT invariant, anomalies, coalesce(last_error, '') FROM pgconsistency.status`)
+	must(b, err)
+	got := map[string]int64{}
+	var problems []string
+	for rows.Next() {
+		var name, lastError string
+		var anomalies int64
+		must(b, rows.Scan(&name, &anomalies, &lastError))
+		got[name] = anomalies
+		if lastError != "" {
+			problems = append(problems, fmt.Sprintf("%s: refresh failed: %s", name, lastError))
+		}
+		if w, ok := want[name]; !ok || anomalies != w {
+			problems = append(problems, fmt.Sprintf("%s: %d anomalies, want %d", name, anomalies, w))
+		}
+	}
+	must(b, rows.Err())
+	for name := range want {
+		if _, ok := got[name]; !ok {
+			problems = append(problems, name+": not registered")
+		}
+	}
+	if len(problems) > 0 {
+		slices.Sort(problems)
+		b.Fatalf("%s:\n%s", when, strings.Join(problems, "\n"))
+	}
+}
+
+func pgbenchPath(b testing.TB) string {
 	if p, err := exec.LookPath("pgbench"); err == nil {
 		return p
 	}
@@ -505,7 +583,7 @@ func (r *result) markdown() string {
 	steady := median(r.refreshSteady)
 	bound := r.scanTotal()
 	fmt.Fprintf(&w, "## %d datasets\n\n", r.scale)
-	fmt.Fprintf(&w, "Data generated in %s; %d anomalies injected per invariant.\n\n", r.generate.Round(time.Second), r.scale/1000)
+	fmt.Fprintf(&w, "Data generated in %s (today's schema, %s); %d anomalies injected per invariant.\n\n", r.generate.Round(time.Second), schema, r.scale/1000)
 	bound1 := r.scanTotal1()
 	fmt.Fprintf(&w, "| table | rows | size (with indexes) | count(*) | count(*) on one core |\n|---|---:|---:|---:|---:|\n")
 	for _, t := range tables {
@@ -513,7 +591,7 @@ func (r *result) markdown() string {
 	}
 	fmt.Fprintf(&w, "| **scan bound** (sum) | | | **%s** | **%s** |\n\n", ms(bound), ms(bound1))
 
-	fmt.Fprintf(&w, "| refresh of the 8 dataset invariants | time | ratio to the scan bound | on one core |\n|---|---:|---:|---:|\n")
+	fmt.Fprintf(&w, "| refresh of the %d dataset invariants | time | ratio to the scan bound | on one core |\n|---|---:|---:|---:|\n", len(r.invariants))
 	fmt.Fprintf(&w, "| first (populates the views) | %s | %.1f× | %.1f× |\n", ms(r.refreshFirst), ratio(r.refreshFirst, bound), ratio(r.refreshFirst, bound1))
 	fmt.Fprintf(&w, "| steady state, CONCURRENTLY (median of %d: %s) | **%s** | **%.1f×** | **%.1f×** |\n\n", len(r.refreshSteady), list(r.refreshSteady), ms(steady), ratio(steady, bound), ratio(steady, bound1))
 
@@ -524,17 +602,23 @@ func (r *result) markdown() string {
 		d := time.Duration(inv.refresh * float64(time.Second))
 		fmt.Fprintf(&w, "| %s | %d | %s | %s | %s | %.1f× | %s |\n", inv.name, inv.anomalies, ms(d), ms(inv.query), ms(inv.bound), ratio(d, inv.bound), inv.plan)
 	}
-	fmt.Fprintf(&w, "\nThe eight views read %s of tables in all (each invariant its own tables once, on one core): %.1f× the one-core scan bound before any work is done.\n\n",
-		ms(sumBound), ratio(sumBound, bound1))
+	fmt.Fprintf(&w, "\nThe %d views read %s of tables in all (each invariant its own tables once, on one core): %.1f× the one-core scan bound before any work is done.\n\n",
+		len(r.invariants), ms(sumBound), ratio(sumBound, bound1))
+
+	for _, inv := range r.invariants {
+		if inv.textPlan != "" {
+			fmt.Fprintf(&w, "Plan of %s (EXPLAIN (ANALYZE, BUFFERS), under the refresh's settings; timing every node adds to the total):\n\n```\n%s\n```\n\n", inv.name, inv.textPlan)
+		}
+	}
 
 	fmt.Fprintf(&w, "| scrape (BenchmarkScrape) | ns/op | median | p99 | B/op | allocs/op |\n|---|---:|---:|---:|---:|---:|\n")
 	for _, s := range r.scrape {
 		fmt.Fprintf(&w, "| %d invariants | %.0f | %.3f ms | %.3f ms | %.0f | %.0f |\n", s.Invariants, s.NsPerOp, s.P50, s.P99, s.BytesPerOp, s.AllocsPerOp)
 	}
 	ex := median(r.exporter)
-	fmt.Fprintf(&w, "\n| the alternative | median scrape | ratio to our scrape (8 invariants) |\n|---|---:|---:|\n")
-	fmt.Fprintf(&w, "| prometheus-postgres-exporter, the 8 queries as custom queries (%d scrapes: %s) | %s | %.0f× |\n\n",
-		len(r.exporter), list(r.exporter), ms(ex), float64(ex)/(r.scrape[0].P50*float64(time.Millisecond)))
+	fmt.Fprintf(&w, "\n| the alternative | median scrape | ratio to our scrape (%d invariants) |\n|---|---:|---:|\n", r.scrape[0].Invariants)
+	fmt.Fprintf(&w, "| prometheus-postgres-exporter, the %d queries as custom queries (%d scrapes: %s) | %s | %.0f× |\n\n",
+		len(r.invariants), len(r.exporter), list(r.exporter), ms(ex), float64(ex)/(r.scrape[0].P50*float64(time.Millisecond)))
 
 	fmt.Fprintf(&w, "| write load (pgbench, %s per phase) | before | during back-to-back refreshes | after | during / mean(before, after) |\n|---|---:|---:|---:|---:|\n", *flagWrites)
 	for _, x := range r.writes {
@@ -642,7 +726,7 @@ func waitHTTP(b *testing.B, url string) {
 	}
 }
 
-func must(b *testing.B, err error) {
+func must(b testing.TB, err error) {
 	b.Helper()
 	if err != nil {
 		b.Fatal(err)
