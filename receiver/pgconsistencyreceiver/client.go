@@ -184,17 +184,33 @@ func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) 
 	return rows, err
 }
 
+// readStatus sends the whole transaction in one round trip: BEGIN READ
+// ONLY, its statement_timeout, the query, COMMIT (as inTransaction does,
+// which would take four). A failed transaction is rolled back so that the
+// connection goes back to the pool usable.
 func (c *pgxClient) readStatus(ctx context.Context, query string) ([]invariantStatus, error) {
+	conn, err := c.pool.Acquire(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Release()
 	var out []invariantStatus
-	err := inTransaction(ctx, c.pool, true, c.timeout, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, query)
-		if err != nil {
-			return err
-		}
+	b := &pgx.Batch{}
+	b.Queue("BEGIN READ ONLY")
+	b.Queue("SELECT pg_catalog.set_config('statement_timeout', $1, true)", strconv.FormatInt(c.timeout.Milliseconds(), 10))
+	b.Queue(query).Query(func(rows pgx.Rows) error {
+		var err error
 		out, err = pgx.CollectRows(rows, pgx.RowToStructByName[invariantStatus])
 		return err
 	})
-	return out, err
+	b.Queue("COMMIT")
+	if err := conn.SendBatch(ctx, b).Close(); err != nil {
+		if conn.Conn().PgConn().TxStatus() != 'I' {
+			_, _ = conn.Exec(ctx, "ROLLBACK") // if this fails too, the pool drops the connection
+		}
+		return nil, err
+	}
+	return out, nil
 }
 
 // explain turns the errors users will meet into messages that say what to do.

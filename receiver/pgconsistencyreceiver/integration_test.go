@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.opentelemetry.io/collector/config/configopaque"
@@ -347,4 +348,30 @@ func TestIntegrationStatusBlockedByALock(t *testing.T) {
 
 	require.NoError(t, tx.Rollback(t.Context()))
 	waitFor(t, sink, "after the lock", expectCounts(want))
+}
+
+// TestIntegrationScrapeTransactionLimits: the scrape's one-round-trip
+// transaction is read only and under the scrape's statement_timeout, and a
+// failed one leaves its pooled connection usable.
+func TestIntegrationScrapeTransactionLimits(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	cfg := serverConfig(srv, db)
+	cfg.Timeout = 300 * time.Millisecond
+	c, err := newPgxClient(t.Context(), cfg)
+	require.NoError(t, err)
+	t.Cleanup(c.close)
+	pc := c.(*pgxClient)
+
+	_, err = pc.readStatus(t.Context(), "CREATE TABLE public.scrape_wrote (i int)")
+	var pgErr *pgconn.PgError
+	require.ErrorAs(t, err, &pgErr)
+	assert.Equal(t, "25006", pgErr.Code, "read_only_sql_transaction: %v", err)
+	_, err = pc.readStatus(t.Context(), "SELECT pg_catalog.pg_sleep(2)")
+	require.ErrorAs(t, err, &pgErr)
+	assert.Equal(t, "57014", pgErr.Code, "the scrape's statement_timeout: %v", err)
+	rows, err := pc.status(t.Context())
+	require.NoError(t, err, "the pool still serves after two failed transactions")
+	assert.Len(t, rows, len(fixture.Invariants))
+	assert.EqualValues(t, 1, pc.pool.Stat().TotalConns(), "the connection was kept, not replaced")
 }
