@@ -53,7 +53,8 @@ SELECT pgconsistency.define_invariant(
          WHERE NOT EXISTS (SELECT 1 FROM public.dataset_references r
                             WHERE r.dataset_id = e.dataset_id AND r.block_ref_name = 'head')
     $q$,
-    settings    => '{"enable_hashjoin": "off"}');
+    settings    => '{"enable_hashjoin": "off"}',
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text"}');
 
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_head_ref_duplicated',
@@ -67,7 +68,8 @@ SELECT pgconsistency.define_invariant(
            AND EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = r.dataset_id)
          GROUP BY r.dataset_id
         HAVING count(*) > 1
-    $q$);
+    $q$,
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text"}');
 
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_statistics_missing',
@@ -80,7 +82,8 @@ SELECT pgconsistency.define_invariant(
           FROM public.dataset_entries e
          WHERE NOT EXISTS (SELECT 1 FROM public.dataset_statistics s WHERE s.dataset_id = e.dataset_id)
     $q$,
-    settings    => '{"enable_hashjoin": "off"}');
+    settings    => '{"enable_hashjoin": "off"}',
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_statistics": "r.dataset_id::text"}');
 
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_statistics_duplicated',
@@ -96,7 +99,8 @@ SELECT pgconsistency.define_invariant(
                 HAVING count(*) > 1) d
          WHERE EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = d.dataset_id)
          GROUP BY d.dataset_id
-    $q$);
+    $q$,
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_statistics": "r.dataset_id::text"}');
 
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_key_blocks_missing',
@@ -109,7 +113,8 @@ SELECT pgconsistency.define_invariant(
           FROM public.dataset_entries e
          WHERE NOT EXISTS (SELECT 1 FROM public.dataset_key_blocks k WHERE k.dataset_id = e.dataset_id)
     $q$,
-    settings    => '{"enable_hashjoin": "off"}');
+    settings    => '{"enable_hashjoin": "off"}',
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text"}');
 
 -- The incident's shape: key blocks left with only AddPushSource.
 SELECT pgconsistency.define_invariant(
@@ -124,7 +129,8 @@ SELECT pgconsistency.define_invariant(
          WHERE EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = k.dataset_id)
          GROUP BY k.dataset_id
         HAVING NOT bool_or(k.event_type = 'Seed')
-    $q$);
+    $q$,
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text"}');
 
 -- Disjoint from dataset_seed_missing: requires at least one Seed.
 SELECT pgconsistency.define_invariant(
@@ -142,7 +148,8 @@ SELECT pgconsistency.define_invariant(
         HAVING bool_or(k.event_type = 'Seed')
            AND (NOT bool_or(k.event_type = 'Seed' AND k.sequence_number = 0)
                 OR bool_or(k.event_type = 'Seed' AND k.sequence_number <> 0))
-    $q$);
+    $q$,
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text"}');
 
 -- Edges whose upstream is unknown are allowed: the table has no foreign keys.
 SELECT pgconsistency.define_invariant(
@@ -158,7 +165,8 @@ SELECT pgconsistency.define_invariant(
            AND NOT EXISTS (SELECT 1 FROM public.dataset_dependencies d
                             WHERE d.downstream_dataset_id = e.dataset_id)
     $q$,
-    settings    => '{"enable_hashjoin": "off"}');
+    settings    => '{"enable_hashjoin": "off"}',
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_dependencies": "r.downstream_dataset_id::text"}');
 
 -- Roots read no other dataset: an upstream edge to a root is a dataset whose
 -- kind changed, or an edge written for the wrong dataset.
@@ -176,7 +184,8 @@ SELECT pgconsistency.define_invariant(
           JOIN public.dataset_dependencies d ON d.downstream_dataset_id = e.dataset_id
          WHERE e.kind = 'root'
          GROUP BY e.dataset_id, e.owner_name, e.dataset_name
-    $q$)
+    $q$,
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_dependencies": "r.downstream_dataset_id::text"}')
  WHERE pgconsistency.requires('dataset_root_has_upstream', 'public.dataset_entries', 'public.dataset_dependencies');
 
 -- dataset_entries.owner_id has no foreign key to accounts (it was dropped
@@ -194,7 +203,8 @@ SELECT pgconsistency.define_invariant(
           FROM public.dataset_entries e
          WHERE NOT EXISTS (SELECT 1 FROM public.accounts a WHERE a.id = e.owner_id)
     $q$,
-    settings    => '{"enable_hashjoin": "off"}')
+    settings    => '{"enable_hashjoin": "off"}',
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.accounts": "unnest(ARRAY(SELECT e.dataset_id::text FROM public.dataset_entries e WHERE e.owner_id = r.id))"}')
  WHERE pgconsistency.requires('dataset_owner_missing', 'public.dataset_entries', 'public.accounts');
 
 -- The metadata chain: key and data blocks of ref head together are numbered
@@ -226,7 +236,8 @@ SELECT pgconsistency.define_invariant(
          WHERE EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = c.dataset_id)
          GROUP BY c.dataset_id
         HAVING bool_or(c.step <> 1)
-    $q$)
+    $q$,
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text", "public.dataset_data_blocks": "r.dataset_id::text"}')
  WHERE pgconsistency.requires('dataset_chain_gap', 'public.dataset_entries', 'public.dataset_key_blocks', 'public.dataset_data_blocks');
 
 -- The head reference holds the hash of the highest-numbered block: moving
@@ -265,7 +276,8 @@ SELECT pgconsistency.define_invariant(
                  WHERE r.block_hash_bin IS DISTINCT FROM t.block_hash_bin
                    AND EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = t.dataset_id)
                  GROUP BY t.dataset_id, t.sequence_number, t.block_hash_bin) m
-    $q$)
+    $q$,
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text", "public.dataset_data_blocks": "r.dataset_id::text"}')
  WHERE pgconsistency.requires('dataset_head_ref_mismatch', 'public.dataset_entries', 'public.dataset_references',
                               'public.dataset_key_blocks', 'public.dataset_data_blocks');
 
@@ -293,6 +305,7 @@ SELECT pgconsistency.define_invariant(
                   FROM public.dataset_data_blocks d WHERE d.block_ref_name <> 'head') x
          WHERE EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = x.dataset_id)
          GROUP BY x.dataset_id
-    $q$)
+    $q$,
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text", "public.dataset_statistics": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text", "public.dataset_data_blocks": "r.dataset_id::text"}')
  WHERE pgconsistency.requires('dataset_ref_name_unknown', 'public.dataset_entries', 'public.dataset_references',
                               'public.dataset_statistics', 'public.dataset_key_blocks', 'public.dataset_data_blocks');

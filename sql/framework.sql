@@ -22,7 +22,7 @@ CREATE SCHEMA IF NOT EXISTS pgconsistency;
 CREATE OR REPLACE FUNCTION pgconsistency.version() RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT '0.2.0'::text $fn$;
+AS $fn$ SELECT '0.3.0'::text $fn$;
 
 -- install_ddl: run one DDL statement of an install or upgrade with bounded
 -- lock waits. install.sql runs on every deployment, while refreshes and
@@ -201,6 +201,19 @@ SELECT pgconsistency.install_column('pgconsistency.invariant', 'settings', $$jso
 SELECT pgconsistency.install_column('pgconsistency.invariant', 'after_refresh', 'text');
 SELECT pgconsistency.install_column('pgconsistency.invariant', 'resolved_retention',  -- 0.2.0
   $$interval NOT NULL DEFAULT '30 days' CONSTRAINT invariant_resolved_retention_positive CHECK (resolved_retention > interval '0')$$);
+-- 0.3.0: the refresh engine. query: what define_invariant() was given (the
+-- framework runs it; NULL for views of register_invariant()). refresh_mode:
+-- 'full' re-runs the query; 'incremental' re-checks only the keys that
+-- writes touched (see set_refresh_mode), with a full refresh (a reconcile)
+-- every full_refresh_period, and instead of an incremental one when more
+-- than incremental_max_keys keys changed.
+SELECT pgconsistency.install_column('pgconsistency.invariant', 'query', 'text');
+SELECT pgconsistency.install_column('pgconsistency.invariant', 'refresh_mode',
+  $$text NOT NULL DEFAULT 'full' CONSTRAINT invariant_refresh_mode_valid CHECK (refresh_mode IN ('full', 'incremental'))$$);
+SELECT pgconsistency.install_column('pgconsistency.invariant', 'full_refresh_period',
+  $$interval NOT NULL DEFAULT '1 day' CONSTRAINT invariant_full_refresh_period_positive CHECK (full_refresh_period > interval '0')$$);
+SELECT pgconsistency.install_column('pgconsistency.invariant', 'incremental_max_keys',
+  $$bigint NOT NULL DEFAULT 20000 CONSTRAINT invariant_incremental_max_keys_positive CHECK (incremental_max_keys > 0)$$);
 
 -- The settings an invariant's refresh may change: the planner's and the
 -- memory of one query; never anything that outlives the refresh's
@@ -269,13 +282,32 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
 );
 SELECT pgconsistency.install_comment('pgconsistency.refresh_state',
   'Outcome of the latest refresh of each invariant; written by pgconsistency.refresh()');
+-- 0.3.0: what kind the latest successful refresh was ('full', 'incremental'
+-- or 'reconcile': a full refresh of an invariant in incremental mode), when
+-- the latest full one (a reconcile included) started, how many keys the
+-- latest incremental one re-checked, and how many anomalies the latest
+-- reconcile had to correct because the incremental refreshes had missed
+-- them (0 when capture works; see capture_state).
+SELECT pgconsistency.install_column('pgconsistency.refresh_state', 'last_refresh_kind',
+  $$text CONSTRAINT refresh_state_kind_valid CHECK (last_refresh_kind IN ('full', 'incremental', 'reconcile'))$$);
+SELECT pgconsistency.install_column('pgconsistency.refresh_state', 'last_full_refresh_at', 'timestamptz');
+SELECT pgconsistency.install_column('pgconsistency.refresh_state', 'rechecked_keys', 'bigint NOT NULL DEFAULT 0');
+SELECT pgconsistency.install_column('pgconsistency.refresh_state', 'healed_anomalies', 'bigint NOT NULL DEFAULT 0');
+SELECT pgconsistency.install_column('pgconsistency.refresh_state', 'last_healed_at', 'timestamptz');
 
 -- The lifecycle of every anomaly, by invariant and key: first seen, last seen,
--- resolved, acknowledged. Maintained by refresh() in O(anomalies): it is what
--- tells a new anomaly from an old one even when the total count stays the
--- same. A resolved anomaly that comes back is new again (new seq, new
--- first_seen_at, acknowledgement cleared). Resolved anomalies are deleted
--- after their invariant's resolved_retention.
+-- resolved, acknowledged. It is what tells a new anomaly from an old one
+-- even when the total count stays the same. A resolved anomaly that comes
+-- back is new again (new seq, new first_seen_at, acknowledgement cleared).
+-- Resolved anomalies are deleted after their invariant's resolved_retention.
+-- The open anomalies of an invariant are also its snapshot: details holds
+-- the offending row as of the latest refresh, and the view
+-- pgconsistency.<name> of define_invariant() reads it. A refresh writes
+-- O(changes): rows that appear, resolve or whose details change; nothing
+-- for an anomaly that simply persists. So last_seen_at is written when an
+-- anomaly appears and when it is resolved (then: the end of the latest
+-- refresh that still saw it); while it is open, it was last seen by its
+-- invariant's latest refresh (refresh_state.refreshed_at).
 -- seq orders the log records: it is taken under a lock held until commit
 -- (see refresh_invariant), so seqs become visible in increasing order.
 CREATE SEQUENCE IF NOT EXISTS pgconsistency.anomaly_seq;
@@ -323,6 +355,80 @@ CREATE TABLE IF NOT EXISTS pgconsistency.log_cursor (
 SELECT pgconsistency.install_column('pgconsistency.log_cursor', 'owner', 'text');  -- 0.2.0
 SELECT pgconsistency.install_comment('pgconsistency.log_cursor',
   'Last anomaly seq delivered to each log consumer');
+
+-- Incremental refresh (0.3.0). How the rows of a table an invariant reads
+-- map to the invariant's keys: an SQL expression over the changed row r,
+-- giving its key (e.g. r.dataset_id::text) or, set-returning, several keys
+-- (e.g. unnest(ARRAY(SELECT e.dataset_id::text FROM public.dataset_entries e
+-- WHERE e.owner_id = r.id))). Given to define_invariant(keys => ...).
+CREATE TABLE IF NOT EXISTS pgconsistency.invariant_key_source (
+    invariant      text NOT NULL REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    relation       text NOT NULL,
+    key_expression text NOT NULL,
+    PRIMARY KEY (invariant, relation)
+);
+SELECT pgconsistency.install_comment('pgconsistency.invariant_key_source',
+  'How rows of the tables an invariant reads map to its keys (define_invariant(keys => ...))');
+
+-- The capture: one source per (table, key expression) that an invariant in
+-- incremental mode needs. The capture triggers on the table (see
+-- install_capture) write the keys of the rows each statement changed into
+-- captured_key, in the writer's transaction; a refresh moves them to the
+-- pending keys of each invariant in incremental mode (dispatch_captured_keys),
+-- and an incremental refresh re-checks its pending keys only.
+CREATE TABLE IF NOT EXISTS pgconsistency.capture_source (
+    id             integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    relation       text NOT NULL,
+    key_expression text NOT NULL,
+    CONSTRAINT capture_source_unique UNIQUE (relation, key_expression)
+);
+SELECT pgconsistency.install_comment('pgconsistency.capture_source',
+  'Tables and key expressions the capture triggers record changed keys of');
+-- UNLOGGED: the writers pay no WAL for the capture. A crash empties them
+-- (and a promoted standby has them empty): capture_epoch, empty then too,
+-- tells the next refresh, which reconciles every invariant in incremental
+-- mode. No unique index: two writers of the same key never wait for each
+-- other here; a refresh reads the keys deduplicated.
+CREATE UNLOGGED TABLE IF NOT EXISTS pgconsistency.captured_key (
+    source integer NOT NULL,
+    key    text    NOT NULL
+);
+CREATE UNLOGGED TABLE IF NOT EXISTS pgconsistency.pending_key (
+    invariant text NOT NULL,
+    key       text NOT NULL
+);
+SELECT pgconsistency.install_index('pending_key_invariant',
+  'CREATE INDEX pending_key_invariant ON pgconsistency.pending_key (invariant)');
+CREATE UNLOGGED TABLE IF NOT EXISTS pgconsistency.capture_epoch (
+    singleton  boolean     PRIMARY KEY DEFAULT true CONSTRAINT capture_epoch_one_row CHECK (singleton),
+    started_at timestamptz NOT NULL
+);
+SELECT pgconsistency.install_comment('pgconsistency.captured_key',
+  'Keys of rows changed by writers, by capture source; moved to pending_key by each refresh');
+SELECT pgconsistency.install_comment('pgconsistency.pending_key',
+  'Keys an invariant in incremental mode re-checks at its next refresh');
+SELECT pgconsistency.install_comment('pgconsistency.capture_epoch',
+  'One row while the unlogged capture tables are intact; empty after a crash or a failover');
+-- What bypassed the capture (a TRUNCATE of a captured table), written by the
+-- capture triggers; the next refresh turns it into a reconcile of the
+-- invariants that read the table.
+CREATE TABLE IF NOT EXISTS pgconsistency.capture_gap (
+    relation text        NOT NULL,
+    reason   text        NOT NULL,
+    at       timestamptz NOT NULL
+);
+SELECT pgconsistency.install_comment('pgconsistency.capture_gap',
+  'Writes the capture could not record (TRUNCATE); the next refresh reconciles what they touched');
+-- One row per invariant in incremental mode: since when its keys are
+-- captured, and why its next refresh must be a full one (a reconcile)
+-- rather than an incremental one: NULL when nothing says so.
+CREATE TABLE IF NOT EXISTS pgconsistency.capture_state (
+    invariant        text        PRIMARY KEY REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
+    since            timestamptz NOT NULL,
+    reconcile_reason text
+);
+SELECT pgconsistency.install_comment('pgconsistency.capture_state',
+  'Invariants in incremental mode: capture start, and why the next refresh must reconcile');
 
 -- Refresh requests, e.g. from a deploy pipeline: "refresh everything once the
 -- deployment has settled". At most one request is pending; asking again
@@ -402,6 +508,129 @@ BEGIN
 END
 $fn$;
 
+-- register_row: the registry row of an invariant; an unchanged registration
+-- writes nothing (install.sql runs on every deploy). Internal to
+-- register_invariant and define_invariant.
+CREATE OR REPLACE FUNCTION pgconsistency.register_row(
+    name text, view_schema text, view_name text, severity text, description text
+) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF register_row.severity IS NULL OR register_row.severity NOT IN ('critical', 'warning', 'info') THEN
+        RAISE EXCEPTION 'pgconsistency: severity of invariant % is %, expected critical, warning or info',
+            name, coalesce(register_row.severity, 'NULL');
+    END IF;
+    INSERT INTO pgconsistency.invariant AS i (name, description, severity, view_schema, view_name)
+    VALUES (register_row.name, coalesce(register_row.description, ''), register_row.severity,
+            register_row.view_schema, register_row.view_name)
+    ON CONFLICT ON CONSTRAINT invariant_pkey DO UPDATE
+       SET description = EXCLUDED.description,
+           severity    = EXCLUDED.severity,
+           view_schema = EXCLUDED.view_schema,
+           view_name   = EXCLUDED.view_name
+     WHERE (i.description, i.severity, i.view_schema, i.view_name)
+           IS DISTINCT FROM (EXCLUDED.description, EXCLUDED.severity, EXCLUDED.view_schema, EXCLUDED.view_name);
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.register_row(text, text, text, text, text) IS
+  'Internal: insert or update the registry row of an invariant, writing nothing when unchanged';
+
+-- install_view: create the plain view "relation" (schema-qualified) as
+-- "definition", or re-create it when its definition differs (compared
+-- through a temporary view: both deparsed by PostgreSQL with every name
+-- qualified) or when a materialized view of that name is there (the
+-- invariant views of releases before 0.3.0). DROP takes an ACCESS
+-- EXCLUSIVE lock that would queue the readers behind it on every deploy:
+-- so nothing is dropped when nothing changed, and the drop waits with the
+-- installer's bounded lock waits. The grants on the old relation are given
+-- to the new view. Returns whether it (re-)created the view.
+CREATE OR REPLACE FUNCTION pgconsistency.install_view(relation text, definition text, comment text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_old  regclass := pg_catalog.to_regclass(relation);
+    v_kind "char";
+    v_acl  aclitem[];
+    v_owner oid;
+    g record;
+BEGIN
+    SELECT c.relkind, c.relacl, c.relowner INTO v_kind, v_acl, v_owner FROM pg_catalog.pg_class c WHERE c.oid = v_old;
+    IF v_kind = 'v' THEN
+        IF pg_catalog.to_regclass('pg_temp.pgconsistency_view_next') IS NOT NULL THEN
+            DROP VIEW pg_temp.pgconsistency_view_next;
+        END IF;
+        EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_view_next AS ' || definition;
+        IF pg_catalog.pg_get_viewdef(v_old) = pg_catalog.pg_get_viewdef(pg_catalog.to_regclass('pg_temp.pgconsistency_view_next')) THEN
+            DROP VIEW pg_temp.pgconsistency_view_next;
+            PERFORM pgconsistency.install_comment(relation, comment);
+            RETURN false;
+        END IF;
+        DROP VIEW pg_temp.pgconsistency_view_next;
+    END IF;
+    IF v_kind = 'v' THEN
+        PERFORM pgconsistency.install_ddl(pg_catalog.format('DROP VIEW %s', v_old));
+    ELSIF v_kind = 'm' THEN
+        PERFORM pgconsistency.install_ddl(pg_catalog.format('DROP MATERIALIZED VIEW %s', v_old));
+    ELSIF v_kind IS NOT NULL THEN
+        RAISE EXCEPTION 'pgconsistency: % exists and is not a view (relkind %)', relation, v_kind
+            USING HINT = 'Rename or drop it, or choose another name.';
+    END IF;
+    EXECUTE pg_catalog.format('CREATE VIEW %s AS %s', relation, definition);
+    EXECUTE pg_catalog.format('COMMENT ON VIEW %s IS %L', relation, comment);
+    FOR g IN
+        SELECT a.privilege_type, a.is_grantable,
+               CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                    ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END AS grantee
+          FROM pg_catalog.aclexplode(v_acl) a
+         WHERE a.grantee <> v_owner AND a.privilege_type IN ('SELECT', 'INSERT', 'UPDATE', 'DELETE', 'TRUNCATE', 'REFERENCES', 'TRIGGER')
+    LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON %s TO %s%s', g.privilege_type, relation, g.grantee,
+                                  CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+    RETURN true;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.install_view(text, text, text) IS
+  'Internal: create or re-create a view only when its definition changed, keeping its grants';
+
+-- query_shape: what an invariant's query returns and reads, from a
+-- temporary view of it (which also checks that it parses and that what it
+-- reads exists): its columns but key, as "name type, ..." for
+-- jsonb_to_record (NULL when key is its only column), whether it has a
+-- column key of type text, and the relations it reads (schema-qualified).
+CREATE OR REPLACE FUNCTION pgconsistency.query_shape(query text, OUT columns text, OUT has_key boolean, OUT relations text[])
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_probe regclass;
+BEGIN
+    IF pg_catalog.to_regclass('pg_temp.pgconsistency_query_probe') IS NOT NULL THEN
+        DROP VIEW pg_temp.pgconsistency_query_probe;
+    END IF;
+    EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_query_probe AS ' || query;
+    v_probe := pg_catalog.to_regclass('pg_temp.pgconsistency_query_probe');
+    SELECT pg_catalog.string_agg(pg_catalog.format('%I %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)), ', '
+                                 ORDER BY a.attnum) FILTER (WHERE a.attname <> 'key'),
+           coalesce(pg_catalog.bool_or(a.attname = 'key' AND a.atttypid = 'text'::pg_catalog.regtype), false)
+      INTO columns, has_key
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = v_probe AND a.attnum > 0 AND NOT a.attisdropped;
+    SELECT pg_catalog.array_agg(DISTINCT d.refobjid::regclass::text ORDER BY d.refobjid::regclass::text)
+      INTO relations
+      FROM pg_catalog.pg_rewrite w
+      JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = w.oid
+     WHERE w.ev_class = v_probe
+       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> v_probe;
+    DROP VIEW pg_temp.pgconsistency_query_probe;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.query_shape(text) IS
+  'Internal: the detail columns, key column and relations of an invariant''s query';
+
 -- register_invariant: register an existing materialized view as an invariant.
 -- Checks what REFRESH ... CONCURRENTLY needs, so a bad view fails here, at
 -- install time, with a message that says what to fix, and not at 3 a.m.
@@ -450,17 +679,7 @@ BEGIN
             name, coalesce(register_invariant.severity, 'NULL');
     END IF;
 
-    -- An unchanged registration writes nothing (install.sql runs on every deploy).
-    INSERT INTO pgconsistency.invariant AS i (name, description, severity, view_schema, view_name)
-    VALUES (register_invariant.name, coalesce(register_invariant.description, ''), register_invariant.severity,
-            register_invariant.view_schema, register_invariant.view_name)
-    ON CONFLICT ON CONSTRAINT invariant_pkey DO UPDATE
-       SET description = EXCLUDED.description,
-           severity    = EXCLUDED.severity,
-           view_schema = EXCLUDED.view_schema,
-           view_name   = EXCLUDED.view_name
-     WHERE (i.description, i.severity, i.view_schema, i.view_name)
-           IS DISTINCT FROM (EXCLUDED.description, EXCLUDED.severity, EXCLUDED.view_schema, EXCLUDED.view_name);
+    PERFORM pgconsistency.register_row(name, view_schema, view_name, severity, description);
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, text) IS
@@ -556,70 +775,425 @@ BEGIN
 END
 $fn$;
 
+-- define_invariant: register an invariant from its query: columns key
+-- (text, NOT NULL, once per offending entity) and any details. The
+-- framework runs the query on each refresh and keeps its rows as the open
+-- anomalies of the invariant (pgconsistency.anomaly); the view
+-- pgconsistency.<name> shows them with the query's columns. Re-running with
+-- the same arguments changes nothing and takes no lock that waits. The
+-- query must schema-qualify every table and keep volatile values such as
+-- now() out of its output columns (comparing with now() in WHERE is fine):
+-- each refresh compares whole rows.
 -- settings, when given, are the refresh settings (see the invariant table)
 -- of a new invariant, or of one whose query changed; otherwise the settings
 -- a DBA may have changed since (UPDATE pgconsistency.invariant SET settings)
 -- are kept. NULL keeps them as they are.
+-- keys says, for incremental refresh (set_refresh_mode), how the rows of
+-- each table the query reads map to its keys: a JSON object from table to
+-- an SQL expression over the changed row r, e.g.
+--   {"public.orders": "r.customer_id::text", "public.customers": "r.id::text"}
+-- (a set-returning expression gives several keys). NULL keeps the mapping
+-- given before.
 DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text);
+DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text, jsonb);
 CREATE OR REPLACE FUNCTION pgconsistency.define_invariant(
     name        text,
     query       text,
     severity    text DEFAULT 'warning',
     description text DEFAULT NULL,
-    settings    jsonb DEFAULT NULL
+    settings    jsonb DEFAULT NULL,
+    keys        jsonb DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    v_md5      text := pg_catalog.md5(query);
-    v_existing text;
-    v_relkind  "char";
+    v_md5     text := pg_catalog.md5(query);
+    v_shape   record;
+    v_kind    "char";
+    v_view    text;
+    v_keys    jsonb;
+    v_old     jsonb;
+    v_changed boolean;
+    e record;
 BEGIN
     IF name IS NULL OR name !~ '^[a-z][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'pgconsistency: invalid invariant name %', coalesce(pg_catalog.quote_literal(name), 'NULL')
             USING HINT = 'Use lower-case letters, digits and underscores, starting with a letter (at most 63 characters).';
     END IF;
-    SELECT c.relkind INTO v_relkind
+    SELECT c.relkind INTO v_kind
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE n.nspname = 'pgconsistency' AND c.relname = define_invariant.name;
-    IF v_relkind IS NOT NULL AND v_relkind <> 'm' THEN
-        RAISE EXCEPTION 'pgconsistency: invariant name % collides with pgconsistency.% (relkind %)', name, name, v_relkind
+    IF v_kind IS NOT NULL AND (v_kind NOT IN ('v', 'm') OR NOT EXISTS (
+           SELECT 1 FROM pgconsistency.invariant i
+            WHERE i.name = define_invariant.name AND i.view_schema = 'pgconsistency' AND i.view_name = define_invariant.name)) THEN
+        RAISE EXCEPTION 'pgconsistency: invariant name % collides with pgconsistency.% (relkind %)', name, name, v_kind
             USING HINT = 'Choose another name.';
     END IF;
 
-    SELECT i.query_md5 INTO v_existing
-      FROM pgconsistency.invariant i
-     WHERE i.name = define_invariant.name AND i.view_schema = 'pgconsistency' AND i.view_name = define_invariant.name;
-
-    -- A changed query replaces the view: its DROP waits for a running
-    -- refresh of it, with the installer's bounded lock waits.
-    IF v_relkind IS NULL OR v_existing IS DISTINCT FROM v_md5 THEN
-        IF v_relkind IS NOT NULL THEN
-            PERFORM pgconsistency.install_ddl(pg_catalog.format('DROP MATERIALIZED VIEW pgconsistency.%I', name));
-        END IF;
-        EXECUTE pg_catalog.format('CREATE MATERIALIZED VIEW pgconsistency.%I AS %s WITH NO DATA', name, query);
-        EXECUTE pg_catalog.format('CREATE UNIQUE INDEX %I ON pgconsistency.%I (key)', name || '_key', name);
-        EXECUTE pg_catalog.format('COMMENT ON MATERIALIZED VIEW pgconsistency.%I IS %L', name,
-                                  'pgconsistency invariant ' || name || ': ' || coalesce(description, ''));
-    ELSE
-        PERFORM pgconsistency.install_comment(pg_catalog.format('pgconsistency.%I', name),
-                                              'pgconsistency invariant ' || name || ': ' || coalesce(description, ''));
+    v_shape := pgconsistency.query_shape(query);
+    IF NOT v_shape.has_key THEN
+        RAISE EXCEPTION 'pgconsistency: the query of invariant % has no text column "key"', name
+            USING HINT = 'Select the id of the offending entity as key, e.g. dataset_id::text AS key.';
     END IF;
 
-    PERFORM pgconsistency.register_invariant(name, 'pgconsistency', name, severity, description);
+    -- The view of its anomalies, with the query's columns.
+    v_view := 'SELECT a.key' || CASE WHEN v_shape.columns IS NULL THEN '' ELSE ', d.*' END
+           || ' FROM pgconsistency.anomaly a'
+           || CASE WHEN v_shape.columns IS NULL THEN ''
+                   ELSE ' CROSS JOIN LATERAL pg_catalog.jsonb_to_record(a.details) AS d(' || v_shape.columns || ')' END
+           || pg_catalog.format(' WHERE a.invariant = %L AND a.resolved_at IS NULL', name);
+    PERFORM pgconsistency.install_view(pg_catalog.format('pgconsistency.%I', name), v_view,
+                                       'pgconsistency invariant ' || name || ': ' || coalesce(description, '')
+                                       || ' (its open anomalies as of the latest refresh)');
+
+    PERFORM pgconsistency.register_row(name, 'pgconsistency', name, severity, description);
     -- settings are those of a new invariant or of a changed query; re-running
     -- a pack keeps what a DBA changed since.
     UPDATE pgconsistency.invariant i
        SET query_md5 = v_md5,
+           query = define_invariant.query,
            settings = CASE WHEN i.query_md5 IS DISTINCT FROM v_md5 THEN coalesce(define_invariant.settings, i.settings)
                            ELSE i.settings END
      WHERE i.name = define_invariant.name
-       AND i.query_md5 IS DISTINCT FROM v_md5;
+       AND (i.query_md5 IS DISTINCT FROM v_md5 OR i.query IS DISTINCT FROM define_invariant.query);
+    v_changed := FOUND;
+
+    IF keys IS NOT NULL THEN
+        IF pg_catalog.jsonb_typeof(keys) <> 'object' THEN
+            RAISE EXCEPTION 'pgconsistency: keys of invariant % must be a JSON object from table to key expression', name
+                USING HINT = 'e.g. keys => ''{"public.orders": "r.customer_id::text"}''';
+        END IF;
+        v_keys := '{}';
+        FOR e IN SELECT k.key AS relation, k.value FROM pg_catalog.jsonb_each(keys) k LOOP
+            IF pg_catalog.to_regclass(e.relation) IS NULL OR pg_catalog.jsonb_typeof(e.value) <> 'string' THEN
+                RAISE EXCEPTION 'pgconsistency: keys of invariant %: % is not a table, or its key expression is not a string', name, e.relation;
+            END IF;
+            IF NOT pg_catalog.to_regclass(e.relation)::text = ANY (coalesce(v_shape.relations, '{}')) THEN
+                RAISE EXCEPTION 'pgconsistency: keys of invariant %: its query does not read %', name, e.relation
+                    USING HINT = pg_catalog.format('It reads: %s.', coalesce(pg_catalog.array_to_string(v_shape.relations, ', '), 'nothing'));
+            END IF;
+            BEGIN
+                EXECUTE pg_catalog.format('SELECT (%s)::text FROM %s r LIMIT 0', e.value #>> '{}', pg_catalog.to_regclass(e.relation));
+            EXCEPTION WHEN OTHERS THEN
+                RAISE EXCEPTION 'pgconsistency: keys of invariant %: the key expression of % does not work: %', name, e.relation, SQLERRM
+                    USING HINT = 'An expression over the changed row r, e.g. r.id::text.';
+            END;
+            v_keys := v_keys || pg_catalog.jsonb_build_object(pg_catalog.to_regclass(e.relation)::text, e.value);
+        END LOOP;
+        SELECT coalesce(pg_catalog.jsonb_object_agg(s.relation, s.key_expression), '{}') INTO v_old
+          FROM pgconsistency.invariant_key_source s WHERE s.invariant = define_invariant.name;
+        IF v_old IS DISTINCT FROM v_keys THEN
+            DELETE FROM pgconsistency.invariant_key_source s WHERE s.invariant = define_invariant.name;
+            INSERT INTO pgconsistency.invariant_key_source (invariant, relation, key_expression)
+            SELECT define_invariant.name, k.key, k.value #>> '{}' FROM pg_catalog.jsonb_each(v_keys) k;
+            v_changed := true;
+        END IF;
+    END IF;
+
+    -- An invariant in incremental mode whose query or keys changed: its
+    -- capture follows, and its next refresh is a full one.
+    IF v_changed AND EXISTS (SELECT 1 FROM pgconsistency.invariant i
+                              WHERE i.name = define_invariant.name AND i.refresh_mode = 'incremental') THEN
+        PERFORM pgconsistency.check_incremental(name);
+        UPDATE pgconsistency.capture_state c
+           SET reconcile_reason = coalesce(c.reconcile_reason, 'its query or key mapping changed')
+         WHERE c.invariant = define_invariant.name;
+        PERFORM pgconsistency.install_capture();
+    END IF;
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text, jsonb) IS
-  'Create or replace the materialized view pgconsistency.<name> from a query and register it as an invariant';
+COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text, jsonb, jsonb) IS
+  'Create or update an invariant from its query (and, for incremental refresh, how rows of its tables map to its keys)';
+
+-- check_incremental: raise unless the invariant can be refreshed
+-- incrementally: it was made by define_invariant, and every relation its
+-- query reads is a table with a key mapping (define_invariant(keys => ...)).
+CREATE OR REPLACE FUNCTION pgconsistency.check_incremental(invariant text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_query    text;
+    v_rels     text[];
+    v_unmapped text[];
+    v_nottable text[];
+BEGIN
+    SELECT i.query INTO v_query FROM pgconsistency.invariant i WHERE i.name = check_incremental.invariant;
+    IF v_query IS NULL THEN
+        RAISE EXCEPTION 'pgconsistency: invariant % cannot be refreshed incrementally: it is a materialized view of register_invariant()', invariant
+            USING HINT = 'Define it with pgconsistency.define_invariant(name, query, keys => ...) instead.';
+    END IF;
+    v_rels := (pgconsistency.query_shape(v_query)).relations;
+    SELECT pg_catalog.array_agg(r ORDER BY r) FILTER (WHERE c.relkind NOT IN ('r', 'p')),
+           pg_catalog.array_agg(r ORDER BY r) FILTER (WHERE c.relkind IN ('r', 'p') AND NOT EXISTS (
+               SELECT 1 FROM pgconsistency.invariant_key_source s
+                WHERE s.invariant = check_incremental.invariant AND s.relation = r))
+      INTO v_nottable, v_unmapped
+      FROM pg_catalog.unnest(coalesce(v_rels, '{}')) AS r
+      JOIN pg_catalog.pg_class c ON c.oid = r::regclass;
+    IF v_nottable IS NOT NULL THEN
+        RAISE EXCEPTION 'pgconsistency: invariant % cannot be refreshed incrementally: it reads %, which % not a table (writes to it cannot be captured)',
+            invariant, pg_catalog.array_to_string(v_nottable, ', '), CASE WHEN pg_catalog.cardinality(v_nottable) = 1 THEN 'is' ELSE 'are' END
+            USING HINT = 'Keep it in full mode, or read the tables behind the view in its query.';
+    END IF;
+    IF v_unmapped IS NOT NULL THEN
+        RAISE EXCEPTION 'pgconsistency: invariant % cannot be refreshed incrementally: no key mapping for %', invariant,
+            pg_catalog.array_to_string(v_unmapped, ', ')
+            USING HINT = pg_catalog.format('Say how their rows map to the invariant''s keys: pgconsistency.define_invariant(%L, <query>, keys => ''{"%s": "r.<column>::text"}'').',
+                                           invariant, v_unmapped[1]);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.check_incremental(text) IS
+  'Internal: raise unless an invariant''s query and key mapping allow incremental refresh';
+
+-- install_capture: make the capture triggers match the invariants in
+-- incremental mode. For each table one of them reads: a function
+-- pgconsistency.capture_<table oid> (replaced only when its text changes:
+-- that takes no lock on the table) and four statement-level triggers, AFTER
+-- INSERT, UPDATE and DELETE with transition tables, which write the keys of
+-- the changed rows to captured_key once per statement, and AFTER TRUNCATE,
+-- which records a gap. The triggers are ENABLE ALWAYS: writes under
+-- session_replication_role = replica (logical replication, some restores)
+-- are captured too. Creating or dropping a trigger locks its table against
+-- writes: each waits at most 200 ms at a time (install_ddl), and only when
+-- one is missing, disabled or no longer needed.
+CREATE OR REPLACE FUNCTION pgconsistency.install_capture() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    t       record;
+    v_fn    text;
+    v_body  text;
+    v_rows  text;
+    v_trig  record;
+BEGIN
+    INSERT INTO pgconsistency.capture_source (relation, key_expression)
+    SELECT DISTINCT s.relation, s.key_expression
+      FROM pgconsistency.invariant_key_source s
+      JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
+     WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.capture_source c
+                        WHERE c.relation = s.relation AND c.key_expression = s.key_expression);
+
+    FOR t IN
+        WITH needed AS (
+            SELECT c.relation::regclass AS rel, c.id, c.key_expression
+              FROM pgconsistency.capture_source c
+             WHERE pg_catalog.to_regclass(c.relation) IS NOT NULL
+               AND EXISTS (SELECT 1 FROM pgconsistency.invariant_key_source s
+                             JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
+                            WHERE s.relation = c.relation AND s.key_expression = c.key_expression)),
+        present AS (
+            SELECT DISTINCT g.tgrelid::regclass AS rel
+              FROM pg_catalog.pg_trigger g
+             WHERE g.tgname LIKE 'pgconsistency\_capture\_%' AND NOT g.tgisinternal)
+        SELECT r.rel, pg_catalog.array_agg(n.id ORDER BY n.id) FILTER (WHERE n.id IS NOT NULL) AS ids,
+               pg_catalog.array_agg(n.key_expression ORDER BY n.id) FILTER (WHERE n.id IS NOT NULL) AS exprs
+          FROM (SELECT rel FROM needed UNION SELECT rel FROM present) r
+          LEFT JOIN needed n ON n.rel = r.rel
+         GROUP BY r.rel
+    LOOP
+        v_fn := pg_catalog.format('pgconsistency.capture_%s', t.rel::oid);
+        IF t.ids IS NULL THEN
+            -- No invariant in incremental mode reads it any more.
+            FOR v_trig IN SELECT g.tgname FROM pg_catalog.pg_trigger g
+                           WHERE g.tgrelid = t.rel AND g.tgname LIKE 'pgconsistency\_capture\_%' AND NOT g.tgisinternal LOOP
+                PERFORM pgconsistency.install_ddl(pg_catalog.format('DROP TRIGGER %I ON %s', v_trig.tgname, t.rel));
+            END LOOP;
+            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s()', v_fn);
+            CONTINUE;
+        END IF;
+        -- rows: the changed rows as r (a transition table), keyed by source.
+        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS source, (%s)::text AS key FROM __pgconsistency_rows__ r', x.id, x.expr),
+                                     ' UNION ALL ' ORDER BY x.id)
+          INTO v_rows
+          FROM ROWS FROM (pg_catalog.unnest(t.ids), pg_catalog.unnest(t.exprs)) AS x(id, expr);
+        v_body := pg_catalog.format($b$
+-- Generated by pgconsistency.install_capture() for %1$s: do not edit.
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO pgconsistency.captured_key (source, key)
+        SELECT DISTINCT c.source, c.key FROM (%2$s) c WHERE c.key IS NOT NULL;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO pgconsistency.captured_key (source, key)
+        SELECT DISTINCT c.source, c.key FROM (%3$s) c WHERE c.key IS NOT NULL;
+    ELSIF TG_OP = 'UPDATE' THEN
+        INSERT INTO pgconsistency.captured_key (source, key)
+        SELECT DISTINCT c.source, c.key FROM (%2$s UNION ALL %3$s) c WHERE c.key IS NOT NULL;
+    ELSE
+        INSERT INTO pgconsistency.capture_gap (relation, reason, at)
+        VALUES (%4$L, 'TRUNCATE ' || %4$L, pg_catalog.clock_timestamp());
+    END IF;
+    RETURN NULL;
+END
+$b$, t.rel, pg_catalog.replace(v_rows, ' FROM __pgconsistency_rows__ r', ' FROM new_rows r'),
+            pg_catalog.replace(v_rows, ' FROM __pgconsistency_rows__ r', ' FROM old_rows r'), t.rel::text);
+        IF pg_catalog.to_regprocedure(v_fn || '()') IS NULL
+           OR (SELECT p.prosrc FROM pg_catalog.pg_proc p WHERE p.oid = pg_catalog.to_regprocedure(v_fn || '()')) IS DISTINCT FROM v_body THEN
+            -- SECURITY DEFINER: the application's roles write the keys
+            -- without any privilege on pgconsistency's tables.
+            EXECUTE pg_catalog.format('CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
+                                      'SET search_path = pg_catalog, pg_temp AS %L', v_fn, v_body);
+            EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s() FROM PUBLIC', v_fn);
+            EXECUTE pg_catalog.format('COMMENT ON FUNCTION %s() IS %L', v_fn,
+                                      'pgconsistency: capture of the keys of rows changed in ' || t.rel::text || ' (generated)');
+        END IF;
+        FOR v_trig IN
+            SELECT w.name, w.ddl, g.tgenabled
+              FROM (VALUES
+                    ('pgconsistency_capture_insert', 'AFTER INSERT ON %s REFERENCING NEW TABLE AS new_rows'),
+                    ('pgconsistency_capture_update', 'AFTER UPDATE ON %s REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows'),
+                    ('pgconsistency_capture_delete', 'AFTER DELETE ON %s REFERENCING OLD TABLE AS old_rows'),
+                    ('pgconsistency_capture_truncate', 'AFTER TRUNCATE ON %s')) AS w(name, ddl)
+              LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = t.rel AND g.tgname = w.name AND NOT g.tgisinternal
+        LOOP
+            IF v_trig.tgenabled IS NULL THEN
+                PERFORM pgconsistency.install_ddl(pg_catalog.format('CREATE TRIGGER %I ' || v_trig.ddl || ' FOR EACH STATEMENT EXECUTE FUNCTION %s()',
+                                                                    v_trig.name, t.rel, v_fn));
+            END IF;
+            IF v_trig.tgenabled IS DISTINCT FROM 'A' THEN
+                PERFORM pgconsistency.install_ddl(pg_catalog.format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', t.rel, v_trig.name));
+            END IF;
+        END LOOP;
+    END LOOP;
+    INSERT INTO pgconsistency.capture_epoch (started_at) VALUES (pg_catalog.clock_timestamp())
+    ON CONFLICT ON CONSTRAINT capture_epoch_pkey DO NOTHING;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.install_capture() IS
+  'Internal: create, update or drop the capture triggers to match the invariants in incremental mode';
+
+-- set_refresh_mode: 'incremental' re-checks, on each refresh, only the keys
+-- of the rows written since the previous one (captured by triggers in the
+-- writers' transactions; see install_capture), with a full refresh that
+-- reconciles every full_refresh_period (default 1 day) and whenever the
+-- capture may have missed a write. 'full' (the default) re-runs the whole
+-- query on each refresh. The invariant's first refresh after a switch to
+-- incremental is a full one.
+--   SELECT pgconsistency.set_refresh_mode('dataset_seed_missing', 'incremental');
+-- Returns the mode before.
+CREATE OR REPLACE FUNCTION pgconsistency.set_refresh_mode(invariant text, mode text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_old text;
+BEGIN
+    SELECT i.refresh_mode INTO v_old FROM pgconsistency.invariant i WHERE i.name = set_refresh_mode.invariant FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
+            USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
+    END IF;
+    IF mode IS NULL OR mode NOT IN ('full', 'incremental') THEN
+        RAISE EXCEPTION 'pgconsistency: refresh mode must be ''full'' or ''incremental'', got %', coalesce(pg_catalog.quote_literal(mode), 'NULL');
+    END IF;
+    IF mode = 'incremental' THEN
+        PERFORM pgconsistency.check_incremental(invariant);
+        INSERT INTO pgconsistency.capture_state (invariant, since, reconcile_reason)
+        VALUES (invariant, pg_catalog.clock_timestamp(), 'incremental mode just started')
+        ON CONFLICT ON CONSTRAINT capture_state_pkey DO NOTHING;
+    ELSE
+        DELETE FROM pgconsistency.capture_state c WHERE c.invariant = set_refresh_mode.invariant;
+        DELETE FROM pgconsistency.pending_key p WHERE p.invariant = set_refresh_mode.invariant;
+    END IF;
+    UPDATE pgconsistency.invariant i SET refresh_mode = set_refresh_mode.mode
+     WHERE i.name = set_refresh_mode.invariant AND i.refresh_mode IS DISTINCT FROM set_refresh_mode.mode;
+    PERFORM pgconsistency.install_capture();
+    RETURN v_old;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.set_refresh_mode(text, text) IS
+  'Refresh an invariant incrementally (only the keys writes touched, reconciled by a full refresh every full_refresh_period) or fully';
+
+-- dispatch_captured_keys: move the captured keys to the pending keys of
+-- each invariant in incremental mode that they concern; turn capture gaps
+-- (TRUNCATE) and a lost capture (crash, failover: the unlogged tables are
+-- empty) into reconciles. The keys a writer committed before this
+-- statement are moved; later ones stay for the next refresh, which then
+-- sees their rows. One session at a time; another one skips (the keys wait
+-- for the next refresh). Internal to refresh_invariant.
+CREATE OR REPLACE FUNCTION pgconsistency.dispatch_captured_keys() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.capture'), 0) THEN
+        RETURN;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pgconsistency.capture_epoch) THEN
+        INSERT INTO pgconsistency.capture_epoch (started_at) VALUES (pg_catalog.clock_timestamp())
+        ON CONFLICT ON CONSTRAINT capture_epoch_pkey DO NOTHING;
+        UPDATE pgconsistency.capture_state c
+           SET reconcile_reason = coalesce(c.reconcile_reason,
+               'the captured keys were lost (a restart after a crash, or a promoted standby: the capture tables are unlogged)');
+    END IF;
+    WITH gap AS (
+        DELETE FROM pgconsistency.capture_gap g RETURNING g.relation, g.reason),
+    hit AS (
+        SELECT s.invariant, pg_catalog.min(gap.reason) AS reason
+          FROM gap JOIN pgconsistency.invariant_key_source s ON s.relation = gap.relation
+         GROUP BY s.invariant)
+    UPDATE pgconsistency.capture_state c
+       SET reconcile_reason = coalesce(c.reconcile_reason, hit.reason || ' bypassed the capture')
+      FROM hit WHERE c.invariant = hit.invariant;
+    WITH moved AS (
+        DELETE FROM pgconsistency.captured_key k RETURNING k.source, k.key)
+    INSERT INTO pgconsistency.pending_key (invariant, key)
+    SELECT DISTINCT s.invariant, moved.key
+      FROM moved
+      JOIN pgconsistency.capture_source c ON c.id = moved.source
+      JOIN pgconsistency.invariant_key_source s ON s.relation = c.relation AND s.key_expression = c.key_expression
+      JOIN pgconsistency.capture_state cs ON cs.invariant = s.invariant;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.dispatch_captured_keys() IS
+  'Internal: move captured keys to the pending keys of the invariants in incremental mode';
+
+-- reconcile_reason: why the next refresh of an invariant in incremental
+-- mode must be a full one, or NULL: a reason recorded in capture_state, a
+-- capture trigger missing or not ENABLE ALWAYS on a table it reads, or
+-- full_refresh_period passed since the latest full refresh.
+CREATE OR REPLACE FUNCTION pgconsistency.reconcile_reason(invariant text) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_reason text;
+    v_found  boolean;
+BEGIN
+    SELECT c.reconcile_reason, true INTO v_reason, v_found FROM pgconsistency.capture_state c WHERE c.invariant = reconcile_reason.invariant;
+    IF v_found IS NULL THEN
+        RETURN 'it has no capture state (run set_refresh_mode again)';
+    END IF;
+    IF v_reason IS NOT NULL THEN
+        RETURN v_reason;
+    END IF;
+    SELECT pg_catalog.format('capture trigger %s on %s is %s', w.name, s.relation,
+                             CASE WHEN pg_catalog.to_regclass(s.relation) IS NULL THEN 'gone with its table'
+                                  WHEN g.tgenabled IS NULL THEN 'missing' ELSE 'not ENABLE ALWAYS' END)
+      INTO v_reason
+      FROM pgconsistency.invariant_key_source s
+     CROSS JOIN (VALUES ('pgconsistency_capture_insert'), ('pgconsistency_capture_update'),
+                        ('pgconsistency_capture_delete'), ('pgconsistency_capture_truncate')) AS w(name)
+      LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = pg_catalog.to_regclass(s.relation) AND g.tgname = w.name
+     WHERE s.invariant = reconcile_reason.invariant AND g.tgenabled IS DISTINCT FROM 'A'
+     ORDER BY s.relation, w.name
+     LIMIT 1;
+    IF v_reason IS NOT NULL THEN
+        RETURN v_reason || ' (run pgconsistency.set_refresh_mode(' || pg_catalog.quote_literal(invariant) || ', ''incremental'') to restore it)';
+    END IF;
+    SELECT 'the periodic reconcile (full_refresh_period ' || i.full_refresh_period || ')' INTO v_reason
+      FROM pgconsistency.invariant i
+      LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+     WHERE i.name = reconcile_reason.invariant
+       AND (s.last_full_refresh_at IS NULL OR s.last_full_refresh_at <= pg_catalog.clock_timestamp() - i.full_refresh_period);
+    RETURN v_reason;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.reconcile_reason(text) IS
+  'Internal: why an invariant in incremental mode needs a full refresh now, or NULL';
 
 -- requires: whether every relation a pack's invariant reads exists; if not,
 -- a NOTICE names the invariant, what is missing and what to do, and the
@@ -993,6 +1567,12 @@ DROP PROCEDURE IF EXISTS pgconsistency.refresh(text);
 -- its previous refresh started is left alone. Returns the outcome:
 -- 'succeeded', 'failed', 'timed_out', 'skipped' (another session holds the
 -- invariant) or 'not_due'.
+--
+-- A refresh has two steps. The first computes the invariant's rows into a
+-- temporary table: its query, whole (a full refresh) or for the pending
+-- keys only (incremental), or, for a view of register_invariant(), a
+-- REFRESH MATERIALIZED VIEW and a read of it. The second, the lifecycle,
+-- compares those rows with the open anomalies and writes only what changed.
 CREATE OR REPLACE FUNCTION pgconsistency.refresh_invariant(invariant text, force boolean DEFAULT true)
 RETURNS text
 LANGUAGE plpgsql
@@ -1007,10 +1587,18 @@ DECLARE
     v_total    bigint;
     v_new      bigint;
     v_resolved bigint;
+    v_changed  bigint;
     v_acked    bigint;
+    v_healed   bigint := 0;
+    v_kind     text := 'full';
+    v_reason   text;
+    v_keys     text[];
+    v_rechecked bigint := 0;
+    v_prev_seen timestamptz;
     v_status   text := 'succeeded';
     v_error    text;
     v_hint     text;
+    v_detail   text;
     v_state    text;
     v_timeout  text;
 BEGIN
@@ -1041,28 +1629,69 @@ BEGIN
         inv.refresh_period, v_started) THEN
         RETURN 'not_due';
     END IF;
+    SELECT s.refreshed_at INTO v_prev_seen FROM pgconsistency.refresh_state s WHERE s.invariant = inv.name;
 
-    -- Bounded waits: a refresh must never queue writers behind it. REFRESH
-    -- CONCURRENTLY takes only an EXCLUSIVE lock on the view (reads go on)
-    -- and ACCESS SHARE on the tables it reads.
+    -- Bounded waits: a refresh must never queue writers behind it. It takes
+    -- ACCESS SHARE on the tables it reads (and REFRESH CONCURRENTLY an
+    -- EXCLUSIVE lock on a registered view: reads go on).
     PERFORM pg_catalog.set_config('lock_timeout', (EXTRACT(epoch FROM inv.lock_timeout) * 1000)::bigint::text, true);
 
     BEGIN
-        PERFORM pgconsistency.apply_refresh_settings(inv.settings);
-
-        SELECT c.relispopulated INTO v_populated
-          FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-         WHERE n.nspname = inv.view_schema AND c.relname = inv.view_name AND c.relkind = 'm';
-        IF NOT FOUND THEN
-            RAISE EXCEPTION 'materialized view %.% does not exist', inv.view_schema, inv.view_name
-                USING HINT = 'Re-run sql/install.sql, or unregister the invariant.';
+        IF pg_catalog.to_regclass('pg_temp.pgconsistency_result') IS NOT NULL THEN
+            DROP TABLE pg_temp.pgconsistency_result;
         END IF;
+        CREATE TEMPORARY TABLE pgconsistency_result (key text PRIMARY KEY, details jsonb) ON COMMIT DROP;
 
-        -- CONCURRENTLY needs a populated view; the first refresh populates it.
-        IF v_populated THEN
-            EXECUTE pg_catalog.format('REFRESH MATERIALIZED VIEW CONCURRENTLY %I.%I', inv.view_schema, inv.view_name);
+        IF inv.query IS NULL THEN
+            -- A materialized view of register_invariant().
+            PERFORM pgconsistency.apply_refresh_settings(inv.settings);
+            SELECT c.relispopulated INTO v_populated
+              FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+             WHERE n.nspname = inv.view_schema AND c.relname = inv.view_name AND c.relkind = 'm';
+            IF NOT FOUND THEN
+                RAISE EXCEPTION 'materialized view %.% does not exist', inv.view_schema, inv.view_name
+                    USING HINT = 'Re-create it and run register_invariant again, or unregister the invariant.';
+            END IF;
+            -- CONCURRENTLY needs a populated view; the first refresh populates it.
+            EXECUTE pg_catalog.format(CASE WHEN v_populated THEN 'REFRESH MATERIALIZED VIEW CONCURRENTLY %I.%I'
+                                           ELSE 'REFRESH MATERIALIZED VIEW %I.%I' END, inv.view_schema, inv.view_name);
+            EXECUTE pg_catalog.format('INSERT INTO pg_temp.pgconsistency_result SELECT v.key, pg_catalog.to_jsonb(v) - ''key'' FROM %I.%I v',
+                                      inv.view_schema, inv.view_name);
         ELSE
-            EXECUTE pg_catalog.format('REFRESH MATERIALIZED VIEW %I.%I', inv.view_schema, inv.view_name);
+            IF inv.refresh_mode = 'incremental' THEN
+                -- The keys captured since the previous refresh; a full
+                -- refresh (a reconcile) when something says the capture
+                -- may have missed writes, or when too many keys changed.
+                PERFORM pgconsistency.dispatch_captured_keys();
+                v_reason := pgconsistency.reconcile_reason(inv.name);
+                WITH taken AS (DELETE FROM pgconsistency.pending_key p WHERE p.invariant = inv.name RETURNING p.key)
+                SELECT pg_catalog.array_agg(DISTINCT taken.key) INTO v_keys FROM taken;
+                IF v_reason IS NULL AND pg_catalog.cardinality(v_keys) > inv.incremental_max_keys THEN
+                    v_reason := pg_catalog.format('%s keys changed, more than its incremental_max_keys (%s)',
+                                                  pg_catalog.cardinality(v_keys), inv.incremental_max_keys);
+                END IF;
+                v_kind := CASE WHEN v_reason IS NULL THEN 'incremental' ELSE 'reconcile' END;
+            END IF;
+            IF v_kind = 'incremental' THEN
+                -- Only the pending keys, by the tables' indexes: the
+                -- server's planner settings, not the invariant's (which
+                -- are for reading everything).
+                PERFORM pgconsistency.apply_refresh_settings('{}');
+                v_rechecked := coalesce(pg_catalog.cardinality(v_keys), 0);
+                IF v_rechecked > 0 THEN
+                    EXECUTE pg_catalog.format('INSERT INTO pg_temp.pgconsistency_result
+                                               SELECT q.key, pg_catalog.to_jsonb(q) - ''key'' FROM (%s) q WHERE q.key = ANY ($1)', inv.query)
+                        USING v_keys;
+                END IF;
+            ELSE
+                -- The whole query, without nested loops (a plan chosen on
+                -- statistics an incident just made wrong must not go
+                -- quadratic) unless the invariant's settings ask for them.
+                PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
+                PERFORM pgconsistency.apply_refresh_settings(inv.settings);
+                EXECUTE pg_catalog.format('INSERT INTO pg_temp.pgconsistency_result
+                                           SELECT q.key, pg_catalog.to_jsonb(q) - ''key'' FROM (%s) q', inv.query);
+            END IF;
         END IF;
 
         -- New anomalies take their seqs (the order of the log records) under
@@ -1073,51 +1702,70 @@ BEGIN
         -- Concurrent refreshes queue here for the lifecycle step only.
         PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.anomaly_seq'), 0);
 
-        -- The lifecycle step joins the view with pgconsistency.anomaly, whose
+        -- The lifecycle joins the rows with pgconsistency.anomaly, whose
         -- statistics a mass incident has just made wrong (100,000 anomalies
-        -- inserted by the previous refresh, not analysed yet). Under the
-        -- invariant's own planner settings (enable_hashjoin off, say, meant
-        -- for its query) the planner then chose nested loops over the view's
-        -- rows: quadratic, a refresh that never ended. So the invariant's
-        -- settings go back to the server's, and no nested loop is planned:
-        -- the joins are hash or merge joins, linear whatever the statistics.
+        -- inserted by the previous refresh, not analysed yet), as are the
+        -- temporary table's (never analysed). So the server's planner
+        -- settings, and no nested loop: hash or merge joins, linear
+        -- whatever the statistics.
         PERFORM pg_catalog.set_config(e.key, s.reset_val, true)
            FROM pg_catalog.jsonb_each_text(inv.settings) AS e
            JOIN pg_catalog.pg_settings s ON s.name = e.key;
         PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
 
-        -- Update the anomalies' lifecycle: O(anomalies), the application
-        -- tables are not read again. The CTEs see the same snapshot and touch
-        -- disjoint rows: still open (last seen now), new or back again,
-        -- resolved (open but gone from the view).
-        EXECUTE pg_catalog.format($q$
-            WITH cur AS (SELECT v.key, pg_catalog.to_jsonb(v) - 'key' AS details FROM %I.%I v),
-            seen AS (
-                UPDATE pgconsistency.anomaly a SET last_seen_at = $2
-                  FROM cur
-                 WHERE a.invariant = $1 AND a.key = cur.key AND a.resolved_at IS NULL
-                RETURNING 1),
+        -- O(changes) writes: an anomaly appears (new, or back again), is
+        -- resolved (open, but not in the rows), or its details changed.
+        -- Nothing for one that persists. An incremental refresh compares
+        -- its keys only ($3). A reconcile counts what differed for keys
+        -- that were not pending ($5): what the incremental refreshes missed.
+        EXECUTE $q$
+            WITH o AS (
+                SELECT a.key, a.details FROM pgconsistency.anomaly a
+                 WHERE a.invariant = $1 AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))),
+            d AS MATERIALIZED (
+                SELECT coalesce(r.key, o.key) AS key, r.details, r.key IS NOT NULL AS present, o.key IS NOT NULL AS was_open
+                  FROM pg_temp.pgconsistency_result r FULL JOIN o ON o.key = r.key
+                 WHERE r.key IS NULL OR o.key IS NULL OR r.details IS DISTINCT FROM o.details),
             appeared AS (
                 INSERT INTO pgconsistency.anomaly AS a (invariant, key, seq, first_seen_at, last_seen_at, details)
-                SELECT $1, cur.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, cur.details
-                  FROM cur
-                 WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.anomaly o
-                                    WHERE o.invariant = $1 AND o.key = cur.key AND o.resolved_at IS NULL)
+                SELECT $1, d.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, d.details
+                  FROM d WHERE d.present AND NOT d.was_open
+                 ORDER BY d.key
                 ON CONFLICT ON CONSTRAINT anomaly_pkey DO UPDATE
                    SET seq = EXCLUDED.seq, first_seen_at = EXCLUDED.first_seen_at,
                        last_seen_at = EXCLUDED.last_seen_at, resolved_at = NULL, details = EXCLUDED.details,
                        acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
                 RETURNING 1),
             resolved AS (
-                UPDATE pgconsistency.anomaly a SET resolved_at = $2
-                 WHERE a.invariant = $1 AND a.resolved_at IS NULL
-                   AND NOT EXISTS (SELECT 1 FROM cur WHERE cur.key = a.key)
+                UPDATE pgconsistency.anomaly a SET resolved_at = $2, last_seen_at = coalesce($4, a.last_seen_at)
+                  FROM d
+                 WHERE a.invariant = $1 AND a.key = d.key AND NOT d.present
+                   AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))
+                RETURNING 1),
+            changed AS (
+                UPDATE pgconsistency.anomaly a SET details = d.details
+                  FROM d
+                 WHERE a.invariant = $1 AND a.key = d.key AND d.present AND d.was_open
+                   AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))
                 RETURNING 1)
-            SELECT (SELECT count(*) FROM appeared), (SELECT count(*) FROM resolved)
-        $q$, inv.view_schema, inv.view_name)
-        INTO v_new, v_resolved
-        USING inv.name, v_started;
+            SELECT (SELECT count(*) FROM appeared), (SELECT count(*) FROM resolved), (SELECT count(*) FROM changed),
+                   (SELECT count(*) FROM d
+                     WHERE $5::text[] IS NOT NULL
+                       AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS p(key) WHERE p.key = d.key))
+        $q$
+        INTO v_new, v_resolved, v_changed, v_healed
+        USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
+              CASE WHEN v_kind = 'reconcile' THEN coalesce(v_keys, '{}') END;
         SELECT c.open, c.acknowledged INTO v_total, v_acked FROM pgconsistency.open_counts(inv.name) c;
+        IF v_kind = 'reconcile' THEN
+            UPDATE pgconsistency.capture_state c SET reconcile_reason = NULL WHERE c.invariant = inv.name;
+            IF v_healed > 0 THEN
+                RAISE WARNING 'pgconsistency: the reconcile of % found % anomalies (appeared, resolved or changed) that its incremental refreshes had missed, and corrected them',
+                    inv.name, v_healed
+                    USING DETAIL = 'Reconciled because ' || v_reason || '.',
+                          HINT = 'A write the capture did not see: a TRUNCATE, a disabled trigger, or a key mapping (define_invariant keys) that misses some rows.';
+            END IF;
+        END IF;
         -- Retention: resolved anomalies older than resolved_retention go,
         -- except those a log consumer has not read yet.
         DELETE FROM pgconsistency.anomaly a
@@ -1147,12 +1795,21 @@ BEGIN
                                          v_error, v_timeout, inv.statement_timeout);
             v_hint := pg_catalog.format('Raise it with UPDATE pgconsistency.invariant SET statement_timeout = ... WHERE name = %L, or make the query cheaper.', inv.name);
         WHEN OTHERS THEN
-            GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT, v_hint = PG_EXCEPTION_HINT, v_state = RETURNED_SQLSTATE;
+            GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT, v_hint = PG_EXCEPTION_HINT, v_state = RETURNED_SQLSTATE,
+                                    v_detail = PG_EXCEPTION_DETAIL;
             IF v_state = '55P03' THEN -- lock_not_available: lock_timeout
                 v_status := 'timed_out';
                 v_error := pg_catalog.format('%s: waited longer than the invariant''s lock_timeout (%s) for a lock held by another session',
                                              v_error, inv.lock_timeout);
                 v_hint := 'A long transaction or DDL on the tables the invariant reads holds the lock; the next refresh tries again.';
+            ELSIF v_state = '23505' AND v_error LIKE '%pgconsistency_result_pkey%' THEN -- unique_violation in the rows
+                v_status := 'failed';
+                v_error := pg_catalog.format('its query returned the same key more than once (%s)', v_detail);
+                v_hint := 'Each row of an invariant is one offending entity: GROUP BY the key, or aggregate the details.';
+            ELSIF v_state = '23502' AND v_error LIKE '%pgconsistency_result%' THEN -- not_null_violation in the rows
+                v_status := 'failed';
+                v_error := 'its query returned a row whose key is NULL';
+                v_hint := 'Select a NOT NULL key, or filter the rows without one.';
             ELSE
                 v_status := 'failed';
             END IF;
@@ -1167,11 +1824,14 @@ BEGIN
         INSERT INTO pgconsistency.refresh_state AS s
                (invariant, last_status, last_started_at, last_finished_at, last_duration_seconds, last_error,
                 refreshed_at, refresh_duration_seconds, anomalies, new_anomalies, resolved_anomalies,
-                acknowledged_anomalies, consecutive_failures)
+                acknowledged_anomalies, consecutive_failures, last_refresh_kind, last_full_refresh_at,
+                rechecked_keys, healed_anomalies, last_healed_at)
         VALUES (inv.name, 'succeeded', v_started, v_finished,
                 EXTRACT(epoch FROM v_finished - v_started)::double precision, NULL,
                 v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision,
-                v_total, v_new, v_resolved, v_acked, 0)
+                v_total, v_new, v_resolved, v_acked, 0, v_kind,
+                CASE WHEN v_kind <> 'incremental' THEN v_started END, v_rechecked, v_healed,
+                CASE WHEN v_healed > 0 THEN v_finished END)
         ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
            SET last_status = EXCLUDED.last_status, last_started_at = EXCLUDED.last_started_at,
                last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
@@ -1179,7 +1839,14 @@ BEGIN
                refresh_duration_seconds = EXCLUDED.refresh_duration_seconds,
                anomalies = EXCLUDED.anomalies, new_anomalies = EXCLUDED.new_anomalies,
                resolved_anomalies = EXCLUDED.resolved_anomalies,
-               acknowledged_anomalies = EXCLUDED.acknowledged_anomalies, consecutive_failures = 0;
+               acknowledged_anomalies = EXCLUDED.acknowledged_anomalies, consecutive_failures = 0,
+               last_refresh_kind = EXCLUDED.last_refresh_kind,
+               last_full_refresh_at = coalesce(EXCLUDED.last_full_refresh_at, s.last_full_refresh_at),
+               rechecked_keys = EXCLUDED.rechecked_keys,
+               -- what the latest reconcile healed stays until the next one
+               healed_anomalies = CASE WHEN EXCLUDED.last_refresh_kind = 'incremental' THEN s.healed_anomalies
+                                       ELSE EXCLUDED.healed_anomalies END,
+               last_healed_at = coalesce(EXCLUDED.last_healed_at, s.last_healed_at);
         RETURN 'succeeded';
     END IF;
 
@@ -1286,12 +1953,8 @@ COMMENT ON PROCEDURE pgconsistency.refresh(text, boolean) IS
 -- each scrape. It reads stored counts only (never the anomaly views), so its
 -- cost does not depend on the size of the application tables.
 --
--- Re-created only when its definition changed: DROP VIEW takes an ACCESS
--- EXCLUSIVE lock that would queue the readers behind it on every deploy. The
--- definition is compared through a temporary view of the new one (both
--- deparsed by PostgreSQL, with every name qualified). The grants on the view
--- (to pgconsistency_reader, see sql/roles.sql) are given back after a
--- re-creation.
+-- Re-created only when its definition changed (install_view). The grants on
+-- the view (to pgconsistency_reader, see sql/roles.sql) are kept.
 DO $do$
 DECLARE
     v_def text := $def$
@@ -1324,40 +1987,20 @@ SELECT i.name                                    AS invariant,
        (SELECT count(*) FROM pgconsistency.refresh_request q WHERE q.claimed_at IS NULL) AS pending_requests,
        (SELECT d.changed_at FROM pgconsistency.deploy_marker d) AS deploy_marker_changed_at,
        -- the installed SQL version (0.2.0 and later), the same on every row
-       pgconsistency.version()                   AS version
+       pgconsistency.version()                   AS version,
+       -- the refresh engine (0.3.0 and later)
+       i.refresh_mode,
+       s.last_refresh_kind,
+       s.last_full_refresh_at,
+       coalesce(s.rechecked_keys, 0)             AS rechecked_keys,
+       coalesce(s.healed_anomalies, 0)           AS healed_anomalies,
+       s.last_healed_at
   FROM pgconsistency.invariant i
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
 $def$;
-    v_acl aclitem[];
-    g record;
 BEGIN
-    PERFORM pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true);
-    EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_status_next AS ' || v_def;
-    IF pg_catalog.to_regclass('pgconsistency.status') IS NOT NULL
-       AND pg_catalog.pg_get_viewdef(pg_catalog.to_regclass('pgconsistency.status'))
-           = pg_catalog.pg_get_viewdef(pg_catalog.to_regclass('pg_temp.pgconsistency_status_next')) THEN
-        DROP VIEW pg_temp.pgconsistency_status_next;
-        RETURN;
-    END IF;
-    DROP VIEW pg_temp.pgconsistency_status_next;
-
-    SELECT c.relacl INTO v_acl FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('pgconsistency.status');
-    IF pg_catalog.to_regclass('pgconsistency.status') IS NOT NULL THEN
-        PERFORM pgconsistency.install_ddl('DROP VIEW pgconsistency.status');
-    END IF;
-    EXECUTE 'CREATE VIEW pgconsistency.status AS ' || v_def;
-    COMMENT ON VIEW pgconsistency.status IS
-      'One row per registered invariant: latest snapshot counts and refresh outcome (cheap: reads stored state only)';
-    FOR g IN
-        SELECT a.privilege_type, a.is_grantable,
-               CASE WHEN a.grantee = 0 THEN 'PUBLIC'
-                    ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(a.grantee)) END AS grantee
-          FROM pg_catalog.aclexplode(v_acl) a
-         WHERE a.grantee <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = pg_catalog.to_regclass('pgconsistency.status'))
-    LOOP
-        EXECUTE pg_catalog.format('GRANT %s ON pgconsistency.status TO %s%s', g.privilege_type, g.grantee,
-                                  CASE WHEN g.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
-    END LOOP;
+    PERFORM pgconsistency.install_view('pgconsistency.status', v_def,
+      'One row per registered invariant: latest snapshot counts and refresh outcome (cheap: reads stored state only)');
 END
 $do$;
 
