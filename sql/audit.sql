@@ -23,8 +23,8 @@ BEGIN;
 
 DO $check$
 BEGIN
-    IF pg_catalog.to_regprocedure('pgconsistency.install_index(text, text)') IS NULL THEN
-        RAISE EXCEPTION 'pgconsistency is not installed (or is older than 0.2.0) in database %', pg_catalog.current_database()
+    IF pg_catalog.to_regprocedure('pgconsistency.install_view(text, text, text)') IS NULL THEN
+        RAISE EXCEPTION 'pgconsistency is not installed (or is older than 0.3.0) in database %', pg_catalog.current_database()
             USING HINT = 'Run sql/install.sql first, then sql/audit.sql.';
     END IF;
 END
@@ -289,14 +289,20 @@ BEGIN
             RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
                 USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
         END IF;
-        -- The relations the view's query reads are dependencies of its
-        -- rewrite rule; follow views down to their tables.
+        -- The relations an invariant of define_invariant reads are recorded
+        -- with it (pgconsistency.invariant.relations, 0.3.0); those of a
+        -- view of register_invariant are dependencies of its rewrite rule.
+        -- Follow views down to their tables.
         WITH RECURSIVE rel(oid) AS (
             SELECT c.oid
               FROM pgconsistency.invariant i
               JOIN pg_catalog.pg_namespace n ON n.nspname = i.view_schema
               JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = i.view_name
-             WHERE i.name = audit_history.invariant
+             WHERE i.name = audit_history.invariant AND i.relations IS NULL
+            UNION ALL
+            SELECT pg_catalog.to_regclass(r)::oid
+              FROM pgconsistency.invariant i, pg_catalog.unnest(i.relations) AS r
+             WHERE i.name = audit_history.invariant AND pg_catalog.to_regclass(r) IS NOT NULL
             UNION
             SELECT d.refobjid
               FROM rel

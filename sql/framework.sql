@@ -208,6 +208,8 @@ SELECT pgconsistency.install_column('pgconsistency.invariant', 'resolved_retenti
 -- every full_refresh_period, and instead of an incremental one when more
 -- than incremental_max_keys keys changed.
 SELECT pgconsistency.install_column('pgconsistency.invariant', 'query', 'text');
+-- relations: the relations the query reads (schema-qualified), as of define_invariant().
+SELECT pgconsistency.install_column('pgconsistency.invariant', 'relations', 'text[]');
 SELECT pgconsistency.install_column('pgconsistency.invariant', 'refresh_mode',
   $$text NOT NULL DEFAULT 'full' CONSTRAINT invariant_refresh_mode_valid CHECK (refresh_mode IN ('full', 'incremental'))$$);
 SELECT pgconsistency.install_column('pgconsistency.invariant', 'full_refresh_period',
@@ -853,10 +855,12 @@ BEGIN
     UPDATE pgconsistency.invariant i
        SET query_md5 = v_md5,
            query = define_invariant.query,
+           relations = v_shape.relations,
            settings = CASE WHEN i.query_md5 IS DISTINCT FROM v_md5 THEN coalesce(define_invariant.settings, i.settings)
                            ELSE i.settings END
      WHERE i.name = define_invariant.name
-       AND (i.query_md5 IS DISTINCT FROM v_md5 OR i.query IS DISTINCT FROM define_invariant.query);
+       AND (i.query_md5 IS DISTINCT FROM v_md5 OR i.query IS DISTINCT FROM define_invariant.query
+            OR i.relations IS DISTINCT FROM v_shape.relations);
     v_changed := FOUND;
 
     IF keys IS NOT NULL THEN
@@ -919,12 +923,11 @@ DECLARE
     v_unmapped text[];
     v_nottable text[];
 BEGIN
-    SELECT i.query INTO v_query FROM pgconsistency.invariant i WHERE i.name = check_incremental.invariant;
+    SELECT i.query, i.relations INTO v_query, v_rels FROM pgconsistency.invariant i WHERE i.name = check_incremental.invariant;
     IF v_query IS NULL THEN
         RAISE EXCEPTION 'pgconsistency: invariant % cannot be refreshed incrementally: it is a materialized view of register_invariant()', invariant
             USING HINT = 'Define it with pgconsistency.define_invariant(name, query, keys => ...) instead.';
     END IF;
-    v_rels := (pgconsistency.query_shape(v_query)).relations;
     SELECT pg_catalog.array_agg(r ORDER BY r) FILTER (WHERE c.relkind NOT IN ('r', 'p')),
            pg_catalog.array_agg(r ORDER BY r) FILTER (WHERE c.relkind IN ('r', 'p') AND NOT EXISTS (
                SELECT 1 FROM pgconsistency.invariant_key_source s
@@ -1057,6 +1060,15 @@ $b$, t.rel, pg_catalog.replace(v_rows, ' FROM __pgconsistency_rows__ r', ' FROM 
                 PERFORM pgconsistency.install_ddl(pg_catalog.format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', t.rel, v_trig.name));
             END IF;
         END LOOP;
+    END LOOP;
+    -- The functions of tables dropped since (a migration that re-created a
+    -- table gives it a new oid, and a new function).
+    FOR v_trig IN
+        SELECT p.oid::regprocedure AS fn FROM pg_catalog.pg_proc p
+         WHERE p.pronamespace = 'pgconsistency'::regnamespace AND p.proname ~ '^capture_[0-9]+$'
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger g WHERE g.tgfoid = p.oid)
+    LOOP
+        EXECUTE pg_catalog.format('DROP FUNCTION %s', v_trig.fn);
     END LOOP;
     INSERT INTO pgconsistency.capture_epoch (started_at) VALUES (pg_catalog.clock_timestamp())
     ON CONFLICT ON CONSTRAINT capture_epoch_pkey DO NOTHING;
@@ -1225,16 +1237,15 @@ COMMENT ON FUNCTION pgconsistency.requires(text, text[]) IS
   'For packs: true when every relation an invariant reads exists; otherwise a NOTICE saying which are missing';
 
 -- release_table: make way for a migration that drops, re-creates or
--- changes the type of a column of an application table. The invariant views
--- depend on the tables they read, so PostgreSQL refuses such a migration
--- ("cannot drop table … because other objects depend on it"). This drops the
--- views of define_invariant() that read the table, with the installer's
--- bounded lock waits, and returns their names; run install.sql (or the pack
--- that defined them) after the migration, and it creates them again, empty
--- until their next refresh. Their anomalies, acknowledgements, parameters
--- and refresh state are kept; until then their refreshes fail with "does not
--- exist", which pgconsistency.refresh.failures shows. Views registered with
--- register_invariant() are not dropped: a NOTICE names them.
+-- changes the type of a column of an application table, where materialized
+-- views of register_invariant() read it: PostgreSQL refuses such a migration
+-- while views depend on the table ("cannot drop table … because other
+-- objects depend on it"). Since 0.3.0 the invariants of define_invariant()
+-- hold no such dependency (the framework runs their queries; their views
+-- read pgconsistency.anomaly), so there is nothing to release for them; a
+-- view of register_invariant() is not dropped either: a NOTICE names it, to
+-- drop and re-create yourself. Returns the names of views it dropped (none
+-- since 0.3.0; kept for the deploy scripts that call it).
 CREATE OR REPLACE FUNCTION pgconsistency.release_table(relation regclass) RETURNS SETOF text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -1684,10 +1695,10 @@ BEGIN
                         USING v_keys;
                 END IF;
             ELSE
-                -- The whole query, without nested loops (a plan chosen on
-                -- statistics an incident just made wrong must not go
-                -- quadratic) unless the invariant's settings ask for them.
-                PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
+                -- The whole query, with the invariant's planner settings
+                -- (the dataset pack's are merge joins over whole tables: no
+                -- plan of theirs depends on how many rows an incident
+                -- changed). The refresh writes nothing the query reads.
                 PERFORM pgconsistency.apply_refresh_settings(inv.settings);
                 EXECUTE pg_catalog.format('INSERT INTO pg_temp.pgconsistency_result
                                            SELECT q.key, pg_catalog.to_jsonb(q) - ''key'' FROM (%s) q', inv.query);

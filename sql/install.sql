@@ -33,3 +33,12 @@ BEGIN;
 \ir dataset_invariants.sql
 \o
 COMMIT;
+
+-- The capture triggers of the invariants in incremental mode, on tables a
+-- migration may have re-created since the previous install (no lock taken
+-- when they are all there).
+BEGIN;
+\o /dev/null
+SELECT pgconsistency.install_capture();
+\o
+COMMIT;

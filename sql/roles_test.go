@@ -116,7 +116,7 @@ func testReaderReadsStatusOnly(t *testing.T, s *pgtest.Server) {
 	assert.Equal(t, fixture.Counts[int64](), got)
 
 	denied(t, reader, "SELECT count(*) FROM public.dataset_entries", "table dataset_entries")
-	denied(t, reader, "SELECT count(*) FROM pgconsistency.dataset_seed_missing", "materialized view dataset_seed_missing")
+	denied(t, reader, "SELECT count(*) FROM pgconsistency.dataset_seed_missing", "view dataset_seed_missing")
 	denied(t, reader, "SELECT count(*) FROM pgconsistency.anomaly", "table anomaly")
 	denied(t, reader, "UPDATE pgconsistency.log_cursor SET last_seq = 0", "table log_cursor")
 	denied(t, reader, "CALL pgconsistency.refresh()", "procedure refresh")
@@ -193,7 +193,7 @@ func testRefresherRefreshes(t *testing.T, s *pgtest.Server) {
 	assert.False(t, changed, "the first marker is the baseline")
 
 	denied(t, refresher, "SELECT count(*) FROM public.dataset_entries", "table dataset_entries")
-	denied(t, refresher, "SELECT count(*) FROM pgconsistency.dataset_seed_missing", "materialized view dataset_seed_missing")
+	denied(t, refresher, "SELECT count(*) FROM pgconsistency.dataset_seed_missing", "view dataset_seed_missing")
 	denied(t, refresher, "SELECT count(*) FROM pgconsistency.anomaly", "table anomaly")
 	denied(t, refresher, "DELETE FROM pgconsistency.refresh_state", "table refresh_state")
 	denied(t, refresher, "SELECT pgconsistency.acknowledge_all('dataset_seed_missing', 'test')", "function acknowledge_all")

@@ -155,27 +155,46 @@ func relfilenode(t *testing.T, conn *pgx.Conn, view string) (node uint32, popula
 	return node, populated
 }
 
-// testRefreshIsConcurrentAfterTheFirst: the view is created unpopulated, the
-// first refresh fills it (a plain REFRESH, which writes a new relfilenode),
-// every later one is CONCURRENTLY (which keeps the relfilenode).
+func viewOID(t *testing.T, conn *pgx.Conn, view string) (oid uint32) {
+	t.Helper()
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT $1::regclass::oid", view).Scan(&oid))
+	return oid
+}
+
+// testRefreshIsConcurrentAfterTheFirst: a materialized view of
+// register_invariant is created unpopulated by its owner; the first refresh
+// fills it (a plain REFRESH, which writes a new relfilenode), every later one
+// is CONCURRENTLY (which keeps the relfilenode, and its readers read on).
 func testRefreshIsConcurrentAfterTheFirst(t *testing.T, s *pgtest.Server) {
 	db := fixture.NewDatabase(t, s, "dataset_seed_missing")
 	conn := s.Conn(t, db)
-	const view = "pgconsistency.dataset_seed_missing"
+	const view = "public.seedless"
+	exec(t, conn, `CREATE MATERIALIZED VIEW public.seedless AS
+		SELECT k.dataset_id::text AS key, count(*) AS key_blocks FROM public.dataset_key_blocks k
+		 GROUP BY k.dataset_id HAVING NOT bool_or(k.event_type = 'Seed') WITH NO DATA`)
+	exec(t, conn, "CREATE UNIQUE INDEX ON public.seedless (key)")
+	exec(t, conn, "SELECT pgconsistency.register_invariant('seedless', 'public', 'seedless', 'critical', 'no Seed')")
 
 	created, populated := relfilenode(t, conn, view)
-	require.False(t, populated, "views are created WITH NO DATA: installing scans nothing")
+	require.False(t, populated)
 
-	exec(t, conn, "CALL pgconsistency.refresh('dataset_seed_missing')")
+	exec(t, conn, "CALL pgconsistency.refresh('seedless')")
 	first, populated := relfilenode(t, conn, view)
 	require.True(t, populated)
 	require.NotEqual(t, created, first, "first refresh is a plain REFRESH")
 
 	exec(t, conn, "DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", fixture.DatasetID(1))
-	exec(t, conn, "CALL pgconsistency.refresh('dataset_seed_missing')")
+	exec(t, conn, "CALL pgconsistency.refresh('seedless')")
 	second, _ := relfilenode(t, conn, view)
 	assert.Equal(t, first, second, "later refreshes are CONCURRENTLY: same relfilenode")
-	assert.Equal(t, ids(1, 13, 14, 24), viewKeys(t, conn, "dataset_seed_missing"))
+	rows, err := conn.Query(t.Context(), "SELECT key FROM public.seedless ORDER BY key")
+	require.NoError(t, err)
+	keys, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	assert.Equal(t, ids(1, 13, 14, 24), keys)
+	st := status(t, conn)["seedless"]
+	assert.EqualValues(t, 4, st.Anomalies)
+	assert.EqualValues(t, 1, st.NewAnomalies)
 }
 
 func connWithNotices(t *testing.T, s *pgtest.Server, db string) (*pgx.Conn, func() []string) {
@@ -270,12 +289,25 @@ func testFailingInvariantDoesNotStopTheOthers(t *testing.T, s *pgtest.Server) {
 	exec(t, conn, `SELECT pgconsistency.define_invariant(
 		name => 'always_broken', severity => 'info', description => 'fails on every refresh',
 		query => $q$ SELECT (1 / (count(*) - count(*)))::text AS key FROM public.dataset_entries $q$)`)
-	exec(t, conn, "DROP MATERIALIZED VIEW pgconsistency.dataset_seed_missing")
+	exec(t, conn, `SELECT pgconsistency.define_invariant(
+		name => 'twice', severity => 'info', description => 'returns a key twice',
+		query => $q$ SELECT 'k'::text AS key FROM public.dataset_entries e LIMIT 2 $q$)`)
+	exec(t, conn, `SELECT pgconsistency.define_invariant(
+		name => 'null_key', severity => 'info', description => 'returns a NULL key',
+		query => $q$ SELECT NULL::text AS key FROM public.dataset_entries e LIMIT 1 $q$)`)
+	// A view of register_invariant, dropped by its owner.
+	exec(t, conn, "CREATE MATERIALIZED VIEW public.gone AS SELECT dataset_id::text AS key FROM public.dataset_entries WHERE false WITH NO DATA")
+	exec(t, conn, "CREATE UNIQUE INDEX ON public.gone (key)")
+	exec(t, conn, "SELECT pgconsistency.register_invariant('gone', 'public', 'gone')")
+	exec(t, conn, "DROP MATERIALIZED VIEW public.gone")
+	// The view of a pack's invariant only shows its anomalies: without it,
+	// the invariant refreshes on.
+	exec(t, conn, "DROP VIEW pgconsistency.dataset_seed_missing")
 
 	for attempt := int64(1); attempt <= 2; attempt++ {
 		exec(t, conn, "CALL pgconsistency.refresh(force => true)")
 		st := status(t, conn)
-		require.Len(t, st, len(fixture.Invariants)+1)
+		require.Len(t, st, len(fixture.Invariants)+4)
 
 		broken := st["always_broken"]
 		assert.Equal(t, "failed", *broken.LastStatus)
@@ -283,11 +315,23 @@ func testFailingInvariantDoesNotStopTheOthers(t *testing.T, s *pgtest.Server) {
 		assert.Equal(t, attempt, broken.ConsecutiveFailures)
 		assert.Nil(t, broken.RefreshedAt, "never succeeded")
 
-		missing := st["dataset_seed_missing"]
+		twice := st["twice"]
+		assert.Equal(t, "failed", *twice.LastStatus)
+		assert.Contains(t, *twice.LastError, "its query returned the same key more than once (Key (key)=(k) already exists.)")
+		assert.Contains(t, *twice.LastError, "GROUP BY the key")
+		nullKey := st["null_key"]
+		assert.Equal(t, "failed", *nullKey.LastStatus)
+		assert.Contains(t, *nullKey.LastError, "its query returned a row whose key is NULL")
+
+		missing := st["gone"]
 		assert.Equal(t, "failed", *missing.LastStatus)
-		assert.Contains(t, *missing.LastError, "materialized view pgconsistency.dataset_seed_missing does not exist")
-		assert.Contains(t, *missing.LastError, "Re-run sql/install.sql")
+		assert.Contains(t, *missing.LastError, "materialized view public.gone does not exist")
+		assert.Contains(t, *missing.LastError, "run register_invariant again")
 		assert.Equal(t, attempt, missing.ConsecutiveFailures)
+
+		seed := st["dataset_seed_missing"]
+		assert.Equal(t, "succeeded", *seed.LastStatus)
+		assert.EqualValues(t, 0, seed.Anomalies)
 
 		ok := st["dataset_head_ref_missing"]
 		assert.Equal(t, "succeeded", *ok.LastStatus)
@@ -295,13 +339,11 @@ func testFailingInvariantDoesNotStopTheOthers(t *testing.T, s *pgtest.Server) {
 	}
 	assert.Contains(t, strings.Join(notices(), "\n"), "WARNING: pgconsistency: refresh of always_broken failed: division by zero")
 
-	// Re-running the installer brings the dropped view back; failures reset.
+	// Re-running the installer brings the dropped view back.
 	s.PsqlFile(t, db, fixture.Path("sql/install.sql"))
+	exec(t, conn, "DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", fixture.DatasetID(1))
 	exec(t, conn, "CALL pgconsistency.refresh('dataset_seed_missing')")
-	fixed := status(t, conn)["dataset_seed_missing"]
-	assert.Equal(t, "succeeded", *fixed.LastStatus)
-	assert.Nil(t, fixed.LastError)
-	assert.EqualValues(t, 0, fixed.ConsecutiveFailures)
+	assert.Equal(t, ids(1), viewKeys(t, conn, "dataset_seed_missing"))
 }
 
 // testNewAndResolvedAnomalies: a new anomaly counts as new even when another
@@ -339,29 +381,28 @@ func testNewAndResolvedAnomalies(t *testing.T, s *pgtest.Server) {
 	assert.Equal(t, [3]int64{2, 1, 0}, [3]int64{r.Anomalies, r.NewAnomalies, r.ResolvedAnomalies}, "dataset 1 broke again: new again")
 }
 
-// testInstallIsIdempotent: re-running sql/install.sql keeps the views, their
-// data and the refresh state; a changed query replaces its view.
+// testInstallIsIdempotent: re-running sql/install.sql keeps the views, the
+// anomalies and the refresh state, and takes no lock on them; a changed
+// query replaces its view, and the anomalies stay.
 func testInstallIsIdempotent(t *testing.T, s *pgtest.Server) {
 	db := fixture.NewDatabase(t, s, "dataset_key_blocks_missing")
 	conn := s.Conn(t, db)
 	exec(t, conn, "CALL pgconsistency.refresh()")
 	before := status(t, conn)
-	node, _ := relfilenode(t, conn, "pgconsistency.dataset_key_blocks_missing")
+	view := viewOID(t, conn, "pgconsistency.dataset_key_blocks_missing")
 
 	s.PsqlFile(t, db, fixture.Path("sql/install.sql"))
 	after := status(t, conn)
-	again, populated := relfilenode(t, conn, "pgconsistency.dataset_key_blocks_missing")
-	assert.Equal(t, node, again)
-	assert.True(t, populated)
+	assert.Equal(t, view, viewOID(t, conn, "pgconsistency.dataset_key_blocks_missing"), "the view is kept")
 	assert.Equal(t, before, after)
 
 	exec(t, conn, `SELECT pgconsistency.define_invariant('dataset_key_blocks_missing',
 		$q$ SELECT e.dataset_id::text AS key FROM public.dataset_entries e
 		     WHERE NOT EXISTS (SELECT 1 FROM public.dataset_key_blocks k WHERE k.dataset_id = e.dataset_id) $q$,
 		'critical', 'changed query')`)
-	replaced, populated := relfilenode(t, conn, "pgconsistency.dataset_key_blocks_missing")
-	assert.NotEqual(t, node, replaced)
-	assert.False(t, populated, "a replaced view waits for its next refresh")
+	assert.NotEqual(t, view, viewOID(t, conn, "pgconsistency.dataset_key_blocks_missing"), "fewer columns: a new view")
+	assert.Equal(t, ids(11, 12, 23), viewKeys(t, conn, "dataset_key_blocks_missing"),
+		"the view shows the open anomalies before the next refresh")
 	exec(t, conn, "CALL pgconsistency.refresh('dataset_key_blocks_missing')")
 	assert.Equal(t, ids(11, 12, 23), viewKeys(t, conn, "dataset_key_blocks_missing"))
 	assert.EqualValues(t, 0, status(t, conn)["dataset_key_blocks_missing"].NewAnomalies,
