@@ -1648,10 +1648,14 @@ BEGIN
     PERFORM pg_catalog.set_config('lock_timeout', (EXTRACT(epoch FROM inv.lock_timeout) * 1000)::bigint::text, true);
 
     BEGIN
-        IF pg_catalog.to_regclass('pg_temp.pgconsistency_result') IS NOT NULL THEN
-            DROP TABLE pg_temp.pgconsistency_result;
+        -- The rows of this refresh: a temporary table of the session, made
+        -- once (not per refresh: that would write the catalog each time),
+        -- emptied at every commit.
+        IF pg_catalog.to_regclass('pg_temp.pgconsistency_result') IS NULL THEN
+            CREATE TEMPORARY TABLE pgconsistency_result (key text PRIMARY KEY, details jsonb) ON COMMIT DELETE ROWS;
+        ELSE
+            TRUNCATE pg_temp.pgconsistency_result;
         END IF;
-        CREATE TEMPORARY TABLE pgconsistency_result (key text PRIMARY KEY, details jsonb) ON COMMIT DROP;
 
         IF inv.query IS NULL THEN
             -- A materialized view of register_invariant().
@@ -1705,6 +1709,10 @@ BEGIN
             END IF;
         END IF;
 
+        IF v_kind = 'incremental' AND v_rechecked = 0 THEN
+            -- Nothing was written to its tables: nothing to compare.
+            v_new := 0; v_resolved := 0; v_changed := 0;
+        ELSE
         -- New anomalies take their seqs (the order of the log records) under
         -- a lock held until this transaction commits: seqs then become
         -- visible in increasing order, so a log consumer that has read up to
@@ -1767,6 +1775,7 @@ BEGIN
         INTO v_new, v_resolved, v_changed, v_healed
         USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
               CASE WHEN v_kind = 'reconcile' THEN coalesce(v_keys, '{}') END;
+        END IF;
         SELECT c.open, c.acknowledged INTO v_total, v_acked FROM pgconsistency.open_counts(inv.name) c;
         IF v_kind = 'reconcile' THEN
             UPDATE pgconsistency.capture_state c SET reconcile_reason = NULL WHERE c.invariant = inv.name;
