@@ -1,0 +1,316 @@
+package sql_test
+
+import (
+	"encoding/json"
+	"maps"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgconsistency/pgconsistency/internal/fixture"
+	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+)
+
+// receiver020StatusQuery is the 0.2.0 receiver's status query
+// (receiver/pgconsistencyreceiver/client.go at d2f9eda, statusQuery).
+const receiver020StatusQuery = `SELECT invariant, severity, anomalies, new_anomalies, resolved_anomalies, acknowledged_anomalies, refreshed_at,
+	last_duration_seconds, consecutive_failures, last_outcome, refresh_period_seconds, pending_requests,
+	deploy_marker_changed_at, version FROM pgconsistency.status WHERE enabled`
+
+// receiver020Status is a row as the 0.2.0 receiver reads it (invariantStatus).
+type receiver020Status struct {
+	Invariant             string     `db:"invariant"`
+	Severity              string     `db:"severity"`
+	Anomalies             int64      `db:"anomalies"`
+	NewAnomalies          int64      `db:"new_anomalies"`
+	ResolvedAnomalies     int64      `db:"resolved_anomalies"`
+	AckedAnomalies        int64      `db:"acknowledged_anomalies"`
+	RefreshedAt           *time.Time `db:"refreshed_at"`
+	LastDurationSeconds   *float64   `db:"last_duration_seconds"`
+	ConsecutiveFailures   int64      `db:"consecutive_failures"`
+	LastOutcome           string     `db:"last_outcome"`
+	RefreshPeriod         float64    `db:"refresh_period_seconds"`
+	PendingRequests       int64      `db:"pending_requests"`
+	DeployMarkerChangedAt *time.Time `db:"deploy_marker_changed_at"`
+	Version               string     `db:"version"`
+}
+
+// readStatus020 runs the 0.2.0 receiver's scrape transaction (readStatus:
+// BEGIN READ ONLY, its statement_timeout, the query, COMMIT, in one batch)
+// and returns the anomalies by invariant and the versions it read.
+func readStatus020(t *testing.T, conn *pgx.Conn) (map[string]int64, []string, error) {
+	t.Helper()
+	var rows []receiver020Status
+	b := &pgx.Batch{}
+	b.Queue("BEGIN READ ONLY")
+	b.Queue("SELECT pg_catalog.set_config('statement_timeout', $1, true)", "10000")
+	b.Queue(receiver020StatusQuery).Query(func(r pgx.Rows) error {
+		var err error
+		rows, err = pgx.CollectRows(r, pgx.RowToStructByName[receiver020Status])
+		return err
+	})
+	b.Queue("COMMIT")
+	if err := conn.SendBatch(t.Context(), b).Close(); err != nil {
+		if conn.PgConn().TxStatus() != 'I' {
+			_, _ = conn.Exec(t.Context(), "ROLLBACK")
+		}
+		return nil, nil, err
+	}
+	anomalies := map[string]int64{}
+	versions := map[string]bool{}
+	for _, r := range rows {
+		anomalies[r.Invariant] = r.Anomalies
+		versions[r.Version] = true
+	}
+	return anomalies, slices.Sorted(maps.Keys(versions)), nil
+}
+
+// readWholeView reads every row of an invariant's view as a dashboard
+// would, with SELECT * through pgx's statement cache.
+func readWholeView(t *testing.T, conn *pgx.Conn, inv invariantSnapshot) error {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), "SELECT * FROM "+pgx.Identifier{inv.ViewSchema, inv.ViewName}.Sanitize())
+	if err != nil {
+		return err
+	}
+	for rows.Next() {
+		if _, err := rows.Values(); err != nil {
+			rows.Close()
+			return err
+		}
+	}
+	return rows.Err()
+}
+
+// viewColumns reads the columns of every invariant's view: "name type"
+// and, for the collatable ones, "name collation".
+func viewColumns(t *testing.T, conn *pgx.Conn) (columns, collations map[string][]string) {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), `
+		SELECT i.name,
+		       coalesce(array_agg(a.attname || ' ' || format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum)
+		                FILTER (WHERE a.attnum IS NOT NULL), '{}'),
+		       coalesce(array_agg(a.attname || ' ' || co.collname ORDER BY a.attnum) FILTER (WHERE co.oid IS NOT NULL), '{}')
+		  FROM pgconsistency.invariant i
+		  LEFT JOIN pg_catalog.pg_attribute a
+		    ON a.attrelid = to_regclass(format('%I.%I', i.view_schema, i.view_name)) AND a.attnum > 0 AND NOT a.attisdropped
+		  LEFT JOIN pg_catalog.pg_collation co ON co.oid = a.attcollation
+		 GROUP BY i.name`)
+	require.NoError(t, err)
+	columns, collations = map[string][]string{}, map[string][]string{}
+	for rows.Next() {
+		var name string
+		var cols, colls []string
+		require.NoError(t, rows.Scan(&name, &cols, &colls))
+		columns[name], collations[name] = cols, colls
+	}
+	require.NoError(t, rows.Err())
+	return columns, collations
+}
+
+// withoutOpenDetails is anomalies with the details of the open ones left
+// out (they are compared on their own, with the view's rows).
+func withoutOpenDetails(anomalies map[string]anomalySnapshot) map[string]anomalySnapshot {
+	out := maps.Clone(anomalies)
+	for k, a := range out {
+		if a.ResolvedAt == nil {
+			a.Details = nil
+			out[k] = a
+		}
+	}
+	return out
+}
+
+func decodeDetails(details *string) (any, error) {
+	if details == nil {
+		return nil, nil
+	}
+	var v any
+	err := json.Unmarshal([]byte(*details), &v)
+	return v, err
+}
+
+// equalJSON: both NULL, or the same JSON value.
+func equalJSON(a, b *string) bool {
+	va, erra := decodeDetails(a)
+	vb, errb := decodeDetails(b)
+	return erra == nil && errb == nil && assert.ObjectsAreEqual(va, vb)
+}
+
+// assertDetailsAre asserts that details (an anomaly's, as text) are row (a
+// view row without key, as viewContent reads it).
+func assertDetailsAre(t *testing.T, row map[string]any, details *string, msgAndArgs ...any) {
+	t.Helper()
+	got, err := decodeDetails(details)
+	require.NoError(t, err)
+	var want any
+	if row != nil {
+		want = map[string]any(row)
+	}
+	assert.Equal(t, want, got, msgAndArgs...)
+}
+
+// refreshStatus is what NewIn030 reads of an invariant's status row.
+type refreshStatus struct {
+	RefreshMode     string  `db:"refresh_mode"`
+	LastRefreshKind *string `db:"last_refresh_kind"`
+	Anomalies       int64   `db:"anomalies"`
+	NewAnomalies    int64   `db:"new_anomalies"`
+	Resolved        int64   `db:"resolved_anomalies"`
+	RecheckedKeys   int64   `db:"rechecked_keys"`
+	HealedAnomalies int64   `db:"healed_anomalies"`
+	LastOutcome     string  `db:"last_outcome"`
+}
+
+func readRefreshStatus(t *testing.T, conn *pgx.Conn, invariant string) refreshStatus {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), `SELECT refresh_mode, last_refresh_kind, anomalies, new_anomalies, resolved_anomalies,
+		rechecked_keys, healed_anomalies, last_outcome FROM pgconsistency.status WHERE invariant = $1`, invariant)
+	require.NoError(t, err)
+	st, err := pgx.CollectExactlyOneRow(rows, pgx.RowToStructByName[refreshStatus])
+	require.NoError(t, err, "the status of %s", invariant)
+	return st
+}
+
+// refreshAs refreshes one invariant now as conn (the refresher, as the
+// receiver's scheduler does) and requires that it succeeded.
+func refreshAs(t *testing.T, conn *pgx.Conn, invariant string) {
+	t.Helper()
+	var outcome string
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT pgconsistency.refresh_invariant($1, true)", invariant).Scan(&outcome))
+	require.Equal(t, "succeeded", outcome, "refresh_invariant(%s)", invariant)
+}
+
+func captureTriggers(t *testing.T, conn *pgx.Conn) []string {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), `SELECT tgrelid::regclass::text || ' ' || tgname FROM pg_catalog.pg_trigger
+		WHERE tgname LIKE 'pgconsistency\_capture\_%' AND NOT tgisinternal ORDER BY 1`)
+	require.NoError(t, err)
+	out, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	return out
+}
+
+// newIn030 checks what 0.3.0 changes and adds in a database upgraded from
+// rel: before is the state before the upgrade, upgraded right after it;
+// dashboard is a connection that read every invariant view before it.
+func newIn030(t *testing.T, s *pgtest.Server, db string, admin *pgx.Conn, u used, rel fromRelease,
+	before, upgraded upgradeState, dashboard *pgx.Conn) {
+	t.Run("Version", func(t *testing.T) {
+		var got string
+		require.NoError(t, u.reader.QueryRow(t.Context(), "SELECT pgconsistency.version()").Scan(&got))
+		assert.Equal(t, currentRelease, got, "pgconsistency.version(), as the reader")
+	})
+
+	// The views of the packs' invariants (define_invariant) are plain
+	// views of their open anomalies now, and read nothing else.
+	t.Run("ViewsReadTheAnomalies", func(t *testing.T) {
+		packs := slices.Concat(rel.datasetInvariants, slices.Sorted(maps.Keys(operationsInvariants)))
+		for _, name := range packs {
+			inv, ok := upgraded.Invariants[name]
+			if !assert.True(t, ok, "invariant %s is gone", name) {
+				continue
+			}
+			var kind string
+			var reads []string
+			require.NoError(t, admin.QueryRow(t.Context(), `
+				SELECT c.relkind::text,
+				       coalesce((SELECT array_agg(DISTINCT d.refobjid::regclass::text ORDER BY d.refobjid::regclass::text)
+				                   FROM pg_catalog.pg_rewrite w
+				                   JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = w.oid
+				                  WHERE w.ev_class = c.oid AND d.refclassid = 'pg_catalog.pg_class'::regclass
+				                    AND d.refobjid <> c.oid), '{}')
+				  FROM pg_catalog.pg_class c
+				 WHERE c.oid = to_regclass(format('%I.%I', $1::text, $2::text))`, inv.ViewSchema, inv.ViewName).Scan(&kind, &reads))
+			assert.Equal(t, "v", kind, "relkind of %s.%s", inv.ViewSchema, inv.ViewName)
+			assert.Equal(t, []string{"pgconsistency.anomaly"}, reads, "what %s.%s reads", inv.ViewSchema, inv.ViewName)
+		}
+	})
+
+	t.Run("ViewsKeepTheirColumns", func(t *testing.T) {
+		for _, name := range slices.Sorted(maps.Keys(before.Columns)) {
+			assert.Equal(t, before.Columns[name], upgraded.Columns[name], "columns (name type) of the view of %s", name)
+			// A key whose collation changes sorts differently (ORDER BY
+			// key), and makes PostgreSQL refuse the statements on the view
+			// a pool prepared before the upgrade.
+			assert.Equal(t, before.Collations[name], upgraded.Collations[name], "collations of the columns of the view of %s", name)
+		}
+	})
+
+	t.Run("PreparedStatementsKeepWorking", func(t *testing.T) {
+		for _, name := range slices.Sorted(maps.Keys(before.Invariants)) {
+			assert.NoError(t, readWholeView(t, dashboard, before.Invariants[name]),
+				"SELECT * FROM the view of %s, prepared on a connection before the upgrade", name)
+		}
+	})
+
+	// An upgraded dataset invariant refreshes incrementally: the writes of
+	// an application role (no privilege on pgconsistency) are captured,
+	// and the refresher's refreshes find what they broke.
+	t.Run("SetRefreshMode", func(t *testing.T) {
+		const inv = "dataset_statistics_missing"
+		for label, role := range u.roles {
+			var got string
+			require.NoError(t, admin.QueryRow(t.Context(), privilegeQueries["function"], role,
+				"pgconsistency.set_refresh_mode(text, text)", "EXECUTE").Scan(&got))
+			assert.Equal(t, "denied", got, "%s: EXECUTE on pgconsistency.set_refresh_mode", label)
+		}
+		app, _ := loginAs(t, s, admin, db, "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ROLE")
+		start := readRefreshStatus(t, admin, inv)
+		require.Equal(t, "full", start.RefreshMode)
+		require.Equal(t, before.Status[inv].Anomalies, start.Anomalies)
+
+		var old string
+		require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency.set_refresh_mode($1, 'incremental')", inv).Scan(&old))
+		assert.Equal(t, "full", old, "set_refresh_mode returns the mode before")
+		assert.NotEmpty(t, captureTriggers(t, admin), "capture triggers after the switch to incremental")
+		refreshAs(t, u.refresher, inv)
+		st := readRefreshStatus(t, admin, inv)
+		assert.Equal(t, refreshStatus{RefreshMode: "incremental", LastRefreshKind: ptr("reconcile"), Anomalies: start.Anomalies,
+			LastOutcome: "succeeded"}, st, "the first refresh after the switch: a reconcile that heals nothing")
+
+		exec(t, app, "DELETE FROM public.dataset_statistics WHERE dataset_id = $1", fixture.DatasetID(29))
+		refreshAs(t, u.refresher, inv)
+		st = readRefreshStatus(t, admin, inv)
+		assert.Equal(t, refreshStatus{RefreshMode: "incremental", LastRefreshKind: ptr("incremental"), Anomalies: start.Anomalies + 1,
+			NewAnomalies: 1, RecheckedKeys: 1, LastOutcome: "succeeded"}, st, "an incremental refresh after the application broke 29")
+		assert.Contains(t, viewKeys(t, admin, inv), fixture.DatasetID(29), "the view of %s", inv)
+
+		require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency.set_refresh_mode($1, 'full')", inv).Scan(&old))
+		assert.Equal(t, "incremental", old)
+		assert.Empty(t, captureTriggers(t, admin), "capture triggers once no invariant is incremental")
+		refreshAs(t, u.refresher, inv)
+		st = readRefreshStatus(t, admin, inv)
+		assert.Equal(t, "full", st.RefreshMode)
+		assert.Equal(t, ptr("full"), st.LastRefreshKind)
+		assert.Equal(t, [3]int64{start.Anomalies + 1, 0, 0}, [3]int64{st.Anomalies, st.NewAnomalies, st.Resolved},
+			"anomalies, new, resolved after the switch back to full")
+	})
+
+	// The user's own materialized view, registered with register_invariant,
+	// stays theirs and keeps refreshing.
+	t.Run("RegisteredInvariantRefreshes", func(t *testing.T) {
+		const inv = "derivative_many_upstreams"
+		var kind string
+		require.NoError(t, admin.QueryRow(t.Context(), "SELECT relkind::text FROM pg_catalog.pg_class WHERE oid = 'public.derivative_many_upstreams'::regclass").Scan(&kind))
+		assert.Equal(t, "m", kind, "the user's materialized view")
+		exec(t, admin, "INSERT INTO public.dataset_dependencies (upstream_dataset_id, downstream_dataset_id) VALUES ($1, $2)",
+			fixture.DatasetID(1), fixture.DatasetID(29))
+		refreshAs(t, u.refresher, inv)
+		st := readRefreshStatus(t, admin, inv)
+		assert.Equal(t, [3]int64{before.Status[inv].Anomalies + 1, 1, 0}, [3]int64{st.Anomalies, st.NewAnomalies, st.Resolved},
+			"anomalies, new, resolved after a second upstream edge of 29")
+		assert.Equal(t, map[string]any{"upstream_edges": float64(2)},
+			viewContent(t, admin, "public", inv)[fixture.DatasetID(29)], "29 in the user's view")
+		var details *string
+		require.NoError(t, admin.QueryRow(t.Context(), "SELECT details::text FROM pgconsistency.anomaly WHERE invariant = $1 AND key = $2",
+			inv, fixture.DatasetID(29)).Scan(&details))
+		assertDetailsAre(t, map[string]any{"upstream_edges": float64(2)}, details, "the anomaly of 29")
+	})
+}
+
+func ptr[T any](v T) *T { return &v }
