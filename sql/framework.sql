@@ -603,7 +603,9 @@ COMMENT ON FUNCTION pgconsistency.install_view(text, text, text) IS
 -- reads exists): its columns but key, as "name type, ..." for
 -- jsonb_to_record (NULL when key is its only column), whether it has a
 -- column key of type text, and the relations it reads (schema-qualified).
-CREATE OR REPLACE FUNCTION pgconsistency.query_shape(query text, OUT columns text, OUT has_key boolean, OUT relations text[])
+DROP FUNCTION IF EXISTS pgconsistency.query_shape(text);
+CREATE OR REPLACE FUNCTION pgconsistency.query_shape(query text, OUT columns text, OUT has_key boolean, OUT relations text[],
+                                                     OUT key_collation text)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -615,11 +617,17 @@ BEGIN
     END IF;
     EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_query_probe AS ' || query;
     v_probe := pg_catalog.to_regclass('pg_temp.pgconsistency_query_probe');
-    SELECT pg_catalog.string_agg(pg_catalog.format('%I %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod)), ', '
+    -- A column's collation, where it is not its type's (format() over
+    -- names gives "C"), is kept: the view's columns are the query's.
+    SELECT pg_catalog.string_agg(pg_catalog.format('%I %s', a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod))
+                                 || CASE WHEN a.attcollation <> t.typcollation
+                                         THEN ' COLLATE ' || a.attcollation::regcollation::text ELSE '' END, ', '
                                  ORDER BY a.attnum) FILTER (WHERE a.attname <> 'key'),
-           coalesce(pg_catalog.bool_or(a.attname = 'key' AND a.atttypid = 'text'::pg_catalog.regtype), false)
-      INTO columns, has_key
+           coalesce(pg_catalog.bool_or(a.attname = 'key' AND a.atttypid = 'text'::pg_catalog.regtype), false),
+           pg_catalog.min(a.attcollation::regcollation::text) FILTER (WHERE a.attname = 'key' AND a.attcollation <> t.typcollation)
+      INTO columns, has_key, key_collation
       FROM pg_catalog.pg_attribute a
+      JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
      WHERE a.attrelid = v_probe AND a.attnum > 0 AND NOT a.attisdropped;
     SELECT pg_catalog.array_agg(DISTINCT d.refobjid::regclass::text ORDER BY d.refobjid::regclass::text)
       INTO relations
@@ -777,6 +785,84 @@ BEGIN
 END
 $fn$;
 
+-- anomaly_view_sql: the definition of the view pgconsistency.<invariant>:
+-- its open anomalies with the columns of its query (columns and
+-- key_collation as query_shape gives them).
+CREATE OR REPLACE FUNCTION pgconsistency.anomaly_view_sql(invariant text, columns text, key_collation text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT 'SELECT a.key' || coalesce(' COLLATE ' || key_collation || ' AS key', '')
+        || CASE WHEN columns IS NULL THEN '' ELSE ', d.*' END
+        || ' FROM pgconsistency.anomaly a'
+        || CASE WHEN columns IS NULL THEN ''
+                ELSE ' CROSS JOIN LATERAL pg_catalog.jsonb_to_record(a.details) AS d(' || columns || ')' END
+        || pg_catalog.format(' WHERE a.invariant = %L AND a.resolved_at IS NULL', invariant)
+$fn$;
+COMMENT ON FUNCTION pgconsistency.anomaly_view_sql(text, text, text) IS
+  'Internal: the definition of the view of an invariant''s open anomalies';
+
+-- copy_snapshot: the rows of the populated materialized view
+-- pgconsistency.<invariant> of a release before 0.3.0 into the details of
+-- the invariant's open anomalies, before define_invariant replaces the view
+-- (those releases wrote details only when an anomaly appeared).
+CREATE OR REPLACE FUNCTION pgconsistency.copy_snapshot(invariant text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c
+                WHERE c.oid = pg_catalog.to_regclass(pg_catalog.format('pgconsistency.%I', invariant))
+                  AND c.relkind = 'm' AND c.relispopulated) THEN
+        EXECUTE pg_catalog.format($q$
+            UPDATE pgconsistency.anomaly a SET details = pg_catalog.to_jsonb(v) - 'key'
+              FROM pgconsistency.%I v
+             WHERE a.invariant = $1 AND a.key = v.key AND a.resolved_at IS NULL
+               AND a.details IS DISTINCT FROM pg_catalog.to_jsonb(v) - 'key'$q$, invariant)
+        USING invariant;
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.copy_snapshot(text) IS
+  'Internal (upgrades from before 0.3.0): copy a materialized view''s rows into the details of its open anomalies';
+
+-- upgrade_defined_views: the invariants an older release made with
+-- define_invariant whose definition nobody ran again since the upgrade (a
+-- user's own, say): their materialized views become the views of 0.3.0,
+-- from the view's definition as PostgreSQL keeps it. query_md5 stays that
+-- of the original text, so running the original define_invariant again
+-- changes nothing but the text kept. install.sql runs it after the packs.
+CREATE OR REPLACE FUNCTION pgconsistency.upgrade_defined_views() RETURNS SETOF text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    i record;
+    v_query text;
+    v_shape record;
+BEGIN
+    FOR i IN
+        SELECT r.name, r.severity, r.description
+          FROM pgconsistency.invariant r
+          JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(pg_catalog.format('pgconsistency.%I', r.name))
+         WHERE r.query IS NULL AND r.query_md5 IS NOT NULL AND r.view_schema = 'pgconsistency' AND r.view_name = r.name
+           AND c.relkind = 'm'
+         ORDER BY r.name
+    LOOP
+        v_query := pg_catalog.rtrim(pg_catalog.btrim(pg_catalog.pg_get_viewdef(pg_catalog.format('pgconsistency.%I', i.name)::regclass)), ';');
+        v_shape := pgconsistency.query_shape(v_query);
+        PERFORM pgconsistency.copy_snapshot(i.name);
+        PERFORM pgconsistency.install_view(pg_catalog.format('pgconsistency.%I', i.name),
+            pgconsistency.anomaly_view_sql(i.name, v_shape.columns, v_shape.key_collation),
+            'pgconsistency invariant ' || i.name || ': ' || coalesce(i.description, '') || ' (its open anomalies as of the latest refresh)');
+        UPDATE pgconsistency.invariant r SET query = v_query, relations = v_shape.relations WHERE r.name = i.name;
+        RETURN NEXT i.name;
+    END LOOP;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.upgrade_defined_views() IS
+  'Internal (upgrades from before 0.3.0): turn the remaining materialized views of define_invariant into 0.3.0 views';
+
 -- define_invariant: register an invariant from its query: columns key
 -- (text, NOT NULL, once per offending entity) and any details. The
 -- framework runs the query on each refresh and keeps its rows as the open
@@ -840,11 +926,13 @@ BEGIN
     END IF;
 
     -- The view of its anomalies, with the query's columns.
-    v_view := 'SELECT a.key' || CASE WHEN v_shape.columns IS NULL THEN '' ELSE ', d.*' END
-           || ' FROM pgconsistency.anomaly a'
-           || CASE WHEN v_shape.columns IS NULL THEN ''
-                   ELSE ' CROSS JOIN LATERAL pg_catalog.jsonb_to_record(a.details) AS d(' || v_shape.columns || ')' END
-           || pg_catalog.format(' WHERE a.invariant = %L AND a.resolved_at IS NULL', name);
+    v_view := pgconsistency.anomaly_view_sql(name, v_shape.columns, v_shape.key_collation);
+    IF v_kind = 'm' THEN
+        -- The materialized view of a release before 0.3.0: its rows are
+        -- the latest snapshot, the open anomalies' details only what each
+        -- was when it appeared. The view that replaces it shows details.
+        PERFORM pgconsistency.copy_snapshot(name);
+    END IF;
     PERFORM pgconsistency.install_view(pg_catalog.format('pgconsistency.%I', name), v_view,
                                        'pgconsistency invariant ' || name || ': ' || coalesce(description, '')
                                        || ' (its open anomalies as of the latest refresh)');

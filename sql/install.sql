@@ -34,11 +34,14 @@ BEGIN;
 \o
 COMMIT;
 
--- The capture triggers of the invariants in incremental mode, on tables a
--- migration may have re-created since the previous install (no lock taken
--- when they are all there).
+-- After the packs: invariants an older release made with define_invariant
+-- that no pack defined again (a user's own) get the views of this release;
+-- then the capture triggers of the invariants in incremental mode, on tables
+-- a migration may have re-created since the previous install. Neither takes
+-- a lock when nothing is to do.
 BEGIN;
 \o /dev/null
+SELECT pgconsistency.upgrade_defined_views();
 SELECT pgconsistency.install_capture();
 \o
 COMMIT;
