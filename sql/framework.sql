@@ -989,7 +989,7 @@ BEGIN
                               WHERE i.name = define_invariant.name AND i.refresh_mode = 'incremental') THEN
         PERFORM pgconsistency.check_incremental(name);
         UPDATE pgconsistency.capture_state c
-           SET reconcile_reason = coalesce(c.reconcile_reason, 'its query or key mapping changed')
+           SET reconcile_reason = coalesce(c.reconcile_reason, pgconsistency.reconcile_reason_changed())
          WHERE c.invariant = define_invariant.name;
         PERFORM pgconsistency.install_capture();
     END IF;
@@ -997,6 +997,13 @@ END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text, jsonb, jsonb) IS
   'Create or update an invariant from its query (and, for incremental refresh, how rows of its tables map to its keys)';
+
+-- The reasons for a reconcile that expects differences: the capture did not
+-- cover the snapshot yet, or the query changed.
+CREATE OR REPLACE FUNCTION pgconsistency.reconcile_reason_started() RETURNS text
+LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'incremental mode just started'::text $fn$;
+CREATE OR REPLACE FUNCTION pgconsistency.reconcile_reason_changed() RETURNS text
+LANGUAGE sql IMMUTABLE AS $fn$ SELECT 'its query or key mapping changed'::text $fn$;
 
 -- check_incremental: raise unless the invariant can be refreshed
 -- incrementally: it was made by define_invariant, and every relation its
@@ -1192,7 +1199,7 @@ BEGIN
     IF mode = 'incremental' THEN
         PERFORM pgconsistency.check_incremental(invariant);
         INSERT INTO pgconsistency.capture_state (invariant, since, reconcile_reason)
-        VALUES (invariant, pg_catalog.clock_timestamp(), 'incremental mode just started')
+        VALUES (invariant, pg_catalog.clock_timestamp(), pgconsistency.reconcile_reason_started())
         ON CONFLICT ON CONSTRAINT capture_state_pkey DO NOTHING;
     ELSE
         DELETE FROM pgconsistency.capture_state c WHERE c.invariant = set_refresh_mode.invariant;
@@ -1693,6 +1700,7 @@ DECLARE
     v_reason   text;
     v_keys     text[];
     v_rechecked bigint := 0;
+    v_fresh_capture boolean := false;
     v_prev_seen timestamptz;
     v_status   text := 'succeeded';
     v_error    text;
@@ -1774,6 +1782,10 @@ BEGIN
                                                   pg_catalog.cardinality(v_keys), inv.incremental_max_keys);
                 END IF;
                 v_kind := CASE WHEN v_reason IS NULL THEN 'incremental' ELSE 'reconcile' END;
+                -- What the first reconcile after a switch to incremental
+                -- mode (or after a changed query or key mapping) finds was
+                -- never the capture's to see: not counted as healed.
+                v_fresh_capture := v_reason IN (pgconsistency.reconcile_reason_started(), pgconsistency.reconcile_reason_changed());
             END IF;
             IF v_kind = 'incremental' THEN
                 -- Only the pending keys, by the tables' indexes: the
@@ -1801,68 +1813,68 @@ BEGIN
             -- Nothing was written to its tables: nothing to compare.
             v_new := 0; v_resolved := 0; v_changed := 0;
         ELSE
-        -- New anomalies take their seqs (the order of the log records) under
-        -- a lock held until this transaction commits: seqs then become
-        -- visible in increasing order, so a log consumer that has read up to
-        -- seq N never meets a smaller one later, whatever the refreshes
-        -- running at the same time (nextval alone does not order commits).
-        -- Concurrent refreshes queue here for the lifecycle step only.
-        PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.anomaly_seq'), 0);
+            -- New anomalies take their seqs (the order of the log records) under
+            -- a lock held until this transaction commits: seqs then become
+            -- visible in increasing order, so a log consumer that has read up to
+            -- seq N never meets a smaller one later, whatever the refreshes
+            -- running at the same time (nextval alone does not order commits).
+            -- Concurrent refreshes queue here for the lifecycle step only.
+            PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.anomaly_seq'), 0);
 
-        -- The lifecycle joins the rows with pgconsistency.anomaly, whose
-        -- statistics a mass incident has just made wrong (100,000 anomalies
-        -- inserted by the previous refresh, not analysed yet), as are the
-        -- temporary table's (never analysed). So the server's planner
-        -- settings, and no nested loop: hash or merge joins, linear
-        -- whatever the statistics.
-        PERFORM pg_catalog.set_config(e.key, s.reset_val, true)
-           FROM pg_catalog.jsonb_each_text(inv.settings) AS e
-           JOIN pg_catalog.pg_settings s ON s.name = e.key;
-        PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
+            -- The lifecycle joins the rows with pgconsistency.anomaly, whose
+            -- statistics a mass incident has just made wrong (100,000 anomalies
+            -- inserted by the previous refresh, not analysed yet), as are the
+            -- temporary table's (never analysed). So the server's planner
+            -- settings, and no nested loop: hash or merge joins, linear
+            -- whatever the statistics.
+            PERFORM pg_catalog.set_config(e.key, s.reset_val, true)
+               FROM pg_catalog.jsonb_each_text(inv.settings) AS e
+               JOIN pg_catalog.pg_settings s ON s.name = e.key;
+            PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
 
-        -- O(changes) writes: an anomaly appears (new, or back again), is
-        -- resolved (open, but not in the rows), or its details changed.
-        -- Nothing for one that persists. An incremental refresh compares
-        -- its keys only ($3). A reconcile counts what differed for keys
-        -- that were not pending ($5): what the incremental refreshes missed.
-        EXECUTE $q$
-            WITH o AS (
-                SELECT a.key, a.details FROM pgconsistency.anomaly a
-                 WHERE a.invariant = $1 AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))),
-            d AS MATERIALIZED (
-                SELECT coalesce(r.key, o.key) AS key, r.details, r.key IS NOT NULL AS present, o.key IS NOT NULL AS was_open
-                  FROM pg_temp.pgconsistency_result r FULL JOIN o ON o.key = r.key
-                 WHERE r.key IS NULL OR o.key IS NULL OR r.details IS DISTINCT FROM o.details),
-            appeared AS (
-                INSERT INTO pgconsistency.anomaly AS a (invariant, key, seq, first_seen_at, last_seen_at, details)
-                SELECT $1, d.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, d.details
-                  FROM d WHERE d.present AND NOT d.was_open
-                 ORDER BY d.key
-                ON CONFLICT ON CONSTRAINT anomaly_pkey DO UPDATE
-                   SET seq = EXCLUDED.seq, first_seen_at = EXCLUDED.first_seen_at,
-                       last_seen_at = EXCLUDED.last_seen_at, resolved_at = NULL, details = EXCLUDED.details,
-                       acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
-                RETURNING 1),
-            resolved AS (
-                UPDATE pgconsistency.anomaly a SET resolved_at = $2, last_seen_at = coalesce($4, a.last_seen_at)
-                  FROM d
-                 WHERE a.invariant = $1 AND a.key = d.key AND NOT d.present
-                   AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))
-                RETURNING 1),
-            changed AS (
-                UPDATE pgconsistency.anomaly a SET details = d.details
-                  FROM d
-                 WHERE a.invariant = $1 AND a.key = d.key AND d.present AND d.was_open
-                   AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))
-                RETURNING 1)
-            SELECT (SELECT count(*) FROM appeared), (SELECT count(*) FROM resolved), (SELECT count(*) FROM changed),
-                   (SELECT count(*) FROM d
-                     WHERE $5::text[] IS NOT NULL
-                       AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS p(key) WHERE p.key = d.key))
-        $q$
-        INTO v_new, v_resolved, v_changed, v_healed
-        USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
-              CASE WHEN v_kind = 'reconcile' THEN coalesce(v_keys, '{}') END;
+            -- O(changes) writes: an anomaly appears (new, or back again), is
+            -- resolved (open, but not in the rows), or its details changed.
+            -- Nothing for one that persists. An incremental refresh compares
+            -- its keys only ($3). A reconcile counts what differed for keys
+            -- that were not pending ($5): what the incremental refreshes missed.
+            EXECUTE $q$
+                WITH o AS (
+                    SELECT a.key, a.details FROM pgconsistency.anomaly a
+                     WHERE a.invariant = $1 AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))),
+                d AS MATERIALIZED (
+                    SELECT coalesce(r.key, o.key) AS key, r.details, r.key IS NOT NULL AS present, o.key IS NOT NULL AS was_open
+                      FROM pg_temp.pgconsistency_result r FULL JOIN o ON o.key = r.key
+                     WHERE r.key IS NULL OR o.key IS NULL OR r.details IS DISTINCT FROM o.details),
+                appeared AS (
+                    INSERT INTO pgconsistency.anomaly AS a (invariant, key, seq, first_seen_at, last_seen_at, details)
+                    SELECT $1, d.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, d.details
+                      FROM d WHERE d.present AND NOT d.was_open
+                     ORDER BY d.key
+                    ON CONFLICT ON CONSTRAINT anomaly_pkey DO UPDATE
+                       SET seq = EXCLUDED.seq, first_seen_at = EXCLUDED.first_seen_at,
+                           last_seen_at = EXCLUDED.last_seen_at, resolved_at = NULL, details = EXCLUDED.details,
+                           acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
+                    RETURNING 1),
+                resolved AS (
+                    UPDATE pgconsistency.anomaly a SET resolved_at = $2, last_seen_at = coalesce($4, a.last_seen_at)
+                      FROM d
+                     WHERE a.invariant = $1 AND a.key = d.key AND NOT d.present
+                       AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))
+                    RETURNING 1),
+                changed AS (
+                    UPDATE pgconsistency.anomaly a SET details = d.details
+                      FROM d
+                     WHERE a.invariant = $1 AND a.key = d.key AND d.present AND d.was_open
+                       AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))
+                    RETURNING 1)
+                SELECT (SELECT count(*) FROM appeared), (SELECT count(*) FROM resolved), (SELECT count(*) FROM changed),
+                       (SELECT count(*) FROM d
+                         WHERE $5::text[] IS NOT NULL
+                           AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS p(key) WHERE p.key = d.key))
+            $q$
+            INTO v_new, v_resolved, v_changed, v_healed
+            USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
+                  CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END;
         END IF;
         SELECT c.open, c.acknowledged INTO v_total, v_acked FROM pgconsistency.open_counts(inv.name) c;
         IF v_kind = 'reconcile' THEN

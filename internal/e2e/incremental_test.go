@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
@@ -67,16 +68,22 @@ func TestIncrementalFreshness(t *testing.T) {
 		"PGCONSISTENCY_DB_NAME":             db,
 		"PGCONSISTENCY_PROMETHEUS_ENDPOINT": exporter,
 	})
-	want := fixture.CurrentExpected()
+	want := fixture.CurrentExpected(fixture.CurrentInvariants...)
 	var before float64
-	require.Eventually(t, func() bool {
+	var last map[string]map[string]float64
+	var lastErr error
+	if !assert.Eventually(t, func() bool {
 		got, _, err := exporterValues(exporter)
+		last, lastErr = got, err
 		if err != nil || got["pgconsistency_up"][""] != 1 {
 			return false
 		}
 		before = got["pgconsistency_anomalies"]["dataset_seed_missing"]
 		return before == float64(len(want["dataset_seed_missing"]))
-	}, time.Minute, time.Second, "the collector never reported the fixture's dataset_seed_missing count")
+	}, time.Minute, time.Second) {
+		t.Fatalf("the collector never reported the fixture's dataset_seed_missing count (%d); last scrape: %v %v",
+			len(want["dataset_seed_missing"]), lastErr, last)
+	}
 
 	// A clean dataset (1 is clean in every fixture) loses its Seed.
 	broken := time.Now()
