@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -33,6 +34,12 @@ type invariantStatus struct {
 	// Version is the installed SQL version; "" when the view has no version
 	// column (release 0.1.0).
 	Version string `db:"version"`
+	// RefreshMode is full or incremental (0.3.0 and later; full before,
+	// where every refresh is a full one).
+	RefreshMode string `db:"refresh_mode"`
+	// HealedAnomalies is what the latest reconcile found the incremental
+	// refreshes had missed (0.3.0 and later; 0 before).
+	HealedAnomalies int64 `db:"healed_anomalies"`
 }
 
 // client is what the scraper needs from the database; tests use a fake.
@@ -54,18 +61,51 @@ const statusColumns = `invariant, severity, anomalies, new_anomalies, resolved_a
 // "schema" setting can name no other (see Config.Schema).
 const schema = "pgconsistency"
 
-// statusQuery reads the status view, with its version column (0.2.0 and
-// later); legacyStatusQuery reads the view of release 0.1.0, which has none,
-// so that a collector upgraded before the database keeps reporting.
-var (
-	statusQuery       = "SELECT " + statusColumns + ", version FROM " + schema + ".status WHERE enabled"
-	legacyStatusQuery = "SELECT " + statusColumns + ", '' AS version FROM " + schema + ".status WHERE enabled"
+// statusShape is which release's status view a query reads. Each release
+// adds columns; a collector upgraded before the database reads the newest
+// shape the database has, and reports what an older release cannot tell as
+// the older release behaves: no version (0.1.0), every refresh full and
+// nothing healed (before 0.3.0).
+type statusShape int32
+
+const (
+	shape030 statusShape = iota // refresh_mode, healed_anomalies
+	shape020                    // version
+	shape010                    // the first release
+	shapeCount
 )
+
+// statusQueries are indexed by statusShape, newest first.
+var statusQueries = [shapeCount]string{
+	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies FROM " + schema + ".status WHERE enabled",
+	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies FROM " +
+		schema + ".status WHERE enabled",
+	// 0.1.0 has no version: the column says whether pgconsistency.version()
+	// exists all the same, i.e. whether install.sql has upgraded the SQL
+	// since this shape was chosen (see queryStatus).
+	shape010: "SELECT " + statusColumns + ", CASE WHEN pg_catalog.to_regprocedure('" + schema + ".version()') IS NULL " +
+		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies FROM " +
+		schema + ".status WHERE enabled",
+}
+
+// upgradedFrom010 is the version the 0.1.0 shape reads once the SQL has
+// been upgraded; never reported.
+const upgradedFrom010 = "newer than 0.1.0"
 
 type pgxClient struct {
 	pool    *pgxpool.Pool
 	timeout time.Duration
 	target  string // for error messages: database@host:port
+
+	// The status shape that last worked in this database, and the version
+	// it read, so that a scrape runs no query known to fail. The shape goes
+	// back to the newest when the pool opens a connection (after a restart
+	// or a failover, and when pgxpool renews a connection, hourly by
+	// default) and when the version read changes (install.sql upgraded the
+	// SQL); it steps down on undefined_column (an older release).
+	mu           sync.Mutex
+	shape        statusShape
+	shapeVersion string
 }
 
 // inTransaction runs fn in a transaction that carries its own limits:
@@ -147,15 +187,22 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 	pc.MaxConns = 2
 	pc.MinConns = 0
 
+	c := &pgxClient{
+		timeout: cfg.effectiveTimeout(),
+		target:  fmt.Sprintf("database %q at %s", cfg.Database, cfg.Endpoint),
+	}
+	// A new connection may be to another server (a failover) or to an
+	// upgraded database: probe from the newest shape again.
+	pc.AfterConnect = func(context.Context, *pgx.Conn) error {
+		c.setShape(shape030, "")
+		return nil
+	}
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
 	if err != nil {
 		return nil, fmt.Errorf("creating the PostgreSQL connection pool: %w", err)
 	}
-	return &pgxClient{
-		pool:    pool,
-		timeout: cfg.effectiveTimeout(),
-		target:  fmt.Sprintf("database %q at %s", cfg.Database, cfg.Endpoint),
-	}, nil
+	c.pool = pool
+	return c, nil
 }
 
 func (c *pgxClient) status(ctx context.Context) ([]invariantStatus, error) {
@@ -174,26 +221,77 @@ func (c *pgxClient) status(ctx context.Context) ([]invariantStatus, error) {
 
 // queryStatus reads the status in a read-only transaction under the
 // scrape's statement_timeout: the scrape can never write, nor hold the
-// database longer than its timeout.
+// database longer than its timeout. It reads the shape that last worked;
+// on undefined_column it steps down to the next older shape in the same
+// scrape, and remembers the one that worked.
 func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) {
-	rows, err := c.readStatus(ctx, statusQuery)
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) && pgErr.Code == "42703" { // undefined_column: the SQL of release 0.1.0
-		return c.readStatus(ctx, legacyStatusQuery)
+	conn, err := c.pool.Acquire(ctx)
+	if err != nil {
+		return nil, err
 	}
-	return rows, err
+	defer conn.Release()
+	// Read after Acquire: a connection opened by it has reset the shape.
+	c.mu.Lock()
+	remembered := c.shape
+	c.mu.Unlock()
+	for shape := remembered; ; shape++ {
+		rows, err := c.readStatusOn(ctx, conn, statusQueries[shape])
+		var pgErr *pgconn.PgError
+		if errors.As(err, &pgErr) && pgErr.Code == "42703" { // undefined_column
+			if shape+1 < shapeCount {
+				continue // an older release
+			}
+			// Not even the columns of the first release, which every
+			// release has: a broken view, which this error names. Probe
+			// from the newest again next time.
+			c.setShape(shape030, "")
+		}
+		if err != nil {
+			return nil, err
+		}
+		version := ""
+		if len(rows) > 0 {
+			version = rows[0].Version
+		}
+		if version == upgradedFrom010 {
+			for i := range rows {
+				rows[i].Version = "" // read as 0.1.0's, this once
+			}
+		}
+		c.mu.Lock()
+		if shape == remembered && shape != shape030 && version != c.shapeVersion {
+			// An older shape read another version than the one it was
+			// chosen with: the SQL was upgraded. Try the newest next time.
+			c.shape, c.shapeVersion = shape030, ""
+		} else {
+			c.shape, c.shapeVersion = shape, version
+		}
+		c.mu.Unlock()
+		return rows, nil
+	}
 }
 
-// readStatus sends the whole transaction in one round trip: BEGIN READ
-// ONLY, its statement_timeout, the query, COMMIT (as inTransaction does,
-// which would take four). A failed transaction is rolled back so that the
-// connection goes back to the pool usable.
+func (c *pgxClient) setShape(shape statusShape, version string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.shape, c.shapeVersion = shape, version
+}
+
+// readStatus runs query as the scrape does, on a connection of the pool.
 func (c *pgxClient) readStatus(ctx context.Context, query string) ([]invariantStatus, error) {
 	conn, err := c.pool.Acquire(ctx)
 	if err != nil {
 		return nil, err
 	}
 	defer conn.Release()
+	return c.readStatusOn(ctx, conn, query)
+}
+
+// readStatusOn sends the whole transaction in one round trip: BEGIN READ
+// ONLY, its statement_timeout, the query, COMMIT (as inTransaction does,
+// which would take four). A failed transaction is rolled back so that the
+// connection can be used again.
+func (c *pgxClient) readStatusOn(ctx context.Context, conn *pgxpool.Conn, query string) ([]invariantStatus, error) {
 	var out []invariantStatus
 	b := &pgx.Batch{}
 	b.Queue("BEGIN READ ONLY")

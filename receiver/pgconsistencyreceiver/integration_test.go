@@ -24,7 +24,8 @@ import (
 
 // snapshot is what one scrape said: value per metric name and invariant
 // ("" for database-wide metrics, "invariant/outcome" for
-// pgconsistency.refresh.outcome), plus the resource attributes.
+// pgconsistency.refresh.outcome, "invariant/mode" for
+// pgconsistency.refresh.mode), plus the resource attributes.
 type snapshot struct {
 	values   map[string]map[string]float64
 	resource map[string]any
@@ -59,6 +60,9 @@ func lastSnapshot(sink *consumertest.MetricsSink) (snapshot, bool) {
 					key := inv.Str()
 					if outcome, ok := dp.Attributes().Get("outcome"); ok {
 						key += "/" + outcome.Str()
+					}
+					if mode, ok := dp.Attributes().Get("mode"); ok {
+						key += "/" + mode.Str()
 					}
 					v := dp.DoubleValue()
 					if dp.ValueType() == pmetric.NumberDataPointValueTypeInt {

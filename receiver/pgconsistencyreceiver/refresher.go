@@ -40,16 +40,28 @@ func newRefresher(cfg *Config, logger *zap.Logger) *refresher {
 }
 
 // logNotice logs what refreshes say for what it is: skips and the like as
-// information (a skip is not an error), warnings (failures) as warnings.
+// information (a skip is not an error), warnings (failures, and a reconcile
+// that corrected what the incremental capture had missed) as warnings, with
+// their DETAIL in the message and their HINT as a field. The severity is
+// read unlocalized: a server with lc_messages in another language says
+// WARNUNG or AVERTISSEMENT in the localized one.
 func (r *refresher) logNotice(_ *pgconn.PgConn, n *pgconn.Notice) {
 	msg := n.Message
 	if n.Detail != "" {
 		msg += " (" + n.Detail + ")"
 	}
-	if n.Severity == "WARNING" {
-		r.logger.Warn(msg)
+	var fields []zap.Field
+	if n.Hint != "" {
+		fields = append(fields, zap.String("hint", n.Hint))
+	}
+	severity := n.SeverityUnlocalized
+	if severity == "" { // servers before 9.6
+		severity = n.Severity
+	}
+	if severity == "WARNING" {
+		r.logger.Warn(msg, fields...)
 	} else {
-		r.logger.Info(msg)
+		r.logger.Info(msg, fields...)
 	}
 }
 

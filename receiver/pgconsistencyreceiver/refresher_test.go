@@ -281,3 +281,91 @@ func TestIntegrationSchedulerOnAStandby(t *testing.T) {
 	}, 30*time.Second, 50*time.Millisecond, "three passes on the standby")
 	assert.Zero(t, logs.FilterLevelExact(zapcore.ErrorLevel).Len(), "errors: %v", logs.FilterLevelExact(zapcore.ErrorLevel).All())
 }
+
+// TestIntegrationReconcileHealed: an invariant in incremental mode whose
+// capture missed a write (its captured keys deleted). The reconcile the
+// scheduler runs finds the anomaly the incremental refreshes had missed; its
+// WARNING reaches the collector's log at warn level, with the invariant, the
+// count, the DETAIL and the HINT, and pgconsistency.reconcile.healed says 1
+// until the next reconcile, 0 for the other invariants.
+func TestIntegrationReconcileHealed(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv, "dataset_seed_missing")
+	conn := srv.Conn(t, db)
+	for _, q := range []string{
+		"CALL pgconsistency.refresh()",
+		"SELECT pgconsistency.set_refresh_mode('dataset_seed_missing', 'incremental')",
+		// the first refresh in incremental mode is a reconcile; nothing
+		// changed since the full refresh, so it heals nothing
+		"SELECT pgconsistency.refresh_invariant('dataset_seed_missing')",
+	} {
+		_, err := conn.Exec(t.Context(), q)
+		require.NoError(t, err, q)
+	}
+	var kind string
+	var healed int64
+	require.NoError(t, conn.QueryRow(t.Context(), `SELECT last_refresh_kind, healed_anomalies
+		FROM pgconsistency.status WHERE invariant = 'dataset_seed_missing'`).Scan(&kind, &healed))
+	require.Equal(t, "reconcile", kind)
+	require.Zero(t, healed)
+
+	// A write the capture misses: dataset 2 loses its Seed, and its
+	// captured key is gone before any refresh sees it. Then a reconcile is
+	// due, and the invariant's refresh too.
+	tx, err := conn.Begin(t.Context())
+	require.NoError(t, err)
+	for _, q := range []string{
+		"DELETE FROM public.dataset_key_blocks WHERE dataset_id = '" + fixture.DatasetID(2) + "' AND event_type IN ('Seed', 'SetDataSchema')",
+		"DELETE FROM pgconsistency.captured_key",
+		"UPDATE pgconsistency.capture_state SET reconcile_reason = 'a test lost a captured key' WHERE invariant = 'dataset_seed_missing'",
+		"UPDATE pgconsistency.refresh_state SET last_started_at = last_started_at - interval '1 hour' WHERE invariant = 'dataset_seed_missing'",
+	} {
+		_, err := tx.Exec(t.Context(), q)
+		require.NoError(t, err, q)
+	}
+	require.NoError(t, tx.Commit(t.Context()))
+
+	core, logs := observer.New(zapcore.InfoLevel)
+	set := receivertest.NewNopSettings(metadata.Type)
+	set.Logger = zap.New(core)
+	cfg := serverConfig(srv, db)
+	cfg.CollectionInterval = 250 * time.Millisecond
+	cfg.Timeout = 200 * time.Millisecond
+	cfg.Refresh.Schedule = 200 * time.Millisecond
+	sink := new(consumertest.MetricsSink)
+	rcv, err := NewFactory().CreateMetrics(t.Context(), set, cfg, sink)
+	require.NoError(t, err)
+	require.NoError(t, rcv.Start(t.Context(), nil))
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+
+	snap := waitFor(t, sink, "the healed anomaly", func(s snapshot) error {
+		if v, _ := s.get("pgconsistency.reconcile.healed", "dataset_seed_missing"); v != 1 {
+			return fmt.Errorf("reconcile.healed{dataset_seed_missing} = %v, want 1", v)
+		}
+		return nil
+	})
+	n, _ := snap.get("pgconsistency.anomalies", "dataset_seed_missing")
+	assert.Equal(t, 4.0, n, "the reconcile corrected the snapshot")
+	for _, inv := range fixture.Invariants {
+		mode := "full"
+		if inv == "dataset_seed_missing" {
+			mode = "incremental"
+		} else {
+			v, ok := snap.get("pgconsistency.reconcile.healed", inv)
+			assert.True(t, ok && v == 0, "reconcile.healed{%s} = %v (present %v), want 0", inv, v, ok)
+		}
+		v, _ := snap.get("pgconsistency.refresh.mode", inv+"/"+mode)
+		assert.Equal(t, 1.0, v, "refresh.mode{%s/%s}", inv, mode)
+	}
+
+	require.Eventually(t, func() bool {
+		return logs.FilterMessageSnippet("the reconcile of dataset_seed_missing found 1 anomalies").Len() > 0
+	}, 10*time.Second, 50*time.Millisecond, "the reconcile's WARNING in the log")
+	entries := logs.FilterMessageSnippet("the reconcile of dataset_seed_missing").All()
+	require.Len(t, entries, 1, "one reconcile healed something")
+	e := entries[0]
+	assert.Equal(t, zapcore.WarnLevel, e.Level)
+	assert.Contains(t, e.Message, "Reconciled because a test lost a captured key", "the DETAIL")
+	assert.Contains(t, e.ContextMap()["hint"], "A write the capture did not see", "the HINT")
+	assert.Zero(t, logs.FilterLevelExact(zapcore.ErrorLevel).Len(), "errors: %v", logs.FilterLevelExact(zapcore.ErrorLevel).All())
+}

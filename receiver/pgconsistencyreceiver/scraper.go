@@ -109,6 +109,15 @@ func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 			}
 			s.mb.RecordPgconsistencyRefreshOutcomeDataPoint(now, v, r.Invariant, outcome)
 		}
+		// Likewise every mode.
+		for name, mode := range metadata.MapAttributeMode {
+			var v int64
+			if name == r.RefreshMode {
+				v = 1
+			}
+			s.mb.RecordPgconsistencyRefreshModeDataPoint(now, v, r.Invariant, mode)
+		}
+		s.mb.RecordPgconsistencyReconcileHealedDataPoint(now, r.HealedAnomalies, r.Invariant)
 	}
 	if len(rows) > 0 {
 		// database-wide, repeated on every row of the status view

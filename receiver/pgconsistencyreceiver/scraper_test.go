@@ -68,8 +68,10 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 	refreshed := time.Date(2026, 11, 23, 18, 30, 0, 0, time.UTC)
 	deployed := time.Date(2026, 11, 23, 18, 0, 0, 0, time.UTC)
 	f := &fakeClient{rows: []invariantStatus{
+		// incremental, and its latest reconcile corrected what the capture missed
 		{Invariant: "dataset_seed_missing", Severity: "critical", Anomalies: 3, NewAnomalies: 1,
-			ResolvedAnomalies: 2, AckedAnomalies: 5, RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded"},
+			ResolvedAnomalies: 2, AckedAnomalies: 5, RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded",
+			RefreshMode: "incremental", HealedAnomalies: 2},
 		// clean: zeros must be emitted, not left out
 		{Invariant: "dataset_head_ref_missing", Severity: "critical",
 			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.25), LastOutcome: "skipped"},
@@ -83,7 +85,10 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 		f.rows[i].RefreshPeriod = 1800
 		f.rows[i].PendingRequests = 1
 		f.rows[i].DeployMarkerChangedAt = &deployed
-		f.rows[i].Version = "0.2.0"
+		f.rows[i].Version = "0.3.0"
+		if f.rows[i].RefreshMode == "" {
+			f.rows[i].RefreshMode = "full"
+		}
 	}
 	s := startFake(t, f)
 	require.NoError(t, compareGolden(t, "expected.yaml", s))

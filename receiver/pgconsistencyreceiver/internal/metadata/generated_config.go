@@ -107,6 +107,26 @@ func (ms *PgconsistencyDeployMarkerTimestampMetricConfig) Unmarshal(parser *conf
 	return nil
 }
 
+// PgconsistencyReconcileHealedMetricConfig provides config for the pgconsistency.reconcile.healed metric.
+type PgconsistencyReconcileHealedMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyReconcileHealedMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
 // PgconsistencyRefreshDurationMetricConfig provides config for the pgconsistency.refresh.duration metric.
 type PgconsistencyRefreshDurationMetricConfig struct {
 	Enabled          bool `mapstructure:"enabled"`
@@ -134,6 +154,26 @@ type PgconsistencyRefreshFailuresMetricConfig struct {
 }
 
 func (ms *PgconsistencyRefreshFailuresMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+// PgconsistencyRefreshModeMetricConfig provides config for the pgconsistency.refresh.mode metric.
+type PgconsistencyRefreshModeMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyRefreshModeMetricConfig) Unmarshal(parser *confmap.Conf) error {
 	if parser == nil {
 		return nil
 	}
@@ -274,8 +314,10 @@ type MetricsConfig struct {
 	PgconsistencyAnomaliesNew           PgconsistencyAnomaliesNewMetricConfig           `mapstructure:"pgconsistency.anomalies.new"`
 	PgconsistencyAnomaliesResolved      PgconsistencyAnomaliesResolvedMetricConfig      `mapstructure:"pgconsistency.anomalies.resolved"`
 	PgconsistencyDeployMarkerTimestamp  PgconsistencyDeployMarkerTimestampMetricConfig  `mapstructure:"pgconsistency.deploy_marker.timestamp"`
+	PgconsistencyReconcileHealed        PgconsistencyReconcileHealedMetricConfig        `mapstructure:"pgconsistency.reconcile.healed"`
 	PgconsistencyRefreshDuration        PgconsistencyRefreshDurationMetricConfig        `mapstructure:"pgconsistency.refresh.duration"`
 	PgconsistencyRefreshFailures        PgconsistencyRefreshFailuresMetricConfig        `mapstructure:"pgconsistency.refresh.failures"`
+	PgconsistencyRefreshMode            PgconsistencyRefreshModeMetricConfig            `mapstructure:"pgconsistency.refresh.mode"`
 	PgconsistencyRefreshOutcome         PgconsistencyRefreshOutcomeMetricConfig         `mapstructure:"pgconsistency.refresh.outcome"`
 	PgconsistencyRefreshPeriod          PgconsistencyRefreshPeriodMetricConfig          `mapstructure:"pgconsistency.refresh.period"`
 	PgconsistencyRefreshRequestsPending PgconsistencyRefreshRequestsPendingMetricConfig `mapstructure:"pgconsistency.refresh.requests.pending"`
@@ -301,10 +343,16 @@ func DefaultMetricsConfig() MetricsConfig {
 		PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
 			Enabled: true,
 		},
+		PgconsistencyReconcileHealed: PgconsistencyReconcileHealedMetricConfig{
+			Enabled: true,
+		},
 		PgconsistencyRefreshDuration: PgconsistencyRefreshDurationMetricConfig{
 			Enabled: true,
 		},
 		PgconsistencyRefreshFailures: PgconsistencyRefreshFailuresMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyRefreshMode: PgconsistencyRefreshModeMetricConfig{
 			Enabled: true,
 		},
 		PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{

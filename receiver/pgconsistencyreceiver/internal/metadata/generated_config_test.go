@@ -41,10 +41,16 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
 						Enabled: true,
 					},
+					PgconsistencyReconcileHealed: PgconsistencyReconcileHealedMetricConfig{
+						Enabled: true,
+					},
 					PgconsistencyRefreshDuration: PgconsistencyRefreshDurationMetricConfig{
 						Enabled: true,
 					},
 					PgconsistencyRefreshFailures: PgconsistencyRefreshFailuresMetricConfig{
+						Enabled: true,
+					},
+					PgconsistencyRefreshMode: PgconsistencyRefreshModeMetricConfig{
 						Enabled: true,
 					},
 					PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{
@@ -92,10 +98,16 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
 						Enabled: false,
 					},
+					PgconsistencyReconcileHealed: PgconsistencyReconcileHealedMetricConfig{
+						Enabled: false,
+					},
 					PgconsistencyRefreshDuration: PgconsistencyRefreshDurationMetricConfig{
 						Enabled: false,
 					},
 					PgconsistencyRefreshFailures: PgconsistencyRefreshFailuresMetricConfig{
+						Enabled: false,
+					},
+					PgconsistencyRefreshMode: PgconsistencyRefreshModeMetricConfig{
 						Enabled: false,
 					},
 					PgconsistencyRefreshOutcome: PgconsistencyRefreshOutcomeMetricConfig{
@@ -128,7 +140,7 @@ func TestMetricsBuilderConfig(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := loadMetricsBuilderConfig(t, tt.name)
-			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, PgconsistencyVersionMetricConfig{}, ResourceAttributeConfig{}))
+			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyReconcileHealedMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshModeMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, PgconsistencyVersionMetricConfig{}, ResourceAttributeConfig{}))
 			require.Emptyf(t, diff, "Config mismatch (-expected +actual):\n%s", diff)
 		})
 	}

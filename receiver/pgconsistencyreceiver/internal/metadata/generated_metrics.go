@@ -18,6 +18,32 @@ const (
 	AggregationStrategyMax = "max"
 )
 
+// AttributeMode specifies the value mode attribute.
+type AttributeMode int
+
+const (
+	_ AttributeMode = iota
+	AttributeModeFull
+	AttributeModeIncremental
+)
+
+// String returns the string representation of the AttributeMode.
+func (av AttributeMode) String() string {
+	switch av {
+	case AttributeModeFull:
+		return "full"
+	case AttributeModeIncremental:
+		return "incremental"
+	}
+	return ""
+}
+
+// MapAttributeMode is a helper map of string to AttributeMode attribute value.
+var MapAttributeMode = map[string]AttributeMode{
+	"full":        AttributeModeFull,
+	"incremental": AttributeModeIncremental,
+}
+
 // AttributeOutcome specifies the value outcome attribute.
 type AttributeOutcome int
 
@@ -76,6 +102,10 @@ var MetricsInfo = metricsInfo{
 	PgconsistencyDeployMarkerTimestamp: metricInfo{
 		Name: "pgconsistency.deploy_marker.timestamp",
 	},
+	PgconsistencyReconcileHealed: metricInfo{
+		Name:       "pgconsistency.reconcile.healed",
+		Attributes: []string{"invariant"},
+	},
 	PgconsistencyRefreshDuration: metricInfo{
 		Name:       "pgconsistency.refresh.duration",
 		Attributes: []string{"invariant"},
@@ -83,6 +113,10 @@ var MetricsInfo = metricsInfo{
 	PgconsistencyRefreshFailures: metricInfo{
 		Name:       "pgconsistency.refresh.failures",
 		Attributes: []string{"invariant"},
+	},
+	PgconsistencyRefreshMode: metricInfo{
+		Name:       "pgconsistency.refresh.mode",
+		Attributes: []string{"invariant", "mode"},
 	},
 	PgconsistencyRefreshOutcome: metricInfo{
 		Name:       "pgconsistency.refresh.outcome",
@@ -114,8 +148,10 @@ type metricsInfo struct {
 	PgconsistencyAnomaliesNew           metricInfo
 	PgconsistencyAnomaliesResolved      metricInfo
 	PgconsistencyDeployMarkerTimestamp  metricInfo
+	PgconsistencyReconcileHealed        metricInfo
 	PgconsistencyRefreshDuration        metricInfo
 	PgconsistencyRefreshFailures        metricInfo
+	PgconsistencyRefreshMode            metricInfo
 	PgconsistencyRefreshOutcome         metricInfo
 	PgconsistencyRefreshPeriod          metricInfo
 	PgconsistencyRefreshRequestsPending metricInfo
@@ -391,6 +427,58 @@ func newMetricPgconsistencyDeployMarkerTimestamp(cfg PgconsistencyDeployMarkerTi
 	return m
 }
 
+type metricPgconsistencyReconcileHealed struct {
+	data     pmetric.Metric                           // data buffer for generated metric.
+	config   PgconsistencyReconcileHealedMetricConfig // metric config provided by user.
+	capacity int                                      // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.reconcile.healed metric with initial data.
+func (m *metricPgconsistencyReconcileHealed) init() {
+	m.data.SetName("pgconsistency.reconcile.healed")
+	m.data.SetDescription("Anomalies (appeared, resolved or changed) that the latest reconcile of the invariant, the full refresh of an invariant in incremental mode, found its incremental refreshes had missed, and corrected: writes the capture did not see. Kept until the next reconcile; 0 when the capture works, for an invariant in full mode, and with SQL older than 0.3.0 (which refreshes fully).")
+	m.data.SetUnit("{anomaly}")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+}
+
+func (m *metricPgconsistencyReconcileHealed) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyReconcileHealed) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyReconcileHealed) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyReconcileHealed(cfg PgconsistencyReconcileHealedMetricConfig) metricPgconsistencyReconcileHealed {
+	m := metricPgconsistencyReconcileHealed{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
 type metricPgconsistencyRefreshDuration struct {
 	data     pmetric.Metric                           // data buffer for generated metric.
 	config   PgconsistencyRefreshDurationMetricConfig // metric config provided by user.
@@ -487,6 +575,59 @@ func (m *metricPgconsistencyRefreshFailures) emit(metrics pmetric.MetricSlice) {
 
 func newMetricPgconsistencyRefreshFailures(cfg PgconsistencyRefreshFailuresMetricConfig) metricPgconsistencyRefreshFailures {
 	m := metricPgconsistencyRefreshFailures{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyRefreshMode struct {
+	data     pmetric.Metric                       // data buffer for generated metric.
+	config   PgconsistencyRefreshModeMetricConfig // metric config provided by user.
+	capacity int                                  // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.refresh.mode metric with initial data.
+func (m *metricPgconsistencyRefreshMode) init() {
+	m.data.SetName("pgconsistency.refresh.mode")
+	m.data.SetDescription("1 for the refresh mode of the invariant (full or incremental), 0 for the other mode; SQL older than 0.3.0 refreshes every invariant fully.")
+	m.data.SetUnit("{invariant}")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+}
+
+func (m *metricPgconsistencyRefreshMode) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, modeAttributeValue string) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	dp.Attributes().PutStr("mode", modeAttributeValue)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyRefreshMode) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyRefreshMode) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyRefreshMode(cfg PgconsistencyRefreshModeMetricConfig) metricPgconsistencyRefreshMode {
+	m := metricPgconsistencyRefreshMode{config: cfg}
 
 	if cfg.Enabled {
 		m.data = pmetric.NewMetric()
@@ -819,8 +960,10 @@ type MetricsBuilder struct {
 	metricPgconsistencyAnomaliesNew           metricPgconsistencyAnomaliesNew
 	metricPgconsistencyAnomaliesResolved      metricPgconsistencyAnomaliesResolved
 	metricPgconsistencyDeployMarkerTimestamp  metricPgconsistencyDeployMarkerTimestamp
+	metricPgconsistencyReconcileHealed        metricPgconsistencyReconcileHealed
 	metricPgconsistencyRefreshDuration        metricPgconsistencyRefreshDuration
 	metricPgconsistencyRefreshFailures        metricPgconsistencyRefreshFailures
+	metricPgconsistencyRefreshMode            metricPgconsistencyRefreshMode
 	metricPgconsistencyRefreshOutcome         metricPgconsistencyRefreshOutcome
 	metricPgconsistencyRefreshPeriod          metricPgconsistencyRefreshPeriod
 	metricPgconsistencyRefreshRequestsPending metricPgconsistencyRefreshRequestsPending
@@ -857,8 +1000,10 @@ func NewMetricsBuilder(mbc MetricsBuilderConfig, settings receiver.Settings, opt
 		metricPgconsistencyAnomaliesNew:           newMetricPgconsistencyAnomaliesNew(mbc.Metrics.PgconsistencyAnomaliesNew),
 		metricPgconsistencyAnomaliesResolved:      newMetricPgconsistencyAnomaliesResolved(mbc.Metrics.PgconsistencyAnomaliesResolved),
 		metricPgconsistencyDeployMarkerTimestamp:  newMetricPgconsistencyDeployMarkerTimestamp(mbc.Metrics.PgconsistencyDeployMarkerTimestamp),
+		metricPgconsistencyReconcileHealed:        newMetricPgconsistencyReconcileHealed(mbc.Metrics.PgconsistencyReconcileHealed),
 		metricPgconsistencyRefreshDuration:        newMetricPgconsistencyRefreshDuration(mbc.Metrics.PgconsistencyRefreshDuration),
 		metricPgconsistencyRefreshFailures:        newMetricPgconsistencyRefreshFailures(mbc.Metrics.PgconsistencyRefreshFailures),
+		metricPgconsistencyRefreshMode:            newMetricPgconsistencyRefreshMode(mbc.Metrics.PgconsistencyRefreshMode),
 		metricPgconsistencyRefreshOutcome:         newMetricPgconsistencyRefreshOutcome(mbc.Metrics.PgconsistencyRefreshOutcome),
 		metricPgconsistencyRefreshPeriod:          newMetricPgconsistencyRefreshPeriod(mbc.Metrics.PgconsistencyRefreshPeriod),
 		metricPgconsistencyRefreshRequestsPending: newMetricPgconsistencyRefreshRequestsPending(mbc.Metrics.PgconsistencyRefreshRequestsPending),
@@ -960,8 +1105,10 @@ func (mb *MetricsBuilder) EmitForResource(options ...ResourceMetricsOption) {
 	mb.metricPgconsistencyAnomaliesNew.emit(ils.Metrics())
 	mb.metricPgconsistencyAnomaliesResolved.emit(ils.Metrics())
 	mb.metricPgconsistencyDeployMarkerTimestamp.emit(ils.Metrics())
+	mb.metricPgconsistencyReconcileHealed.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshDuration.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshFailures.emit(ils.Metrics())
+	mb.metricPgconsistencyRefreshMode.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshOutcome.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshPeriod.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshRequestsPending.emit(ils.Metrics())
@@ -1024,6 +1171,11 @@ func (mb *MetricsBuilder) RecordPgconsistencyDeployMarkerTimestampDataPoint(ts p
 	mb.metricPgconsistencyDeployMarkerTimestamp.recordDataPoint(mb.startTime, ts, val)
 }
 
+// RecordPgconsistencyReconcileHealedDataPoint adds a data point to pgconsistency.reconcile.healed metric.
+func (mb *MetricsBuilder) RecordPgconsistencyReconcileHealedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string) {
+	mb.metricPgconsistencyReconcileHealed.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
+}
+
 // RecordPgconsistencyRefreshDurationDataPoint adds a data point to pgconsistency.refresh.duration metric.
 func (mb *MetricsBuilder) RecordPgconsistencyRefreshDurationDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
 	mb.metricPgconsistencyRefreshDuration.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
@@ -1032,6 +1184,11 @@ func (mb *MetricsBuilder) RecordPgconsistencyRefreshDurationDataPoint(ts pcommon
 // RecordPgconsistencyRefreshFailuresDataPoint adds a data point to pgconsistency.refresh.failures metric.
 func (mb *MetricsBuilder) RecordPgconsistencyRefreshFailuresDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string) {
 	mb.metricPgconsistencyRefreshFailures.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
+}
+
+// RecordPgconsistencyRefreshModeDataPoint adds a data point to pgconsistency.refresh.mode metric.
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshModeDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, modeAttributeValue AttributeMode) {
+	mb.metricPgconsistencyRefreshMode.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, modeAttributeValue.String())
 }
 
 // RecordPgconsistencyRefreshOutcomeDataPoint adds a data point to pgconsistency.refresh.outcome metric.

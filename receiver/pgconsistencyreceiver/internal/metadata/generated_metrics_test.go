@@ -83,10 +83,16 @@ func TestMetricsBuilder(t *testing.T) {
 			mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 1)
 			defaultMetricsCount++
 			allMetricsCount++
+			mb.RecordPgconsistencyReconcileHealedDataPoint(ts, 1, "invariant-val")
+			defaultMetricsCount++
+			allMetricsCount++
 			mb.RecordPgconsistencyRefreshDurationDataPoint(ts, 1, "invariant-val")
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyRefreshFailuresDataPoint(ts, 1, "invariant-val")
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyRefreshModeDataPoint(ts, 1, "invariant-val", AttributeModeFull)
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyRefreshOutcomeDataPoint(ts, 1, "invariant-val", AttributeOutcomeNever)
@@ -222,6 +228,21 @@ func TestMetricsBuilder(t *testing.T) {
 					assert.Equal(t, ts, dp.Timestamp())
 					assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
 					assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+				case "pgconsistency.reconcile.healed":
+					assert.False(t, validatedMetrics["pgconsistency.reconcile.healed"], "Found a duplicate in the metrics slice: pgconsistency.reconcile.healed")
+					validatedMetrics["pgconsistency.reconcile.healed"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "Anomalies (appeared, resolved or changed) that the latest reconcile of the invariant, the full refresh of an invariant in incremental mode, found its incremental refreshes had missed, and corrected: writes the capture did not see. Kept until the next reconcile; 0 when the capture works, for an invariant in full mode, and with SQL older than 0.3.0 (which refreshes fully).", mi.Description())
+					assert.Equal(t, "{anomaly}", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+					invariantAttrVal, ok := dp.Attributes().Get("invariant")
+					assert.True(t, ok)
+					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
 				case "pgconsistency.refresh.duration":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.duration"], "Found a duplicate in the metrics slice: pgconsistency.refresh.duration")
 					validatedMetrics["pgconsistency.refresh.duration"] = true
@@ -252,6 +273,24 @@ func TestMetricsBuilder(t *testing.T) {
 					invariantAttrVal, ok := dp.Attributes().Get("invariant")
 					assert.True(t, ok)
 					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+				case "pgconsistency.refresh.mode":
+					assert.False(t, validatedMetrics["pgconsistency.refresh.mode"], "Found a duplicate in the metrics slice: pgconsistency.refresh.mode")
+					validatedMetrics["pgconsistency.refresh.mode"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "1 for the refresh mode of the invariant (full or incremental), 0 for the other mode; SQL older than 0.3.0 refreshes every invariant fully.", mi.Description())
+					assert.Equal(t, "{invariant}", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+					invariantAttrVal, ok := dp.Attributes().Get("invariant")
+					assert.True(t, ok)
+					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					modeAttrVal, ok := dp.Attributes().Get("mode")
+					assert.True(t, ok)
+					assert.Equal(t, "full", modeAttrVal.Str())
 				case "pgconsistency.refresh.outcome":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.outcome"], "Found a duplicate in the metrics slice: pgconsistency.refresh.outcome")
 					validatedMetrics["pgconsistency.refresh.outcome"] = true
