@@ -287,6 +287,12 @@ func (e *diffEnv) compare(ctx context.Context) (problems []string, mismatched ma
 			problems = append(problems, fmt.Sprintf("%s: status says %d anomalies (+%d acknowledged), its query returns %d rows",
 				inv, st[inv].anomalies, st[inv].acknowledged, direct))
 		}
+		var open, acked int64
+		require.NoError(e.t, tx.QueryRow(ctx, "SELECT open, acknowledged FROM pgconsistency.open_counts($1)", inv).Scan(&open, &acked))
+		if open != st[inv].anomalies || acked != st[inv].acknowledged {
+			problems = append(problems, fmt.Sprintf("%s: status says %d anomalies and %d acknowledged, the open anomalies are %d and %d",
+				inv, st[inv].anomalies, st[inv].acknowledged, open, acked))
+		}
 	}
 	return problems, mismatched
 }
@@ -327,24 +333,90 @@ func (e *diffEnv) requireSame(ctx context.Context, what string, log []string) {
 		e.round, what, strings.Join(problems, "\n"), strings.Join(touched, "\n\t"), len(log), e.seed, replayCommand(e.seed))
 }
 
-// requireKinds: the latest refresh of each invariant was incremental,
-// except those that read a table in truncated, which reconciled.
-func (e *diffEnv) requireKinds(ctx context.Context, truncated []string) {
+// diffPending is what an invariant's next refresh has to re-check: the
+// distinct keys captured for it and not yet dispatched, and those pending.
+type diffPending struct {
+	keys, maxKeys int64
+}
+
+// pending reads what each invariant's next refresh will re-check. Read
+// with no writer running, it is exactly what an incremental refresh
+// re-checks (status.rechecked_keys).
+func (e *diffEnv) pending(ctx context.Context) map[string]diffPending {
+	rows, err := e.conn.Query(ctx, `
+		SELECT i.name, i.incremental_max_keys, (SELECT count(*) FROM (
+		           SELECT k.key FROM pgconsistency.captured_key k
+		             JOIN pgconsistency.capture_source c ON c.id = k.source
+		             JOIN pgconsistency.invariant_key_source s ON s.relation = c.relation AND s.key_expression = c.key_expression
+		            WHERE s.invariant = i.name
+		           UNION
+		           SELECT p.key FROM pgconsistency.pending_key p WHERE p.invariant = i.name) x)
+		  FROM pgconsistency.invariant i`)
+	require.NoError(e.t, err)
+	out := map[string]diffPending{}
+	for rows.Next() {
+		var inv string
+		var p diffPending
+		require.NoError(e.t, rows.Scan(&inv, &p.maxKeys, &p.keys))
+		out[inv] = p
+	}
+	require.NoError(e.t, rows.Err())
+	return out
+}
+
+// requireKinds: the latest refresh of each invariant was incremental and
+// re-checked exactly the keys pending before it, except where a table it
+// reads was truncated or more than its incremental_max_keys keys were
+// pending: then it reconciled, and, when only too many keys were the
+// reason, found nothing the capture had missed (healed_anomalies 0).
+func (e *diffEnv) requireKinds(ctx context.Context, truncated []string, pending map[string]diffPending) {
 	e.t.Helper()
-	reconciled := map[string]bool{}
+	truncatedRead := map[string]bool{}
 	for _, table := range truncated {
 		for _, inv := range e.readers[table] {
-			reconciled[inv] = true
+			truncatedRead[inv] = true
 		}
 	}
 	for inv, st := range e.status(ctx) {
-		want := "incremental"
-		if reconciled[inv] {
-			want = "reconcile"
+		p, tooMany := pending[inv], pending[inv].keys > pending[inv].maxKeys
+		switch {
+		case truncatedRead[inv]:
+			require.Equal(e.t, "reconcile", st.kind, "round %d: %s reads a truncated table (%v); seed %d, replay: %s",
+				e.round, inv, truncated, e.seed, replayCommand(e.seed))
+		case tooMany:
+			require.Equal(e.t, "reconcile", st.kind, "round %d: %s had %d keys pending, more than its incremental_max_keys %d; seed %d, replay: %s",
+				e.round, inv, p.keys, p.maxKeys, e.seed, replayCommand(e.seed))
+			require.Zero(e.t, st.healed, "round %d: %s: a reconcile for too many keys found anomalies the capture had missed; seed %d, replay: %s",
+				e.round, inv, e.seed, replayCommand(e.seed))
+		default:
+			require.Equal(e.t, "incremental", st.kind, "round %d: the kind of %s's refresh (%d keys pending, at most %d); seed %d, replay: %s",
+				e.round, inv, p.keys, p.maxKeys, e.seed, replayCommand(e.seed))
+			require.Equal(e.t, p.keys, st.rechecked, "round %d: %s re-checked another number of keys than were captured for it; seed %d, replay: %s",
+				e.round, inv, e.seed, replayCommand(e.seed))
 		}
-		require.Equal(e.t, want, st.kind, "round %d: the kind of %s's refresh (truncated: %v); seed %d, replay: %s",
-			e.round, inv, truncated, e.seed, replayCommand(e.seed))
 	}
+}
+
+// acknowledge acknowledges one open anomaly of a random invariant now and
+// then, or ends one acknowledgement: status counts acknowledged anomalies
+// apart, and the comparison checks both counts.
+func (e *diffEnv) acknowledge(ctx context.Context, rng *rand.Rand, w *diffWriter) {
+	inv := e.invariants[rng.IntN(len(e.invariants))]
+	var key string
+	var acked bool
+	err := e.conn.QueryRow(ctx, `SELECT a.key, a.acknowledged_at IS NOT NULL FROM pgconsistency.anomaly a
+		WHERE a.invariant = $1 AND a.resolved_at IS NULL ORDER BY a.key OFFSET $2 LIMIT 1`, inv, rng.IntN(20)).Scan(&key, &acked)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return
+	}
+	require.NoError(e.t, err)
+	if acked {
+		_, err = e.conn.Exec(ctx, "SELECT pgconsistency.unacknowledge($1, $2)", inv, key)
+	} else {
+		_, err = e.conn.Exec(ctx, "SELECT pgconsistency.acknowledge($1, $2, 'differential test')", inv, key)
+	}
+	require.NoError(e.t, err)
+	w.record(fmt.Sprintf("COMMITTED: %s acknowledgement of %s in %s", map[bool]string{true: "end the", false: "an"}[acked], diffLabel(key), inv))
 }
 
 // datasets returns the ids of the datasets that exist now, in order, and
@@ -885,6 +957,9 @@ func testDifferentialRounds(t *testing.T, s *pgtest.Server, seed int64) {
 	ctx := t.Context()
 	started := time.Now()
 	e := newDiffEnv(t, s, seed)
+	// One invariant with a small incremental_max_keys: the bulk writes go
+	// past it now and then, and that refresh must be a reconcile.
+	exec(t, e.conn, "UPDATE pgconsistency.invariant SET incremental_max_keys = 40 WHERE name = 'dataset_ref_name_unknown'")
 	e.refresh(ctx, e.conn)
 	e.requireKinds(ctx, slices.Sorted(func(yield func(string) bool) {
 		for table := range e.readers {
@@ -892,12 +967,12 @@ func testDifferentialRounds(t *testing.T, s *pgtest.Server, seed int64) {
 				return
 			}
 		}
-	}))
+	}), nil)
 	e.requireSame(ctx, "the reconcile after the switch", nil)
 	e.requireBothKinds(ctx)
 	t.Logf("set up and reconciled in %s", time.Since(started).Round(time.Millisecond))
 
-	var committed, rolledBack, truncates, rechecked int
+	var committed, rolledBack, truncates, rechecked, tooMany int
 	aborted := map[string]int{}
 	for round := range *differentialRounds {
 		e.round = round
@@ -946,15 +1021,25 @@ func testDifferentialRounds(t *testing.T, s *pgtest.Server, seed int64) {
 			}
 		}
 
+		if rng.IntN(3) == 0 {
+			e.acknowledge(ctx, rng, writers[0])
+		}
+		pending := e.pending(ctx)
 		e.refresh(ctx, e.conn)
-		e.requireKinds(ctx, truncated)
+		e.requireKinds(ctx, truncated, pending)
 		e.requireSame(ctx, "after the writes", *shared)
+		for inv, st := range e.status(ctx) {
+			if st.kind == "reconcile" && !slices.ContainsFunc(truncated, func(table string) bool { return slices.Contains(e.readers[table], inv) }) {
+				tooMany++
+			}
+		}
 		for _, st := range e.status(ctx) {
 			rechecked += int(st.rechecked)
 		}
 	}
-	t.Logf("%d rounds in %s: %d transactions committed, %d rolled back (of which failed: %v), %d TRUNCATEs, %d keys re-checked by incremental refreshes",
-		*differentialRounds, time.Since(started).Round(time.Millisecond), committed, rolledBack, aborted, truncates, rechecked)
+	t.Logf("%d rounds in %s: %d transactions committed, %d rolled back (of which failed: %v), %d TRUNCATEs, "+
+		"%d keys re-checked by incremental refreshes, %d reconciles for too many keys",
+		*differentialRounds, time.Since(started).Round(time.Millisecond), committed, rolledBack, aborted, truncates, rechecked, tooMany)
 	require.Positive(t, committed)
 	require.Positive(t, rechecked)
 	var datasets int64
@@ -1035,8 +1120,9 @@ func testWriterCommitsDuringRefresh(t *testing.T, s *pgtest.Server, seed int64) 
 		require.Empty(t, held.unexpected, "round %d; seed %d", round, seed)
 		require.Empty(t, other.unexpected, "round %d; seed %d", round, seed)
 
+		pending := e.pending(ctx)
 		e.refresh(ctx, e.conn)
-		e.requireKinds(ctx, nil)
+		e.requireKinds(ctx, nil, pending)
 		e.requireSame(ctx, "one refresh after a writer committed during the previous one", *shared)
 	}
 	t.Logf("%d rounds in %s; the held transaction ended while the refresh ran in %d of them",
