@@ -204,7 +204,7 @@ SELECT pgconsistency.define_invariant(
          WHERE NOT EXISTS (SELECT 1 FROM public.accounts a WHERE a.id = e.owner_id)
     $q$,
     settings    => '{"enable_hashjoin": "off"}',
-    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.accounts": "unnest(ARRAY(SELECT e.dataset_id::text FROM public.dataset_entries e WHERE e.owner_id = r.id))"}')
+    keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.accounts": {"capture": "r.id::text", "keys": "SELECT e.dataset_id::text FROM public.dataset_entries e WHERE e.owner_id = ANY ($1)"}}')
  WHERE pgconsistency.requires('dataset_owner_missing', 'public.dataset_entries', 'public.accounts');
 
 -- The metadata chain: key and data blocks of ref head together are numbered

@@ -360,15 +360,24 @@ SELECT pgconsistency.install_comment('pgconsistency.log_cursor',
 
 -- Incremental refresh (0.3.0). How the rows of a table an invariant reads
 -- map to the invariant's keys: an SQL expression over the changed row r,
--- giving its key (e.g. r.dataset_id::text) or, set-returning, several keys
--- (e.g. unnest(ARRAY(SELECT e.dataset_id::text FROM public.dataset_entries e
--- WHERE e.owner_id = r.id))). Given to define_invariant(keys => ...).
+-- giving its key (e.g. r.dataset_id::text), recorded by the capture trigger;
+-- or, when the keys are found through another table (an account's
+-- datasets), the expression records a value of the row (r.id::text) and a
+-- lookup query turns the values into keys when the refresh runs. The lookup
+-- must run then, not in the writer's transaction: there it would miss rows
+-- that another transaction, not yet committed, moves to that account.
+-- Given to define_invariant(keys => ...).
 CREATE TABLE IF NOT EXISTS pgconsistency.invariant_key_source (
     invariant      text NOT NULL REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
     relation       text NOT NULL,
     key_expression text NOT NULL,
+    -- When the row's keys are found through another table: a query run by
+    -- the refresh, in its own snapshot, with the values key_expression
+    -- gave as $1 (text[]), returning the keys. NULL: those values are the keys.
+    key_lookup     text,
     PRIMARY KEY (invariant, relation)
 );
+SELECT pgconsistency.install_column('pgconsistency.invariant_key_source', 'key_lookup', 'text');
 SELECT pgconsistency.install_comment('pgconsistency.invariant_key_source',
   'How rows of the tables an invariant reads map to its keys (define_invariant(keys => ...))');
 
@@ -880,8 +889,10 @@ COMMENT ON FUNCTION pgconsistency.upgrade_defined_views() IS
 -- each table the query reads map to its keys: a JSON object from table to
 -- an SQL expression over the changed row r, e.g.
 --   {"public.orders": "r.customer_id::text", "public.customers": "r.id::text"}
--- (a set-returning expression gives several keys). NULL keeps the mapping
--- given before.
+-- or, where the keys are found through another table, to
+--   {"capture": "r.id::text", "keys": "SELECT c.id::text FROM public.customers c WHERE c.account_id = ANY ($1)"}
+-- (the refresh runs the lookup with the captured values as $1). NULL
+-- keeps the mapping given before.
 DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text);
 DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text, jsonb);
 CREATE OR REPLACE FUNCTION pgconsistency.define_invariant(
@@ -957,28 +968,44 @@ BEGIN
                 USING HINT = 'e.g. keys => ''{"public.orders": "r.customer_id::text"}''';
         END IF;
         v_keys := '{}';
-        FOR e IN SELECT k.key AS relation, k.value FROM pg_catalog.jsonb_each(keys) k LOOP
-            IF pg_catalog.to_regclass(e.relation) IS NULL OR pg_catalog.jsonb_typeof(e.value) <> 'string' THEN
-                RAISE EXCEPTION 'pgconsistency: keys of invariant %: % is not a table, or its key expression is not a string', name, e.relation;
+        FOR e IN SELECT k.key AS relation, k.value,
+                        CASE pg_catalog.jsonb_typeof(k.value) WHEN 'string' THEN k.value #>> '{}' ELSE k.value ->> 'capture' END AS capture,
+                        CASE pg_catalog.jsonb_typeof(k.value) WHEN 'object' THEN k.value ->> 'keys' END AS lookup
+                   FROM pg_catalog.jsonb_each(keys) k LOOP
+            IF pg_catalog.to_regclass(e.relation) IS NULL OR e.capture IS NULL
+               OR (pg_catalog.jsonb_typeof(e.value) = 'object' AND (e.lookup IS NULL OR (SELECT count(*) FROM pg_catalog.jsonb_object_keys(e.value)) <> 2)) THEN
+                RAISE EXCEPTION 'pgconsistency: keys of invariant %: % is not a table, or its mapping is neither a key expression nor {"capture": ..., "keys": ...}', name, e.relation
+                    USING HINT = 'e.g. keys => ''{"public.orders": "r.customer_id::text", "public.accounts": {"capture": "r.id::text", "keys": "SELECT o.customer_id::text FROM public.customers o WHERE o.account_id = ANY ($1)"}}''';
             END IF;
             IF NOT pg_catalog.to_regclass(e.relation)::text = ANY (coalesce(v_shape.relations, '{}')) THEN
                 RAISE EXCEPTION 'pgconsistency: keys of invariant %: its query does not read %', name, e.relation
                     USING HINT = pg_catalog.format('It reads: %s.', coalesce(pg_catalog.array_to_string(v_shape.relations, ', '), 'nothing'));
             END IF;
             BEGIN
-                EXECUTE pg_catalog.format('SELECT (%s)::text FROM %s r LIMIT 0', e.value #>> '{}', pg_catalog.to_regclass(e.relation));
+                EXECUTE pg_catalog.format('SELECT (%s)::text FROM %s r LIMIT 0', e.capture, pg_catalog.to_regclass(e.relation));
+                IF e.lookup IS NOT NULL THEN
+                    EXECUTE pg_catalog.format('SELECT l.key FROM (%s) AS l(key) LIMIT 0', e.lookup) USING '{}'::text[];
+                END IF;
             EXCEPTION WHEN OTHERS THEN
-                RAISE EXCEPTION 'pgconsistency: keys of invariant %: the key expression of % does not work: %', name, e.relation, SQLERRM
-                    USING HINT = 'An expression over the changed row r, e.g. r.id::text.';
+                RAISE EXCEPTION 'pgconsistency: keys of invariant %: the mapping of % does not work: %', name, e.relation, SQLERRM
+                    USING HINT = 'An expression over the changed row r, e.g. r.id::text; a lookup query reads the values as $1 (text[]) and returns one text column.';
             END;
-            v_keys := v_keys || pg_catalog.jsonb_build_object(pg_catalog.to_regclass(e.relation)::text, e.value);
+            v_keys := v_keys || pg_catalog.jsonb_build_object(pg_catalog.to_regclass(e.relation)::text,
+                CASE WHEN e.lookup IS NULL THEN pg_catalog.to_jsonb(e.capture)
+                     ELSE pg_catalog.jsonb_build_object('capture', e.capture, 'keys', e.lookup) END);
         END LOOP;
-        SELECT coalesce(pg_catalog.jsonb_object_agg(s.relation, s.key_expression), '{}') INTO v_old
+        SELECT coalesce(pg_catalog.jsonb_object_agg(s.relation,
+                   CASE WHEN s.key_lookup IS NULL THEN pg_catalog.to_jsonb(s.key_expression)
+                        ELSE pg_catalog.jsonb_build_object('capture', s.key_expression, 'keys', s.key_lookup) END), '{}')
+          INTO v_old
           FROM pgconsistency.invariant_key_source s WHERE s.invariant = define_invariant.name;
         IF v_old IS DISTINCT FROM v_keys THEN
             DELETE FROM pgconsistency.invariant_key_source s WHERE s.invariant = define_invariant.name;
-            INSERT INTO pgconsistency.invariant_key_source (invariant, relation, key_expression)
-            SELECT define_invariant.name, k.key, k.value #>> '{}' FROM pg_catalog.jsonb_each(v_keys) k;
+            INSERT INTO pgconsistency.invariant_key_source (invariant, relation, key_expression, key_lookup)
+            SELECT define_invariant.name, k.key,
+                   CASE pg_catalog.jsonb_typeof(k.value) WHEN 'string' THEN k.value #>> '{}' ELSE k.value ->> 'capture' END,
+                   CASE pg_catalog.jsonb_typeof(k.value) WHEN 'object' THEN k.value ->> 'keys' END
+              FROM pg_catalog.jsonb_each(v_keys) k;
             v_changed := true;
         END IF;
     END IF;
@@ -1074,6 +1101,10 @@ BEGIN
       JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
      WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.capture_source c
                         WHERE c.relation = s.relation AND c.key_expression = s.key_expression);
+
+    DELETE FROM pgconsistency.capture_source c
+     WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.invariant_key_source s
+                        WHERE s.relation = c.relation AND s.key_expression = c.key_expression);
 
     FOR t IN
         WITH needed AS (
@@ -1225,6 +1256,8 @@ CREATE OR REPLACE FUNCTION pgconsistency.dispatch_captured_keys() RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    l record;
 BEGIN
     IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.capture'), 0) THEN
         RETURN;
@@ -1245,14 +1278,35 @@ BEGIN
     UPDATE pgconsistency.capture_state c
        SET reconcile_reason = coalesce(c.reconcile_reason, hit.reason || ' bypassed the capture')
       FROM hit WHERE c.invariant = hit.invariant;
+    IF pg_catalog.to_regclass('pg_temp.pgconsistency_moved') IS NULL THEN
+        CREATE TEMPORARY TABLE pgconsistency_moved (source integer, key text) ON COMMIT DELETE ROWS;
+    ELSE
+        TRUNCATE pg_temp.pgconsistency_moved;
+    END IF;
     WITH moved AS (
         DELETE FROM pgconsistency.captured_key k RETURNING k.source, k.key)
+    INSERT INTO pg_temp.pgconsistency_moved SELECT moved.source, moved.key FROM moved;
     INSERT INTO pgconsistency.pending_key (invariant, key)
-    SELECT DISTINCT s.invariant, moved.key
-      FROM moved
-      JOIN pgconsistency.capture_source c ON c.id = moved.source
+    SELECT DISTINCT s.invariant, m.key
+      FROM pg_temp.pgconsistency_moved m
+      JOIN pgconsistency.capture_source c ON c.id = m.source
       JOIN pgconsistency.invariant_key_source s ON s.relation = c.relation AND s.key_expression = c.key_expression
-      JOIN pgconsistency.capture_state cs ON cs.invariant = s.invariant;
+      JOIN pgconsistency.capture_state cs ON cs.invariant = s.invariant
+     WHERE s.key_lookup IS NULL;
+    -- Keys found through another table, looked up now, in this snapshot.
+    FOR l IN
+        SELECT s.invariant, s.key_lookup, pg_catalog.array_agg(DISTINCT m.key) AS vals
+          FROM pg_temp.pgconsistency_moved m
+          JOIN pgconsistency.capture_source c ON c.id = m.source
+          JOIN pgconsistency.invariant_key_source s ON s.relation = c.relation AND s.key_expression = c.key_expression
+          JOIN pgconsistency.capture_state cs ON cs.invariant = s.invariant
+         WHERE s.key_lookup IS NOT NULL
+         GROUP BY s.invariant, s.key_lookup
+    LOOP
+        EXECUTE pg_catalog.format('INSERT INTO pgconsistency.pending_key (invariant, key)
+                                   SELECT DISTINCT %L, l.key FROM (%s) AS l(key) WHERE l.key IS NOT NULL', l.invariant, l.key_lookup)
+            USING l.vals;
+    END LOOP;
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.dispatch_captured_keys() IS

@@ -352,24 +352,66 @@ type diffPending struct {
 // with no writer running, it is exactly what an incremental refresh
 // re-checks (status.rechecked_keys).
 func (e *diffEnv) pending(ctx context.Context) map[string]diffPending {
+	// Keys captured for a source without a lookup, and keys already pending.
 	rows, err := e.conn.Query(ctx, `
-		SELECT i.name, i.incremental_max_keys, (SELECT count(*) FROM (
+		SELECT i.name, i.incremental_max_keys, x.key
+		  FROM pgconsistency.invariant i
+		  LEFT JOIN LATERAL (
 		           SELECT k.key FROM pgconsistency.captured_key k
 		             JOIN pgconsistency.capture_source c ON c.id = k.source
 		             JOIN pgconsistency.invariant_key_source s ON s.relation = c.relation AND s.key_expression = c.key_expression
-		            WHERE s.invariant = i.name
+		            WHERE s.invariant = i.name AND s.key_lookup IS NULL
 		           UNION
-		           SELECT p.key FROM pgconsistency.pending_key p WHERE p.invariant = i.name) x)
-		  FROM pgconsistency.invariant i`)
+		           SELECT p.key FROM pgconsistency.pending_key p WHERE p.invariant = i.name) x ON true`)
 	require.NoError(e.t, err)
-	out := map[string]diffPending{}
+	keys := map[string]map[string]bool{}
+	maxKeys := map[string]int64{}
 	for rows.Next() {
 		var inv string
-		var p diffPending
-		require.NoError(e.t, rows.Scan(&inv, &p.maxKeys, &p.keys))
-		out[inv] = p
+		var limit int64
+		var key *string
+		require.NoError(e.t, rows.Scan(&inv, &limit, &key))
+		maxKeys[inv] = limit
+		if keys[inv] == nil {
+			keys[inv] = map[string]bool{}
+		}
+		if key != nil {
+			keys[inv][*key] = true
+		}
 	}
 	require.NoError(e.t, rows.Err())
+	// Keys found through another table: the refresh runs the lookup with the
+	// captured values; so does this, with no writer running.
+	rows, err = e.conn.Query(ctx, `
+		SELECT s.invariant, s.key_lookup, array_agg(DISTINCT k.key)
+		  FROM pgconsistency.captured_key k
+		  JOIN pgconsistency.capture_source c ON c.id = k.source
+		  JOIN pgconsistency.invariant_key_source s ON s.relation = c.relation AND s.key_expression = c.key_expression
+		 WHERE s.key_lookup IS NOT NULL
+		 GROUP BY s.invariant, s.key_lookup`)
+	require.NoError(e.t, err)
+	type lookup struct {
+		inv, query string
+		values     []string
+	}
+	lookups, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (lookup, error) {
+		var l lookup
+		return l, r.Scan(&l.inv, &l.query, &l.values)
+	})
+	require.NoError(e.t, err)
+	for _, l := range lookups {
+		rows, err := e.conn.Query(ctx, "SELECT l.key FROM ("+l.query+") AS l(key) WHERE l.key IS NOT NULL", l.values)
+		require.NoError(e.t, err)
+		found, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		require.NoError(e.t, err)
+		for _, k := range found {
+			keys[l.inv][k] = true
+		}
+	}
+	out := map[string]diffPending{}
+	for inv, set := range keys {
+		out[inv] = diffPending{keys: int64(len(set)), maxKeys: maxKeys[inv]}
+	}
 	return out
 }
 
