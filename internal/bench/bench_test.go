@@ -89,14 +89,7 @@ func BenchmarkSuite(b *testing.B) {
 }
 
 func runSuite(b *testing.B) {
-	var scales []int
-	for _, f := range strings.Split(*flagScales, ",") {
-		n, err := strconv.Atoi(strings.TrimSpace(f))
-		if err != nil || n < 1000 || n%1000 != 0 {
-			b.Fatalf("-scales: %q is not a multiple of 1000", f)
-		}
-		scales = append(scales, n)
-	}
+	scales := parseScales(b, "scales", *flagScales)
 	scrapeBin := benchkit.BuildScrapeBenchmark(b)
 	fmt.Print(machine(b))
 	// fsync and full_page_writes back on (pgtest turns them off for tests):
@@ -114,6 +107,19 @@ func runSuite(b *testing.B) {
 		r := runScale(b, srv, n, scrapeBin)
 		fmt.Print(r.markdown())
 	}
+}
+
+// parseScales reads the comma-separated dataset counts of flag name.
+func parseScales(tb testing.TB, name, value string) []int {
+	var scales []int
+	for _, f := range strings.Split(value, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(f))
+		if err != nil || n < 1000 || n%1000 != 0 {
+			tb.Fatalf("-%s: %q is not a multiple of 1000", name, f)
+		}
+		scales = append(scales, n)
+	}
+	return scales
 }
 
 // result is what one scale measured.
@@ -529,33 +535,57 @@ func writeLoad(b *testing.B, srv *pgtest.Server, db string, n, clients int) writ
 // checkCounts fails unless every dataset invariant's latest refresh
 // succeeded and found exactly the injected anomalies.
 func checkCounts(b testing.TB, conn *pgx.Conn, n int, when string) {
-	want := expectedAnomalies(n)
-	rows, err := conn.Query(b.Context(), `SELECT invariant, anomalies, coalesce(last_error, '') FROM pgconsistency.status`)
-	must(b, err)
-	got := map[string]int64{}
-	var problems []string
+	if problems := statusProblems(readStatus(b, conn), expectedAnomalies(n)); len(problems) > 0 {
+		b.Fatalf("%s:\n%s", when, strings.Join(problems, "\n"))
+	}
+}
+
+// statusRow is one invariant's row of pgconsistency.status.
+type statusRow struct {
+	lastStatus string // "never" before the first refresh
+	lastError  string
+	anomalies  int64
+	duration   float64 // seconds, the latest refresh (last_duration_seconds)
+}
+
+// readStatus reads pgconsistency.status, by invariant.
+func readStatus(tb testing.TB, conn *pgx.Conn) map[string]statusRow {
+	rows, err := conn.Query(tb.Context(), `
+		SELECT invariant, coalesce(last_status, 'never'), coalesce(last_error, ''), anomalies,
+		       coalesce(last_duration_seconds, 0)
+		  FROM pgconsistency.status`)
+	must(tb, err)
+	status := map[string]statusRow{}
 	for rows.Next() {
-		var name, lastError string
-		var anomalies int64
-		must(b, rows.Scan(&name, &anomalies, &lastError))
-		got[name] = anomalies
-		if lastError != "" {
-			problems = append(problems, fmt.Sprintf("%s: refresh failed: %s", name, lastError))
+		var name string
+		var s statusRow
+		must(tb, rows.Scan(&name, &s.lastStatus, &s.lastError, &s.anomalies, &s.duration))
+		status[name] = s
+	}
+	must(tb, rows.Err())
+	return status
+}
+
+// statusProblems lists, sorted, every invariant whose latest refresh did
+// not succeed or whose count is not the one wanted, and every invariant
+// registered or wanted but not both.
+func statusProblems(status map[string]statusRow, want map[string]int64) []string {
+	var problems []string
+	for name, s := range status {
+		if s.lastStatus != "succeeded" || s.lastError != "" {
+			problems = append(problems, fmt.Sprintf("%s: refresh %s: %s", name, s.lastStatus, s.lastError))
 		}
-		if w, ok := want[name]; !ok || anomalies != w {
-			problems = append(problems, fmt.Sprintf("%s: %d anomalies, want %d", name, anomalies, w))
+		if w, ok := want[name]; !ok || s.anomalies != w {
+			problems = append(problems, fmt.Sprintf("%s: %d anomalies, want %d", name, s.anomalies, w))
 		}
 	}
-	must(b, rows.Err())
 	for name := range want {
-		if _, ok := got[name]; !ok {
+		if _, ok := status[name]; !ok {
 			problems = append(problems, name+": not registered")
 		}
 	}
-	if len(problems) > 0 {
-		slices.Sort(problems)
-		b.Fatalf("%s:\n%s", when, strings.Join(problems, "\n"))
-	}
+	slices.Sort(problems)
+	return problems
 }
 
 func pgbenchPath(b testing.TB) string {
@@ -706,7 +736,7 @@ func machine(b *testing.B) string {
 
 // helpers
 
-func timed(b *testing.B, conn *pgx.Conn, sql string) time.Duration {
+func timed(b testing.TB, conn *pgx.Conn, sql string) time.Duration {
 	start := time.Now()
 	if _, err := conn.Exec(b.Context(), sql); err != nil {
 		b.Fatalf("%s: %v", sql, err)
