@@ -1281,7 +1281,7 @@ BEGIN
     IF pg_catalog.to_regclass('pg_temp.pgconsistency_moved') IS NULL THEN
         CREATE TEMPORARY TABLE pgconsistency_moved (source integer, key text) ON COMMIT DELETE ROWS;
     ELSE
-        TRUNCATE pg_temp.pgconsistency_moved;
+        DELETE FROM pg_temp.pgconsistency_moved;
     END IF;
     WITH moved AS (
         DELETE FROM pgconsistency.captured_key k RETURNING k.source, k.key)
@@ -1804,7 +1804,7 @@ BEGIN
         IF pg_catalog.to_regclass('pg_temp.pgconsistency_result') IS NULL THEN
             CREATE TEMPORARY TABLE pgconsistency_result (key text PRIMARY KEY, details jsonb) ON COMMIT DELETE ROWS;
         ELSE
-            TRUNCATE pg_temp.pgconsistency_result;
+            DELETE FROM pg_temp.pgconsistency_result; -- empty, unless an earlier refresh of this transaction used it
         END IF;
 
         IF inv.query IS NULL THEN
