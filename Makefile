@@ -51,15 +51,21 @@ fuzz:
 # comma-separated list of dataset counts, multiples of 1000), refresh against
 # the scan bound, scrape, prometheus-postgres-exporter, write load, collector.
 # Tables on stdout, also written to bench-results.md. About 25 minutes for
-# both default scales on 2 cores.
+# both default scales on 2 cores. Then BenchmarkIncremental (its own data,
+# 1M datasets by default): incremental against full refresh, and the
+# capture's cost to the writers; bench-incremental.md.
 SCALE ?= 100000,1000000
 BENCH_FLAGS ?=
+INCREMENTAL_FLAGS ?=
 bench: deps build
 	@scripts/install-deps.sh bench
 	@# the tables go to bench-results.md, then to the terminal; progress and
 	@# errors go to stderr as they happen. The exit status is go test's.
 	$(GO) test -run '^$$' -bench '^BenchmarkSuite$$' -benchtime 1x -timeout 90m ./internal/bench \
 		-args -scales $(SCALE) $(BENCH_FLAGS) > bench-results.md; rc=$$?; cat bench-results.md; exit $$rc
+	@# the incremental refresh engine against the full one, and what its capture costs the writers (1M datasets; INCREMENTAL_FLAGS='-incremental.scales 100000')
+	$(GO) test -run '^$$' -bench '^BenchmarkIncremental$$' -benchtime 1x -timeout 90m ./internal/bench \
+		-args $(INCREMENTAL_FLAGS) > bench-incremental.md; rc=$$?; cat bench-incremental.md; exit $$rc
 
 # Load and soak of the collector binary (internal/soak): one collector with
 # 1,000 invariants and one with 20 receivers for 20 databases (CPU, memory,
