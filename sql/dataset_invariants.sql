@@ -38,6 +38,10 @@
 -- idx_dataset_dependencies_downstream_dataset_id, the key blocks' primary
 -- key), 3-4x faster at 1M datasets than the hash anti joins the planner
 -- prefers: hence settings => enable_hashjoin off on those invariants.
+-- Incremental re-checks (settings -> 'incremental') read a few datasets by
+-- key: nested loops over the dataset_id indexes, not hash or merge joins,
+-- which read dataset_entries (or an index of it) whole for a few keys.
+-- keys => maps each table's rows to datasets for incremental refresh.
 --
 -- Requires framework.sql. Idempotent: an unchanged query keeps its view.
 
@@ -53,7 +57,7 @@ SELECT pgconsistency.define_invariant(
          WHERE NOT EXISTS (SELECT 1 FROM public.dataset_references r
                             WHERE r.dataset_id = e.dataset_id AND r.block_ref_name = 'head')
     $q$,
-    settings    => '{"enable_hashjoin": "off"}',
+    settings    => '{"enable_hashjoin": "off", "incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text"}');
 
 SELECT pgconsistency.define_invariant(
@@ -69,6 +73,7 @@ SELECT pgconsistency.define_invariant(
          GROUP BY r.dataset_id
         HAVING count(*) > 1
     $q$,
+    settings    => '{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text"}');
 
 SELECT pgconsistency.define_invariant(
@@ -82,7 +87,7 @@ SELECT pgconsistency.define_invariant(
           FROM public.dataset_entries e
          WHERE NOT EXISTS (SELECT 1 FROM public.dataset_statistics s WHERE s.dataset_id = e.dataset_id)
     $q$,
-    settings    => '{"enable_hashjoin": "off"}',
+    settings    => '{"enable_hashjoin": "off", "incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_statistics": "r.dataset_id::text"}');
 
 SELECT pgconsistency.define_invariant(
@@ -100,6 +105,7 @@ SELECT pgconsistency.define_invariant(
          WHERE EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = d.dataset_id)
          GROUP BY d.dataset_id
     $q$,
+    settings    => '{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_statistics": "r.dataset_id::text"}');
 
 SELECT pgconsistency.define_invariant(
@@ -113,7 +119,7 @@ SELECT pgconsistency.define_invariant(
           FROM public.dataset_entries e
          WHERE NOT EXISTS (SELECT 1 FROM public.dataset_key_blocks k WHERE k.dataset_id = e.dataset_id)
     $q$,
-    settings    => '{"enable_hashjoin": "off"}',
+    settings    => '{"enable_hashjoin": "off", "incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text"}');
 
 -- The incident's shape: key blocks left with only AddPushSource.
@@ -130,6 +136,7 @@ SELECT pgconsistency.define_invariant(
          GROUP BY k.dataset_id
         HAVING NOT bool_or(k.event_type = 'Seed')
     $q$,
+    settings    => '{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text"}');
 
 -- Disjoint from dataset_seed_missing: requires at least one Seed.
@@ -149,6 +156,7 @@ SELECT pgconsistency.define_invariant(
            AND (NOT bool_or(k.event_type = 'Seed' AND k.sequence_number = 0)
                 OR bool_or(k.event_type = 'Seed' AND k.sequence_number <> 0))
     $q$,
+    settings    => '{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text"}');
 
 -- Edges whose upstream is unknown are allowed: the table has no foreign keys.
@@ -165,7 +173,7 @@ SELECT pgconsistency.define_invariant(
            AND NOT EXISTS (SELECT 1 FROM public.dataset_dependencies d
                             WHERE d.downstream_dataset_id = e.dataset_id)
     $q$,
-    settings    => '{"enable_hashjoin": "off"}',
+    settings    => '{"enable_hashjoin": "off", "incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_dependencies": "r.downstream_dataset_id::text"}');
 
 -- Roots read no other dataset: an upstream edge to a root is a dataset whose
@@ -185,6 +193,7 @@ SELECT pgconsistency.define_invariant(
          WHERE e.kind = 'root'
          GROUP BY e.dataset_id, e.owner_name, e.dataset_name
     $q$,
+    settings    => '{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_dependencies": "r.downstream_dataset_id::text"}')
  WHERE pgconsistency.requires('dataset_root_has_upstream', 'public.dataset_entries', 'public.dataset_dependencies');
 
@@ -203,7 +212,7 @@ SELECT pgconsistency.define_invariant(
           FROM public.dataset_entries e
          WHERE NOT EXISTS (SELECT 1 FROM public.accounts a WHERE a.id = e.owner_id)
     $q$,
-    settings    => '{"enable_hashjoin": "off"}',
+    settings    => '{"enable_hashjoin": "off", "incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.accounts": {"capture": "r.id::text", "keys": "SELECT e.dataset_id::text FROM public.dataset_entries e WHERE e.owner_id = ANY ($1)"}}')
  WHERE pgconsistency.requires('dataset_owner_missing', 'public.dataset_entries', 'public.accounts');
 
@@ -237,6 +246,7 @@ SELECT pgconsistency.define_invariant(
          GROUP BY c.dataset_id
         HAVING bool_or(c.step <> 1)
     $q$,
+    settings    => '{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text", "public.dataset_data_blocks": "r.dataset_id::text"}')
  WHERE pgconsistency.requires('dataset_chain_gap', 'public.dataset_entries', 'public.dataset_key_blocks', 'public.dataset_data_blocks');
 
@@ -302,7 +312,7 @@ SELECT pgconsistency.define_invariant(
                    AND EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = t.dataset_id)
                  GROUP BY t.dataset_id, t.sequence_number) m
     $q$,
-    settings    => '{"enable_nestloop": "off"}',
+    settings    => '{"enable_nestloop": "off", "incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text", "public.dataset_data_blocks": "r.dataset_id::text"}')
  WHERE pgconsistency.requires('dataset_head_ref_mismatch', 'public.dataset_entries', 'public.dataset_references',
                               'public.dataset_key_blocks', 'public.dataset_data_blocks');
@@ -332,6 +342,7 @@ SELECT pgconsistency.define_invariant(
          WHERE EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = x.dataset_id)
          GROUP BY x.dataset_id
     $q$,
+    settings    => '{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text", "public.dataset_statistics": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text", "public.dataset_data_blocks": "r.dataset_id::text"}')
  WHERE pgconsistency.requires('dataset_ref_name_unknown', 'public.dataset_entries', 'public.dataset_references',
                               'public.dataset_statistics', 'public.dataset_key_blocks', 'public.dataset_data_blocks');

@@ -226,9 +226,14 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT pg_catalog.jsonb_typeof(settings) = 'object'
        AND NOT EXISTS (
-           SELECT 1 FROM pg_catalog.jsonb_each(settings) AS e(k, v)
+           SELECT 1 FROM pg_catalog.jsonb_each(settings - 'incremental') AS e(k, v)
             WHERE e.k !~ '^(enable_[a-z_]+|work_mem|hash_mem_multiplier|max_parallel_workers_per_gather|random_page_cost|seq_page_cost|cpu_[a-z_]+_cost|effective_cache_size|jit|temp_buffers)$'
                OR pg_catalog.jsonb_typeof(e.v) NOT IN ('string', 'number', 'boolean'))
+       -- 0.3.0: "incremental": the settings of incremental re-checks, the same names
+       AND (NOT settings ? 'incremental'
+            OR (pg_catalog.jsonb_typeof(settings -> 'incremental') = 'object'
+                AND NOT settings -> 'incremental' ? 'incremental'
+                AND pgconsistency.valid_refresh_settings(settings -> 'incremental')))
 $fn$;
 DO $do$
 BEGIN
@@ -721,7 +726,7 @@ LANGUAGE plpgsql
 AS $fn$
 BEGIN
     PERFORM pg_catalog.set_config('max_parallel_workers_per_gather', '0', true);
-    PERFORM pg_catalog.set_config(e.key, e.value, true) FROM pg_catalog.jsonb_each_text(settings) AS e;
+    PERFORM pg_catalog.set_config(e.key, e.value, true) FROM pg_catalog.jsonb_each_text(settings - 'incremental') AS e;
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.apply_refresh_settings(jsonb) IS
@@ -956,10 +961,14 @@ BEGIN
            query = define_invariant.query,
            relations = v_shape.relations,
            settings = CASE WHEN i.query_md5 IS DISTINCT FROM v_md5 THEN coalesce(define_invariant.settings, i.settings)
+                           -- an upgrade to 0.3.0 adds the incremental settings a pack ships
+                           WHEN NOT i.settings ? 'incremental' AND define_invariant.settings ? 'incremental'
+                           THEN i.settings || pg_catalog.jsonb_build_object('incremental', define_invariant.settings -> 'incremental')
                            ELSE i.settings END
      WHERE i.name = define_invariant.name
        AND (i.query_md5 IS DISTINCT FROM v_md5 OR i.query IS DISTINCT FROM define_invariant.query
-            OR i.relations IS DISTINCT FROM v_shape.relations);
+            OR i.relations IS DISTINCT FROM v_shape.relations
+            OR (NOT i.settings ? 'incremental' AND define_invariant.settings ? 'incremental'));
     v_changed := FOUND;
 
     IF keys IS NOT NULL THEN
@@ -1239,6 +1248,9 @@ BEGIN
     UPDATE pgconsistency.invariant i SET refresh_mode = set_refresh_mode.mode
      WHERE i.name = set_refresh_mode.invariant AND i.refresh_mode IS DISTINCT FROM set_refresh_mode.mode;
     PERFORM pgconsistency.install_capture();
+    IF NOT EXISTS (SELECT 1 FROM pgconsistency.invariant i WHERE i.refresh_mode = 'incremental') THEN
+        DELETE FROM pgconsistency.captured_key; -- no trigger writes there any more, no refresh would move them
+    END IF;
     RETURN v_old;
 END
 $fn$;
@@ -1843,9 +1855,11 @@ BEGIN
             END IF;
             IF v_kind = 'incremental' THEN
                 -- Only the pending keys, by the tables' indexes: the
-                -- server's planner settings, not the invariant's (which
-                -- are for reading everything).
-                PERFORM pgconsistency.apply_refresh_settings('{}');
+                -- invariant's incremental settings (settings->'incremental';
+                -- the dataset pack's force lookups by key: without them
+                -- PostgreSQL reads dataset_entries whole to join a few
+                -- keys), not those of its full refresh.
+                PERFORM pgconsistency.apply_refresh_settings(coalesce(inv.settings -> 'incremental', '{}'));
                 v_rechecked := coalesce(pg_catalog.cardinality(v_keys), 0);
                 IF v_rechecked > 0 THEN
                     EXECUTE pg_catalog.format('INSERT INTO pg_temp.pgconsistency_result
@@ -1882,7 +1896,9 @@ BEGIN
             -- settings, and no nested loop: hash or merge joins, linear
             -- whatever the statistics.
             PERFORM pg_catalog.set_config(e.key, s.reset_val, true)
-               FROM pg_catalog.jsonb_each_text(inv.settings) AS e
+               FROM (SELECT k FROM pg_catalog.jsonb_object_keys(inv.settings - 'incremental') AS k
+                     UNION
+                     SELECT k FROM pg_catalog.jsonb_object_keys(coalesce(inv.settings -> 'incremental', '{}')) AS k) AS e(key)
                JOIN pg_catalog.pg_settings s ON s.name = e.key;
             PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
 

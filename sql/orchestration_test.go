@@ -377,11 +377,13 @@ func testRefreshSettings(t *testing.T, s *pgtest.Server) {
 	require.NoError(t, conn.QueryRow(t.Context(), "SELECT settings::text FROM pgconsistency.invariant WHERE name = 'settings_probe'").Scan(&settings))
 	assert.Equal(t, `{"work_mem": "8MB", "enable_hashjoin": "off"}`, settings)
 	require.NoError(t, conn.QueryRow(t.Context(), "SELECT settings::text FROM pgconsistency.invariant WHERE name = 'dataset_head_ref_missing'").Scan(&settings))
-	assert.Equal(t, `{"enable_hashjoin": "off"}`, settings)
+	assert.Equal(t, `{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}, "enable_hashjoin": "off"}`, settings)
 
-	// Anything but planner and memory settings is refused.
+	// Anything but planner and memory settings is refused, for full and
+	// for incremental refreshes.
 	for _, bad := range []string{`{"search_path": "public"}`, `{"role": "postgres"}`, `{"session_authorization": "x"}`,
-		`{"statement_timeout": "0"}`, `["enable_hashjoin"]`, `{"enable_hashjoin": {"x": 1}}`} {
+		`{"statement_timeout": "0"}`, `["enable_hashjoin"]`, `{"enable_hashjoin": {"x": 1}}`,
+		`{"incremental": {"search_path": "public"}}`, `{"incremental": "off"}`, `{"incremental": {"incremental": {}}}`} {
 		_, err := conn.Exec(t.Context(), "UPDATE pgconsistency.invariant SET settings = $1::jsonb WHERE name = 'settings_probe'", bad)
 		require.Error(t, err, bad)
 		assert.Contains(t, err.Error(), "invariant_settings_valid", bad)

@@ -206,6 +206,17 @@ func newIn030(t *testing.T, s *pgtest.Server, db string, admin *pgx.Conn, u used
 		assert.Equal(t, currentRelease, got, "pgconsistency.version(), as the reader")
 	})
 
+	// The dataset pack's invariants get the settings of incremental
+	// re-checks; their other settings are kept (StateKept).
+	t.Run("IncrementalSettingsAdded", func(t *testing.T) {
+		for _, name := range rel.datasetInvariants {
+			var inc string
+			require.NoError(t, admin.QueryRow(t.Context(),
+				"SELECT coalesce(settings -> 'incremental', 'null')::text FROM pgconsistency.invariant WHERE name = $1", name).Scan(&inc))
+			assert.Equal(t, `{"enable_hashjoin": "off", "enable_mergejoin": "off"}`, inc, name)
+		}
+	})
+
 	// The views of the packs' invariants (define_invariant) are plain
 	// views of their open anomalies now, and read nothing else.
 	t.Run("ViewsReadTheAnomalies", func(t *testing.T) {

@@ -559,7 +559,7 @@ type invariantSnapshot struct {
 	RefreshPeriod    string    `db:"refresh_period"`
 	StatementTimeout string    `db:"statement_timeout"`
 	LockTimeout      string    `db:"lock_timeout"`
-	Settings         string    `db:"settings"`
+	Settings         string    `db:"settings"` // but "incremental", which 0.3.0 adds to the pack's (NewIn030)
 	AfterRefresh     *string   `db:"after_refresh"`
 	RegisteredAt     time.Time `db:"registered_at"`
 	// A changed query of a pack invariant would change this and re-create
@@ -571,7 +571,7 @@ type invariantSnapshot struct {
 const invariantSnapshotQuery = `
 SELECT name, description, severity, view_schema, view_name, enabled, refresh_period::text AS refresh_period,
        statement_timeout::text AS statement_timeout, lock_timeout::text AS lock_timeout,
-       settings::text AS settings, after_refresh, registered_at, query_md5
+       (settings - 'incremental')::text AS settings, after_refresh, registered_at, query_md5
   FROM pgconsistency.invariant`
 
 type parameterSnapshot struct {
