@@ -1271,6 +1271,13 @@ AS $fn$
 DECLARE
     l record;
 BEGIN
+    -- Every refresh of an invariant in incremental mode calls this; the
+    -- first one of a round moves everything, the others find nothing.
+    IF EXISTS (SELECT 1 FROM pgconsistency.capture_epoch)
+       AND NOT EXISTS (SELECT 1 FROM pgconsistency.captured_key)
+       AND NOT EXISTS (SELECT 1 FROM pgconsistency.capture_gap) THEN
+        RETURN;
+    END IF;
     IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.capture'), 0) THEN
         RETURN;
     END IF;
@@ -1759,7 +1766,6 @@ DECLARE
     v_total    bigint;
     v_new      bigint;
     v_resolved bigint;
-    v_changed  bigint;
     v_acked    bigint;
     v_healed   bigint := 0;
     v_kind     text := 'full';
@@ -1879,7 +1885,7 @@ BEGIN
 
         IF v_kind = 'incremental' AND v_rechecked = 0 THEN
             -- Nothing was written to its tables: nothing to compare.
-            v_new := 0; v_resolved := 0; v_changed := 0;
+            v_new := 0; v_resolved := 0;
         ELSE
             -- New anomalies take their seqs (the order of the log records) under
             -- a lock held until this transaction commits: seqs then become
@@ -1931,18 +1937,17 @@ BEGIN
                      WHERE a.invariant = $1 AND a.key = d.key AND NOT d.present
                        AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))
                     RETURNING 1),
-                changed AS (
+                changed AS ( -- runs although nothing reads it, as every data-modifying WITH
                     UPDATE pgconsistency.anomaly a SET details = d.details
                       FROM d
                      WHERE a.invariant = $1 AND a.key = d.key AND d.present AND d.was_open
-                       AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))
-                    RETURNING 1)
-                SELECT (SELECT count(*) FROM appeared), (SELECT count(*) FROM resolved), (SELECT count(*) FROM changed),
+                       AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3)))
+                SELECT (SELECT count(*) FROM appeared), (SELECT count(*) FROM resolved),
                        (SELECT count(*) FROM d
                          WHERE $5::text[] IS NOT NULL
                            AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS p(key) WHERE p.key = d.key))
             $q$
-            INTO v_new, v_resolved, v_changed, v_healed
+            INTO v_new, v_resolved, v_healed
             USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
                   CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END;
         END IF;

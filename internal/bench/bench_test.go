@@ -92,17 +92,7 @@ func runSuite(b *testing.B) {
 	scales := parseScales(b, "scales", *flagScales)
 	scrapeBin := benchkit.BuildScrapeBenchmark(b)
 	fmt.Print(machine(b))
-	// fsync and full_page_writes back on (pgtest turns them off for tests):
-	// the write load must pay what it pays in production.
-	srv := pgtest.Start(b,
-		pgtest.WithSetting("fsync", "on"),
-		pgtest.WithSetting("full_page_writes", "on"),
-		pgtest.WithSetting("shared_buffers", "4GB"),
-		pgtest.WithSetting("max_wal_size", "16GB"),
-		pgtest.WithSetting("checkpoint_timeout", "30min"),
-		pgtest.WithSetting("max_connections", "200"),
-	)
-	fmt.Printf("PostgreSQL: %s\n\n", strings.TrimSpace(srv.Psql(b, "postgres", "-tAc", "SHOW server_version")))
+	srv := startBenchServer(b)
 	for _, n := range scales {
 		r := runScale(b, srv, n, scrapeBin)
 		fmt.Print(r.markdown())
@@ -120,6 +110,22 @@ func parseScales(tb testing.TB, name, value string) []int {
 		scales = append(scales, n)
 	}
 	return scales
+}
+
+// startBenchServer starts the benchmarks' cluster and prints its version.
+// fsync and full_page_writes back on (pgtest turns them off for tests):
+// the write load must pay what it pays in production.
+func startBenchServer(b *testing.B) *pgtest.Server {
+	srv := pgtest.Start(b,
+		pgtest.WithSetting("fsync", "on"),
+		pgtest.WithSetting("full_page_writes", "on"),
+		pgtest.WithSetting("shared_buffers", "4GB"),
+		pgtest.WithSetting("max_wal_size", "16GB"),
+		pgtest.WithSetting("checkpoint_timeout", "30min"),
+		pgtest.WithSetting("max_connections", "200"),
+	)
+	fmt.Printf("PostgreSQL: %s\n\n", strings.TrimSpace(srv.Psql(b, "postgres", "-tAc", "SHOW server_version")))
+	return srv
 }
 
 // result is what one scale measured.

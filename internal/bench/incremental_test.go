@@ -91,15 +91,7 @@ func BenchmarkIncremental(b *testing.B) {
 			clients = append(clients, c)
 		}
 		fmt.Print(strings.Replace(machine(b), "# pgconsistency benchmark", "# pgconsistency incremental refresh benchmark", 1))
-		// As BenchmarkSuite: the writers pay what they pay in production.
-		srv := pgtest.Start(b,
-			pgtest.WithSetting("fsync", "on"),
-			pgtest.WithSetting("full_page_writes", "on"),
-			pgtest.WithSetting("shared_buffers", "4GB"),
-			pgtest.WithSetting("max_wal_size", "16GB"),
-			pgtest.WithSetting("checkpoint_timeout", "30min"),
-		)
-		fmt.Printf("PostgreSQL: %s\n\n", strings.TrimSpace(srv.Psql(b, "postgres", "-tAc", "SHOW server_version")))
+		srv := startBenchServer(b)
 		for _, n := range scales {
 			r := runIncremental(b, srv, incConfig{
 				scale: n, changes: *flagIncChanges, rounds: *flagIncRounds, fullRuns: *flagIncFull,
