@@ -224,7 +224,10 @@ SELECT pgconsistency.define_invariant(
 -- (BENCHMARKS.md): the ref filter stands outside the UNION ALL, so that
 -- PostgreSQL merges the two primary-key orders (dataset_id, block_ref_name,
 -- sequence_number) into the window's order instead of sorting both tables
--- (on disk at 1M datasets: 15 s before, 9 s since).
+-- (on disk at 1M datasets: 15 s before, 9 s since). Blocks of datasets
+-- without an entry are left out after grouping, for the broken chains only
+-- (one lookup each), not joined block by block with dataset_entries: at
+-- 100k datasets 1.67 s -> 0.78 s in full, 52 -> 24 ms for 900 keys.
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_chain_gap',
     severity    => 'critical',
@@ -242,9 +245,9 @@ SELECT pgconsistency.define_invariant(
                         SELECT d.dataset_id, d.block_ref_name, d.sequence_number FROM public.dataset_data_blocks d) b
                  WHERE b.block_ref_name = 'head'
                 WINDOW w AS (PARTITION BY b.dataset_id ORDER BY b.sequence_number)) c
-         WHERE EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = c.dataset_id)
          GROUP BY c.dataset_id
         HAVING bool_or(c.step <> 1)
+           AND EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = c.dataset_id)
     $q$,
     settings    => '{"incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text", "public.dataset_data_blocks": "r.dataset_id::text"}')
@@ -261,7 +264,8 @@ SELECT pgconsistency.define_invariant(
 -- comes from the two primary keys read backwards and merged (no sort), then
 -- hash joins (enable_nestloop off: the planner expects a few datasets out of
 -- DISTINCT ON, not all of them, and would look each up); the correlated
--- subqueries run for the mismatching datasets only.
+-- subqueries, and the lookup of the dataset's entry, run for the
+-- mismatching datasets only.
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_head_ref_mismatch',
     severity    => 'critical',
@@ -309,8 +313,8 @@ SELECT pgconsistency.define_invariant(
                                             WHERE d.dataset_id = t.dataset_id AND d.block_ref_name = 'head'
                                               AND d.sequence_number = t.sequence_number) x
                                     WHERE x.block_hash_bin = r.block_hash_bin)
-                   AND EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = t.dataset_id)
                  GROUP BY t.dataset_id, t.sequence_number) m
+         WHERE EXISTS (SELECT 1 FROM public.dataset_entries e WHERE e.dataset_id = m.dataset_id)
     $q$,
     settings    => '{"enable_nestloop": "off", "incremental": {"enable_hashjoin": "off", "enable_mergejoin": "off"}}',
     keys        => '{"public.dataset_entries": "r.dataset_id::text", "public.dataset_references": "r.dataset_id::text", "public.dataset_key_blocks": "r.dataset_id::text", "public.dataset_data_blocks": "r.dataset_id::text"}')
