@@ -27,7 +27,7 @@ receivers:
     tls:
       insecure: true
     refresh:
-      schedule: 1m
+      poll_interval: 1m
 exporters:
   prometheus:
     endpoint: ${env:PGCONSISTENCY_PROMETHEUS_ENDPOINT}

@@ -101,7 +101,7 @@ receivers:
     tls:
       insecure: true
     refresh:
-      schedule: 1s
+      poll_interval: 1s
 exporters:
   prometheus:
     endpoint: ${env:PGCONSISTENCY_PROMETHEUS_ENDPOINT}

@@ -17,17 +17,17 @@ import (
 
 // invariantStatus is one row of pgconsistency.status, as the receiver reads it.
 type invariantStatus struct {
-	Invariant           string     `db:"invariant"`
-	Severity            string     `db:"severity"`
-	Anomalies           int64      `db:"anomalies"`
-	NewAnomalies        int64      `db:"new_anomalies"`
-	ResolvedAnomalies   int64      `db:"resolved_anomalies"`
-	AckedAnomalies      int64      `db:"acknowledged_anomalies"`
-	RefreshedAt         *time.Time `db:"refreshed_at"`
-	LastDurationSeconds *float64   `db:"last_duration_seconds"`
-	ConsecutiveFailures int64      `db:"consecutive_failures"`
-	LastOutcome         string     `db:"last_outcome"`
-	RefreshPeriod       float64    `db:"refresh_period_seconds"`
+	Invariant             string     `db:"invariant"`
+	Severity              string     `db:"severity"`
+	Anomalies             int64      `db:"anomalies"`
+	NewAnomalies          int64      `db:"new_anomalies"`
+	ResolvedAnomalies     int64      `db:"resolved_anomalies"`
+	AcknowledgedAnomalies int64      `db:"acknowledged_anomalies"`
+	RefreshedAt           *time.Time `db:"refreshed_at"`
+	LastDurationSeconds   *float64   `db:"last_duration_seconds"`
+	ConsecutiveFailures   int64      `db:"consecutive_failures"`
+	LastOutcome           string     `db:"last_outcome"`
+	RefreshPeriod         float64    `db:"refresh_period_seconds"`
 	// database-wide values, the same on every row
 	PendingRequests       int64      `db:"pending_requests"`
 	DeployMarkerChangedAt *time.Time `db:"deploy_marker_changed_at"`

@@ -64,9 +64,14 @@ type Config struct {
 
 // RefreshConfig configures the receiver's refresh scheduler.
 type RefreshConfig struct {
-	// Schedule is how often the receiver looks for due work: invariants whose
-	// refresh_period has passed, a due refresh request, a changed deploy
-	// marker. 0 (the default) turns the scheduler off.
+	// PollInterval is how often the receiver looks for due work: invariants
+	// whose refresh_period has passed, a due refresh request, a changed
+	// deploy marker. 0 (the default) turns the scheduler off.
+	PollInterval time.Duration `mapstructure:"poll_interval"`
+	// Schedule is the name of PollInterval before 0.4.0, still read (with a
+	// deprecation warning) until 0.5.0.
+	//
+	// Deprecated: use PollInterval.
 	Schedule time.Duration `mapstructure:"schedule"`
 	// DeployMarker, when its query is set, requests a refresh after Delay
 	// whenever the value of the query changes.
@@ -76,15 +81,55 @@ type RefreshConfig struct {
 	_ struct{}
 }
 
+// interval is the scheduler's poll interval, whichever of its two names
+// set it; 0 when the scheduler is off.
+func (c *RefreshConfig) interval() time.Duration {
+	if c.PollInterval != 0 {
+		return c.PollInterval
+	}
+	return c.Schedule
+}
+
+// intervalKey is the key that set interval(), for error messages.
+func (c *RefreshConfig) intervalKey() string {
+	if c.PollInterval == 0 && c.Schedule != 0 {
+		return "refresh::schedule"
+	}
+	return "refresh::poll_interval"
+}
+
 // LogsConfig configures the log records of new anomalies.
 type LogsConfig struct {
-	// MaxRecordsPerScrape caps the records of one collection interval, so a
-	// flood of anomalies cannot flood the pipeline; the rest follow at the
+	// MaxRecordsPerInterval caps the records of one collection interval, so
+	// a flood of anomalies cannot flood the pipeline; the rest follow at the
 	// next intervals.
+	MaxRecordsPerInterval int `mapstructure:"max_records_per_interval"`
+	// MaxRecordsPerScrape is the name of MaxRecordsPerInterval before 0.4.0
+	// (the logs receiver does not scrape), still read (with a deprecation
+	// warning) until 0.5.0; 0 when not set.
+	//
+	// Deprecated: use MaxRecordsPerInterval.
 	MaxRecordsPerScrape int `mapstructure:"max_records_per_scrape"`
 
 	// prevent unkeyed literal initialization
 	_ struct{}
+}
+
+// maxRecords is the cap of log records per collection interval, whichever
+// of its two names set it.
+func (c *LogsConfig) maxRecords() int {
+	if c.MaxRecordsPerScrape != 0 && c.MaxRecordsPerInterval == defaultMaxLogRecords {
+		return c.MaxRecordsPerScrape
+	}
+	return c.MaxRecordsPerInterval
+}
+
+// maxRecordsKey is the key that set maxRecords(), for error messages.
+func (c *LogsConfig) maxRecordsKey() string {
+	if c.MaxRecordsPerScrape != 0 && c.MaxRecordsPerInterval == defaultMaxLogRecords {
+		return "logs::max_records_per_scrape"
+	}
+	return "logs::max_records_per_interval"
 }
 
 // DeployMarkerConfig is a query whose value changes with each deployment.
@@ -118,7 +163,7 @@ func createDefaultConfig() *Config {
 		Refresh: RefreshConfig{
 			DeployMarker: DeployMarkerConfig{Delay: defaultDeployDelay},
 		},
-		Logs: LogsConfig{MaxRecordsPerScrape: defaultMaxLogRecords},
+		Logs: LogsConfig{MaxRecordsPerInterval: defaultMaxLogRecords},
 	}
 }
 
@@ -147,18 +192,26 @@ func (cfg *Config) Validate() error {
 		errs = append(errs, fmt.Errorf(`"schema" %q is not supported: sql/install.sql installs pgconsistency into schema %q, `+
 			`the only one the receiver reads; remove "schema" (it is deprecated)`, cfg.Schema, schema))
 	}
-	if cfg.Logs.MaxRecordsPerScrape <= 0 {
-		errs = append(errs, fmt.Errorf(`"logs::max_records_per_scrape" (%d) must be at least 1`, cfg.Logs.MaxRecordsPerScrape))
+	if cfg.Logs.MaxRecordsPerScrape != 0 && cfg.Logs.MaxRecordsPerInterval != defaultMaxLogRecords {
+		errs = append(errs, errors.New(`"logs::max_records_per_scrape" and "logs::max_records_per_interval" are both set: `+
+			`"logs::max_records_per_scrape" is the deprecated name of "logs::max_records_per_interval"; keep only "logs::max_records_per_interval"`))
+	} else if n := cfg.Logs.maxRecords(); n <= 0 {
+		errs = append(errs, fmt.Errorf(`"%s" (%d) must be at least 1`, cfg.Logs.maxRecordsKey(), n))
 	}
-	if cfg.Refresh.Schedule < 0 {
-		errs = append(errs, fmt.Errorf(`"refresh::schedule" (%s) must be positive, e.g. 1m, or 0 to leave refreshes to pg_cron`, cfg.Refresh.Schedule))
+	r := &cfg.Refresh
+	if r.PollInterval != 0 && r.Schedule != 0 {
+		errs = append(errs, errors.New(`"refresh::schedule" and "refresh::poll_interval" are both set: `+
+			`"refresh::schedule" is the deprecated name of "refresh::poll_interval"; keep only "refresh::poll_interval"`))
 	}
-	if cfg.Refresh.DeployMarker.Query != "" {
-		if cfg.Refresh.Schedule <= 0 {
-			errs = append(errs, errors.New(`"refresh::deploy_marker::query" needs "refresh::schedule": the scheduler is what watches the marker`))
+	if r.interval() < 0 {
+		errs = append(errs, fmt.Errorf(`"%s" (%s) must be positive, e.g. 1m, or 0 to leave refreshes to pg_cron`, r.intervalKey(), r.interval()))
+	}
+	if r.DeployMarker.Query != "" {
+		if r.interval() <= 0 {
+			errs = append(errs, errors.New(`"refresh::deploy_marker::query" needs "refresh::poll_interval": the scheduler is what watches the marker`))
 		}
-		if cfg.Refresh.DeployMarker.Delay < 0 {
-			errs = append(errs, fmt.Errorf(`"refresh::deploy_marker::delay" (%s) must be zero or more`, cfg.Refresh.DeployMarker.Delay))
+		if r.DeployMarker.Delay < 0 {
+			errs = append(errs, fmt.Errorf(`"refresh::deploy_marker::delay" (%s) must be zero or more`, r.DeployMarker.Delay))
 		}
 	}
 	return errors.Join(errs...)
@@ -169,6 +222,12 @@ func (cfg *Config) deprecations() []string {
 	var out []string
 	if cfg.Schema != "" {
 		out = append(out, `"schema" is deprecated and will be removed: pgconsistency is always in schema pgconsistency; remove the key`)
+	}
+	if cfg.Refresh.Schedule != 0 {
+		out = append(out, `"refresh::schedule" is deprecated and will be removed in 0.5.0: rename it to "refresh::poll_interval" (same value)`)
+	}
+	if cfg.Logs.MaxRecordsPerScrape != 0 {
+		out = append(out, `"logs::max_records_per_scrape" is deprecated and will be removed in 0.5.0: rename it to "logs::max_records_per_interval" (same value)`)
 	}
 	return out
 }

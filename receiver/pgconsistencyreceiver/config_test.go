@@ -75,7 +75,9 @@ func TestLoadConfig(t *testing.T) {
 		assert.False(t, cfg.TLS.InsecureSkipVerify)
 		assert.Equal(t, "/etc/ssl/certs/db-ca.pem", cfg.TLS.CAFile)
 		assert.False(t, cfg.Metrics.PgconsistencyRefreshDuration.Enabled)
-		assert.Equal(t, time.Minute, cfg.Refresh.Schedule)
+		assert.Equal(t, time.Minute, cfg.Refresh.PollInterval)
+		assert.Equal(t, time.Minute, cfg.Refresh.interval())
+		assert.Equal(t, 50, cfg.Logs.maxRecords())
 		assert.Equal(t, "SELECT max(version) FROM public.schema_migrations", cfg.Refresh.DeployMarker.Query)
 		assert.Equal(t, 15*time.Minute, cfg.Refresh.DeployMarker.Delay)
 		assert.True(t, cfg.Metrics.PgconsistencyAnomalies.Enabled)
@@ -86,16 +88,17 @@ func TestLoadConfig(t *testing.T) {
 	})
 	t.Run("refresh settings", func(t *testing.T) {
 		cfg := loadConfig(t, "minimal")
-		assert.Zero(t, cfg.Refresh.Schedule, "the scheduler is off by default: pg_cron or the DBA's cron refreshes")
+		assert.Zero(t, cfg.Refresh.PollInterval, "the scheduler is off by default: pg_cron or the DBA's cron refreshes")
 		assert.Equal(t, 10*time.Minute, cfg.Refresh.DeployMarker.Delay)
-		assert.Equal(t, 100, cfg.Logs.MaxRecordsPerScrape)
+		assert.Equal(t, 100, cfg.Logs.MaxRecordsPerInterval)
+		assert.Equal(t, 100, cfg.Logs.maxRecords())
 		err := confmap.Validate(loadConfig(t, "marker_without_schedule"))
 		require.Error(t, err)
 		for _, want := range []string{
-			`"refresh::schedule" (-1m0s) must be positive`,
-			`"refresh::deploy_marker::query" needs "refresh::schedule"`,
+			`"refresh::poll_interval" (-1m0s) must be positive`,
+			`"refresh::deploy_marker::query" needs "refresh::poll_interval"`,
 			`"refresh::deploy_marker::delay" (-5m0s) must be zero or more`,
-			`"logs::max_records_per_scrape" (0) must be at least 1`,
+			`"logs::max_records_per_interval" (0) must be at least 1`,
 		} {
 			assert.ErrorContains(t, err, want)
 		}
@@ -324,4 +327,41 @@ func TestDeprecatedSchemaWarns(t *testing.T) {
 		deprecated := logs.FilterMessageSnippet(`"schema" is deprecated`).All()
 		assert.Len(t, deprecated, tt.warns, "schema %q", tt.schema)
 	}
+}
+
+// TestRenamedKeys: the names of refresh::poll_interval and
+// logs::max_records_per_interval before 0.4.0 still work until 0.5.0, with
+// a deprecation warning each; both names at once is an error naming both;
+// a wrong value under the old name is reported under the old name.
+func TestRenamedKeys(t *testing.T) {
+	t.Run("old names work", func(t *testing.T) {
+		cfg := loadConfig(t, "old_names")
+		require.NoError(t, confmap.Validate(cfg))
+		assert.Equal(t, 30*time.Second, cfg.Refresh.interval())
+		assert.Equal(t, 20, cfg.Logs.maxRecords())
+		assert.Equal(t, []string{
+			`"refresh::schedule" is deprecated and will be removed in 0.5.0: rename it to "refresh::poll_interval" (same value)`,
+			`"logs::max_records_per_scrape" is deprecated and will be removed in 0.5.0: rename it to "logs::max_records_per_interval" (same value)`,
+		}, cfg.deprecations())
+
+		core, logs := observer.New(zapcore.WarnLevel)
+		set := receivertest.NewNopSettings(metadata.Type)
+		set.Logger = zap.New(core)
+		_, err := NewFactory().CreateMetrics(t.Context(), set, cfg, consumertest.NewNop())
+		require.NoError(t, err)
+		assert.Len(t, logs.FilterMessageSnippet(`"refresh::schedule" is deprecated`).All(), 1)
+		assert.Len(t, logs.FilterMessageSnippet(`"logs::max_records_per_scrape" is deprecated`).All(), 1)
+	})
+	t.Run("both names", func(t *testing.T) {
+		err := confmap.Validate(loadConfig(t, "old_and_new_names"))
+		require.Error(t, err)
+		assert.ErrorContains(t, err, `"refresh::schedule" and "refresh::poll_interval" are both set`)
+		assert.ErrorContains(t, err, `"logs::max_records_per_scrape" and "logs::max_records_per_interval" are both set`)
+	})
+	t.Run("old names wrong", func(t *testing.T) {
+		err := confmap.Validate(loadConfig(t, "old_names_wrong"))
+		require.Error(t, err)
+		assert.ErrorContains(t, err, `"refresh::schedule" (-30s) must be positive`)
+		assert.ErrorContains(t, err, `"logs::max_records_per_scrape" (-2) must be at least 1`)
+	})
 }

@@ -19,7 +19,7 @@ import (
 
 // logsReceiver emits one log record per new anomaly. The database keeps a
 // cursor per receiver (its component id): records are read after it, at most
-// logs.max_records_per_scrape per collection interval, and the cursor moves
+// logs::max_records_per_interval per collection interval, and the cursor moves
 // only once the pipeline took them. So each anomaly is logged once, across
 // restarts too; a pipeline that refuses a batch gets it again at the next
 // interval. It does not use the scraper controller, which cannot tell a
@@ -116,7 +116,7 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 	timeout := r.cfg.effectiveTimeout()
 	var batch []newAnomaly
 	if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, r.query, r.consumer, r.cfg.Logs.MaxRecordsPerScrape)
+		rows, err := tx.Query(ctx, r.query, r.consumer, r.cfg.Logs.maxRecords())
 		if err != nil {
 			return err
 		}

@@ -29,7 +29,7 @@ func startLogsReceiver(t *testing.T, srv *pgtest.Server, db string, next consume
 	// machine little time for the cursor's round trips.
 	cfg.Timeout = 250 * time.Millisecond
 	cfg.InitialDelay = 0
-	cfg.Logs.MaxRecordsPerScrape = maxRecords
+	cfg.Logs.MaxRecordsPerInterval = maxRecords
 	set := receivertest.NewNopSettings(metadata.Type)
 	set.ID = component.NewIDWithName(metadata.Type, "logs-test")
 	rcv, err := NewFactory().CreateLogs(t.Context(), set, cfg, next)

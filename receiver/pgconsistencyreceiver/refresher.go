@@ -85,11 +85,11 @@ func (r *refresher) shutdown() {
 func (r *refresher) loop(ctx context.Context) {
 	defer close(r.done)
 	defer r.conn.close()
-	ticker := time.NewTicker(r.cfg.Refresh.Schedule)
+	ticker := time.NewTicker(r.cfg.Refresh.interval())
 	defer ticker.Stop()
 	for {
 		if err := r.pass(ctx); err != nil && ctx.Err() == nil {
-			r.logger.Error("pgconsistency refresh pass failed; the next one is in "+r.cfg.Refresh.Schedule.String(), zap.Error(err))
+			r.logger.Error("pgconsistency refresh pass failed; the next one is in "+r.cfg.Refresh.interval().String(), zap.Error(err))
 			r.conn.close() // reconnect next time: the connection may be broken
 		}
 		select {

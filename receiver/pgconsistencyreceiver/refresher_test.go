@@ -55,7 +55,7 @@ func refreshStarts(t *testing.T, conn *pgx.Conn) map[string][]time.Time {
 }
 
 func withSchedule(d time.Duration) func(*Config) {
-	return func(c *Config) { c.Refresh.Schedule = d }
+	return func(c *Config) { c.Refresh.PollInterval = d }
 }
 
 // TestIntegrationTwoSchedulersRefreshOncePerPeriod: two receivers with a
@@ -269,7 +269,7 @@ func TestIntegrationSchedulerOnAStandby(t *testing.T) {
 	set.Logger = zap.New(core)
 	cfg := serverConfig(standby, db)
 	cfg.CollectionInterval = 250 * time.Millisecond
-	cfg.Refresh.Schedule = 200 * time.Millisecond
+	cfg.Refresh.PollInterval = 200 * time.Millisecond
 	cfg.Refresh.DeployMarker.Query = "SELECT 'v1'"
 	rcv, err := NewFactory().CreateMetrics(t.Context(), set, cfg, consumertest.NewNop())
 	require.NoError(t, err)
@@ -331,7 +331,7 @@ func TestIntegrationReconcileHealed(t *testing.T) {
 	cfg := serverConfig(srv, db)
 	cfg.CollectionInterval = 250 * time.Millisecond
 	cfg.Timeout = 200 * time.Millisecond
-	cfg.Refresh.Schedule = 200 * time.Millisecond
+	cfg.Refresh.PollInterval = 200 * time.Millisecond
 	sink := new(consumertest.MetricsSink)
 	rcv, err := NewFactory().CreateMetrics(t.Context(), set, cfg, sink)
 	require.NoError(t, err)

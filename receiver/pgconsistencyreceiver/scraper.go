@@ -28,7 +28,7 @@ func newScraper(cfg *Config, set receiver.Settings, newClient clientFactory) *pg
 		mb:        metadata.NewMetricsBuilder(cfg.MetricsBuilderConfig, set),
 		newClient: newClient,
 	}
-	if cfg.Refresh.Schedule > 0 {
+	if cfg.Refresh.interval() > 0 {
 		s.refresher = newRefresher(cfg, set.Logger)
 	}
 	// The resource is the same on every scrape: build it once.
@@ -85,7 +85,7 @@ func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 		s.mb.RecordPgconsistencyAnomaliesDataPoint(now, r.Anomalies, r.Invariant, r.Severity)
 		s.mb.RecordPgconsistencyAnomaliesNewDataPoint(now, r.NewAnomalies, r.Invariant, r.Severity)
 		s.mb.RecordPgconsistencyAnomaliesResolvedDataPoint(now, r.ResolvedAnomalies, r.Invariant, r.Severity)
-		s.mb.RecordPgconsistencyAnomaliesAcknowledgedDataPoint(now, r.AckedAnomalies, r.Invariant, r.Severity)
+		s.mb.RecordPgconsistencyAnomaliesAcknowledgedDataPoint(now, r.AcknowledgedAnomalies, r.Invariant, r.Severity)
 		s.mb.RecordPgconsistencyRefreshFailuresDataPoint(now, r.ConsecutiveFailures, r.Invariant)
 		// Never refreshed: timestamp 0 makes the snapshot infinitely old, so
 		// staleness alerts fire instead of the series being absent.

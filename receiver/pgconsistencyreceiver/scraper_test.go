@@ -70,7 +70,7 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 	f := &fakeClient{rows: []invariantStatus{
 		// incremental, and its latest reconcile corrected what the capture missed
 		{Invariant: "dataset_seed_missing", Severity: "critical", Anomalies: 3, NewAnomalies: 1,
-			ResolvedAnomalies: 2, AckedAnomalies: 5, RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded",
+			ResolvedAnomalies: 2, AcknowledgedAnomalies: 5, RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded",
 			RefreshMode: "incremental", HealedAnomalies: 2},
 		// clean: zeros must be emitted, not left out
 		{Invariant: "dataset_head_ref_missing", Severity: "critical",

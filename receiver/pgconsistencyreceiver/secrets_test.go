@@ -61,7 +61,7 @@ func observedReceivers(t *testing.T, cfg *Config, wantFailure string) (*observer
 	t.Helper()
 	cfg.CollectionInterval = 200 * time.Millisecond
 	cfg.InitialDelay = 0
-	cfg.Refresh.Schedule = 200 * time.Millisecond
+	cfg.Refresh.PollInterval = 200 * time.Millisecond
 	core, logs := observer.New(zapcore.DebugLevel)
 	set := receivertest.NewNopSettings(metadata.Type)
 	set.Logger = zap.New(core)
