@@ -102,11 +102,14 @@ $(BUILDER):
 	GOBIN=$(TOOLS) $(GO) install go.opentelemetry.io/collector/cmd/builder@$(BUILDER_VERSION)
 	mv $(TOOLS)/builder $(BUILDER)
 
-# mdatagen v0.155.0 is not installable with `go install …@version` (no version
-# list is served), so it is built from the pinned tools module.
+# mdatagen is not installable with `go install …@version` here (no version
+# list is served), so it is built from the pinned tools module, at v0.159.0:
+# the newest whose dependencies are all served (v0.161.0 needs an
+# internal/schemagen v0.161.0 that is not; v0.160.0 and v0.162.0+ are not).
 $(MDATAGEN): internal/tools/go.mod
 	cd internal/tools && $(GO) build -o $(MDATAGEN) go.opentelemetry.io/collector/cmd/mdatagen
 
+# What mdatagen writes: internal/metadata/, generated_*_test.go, documentation.md.
 generate: $(MDATAGEN)
 	cd $(RECEIVER) && $(MDATAGEN) metadata.yaml
-	gofmt -w $(RECEIVER)
+	gofmt -w $(RECEIVER)/internal/metadata $(RECEIVER)/generated_*_test.go
