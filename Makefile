@@ -6,6 +6,7 @@
 #   make soak       the collector under load (1,000 invariants; 20 databases) and a 10-minute soak
 #   make generate   regenerate the receiver's mdatagen code from metadata.yaml
 #   make lint       golangci-lint (.golangci.yml) on the Go code, squawk (.squawk.toml) on sql/
+#   make check-generate  fail if the mdatagen code is not what metadata.yaml generates
 
 GO        ?= go
 TOOLS     := $(CURDIR)/.tools
@@ -21,7 +22,7 @@ COLLECTOR := _build/otelcol-pgconsistency
 # what the distribution is built from: rebuilt when one of these changes
 COLLECTOR_SOURCES := builder-config.yaml go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build deps check-fmt vet lint check-alerting fuzz generate bench soak
+.PHONY: all run test build deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
 
 all: test
 
@@ -56,7 +57,7 @@ $(SQUAWK):
 # clusters the tests start, and end to end (internal/e2e) with the built
 # collector and a real Prometheus. -p 2: two cores; each SQL, integration or
 # e2e test binary runs its own PostgreSQL.
-test: deps check-fmt vet lint check-alerting build
+test: deps check-fmt vet lint check-generate check-alerting build
 	$(GO) test -count=1 -p 2 -timeout 30m ./...
 	$(MAKE) fuzz
 
@@ -132,3 +133,16 @@ $(MDATAGEN): internal/tools/go.mod
 generate: $(MDATAGEN)
 	cd $(RECEIVER) && $(MDATAGEN) metadata.yaml
 	gofmt -w $(RECEIVER)/internal/metadata $(RECEIVER)/generated_*_test.go
+
+# Regenerates in place and fails if that changed anything (a file modified,
+# added or restored) against the tree as it was: stale generated code, a hand
+# edit of it, or a metadata.yaml change not regenerated. Compares with the working tree,
+# not with git, so a regenerated but uncommitted change passes.
+check-generate: $(MDATAGEN)
+	@before=$$(mktemp -d) && trap 'rm -rf "$$before"' EXIT && \
+	cp -R $(RECEIVER)/. "$$before" && \
+	$(MAKE) --no-print-directory -s generate && \
+	if ! diff -ru "$$before" $(RECEIVER); then \
+		echo "check-generate: the mdatagen code in $(RECEIVER) was stale; it is regenerated now: review it (git diff) and commit it"; \
+		exit 1; \
+	fi
