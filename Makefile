@@ -5,18 +5,24 @@
 #   make bench      the benchmark of BENCHMARKS.md (SCALE=100000,1000000 datasets), then the mass incident
 #   make soak       the collector under load (1,000 invariants; 20 databases) and a 10-minute soak
 #   make generate   regenerate the receiver's mdatagen code from metadata.yaml
+#   make lint       golangci-lint (.golangci.yml) on the Go code, squawk (.squawk.toml) on sql/
+#   make check-generate  fail if the mdatagen code is not what metadata.yaml generates
 
 GO        ?= go
 TOOLS     := $(CURDIR)/.tools
 BUILDER_VERSION := v0.165.0
 BUILDER   := $(TOOLS)/builder-$(BUILDER_VERSION)
 MDATAGEN  := $(TOOLS)/mdatagen
+GOLANGCI_LINT_VERSION := v2.15.0
+GOLANGCI_LINT := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)
+SQUAWK_VERSION := 2.66.0
+SQUAWK    := $(TOOLS)/squawk-$(SQUAWK_VERSION)/node_modules/.bin/squawk
 RECEIVER  := receiver/pgconsistencyreceiver
 COLLECTOR := _build/otelcol-pgconsistency
 # what the distribution is built from: rebuilt when one of these changes
 COLLECTOR_SOURCES := builder-config.yaml go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build deps check-fmt vet check-alerting fuzz generate bench soak
+.PHONY: all run test build deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
 
 all: test
 
@@ -33,11 +39,25 @@ check-fmt:
 vet:
 	$(GO) vet ./...
 
+# Go: golangci-lint with .golangci.yml (generated code excluded). SQL:
+# squawk on sql/**/*.sql through scripts/lint-sql.sh, rules in .squawk.toml.
+lint: $(GOLANGCI_LINT) $(SQUAWK)
+	$(GOLANGCI_LINT) run ./...
+	SQUAWK=$(SQUAWK) scripts/lint-sql.sh
+
+$(GOLANGCI_LINT):
+	GOBIN=$(TOOLS) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
+	mv $(TOOLS)/golangci-lint $(GOLANGCI_LINT)
+
+# squawk-cli ships its binary in a per-platform npm package.
+$(SQUAWK):
+	npm install --prefix $(TOOLS)/squawk-$(SQUAWK_VERSION) --no-save --no-package-lock --no-audit --no-fund squawk-cli@$(SQUAWK_VERSION)
+
 # Every test: unit, SQL and receiver integration against real PostgreSQL
 # clusters the tests start, and end to end (internal/e2e) with the built
 # collector and a real Prometheus. -p 2: two cores; each SQL, integration or
 # e2e test binary runs its own PostgreSQL.
-test: deps check-fmt vet check-alerting build
+test: deps check-fmt vet lint check-generate check-alerting build
 	$(GO) test -count=1 -p 2 -timeout 30m ./...
 	$(MAKE) fuzz
 
@@ -102,11 +122,27 @@ $(BUILDER):
 	GOBIN=$(TOOLS) $(GO) install go.opentelemetry.io/collector/cmd/builder@$(BUILDER_VERSION)
 	mv $(TOOLS)/builder $(BUILDER)
 
-# mdatagen v0.155.0 is not installable with `go install …@version` (no version
-# list is served), so it is built from the pinned tools module.
+# mdatagen is not installable with `go install …@version` here (no version
+# list is served), so it is built from the pinned tools module, at v0.159.0:
+# the newest whose dependencies are all served (v0.161.0 needs an
+# internal/schemagen v0.161.0 that is not; v0.160.0 and v0.162.0+ are not).
 $(MDATAGEN): internal/tools/go.mod
 	cd internal/tools && $(GO) build -o $(MDATAGEN) go.opentelemetry.io/collector/cmd/mdatagen
 
+# What mdatagen writes: internal/metadata/, generated_*_test.go, documentation.md.
 generate: $(MDATAGEN)
 	cd $(RECEIVER) && $(MDATAGEN) metadata.yaml
-	gofmt -w $(RECEIVER)
+	gofmt -w $(RECEIVER)/internal/metadata $(RECEIVER)/generated_*_test.go
+
+# Regenerates in place and fails if that changed anything (a file modified,
+# added or restored) against the tree as it was: stale generated code, a hand
+# edit of it, or a metadata.yaml change not regenerated. Compares with the working tree,
+# not with git, so a regenerated but uncommitted change passes.
+check-generate: $(MDATAGEN)
+	@before=$$(mktemp -d) && trap 'rm -rf "$$before"' EXIT && \
+	cp -R $(RECEIVER)/. "$$before" && \
+	$(MAKE) --no-print-directory -s generate && \
+	if ! diff -ru "$$before" $(RECEIVER); then \
+		echo "check-generate: the mdatagen code in $(RECEIVER) was stale; it is regenerated now: review it (git diff) and commit it"; \
+		exit 1; \
+	fi

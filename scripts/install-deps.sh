@@ -2,8 +2,8 @@
 # Installs what the tests and the demo need, when it is missing: the
 # PostgreSQL 15 server, pg_cron, psql, PgBouncer (pgtest starts one in front
 # of a test server), Prometheus (remote write receiver, promtool),
-# Alertmanager (amtool), and the de_DE.UTF-8 locale
-# (generated with localedef). On Debian as root it runs apt-get; elsewhere it
+# Alertmanager (amtool), npm (make lint installs squawk with it), and the
+# de_DE.UTF-8 locale (generated with localedef). On Debian as root it runs apt-get; elsewhere it
 # says what to install.
 # `install-deps.sh bench` also installs what make bench compares with and
 # loads the database with: prometheus-postgres-exporter and pgbench.
@@ -35,6 +35,7 @@ fi
 command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
 command -v amtool >/dev/null 2>&1 || pkgs+=(prometheus-alertmanager)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
+command -v npm >/dev/null 2>&1 || pkgs+=(npm)
 
 # A second message locale for the server: the SQL tests check that a refresh
 # tells a timeout from a cancel whatever language the server speaks.

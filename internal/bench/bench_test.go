@@ -185,7 +185,7 @@ func onePass(b *testing.B, conn *pgx.Conn, r *result) onePassResult {
 	}
 	_, err = conn.Exec(ctx, `SET max_parallel_workers_per_gather = 0`)
 	must(b, err)
-	defer conn.Exec(context.Background(), `RESET max_parallel_workers_per_gather`) //nolint:errcheck
+	defer conn.Exec(context.Background(), `RESET max_parallel_workers_per_gather`) //nolint:errcheck // best effort: gives the caller its connection back with the default
 	out.pass = best(3, func() time.Duration { return timed(b, conn, query) })
 	var missed int64
 	must(b, conn.QueryRow(ctx, `

@@ -168,7 +168,7 @@ func (b *PgBouncer) config() string {
 // has characters other than those pgbouncer accepts unquoted.
 func quoteBouncerName(name string) string {
 	for _, r := range name {
-		if !(r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') {
+		if !(r == '_' || r >= '0' && r <= '9' || r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z') { //nolint:staticcheck // QF1001: the allowed characters read best as a list
 			return `"` + strings.ReplaceAll(name, `"`, `""`) + `"`
 		}
 	}
@@ -361,7 +361,7 @@ func (b *PgBouncer) waitReady() error {
 	for {
 		select {
 		case <-b.proc.done:
-			return fmt.Errorf("pgbouncer exited: %v", b.proc.err)
+			return fmt.Errorf("pgbouncer exited: %w", b.proc.err)
 		default:
 		}
 		last = b.ping(ctx)
@@ -370,7 +370,7 @@ func (b *PgBouncer) waitReady() error {
 		}
 		select {
 		case <-b.proc.done:
-			return fmt.Errorf("pgbouncer exited: %v", b.proc.err)
+			return fmt.Errorf("pgbouncer exited: %w", b.proc.err)
 		case <-ctx.Done():
 			return fmt.Errorf("pgbouncer not ready after %v: %w", bouncerReadyTimeout, last)
 		case <-time.After(20 * time.Millisecond):

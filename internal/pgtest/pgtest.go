@@ -407,7 +407,7 @@ func (s *Server) start() (log string, err error) {
 	if err == nil {
 		return "", nil
 	}
-	err = fmt.Errorf("pg_ctl start: %v\n%s", err, out)
+	err = fmt.Errorf("pg_ctl start: %w\n%s", err, out)
 	f, openErr := os.Open(logFile)
 	if openErr != nil {
 		return "", errors.Join(err, openErr)

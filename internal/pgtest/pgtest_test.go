@@ -132,7 +132,7 @@ func createPgCron(t *testing.T, srv *Server) error {
 	conn := srv.Conn(t, db)
 	tx, err := conn.Begin(t.Context())
 	require.NoError(t, err)
-	defer tx.Rollback(t.Context())
+	defer func() { _ = tx.Rollback(t.Context()) }()
 	if _, err := tx.Exec(t.Context(), "CREATE EXTENSION pg_cron"); err != nil {
 		return err
 	}

@@ -1,8 +1,9 @@
 //go:build tools
 
 // Package tools pins the versions of code generators used by this repository.
-// mdatagen v0.155.0 is the newest served here and has no version list, so it is
-// built from this separate module (see Makefile target `mdatagen`).
+// mdatagen (v0.159.0, the newest whose dependencies are all served here) has
+// no version list, so it is built from this separate module (see the Makefile's
+// $(MDATAGEN) target).
 package tools
 
 import (

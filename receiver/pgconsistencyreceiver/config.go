@@ -151,7 +151,7 @@ func createDefaultConfig() *Config {
 	cc.Timeout = 0
 	return &Config{
 		ControllerConfig:     cc,
-		MetricsBuilderConfig: metadata.DefaultMetricsBuilderConfig(),
+		MetricsBuilderConfig: metadata.NewDefaultMetricsBuilderConfig(),
 		AddrConfig: confignet.AddrConfig{
 			Endpoint:  defaultEndpoint,
 			Transport: confignet.TransportTypeTCP,
