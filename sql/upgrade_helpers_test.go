@@ -28,7 +28,7 @@ type receiver020Status struct {
 	Anomalies             int64      `db:"anomalies"`
 	NewAnomalies          int64      `db:"new_anomalies"`
 	ResolvedAnomalies     int64      `db:"resolved_anomalies"`
-	AcknowledgedAnomalies        int64      `db:"acknowledged_anomalies"`
+	AcknowledgedAnomalies int64      `db:"acknowledged_anomalies"`
 	RefreshedAt           *time.Time `db:"refreshed_at"`
 	LastDurationSeconds   *float64   `db:"last_duration_seconds"`
 	ConsecutiveFailures   int64      `db:"consecutive_failures"`
