@@ -14,7 +14,7 @@ import (
 )
 
 // refresher runs the refreshes from the collector, for servers without
-// pg_cron: every refresh.schedule it watches the deploy marker, then runs
+// pg_cron: every refresh::poll_interval it watches the deploy marker, then runs
 // the refresh loop of CALL pgconsistency.refresh() as statements of its own:
 // refresh_plan() (takes a due refresh request, expires acknowledgements,
 // lists what is due), then refresh_invariant() for each invariant it listed,

@@ -19,7 +19,7 @@ type pgScraper struct {
 	newClient clientFactory
 	client    client
 	resource  pcommon.Resource
-	refresher *refresher // nil unless refresh.schedule is set
+	refresher *refresher // nil unless refresh::poll_interval is set
 }
 
 func newScraper(cfg *Config, set receiver.Settings, newClient clientFactory) *pgScraper {
