@@ -23,8 +23,8 @@ BEGIN;
 
 DO $check$
 BEGIN
-    IF pg_catalog.to_regprocedure('pgconsistency.install_view(text, text, text)') IS NULL THEN
-        RAISE EXCEPTION 'pgconsistency is not installed (or is older than 0.3.0) in database %', pg_catalog.current_database()
+    IF pg_catalog.to_regprocedure('pgconsistency._install_view(text, text, text)') IS NULL THEN
+        RAISE EXCEPTION 'pgconsistency is not installed (or is older than this pack) in database %', pg_catalog.current_database()
             USING HINT = 'Run sql/install.sql first, then sql/audit.sql.';
     END IF;
 END
@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.audit_log (
     client_addr      inet,                 -- NULL over the unix socket
     statement        text                  -- current_query(), the top-level statement, cut at 1000 characters
 );
-SELECT pgconsistency.install_comment('pgconsistency.audit_log',
+SELECT pgconsistency._install_comment('pgconsistency.audit_log',
   'pgconsistency audit trail: row history of the tables audited with pgconsistency.enable_audit()');
 
 -- Every index is paid on every audited row change, so there are few.
@@ -69,14 +69,14 @@ SELECT pgconsistency.install_comment('pgconsistency.audit_log',
 -- no entries (few rows have an old_row_key or are TRUNCATEs). Created only
 -- when missing (audit_log takes the application's writes: CREATE INDEX IF
 -- NOT EXISTS would lock it before checking).
-SELECT pgconsistency.install_index('audit_log_row_key',
+SELECT pgconsistency._install_index('audit_log_row_key',
   'CREATE INDEX audit_log_row_key ON pgconsistency.audit_log (row_key, changed_at) WHERE row_key IS NOT NULL');
-SELECT pgconsistency.install_index('audit_log_old_row_key',
+SELECT pgconsistency._install_index('audit_log_old_row_key',
   'CREATE INDEX audit_log_old_row_key ON pgconsistency.audit_log (old_row_key) WHERE old_row_key IS NOT NULL');
-SELECT pgconsistency.install_index('audit_log_truncate',
+SELECT pgconsistency._install_index('audit_log_truncate',
   $$CREATE INDEX audit_log_truncate ON pgconsistency.audit_log (changed_at) WHERE operation = 'TRUNCATE'$$);
 -- "What happened since time X" (add the table as a filter), and pruning.
-SELECT pgconsistency.install_index('audit_log_changed_at',
+SELECT pgconsistency._install_index('audit_log_changed_at',
   'CREATE INDEX audit_log_changed_at ON pgconsistency.audit_log (changed_at)');
 
 -- The audited tables, maintained by enable_audit() and disable_audit().
@@ -90,7 +90,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.audited_table (
     enabled_by   text        NOT NULL DEFAULT session_user,
     PRIMARY KEY (table_schema, table_name)
 );
-SELECT pgconsistency.install_comment('pgconsistency.audited_table',
+SELECT pgconsistency._install_comment('pgconsistency.audited_table',
   'Tables whose row changes pgconsistency.audit_log records; see enable_audit() and disable_audit()');
 
 REVOKE ALL ON pgconsistency.audit_log, pgconsistency.audited_table FROM PUBLIC;
@@ -385,8 +385,9 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.audit_restore(bigint) IS
   'Re-insert the row removed by the DELETE recorded in pgconsistency.audit_log row audit_id; returns it';
 
--- As in framework.sql: nothing in the schema is executable by PUBLIC. A DBA
--- grants audit_history to whoever investigates (docs/audit.md).
+-- As in the framework (sql/framework/10_privileges.sql): nothing in the
+-- schema is executable by PUBLIC. A DBA grants audit_history to whoever
+-- investigates (docs/audit.md).
 REVOKE EXECUTE ON FUNCTION pgconsistency.drop_audit_triggers(regclass), pgconsistency.enable_audit(regclass, text),
        pgconsistency.disable_audit(regclass), pgconsistency.enable_dataset_audit(text),
        pgconsistency.audit_history(text, timestamptz, text), pgconsistency.audit_restore(bigint) FROM PUBLIC;

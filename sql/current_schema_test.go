@@ -270,7 +270,7 @@ func testMigrationRewritesATable(t *testing.T, s *pgtest.Server) {
 
 	refreshAll(t, conn)
 	var kind, state string
-	require.NoError(t, conn.QueryRow(t.Context(), `SELECT last_refresh_kind, pgconsistency.reconcile_reason(invariant)
+	require.NoError(t, conn.QueryRow(t.Context(), `SELECT last_refresh_kind, pgconsistency._reconcile_reason(invariant)
 		FROM pgconsistency.status WHERE invariant = 'dataset_statistics_missing'`).Scan(&kind, &state))
 	assert.Equal(t, "reconcile", kind, "its capture triggers went with the dropped table")
 	assert.Contains(t, state, "capture trigger pgconsistency_capture_delete on public.dataset_statistics is missing")

@@ -43,7 +43,8 @@
 -- which read dataset_entries (or an index of it) whole for a few keys.
 -- keys => maps each table's rows to datasets for incremental refresh.
 --
--- Requires framework.sql. Idempotent: an unchanged query keeps its view.
+-- Requires the framework (sql/framework/). Idempotent: an unchanged query
+-- keeps its view.
 
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_head_ref_missing',

@@ -297,7 +297,7 @@ func (e *diffEnv) compare(ctx context.Context) (problems []string, mismatched ma
 				inv, st[inv].anomalies, st[inv].acknowledged, direct))
 		}
 		var open, acked int64
-		require.NoError(e.t, tx.QueryRow(ctx, "SELECT open, acknowledged FROM pgconsistency.open_counts($1)", inv).Scan(&open, &acked))
+		require.NoError(e.t, tx.QueryRow(ctx, "SELECT open, acknowledged FROM pgconsistency._open_counts($1)", inv).Scan(&open, &acked))
 		if open != st[inv].anomalies || acked != st[inv].acknowledged {
 			problems = append(problems, fmt.Sprintf("%s: status says %d anomalies and %d acknowledged, the open anomalies are %d and %d",
 				inv, st[inv].anomalies, st[inv].acknowledged, open, acked))

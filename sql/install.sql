@@ -9,9 +9,10 @@
 -- when something changed, each lock is waited for at most 200 ms at a time,
 -- for lock_wait in all (default 10s; psql -v lock_wait=60s to change it),
 -- then the install stops, rolled back, with a message to re-run it.
--- Unchanged invariants keep their views and snapshots. Each included file
--- runs in its own transaction. Works from any directory (\ir resolves paths
--- relative to this file).
+-- Unchanged invariants keep their views and snapshots. The framework (the
+-- files of sql/framework/, in the order of their numbers) runs in one
+-- transaction, each pack in one of its own. Works from any directory (\ir
+-- resolves paths relative to this file).
 
 \set ON_ERROR_STOP 1
 \set QUIET on
@@ -22,9 +23,22 @@ SET client_min_messages = warning;
 \endif
 SELECT pg_catalog.set_config('pgconsistency.install_lock_wait', :'lock_wait', false) \g /dev/null
 
+-- The framework: schema pgconsistency, its tables, functions and the
+-- status view. 01_upgrade.sql runs early: what it renames or adds to the
+-- tables of an earlier release is there for the files after it.
 BEGIN;
 \o /dev/null
-\ir framework.sql
+\ir framework/00_schema.sql
+\ir framework/01_upgrade.sql
+\ir framework/02_tables.sql
+\ir framework/03_registry.sql
+\ir framework/04_requests.sql
+\ir framework/05_acknowledgements.sql
+\ir framework/06_log.sql
+\ir framework/07_capture.sql
+\ir framework/08_refresh.sql
+\ir framework/09_status.sql
+\ir framework/10_privileges.sql
 \o
 COMMIT;
 
@@ -41,7 +55,7 @@ COMMIT;
 -- a lock when nothing is to do.
 BEGIN;
 \o /dev/null
-SELECT pgconsistency.upgrade_defined_views();
-SELECT pgconsistency.install_capture();
+SELECT pgconsistency._upgrade_defined_views();
+SELECT pgconsistency._install_capture();
 \o
 COMMIT;

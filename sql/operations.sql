@@ -35,8 +35,8 @@ BEGIN;
 
 DO $check$
 BEGIN
-    IF pg_catalog.to_regprocedure('pgconsistency.install_comment(text, text)') IS NULL THEN
-        RAISE EXCEPTION 'pgconsistency is not installed (or is older than 0.2.0) in database %', pg_catalog.current_database()
+    IF pg_catalog.to_regprocedure('pgconsistency._install_comment(text, text)') IS NULL THEN
+        RAISE EXCEPTION 'pgconsistency is not installed (or is older than this pack) in database %', pg_catalog.current_database()
             USING HINT = 'Run sql/install.sql first, then sql/operations.sql.';
     END IF;
 END
@@ -221,7 +221,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.deadlock_baseline (
     stats_reset timestamptz,
     recorded_at timestamptz NOT NULL
 );
-SELECT pgconsistency.install_comment('pgconsistency.deadlock_baseline',
+SELECT pgconsistency._install_comment('pgconsistency.deadlock_baseline',
   'pg_stat_database.deadlocks as seen by the latest refresh of deadlocks_detected');
 
 -- Reads pg_stat_database in the refresh's transaction: with the default
@@ -438,7 +438,8 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.define_job_queue_latency(text, regclass, text, text, text, interval, text) IS
   'Register a latency invariant for a job table: pending jobs older than threshold (pending_condition is trusted SQL)';
 
--- As in framework.sql: nothing in the schema is executable by PUBLIC.
+-- As in the framework (sql/framework/10_privileges.sql): nothing in the
+-- schema is executable by PUBLIC.
 REVOKE EXECUTE ON FUNCTION pgconsistency.define_operations_invariant(text, text, text, text),
        pgconsistency.deadlocks_remember(text),
        pgconsistency.define_job_queue_latency(text, regclass, text, text, text, interval, text) FROM PUBLIC;

@@ -242,7 +242,7 @@ func testOperationsParameters(t *testing.T, s *pgtest.Server) {
 	require.NoError(t, err)
 	public, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	assert.Equal(t, []string{"valid_refresh_settings", "version"}, public, "the pack's functions are not executable by PUBLIC")
+	assert.Equal(t, []string{"_valid_refresh_settings", "version"}, public, "the pack's functions are not executable by PUBLIC")
 }
 
 // testIndexInvalid: a unique index built concurrently over duplicate values

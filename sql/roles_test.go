@@ -224,7 +224,7 @@ func testPublicCannotExecute(t *testing.T, s *pgtest.Server) {
 	require.NoError(t, err)
 	public, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	assert.Equal(t, []string{"valid_refresh_settings", "version"}, public,
+	assert.Equal(t, []string{"_valid_refresh_settings", "version"}, public,
 		"only the pure check of the settings constraint and the version are PUBLIC")
 
 	rows, err = admin.Query(t.Context(), `

@@ -48,6 +48,7 @@ func TestSQL(t *testing.T) {
 		{"InvariantPlansAreSinglePass", testInvariantPlansAreSinglePass},
 		{"RegisterRejectsUnusableViews", testRegisterRejectsUnusableViews},
 		{"NamesAreRejectedOrQuoted", testNamesAreRejectedOrQuoted},
+		{"EveryObjectHasAComment", testEveryObjectHasAComment},
 	})
 }
 

@@ -36,7 +36,20 @@ var (
 	// 0.2.0 added dataset_root_has_upstream; its four other new invariants
 	// need today's schema, which testdata/schema.sql is not.
 	release020 = fromRelease{version: "0.2.0", dir: "testdata/sql/0.2.0", datasetInvariants: fixture.Invariants[:9]}
+	// 0.3.0 has the invariants of 0.2.0 on this schema. useRelease puts one
+	// in incremental mode: capture triggers and their generated functions.
+	release030 = fromRelease{version: "0.3.0", dir: "testdata/sql/0.3.0", datasetInvariants: fixture.Invariants[:9]}
 )
+
+// oldInternalNames are the internal functions of 0.3.0 and earlier, named
+// with a leading underscore since (as are the generated capture_<table oid>
+// functions).
+var oldInternalNames = []string{
+	"install_ddl", "install_comment", "install_column", "install_index", "install_view", "register_row", "query_shape",
+	"anomaly_view_sql", "copy_snapshot", "upgrade_defined_views", "valid_refresh_settings", "apply_refresh_settings",
+	"refresh_due", "open_counts", "recount", "acknowledge_open", "log_cursor_owned", "reconcile_reason_started",
+	"reconcile_reason_changed", "reconcile_reason", "check_incremental", "install_capture", "dispatch_captured_keys",
+}
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
@@ -50,7 +63,8 @@ const logConsumer = "consumer-a"
 // installed, and the roles.
 var upgradeFiles = []string{"install.sql", "operations.sql", "audit.sql", "roles.sql"}
 
-// TestUpgradeFrom010 and TestUpgradeFrom020 (testUpgrade): a database
+// TestUpgradeFrom010, TestUpgradeFrom020 and TestUpgradeFrom030
+// (testUpgrade): a database
 // installed with an earlier release and used for a while (refreshes, new
 // and resolved anomalies, acknowledgements, changed parameters and
 // settings, custom invariants of define_invariant and of
@@ -69,6 +83,11 @@ func TestUpgradeFrom010(t *testing.T) {
 func TestUpgradeFrom020(t *testing.T) {
 	t.Parallel() // a server of its own
 	testUpgrade(t, release020)
+}
+
+func TestUpgradeFrom030(t *testing.T) {
+	t.Parallel() // a server of its own
+	testUpgrade(t, release030)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -136,6 +155,56 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 		again := captureState(t, admin, u.roles)
 		compareState(t, before, again)
 		equalByKey(t, "anomaly (after install.sql ran again)", upgraded.Anomalies, again.Anomalies, false)
+	})
+
+	// The internal functions are named with a leading underscore since
+	// 0.3.0: none is left under its old name, and the capture triggers of
+	// an earlier release call the renamed functions of their tables and
+	// keep capturing.
+	t.Run("InternalNames", func(t *testing.T) {
+		rows, err := admin.Query(t.Context(), `SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
+			WHERE p.pronamespace = 'pgconsistency'::regnamespace
+			  AND (p.proname = ANY ($1) OR p.proname ~ '^capture_[0-9]+$') ORDER BY 1`, oldInternalNames)
+		require.NoError(t, err)
+		left, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		require.NoError(t, err)
+		assert.Empty(t, left, "functions left under the names of an earlier release")
+		rows, err = admin.Query(t.Context(), `SELECT g.tgrelid::regclass::text || ' ' || g.tgname || ': ' || g.tgfoid::regprocedure::text
+			FROM pg_catalog.pg_trigger g
+			WHERE g.tgname LIKE 'pgconsistency\_capture\_%' AND NOT g.tgisinternal
+			  AND g.tgfoid IS DISTINCT FROM pg_catalog.to_regprocedure(format('pgconsistency._capture_%s()', g.tgrelid::oid))
+			ORDER BY 1`)
+		require.NoError(t, err)
+		wrong, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		require.NoError(t, err)
+		assert.Empty(t, wrong, "capture triggers that do not call pgconsistency._capture_<their table's oid>()")
+		if rel.version != "0.3.0" {
+			return
+		}
+		const inv = "dataset_seed_not_first"
+		require.NotEmpty(t, captureTriggers(t, admin), "the capture triggers 0.3.0 made for %s", inv)
+		var stale int
+		require.NoError(t, admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_catalog.pg_proc p
+			WHERE p.pronamespace = 'pgconsistency'::regnamespace AND p.proname ~ '^_capture_[0-9]+$'
+			  AND p.prosrc NOT LIKE '%pgconsistency._install_capture()%'`).Scan(&stale))
+		assert.Zero(t, stale, "capture functions whose text is still that of 0.3.0")
+		// A write of an application role, captured through the renamed
+		// functions: the next refresh re-checks its key only.
+		app, _ := loginAs(t, s, admin, db, "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ROLE")
+		exec(t, app, `UPDATE public.dataset_key_blocks SET created_at = created_at
+			WHERE dataset_id = (SELECT min(dataset_id) FROM public.dataset_key_blocks)`)
+		refreshAs(t, u.refresher, inv)
+		assert.Equal(t, refreshStatus{RefreshMode: "incremental", LastRefreshKind: ptr("incremental"), Anomalies: before.Status[inv].Anomalies,
+			RecheckedKeys: 1, LastOutcome: "succeeded"}, readRefreshStatus(t, admin, inv), "a refresh after the write")
+		// Back to full, as the rest of the test expects; the capture goes.
+		var old string
+		require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency.set_refresh_mode($1, 'full')", inv).Scan(&old))
+		assert.Equal(t, "incremental", old)
+		assert.Empty(t, captureTriggers(t, admin), "capture triggers once no invariant is incremental")
+		var fns int
+		require.NoError(t, admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_catalog.pg_proc
+			WHERE pronamespace = 'pgconsistency'::regnamespace AND proname ~ '^_?capture_[0-9]+$'`).Scan(&fns))
+		assert.Zero(t, fns, "capture functions once no invariant is incremental")
 	})
 
 	t.Run("RolesKeepTheirRights", func(t *testing.T) {
@@ -344,6 +413,11 @@ func useRelease(t *testing.T, s *pgtest.Server, admin *pgx.Conn, db string, rel 
 		              WHERE e.kind = 'root' $q$,
 		settings => '{"enable_nestloop": "off"}')`)
 	exec(t, admin, "UPDATE pgconsistency.invariant SET refresh_period = '1 hour' WHERE name = 'root_dataset_with_dev_ref'")
+	if rel.version == "0.3.0" {
+		// Capture triggers on dataset_entries and dataset_key_blocks, which
+		// nothing below writes (InternalNames does, after the upgrade).
+		exec(t, admin, "SELECT pgconsistency.set_refresh_mode('dataset_seed_not_first', 'incremental')")
+	}
 	// A materialized view of the user's own, outside the pgconsistency
 	// schema, registered as it is.
 	exec(t, admin, `CREATE MATERIALIZED VIEW public.derivative_many_upstreams AS
@@ -430,8 +504,13 @@ func requireUsedState(t *testing.T, st upgradeState, u used, rel fromRelease) {
 	require.NotNil(t, stale.Details)
 	var details map[string]any
 	require.NoError(t, json.Unmarshal([]byte(*stale.Details), &details))
-	require.NotEqual(t, st.Views["dataset_statistics_duplicated"][fixture.DatasetID(8)], details,
-		"the details of 8's anomaly are those of when it appeared, not its row in the view")
+	if rel.version == "0.3.0" {
+		require.Equal(t, st.Views["dataset_statistics_duplicated"][fixture.DatasetID(8)], details,
+			"since 0.3.0 the details of 8's anomaly are its row as of the latest refresh")
+	} else {
+		require.NotEqual(t, st.Views["dataset_statistics_duplicated"][fixture.DatasetID(8)], details,
+			"the details of 8's anomaly are those of when it appeared, not its row in the view")
+	}
 	if rel.version != "0.1.0" {
 		require.Equal(t, "90 days", st.Retentions["dataset_head_ref_missing"])
 	}
@@ -759,7 +838,7 @@ func captureState(t *testing.T, conn *pgx.Conn, roles map[string]string) upgrade
 	st.Audit.Tables, err = pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
 	rows, err = conn.Query(t.Context(), `SELECT tgrelid::regclass::text || ': ' || pg_get_triggerdef(oid)
-		FROM pg_trigger WHERE NOT tgisinternal AND tgname LIKE 'pgconsistency%' ORDER BY 1`)
+		FROM pg_trigger WHERE NOT tgisinternal AND tgname LIKE 'pgconsistency\_audit%' ORDER BY 1`)
 	require.NoError(t, err)
 	st.Audit.Triggers, err = pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)

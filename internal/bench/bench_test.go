@@ -325,7 +325,7 @@ func invariants(b *testing.B, conn *pgx.Conn, r *result) []invariantResult {
 		// The query under the refresh's own settings.
 		tx, err := conn.Begin(ctx)
 		must(b, err)
-		_, err = tx.Exec(ctx, `SELECT pgconsistency.apply_refresh_settings($1::jsonb)`, x.settings)
+		_, err = tx.Exec(ctx, `SELECT pgconsistency._apply_refresh_settings($1::jsonb)`, x.settings)
 		must(b, err)
 		query := strings.TrimSuffix(strings.TrimSpace(x.def), ";")
 		var plan []map[string]any
