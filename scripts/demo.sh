@@ -82,7 +82,7 @@ psql_demo -d demo <<SQL
 CREATE ROLE otel_pgconsistency LOGIN PASSWORD '$password';
 GRANT pgconsistency_reader TO otel_pgconsistency;
 SQL
-psql_demo -d demo -c "SELECT invariant, severity, anomalies, new_anomalies, last_status FROM pgconsistency.status ORDER BY invariant"
+psql_demo -d demo -c "SELECT invariant, severity, anomalies, new_anomalies, last_run_outcome FROM pgconsistency.status ORDER BY invariant"
 
 exporter_port=$(free_port 9464)
 health_port=$(free_port 13133)

@@ -281,7 +281,7 @@ func testMigrationRewritesATable(t *testing.T, s *pgtest.Server) {
 	for _, inv := range fixture.CurrentInvariants {
 		assert.Equal(t, before[inv].Anomalies, after[inv].Anomalies, inv)
 		assert.Zero(t, after[inv].NewAnomalies, "%s: the anomalies are the same ones, not new", inv)
-		assert.Equal(t, "succeeded", *after[inv].LastStatus, inv)
+		assert.Equal(t, "succeeded", *after[inv].LastRunOutcome, inv)
 	}
 	exec(t, conn, "DELETE FROM public.dataset_statistics WHERE dataset_id = $1", fixture.DatasetID(1))
 	exec(t, conn, "CALL pgconsistency.refresh('dataset_statistics_missing')")

@@ -234,7 +234,7 @@ type diffStatus struct {
 
 func (e *diffEnv) status(ctx context.Context) map[string]diffStatus {
 	rows, err := e.conn.Query(ctx, `SELECT invariant, anomalies, acknowledged_anomalies, rechecked_keys, healed_anomalies,
-		coalesce(last_status, ''), coalesce(last_error, ''), coalesce(last_refresh_kind, ''), consecutive_failures,
+		coalesce(last_run_outcome, ''), coalesce(last_error, ''), coalesce(last_refresh_kind, ''), consecutive_failures,
 		last_started_at FROM pgconsistency.status`)
 	require.NoError(e.t, err)
 	out := map[string]diffStatus{}
@@ -297,7 +297,7 @@ func (e *diffEnv) compare(ctx context.Context) (problems []string, mismatched ma
 				inv, st[inv].anomalies, st[inv].acknowledged, direct))
 		}
 		var open, acked int64
-		require.NoError(e.t, tx.QueryRow(ctx, "SELECT open, acknowledged FROM pgconsistency._open_counts($1)", inv).Scan(&open, &acked))
+		require.NoError(e.t, tx.QueryRow(ctx, "SELECT unacknowledged, acknowledged FROM pgconsistency._open_counts($1)", inv).Scan(&open, &acked))
 		if open != st[inv].anomalies || acked != st[inv].acknowledged {
 			problems = append(problems, fmt.Sprintf("%s: status says %d anomalies and %d acknowledged, the open anomalies are %d and %d",
 				inv, st[inv].anomalies, st[inv].acknowledged, open, acked))

@@ -124,7 +124,7 @@ func testAcknowledgements(t *testing.T, s *pgtest.Server) {
 	assert.Equal(t, [4]int64{1, 1, 0, 3}, counts(t, conn, inv))
 
 	// The hour passes: the next refresh() call (due or not) ends it.
-	exec(t, conn, "UPDATE pgconsistency.anomaly SET ack_until = now() - interval '1 second' WHERE key = $1", fixture.DatasetID(5))
+	exec(t, conn, "UPDATE pgconsistency.anomaly SET acknowledged_until = now() - interval '1 second' WHERE key = $1", fixture.DatasetID(5))
 	exec(t, conn, "CALL pgconsistency.refresh()")
 	assert.Equal(t, [4]int64{2, 1, 0, 2}, counts(t, conn, inv), "expired")
 	assert.False(t, anomalyOf(t, conn, inv, fixture.DatasetID(5)).Acknowledged)

@@ -70,8 +70,8 @@ func refreshOne(t *testing.T, conn *pgx.Conn, invariant string) statusRow {
 	exec(t, conn, "CALL pgconsistency.refresh($1)", invariant)
 	st, ok := status(t, conn)[invariant]
 	require.True(t, ok, "invariant %s is not registered", invariant)
-	require.NotNil(t, st.LastStatus, invariant)
-	require.Equal(t, "succeeded", *st.LastStatus, "refresh of %s: %v", invariant, st.LastError)
+	require.NotNil(t, st.LastRunOutcome, invariant)
+	require.Equal(t, "succeeded", *st.LastRunOutcome, "refresh of %s: %v", invariant, st.LastError)
 	return st
 }
 
@@ -172,7 +172,7 @@ func testOperationsInstalled(t *testing.T, s *pgtest.Server) {
 			assert.EqualValues(t, 0, st.Anomalies, "%s on the fixtures database", inv)
 			total += *durationOf(t, conn, inv)
 		}
-		t.Logf("pass %d: the 7 operations invariants refreshed in %.1f ms in total (refresh_duration_seconds)", pass+1, total*1000)
+		t.Logf("pass %d: the 7 operations invariants refreshed in %.1f ms in total (snapshot_duration_seconds)", pass+1, total*1000)
 	}
 	assert.Less(t, total, 1.0, "the pack must be cheap enough to refresh every minute")
 
@@ -180,7 +180,7 @@ func testOperationsInstalled(t *testing.T, s *pgtest.Server) {
 	st := status(t, conn)
 	require.Len(t, st, len(fixture.Invariants)+len(operationsInvariants))
 	for _, inv := range fixture.Invariants {
-		assert.Equal(t, "succeeded", *st[inv].LastStatus, inv)
+		assert.Equal(t, "succeeded", *st[inv].LastRunOutcome, inv)
 		assert.EqualValues(t, len(fixture.Breakage[inv]), st[inv].Anomalies, "anomalies of %s", inv)
 		assert.Equal(t, ids(fixture.Breakage[inv]...), viewKeys(t, conn, inv), "keys in pgconsistency.%s", inv)
 	}
@@ -190,7 +190,7 @@ func durationOf(t *testing.T, conn *pgx.Conn, invariant string) *float64 {
 	t.Helper()
 	var d *float64
 	require.NoError(t, conn.QueryRow(t.Context(),
-		"SELECT refresh_duration_seconds FROM pgconsistency.status WHERE invariant = $1", invariant).Scan(&d))
+		"SELECT snapshot_duration_seconds FROM pgconsistency.status WHERE invariant = $1", invariant).Scan(&d))
 	require.NotNil(t, d, invariant)
 	return d
 }
@@ -242,7 +242,7 @@ func testOperationsParameters(t *testing.T, s *pgtest.Server) {
 	require.NoError(t, err)
 	public, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	assert.Equal(t, []string{"_valid_refresh_settings", "version"}, public, "the pack's functions are not executable by PUBLIC")
+	assert.Equal(t, []string{"_deprecated_column", "_valid_refresh_settings", "version"}, public, "the pack's functions are not executable by PUBLIC")
 }
 
 // testIndexInvalid: a unique index built concurrently over duplicate values

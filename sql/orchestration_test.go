@@ -180,7 +180,7 @@ func testLockTimeout(t *testing.T, s *pgtest.Server) {
 	exec(t, conn, "CALL pgconsistency.refresh('dataset_seed_missing')")
 	require.NoError(t, tx.Rollback(t.Context()))
 	st := status(t, conn)["dataset_seed_missing"]
-	assert.Equal(t, "timed_out", *st.LastStatus)
+	assert.Equal(t, "timed_out", *st.LastRunOutcome)
 	assert.Equal(t, "timed_out", st.LastOutcome)
 	assert.Contains(t, *st.LastError, "canceling statement due to lock timeout")
 	assert.Contains(t, *st.LastError, "lock_timeout (00:00:00.2)")
@@ -337,7 +337,7 @@ func testStandbySkips(t *testing.T, s *pgtest.Server) {
 	var st statusRow
 	require.Eventually(t, func() bool {
 		st = status(t, conn)["dataset_seed_missing"]
-		return st.LastStatus != nil
+		return st.LastRunOutcome != nil
 	}, 30*time.Second, 100*time.Millisecond, "the primary's refresh state replicates")
 	exec(t, conn, "CALL pgconsistency.refresh(force => true)")
 	assert.Contains(t, strings.Join(notices(), "\n"),

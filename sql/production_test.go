@@ -315,11 +315,11 @@ func testAcknowledgementExpiryUsesAnIndex(t *testing.T, s *pgtest.Server) {
 	_, err = tx.Exec(t.Context(), "SET LOCAL enable_seqscan = off")
 	require.NoError(t, err)
 	rows, err := tx.Query(t.Context(), `EXPLAIN UPDATE pgconsistency.anomaly a
-		SET acknowledged_at = NULL WHERE a.ack_until <= now()`)
+		SET acknowledged_at = NULL WHERE a.acknowledged_until <= now()`)
 	require.NoError(t, err)
 	plan, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	assert.Contains(t, strings.Join(plan, "\n"), "anomaly_ack_until", "the expiry's plan:\n%s", strings.Join(plan, "\n"))
+	assert.Contains(t, strings.Join(plan, "\n"), "anomaly_acknowledged_until", "the expiry's plan:\n%s", strings.Join(plan, "\n"))
 }
 
 // testLogDetailsAndCursorsByRole: the reader role gets no anomaly details

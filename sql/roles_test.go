@@ -166,8 +166,8 @@ func testRefresherRefreshes(t *testing.T, s *pgtest.Server) {
 	require.Len(t, st, len(fixture.Invariants))
 	for inv, want := range fixture.Counts[int64]() {
 		row := st[inv]
-		require.NotNil(t, row.LastStatus, inv)
-		assert.Equal(t, "succeeded", *row.LastStatus, "%s: %v", inv, row.LastError)
+		require.NotNil(t, row.LastRunOutcome, inv)
+		assert.Equal(t, "succeeded", *row.LastRunOutcome, "%s: %v", inv, row.LastError)
 		assert.Equal(t, want, row.Anomalies, inv)
 		assert.Equal(t, want, row.NewAnomalies, inv)
 	}
@@ -224,8 +224,8 @@ func testPublicCannotExecute(t *testing.T, s *pgtest.Server) {
 	require.NoError(t, err)
 	public, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	assert.Equal(t, []string{"_valid_refresh_settings", "version"}, public,
-		"only the pure check of the settings constraint and the version are PUBLIC")
+	assert.Equal(t, []string{"_deprecated_column", "_valid_refresh_settings", "version"}, public,
+		"only the pure check of the settings constraint, the version and the status view's deprecated columns are PUBLIC")
 
 	rows, err = admin.Query(t.Context(), `
 		SELECT p.proname FROM pg_proc p

@@ -57,7 +57,7 @@ type statusRow struct {
 	Anomalies           int64
 	NewAnomalies        int64
 	ResolvedAnomalies   int64
-	LastStatus          *string
+	LastRunOutcome      *string
 	LastError           *string
 	ConsecutiveFailures int64
 	Skips               int64
@@ -69,14 +69,14 @@ type statusRow struct {
 func status(t *testing.T, conn *pgx.Conn) map[string]statusRow {
 	t.Helper()
 	rows, err := conn.Query(t.Context(), `SELECT invariant, anomalies, new_anomalies, resolved_anomalies,
-		last_status, last_error, consecutive_failures, skips, refreshed_at, last_outcome, pending_requests
+		last_run_outcome, last_error, consecutive_failures, skips, refreshed_at, last_outcome, pending_requests
 		FROM pgconsistency.status`)
 	require.NoError(t, err)
 	out := map[string]statusRow{}
 	for rows.Next() {
 		var r statusRow
 		require.NoError(t, rows.Scan(&r.Invariant, &r.Anomalies, &r.NewAnomalies, &r.ResolvedAnomalies,
-			&r.LastStatus, &r.LastError, &r.ConsecutiveFailures, &r.Skips, &r.RefreshedAt, &r.LastOutcome, &r.PendingRequests))
+			&r.LastRunOutcome, &r.LastError, &r.ConsecutiveFailures, &r.Skips, &r.RefreshedAt, &r.LastOutcome, &r.PendingRequests))
 		out[r.Invariant] = r
 	}
 	require.NoError(t, rows.Err())
@@ -139,8 +139,8 @@ func testInvariantFixtures(t *testing.T, s *pgtest.Server) {
 					want = fixture.Breakage[inv]
 				}
 				row := st[inv]
-				require.NotNil(t, row.LastStatus, inv)
-				assert.Equal(t, "succeeded", *row.LastStatus, inv)
+				require.NotNil(t, row.LastRunOutcome, inv)
+				assert.Equal(t, "succeeded", *row.LastRunOutcome, inv)
 				assert.EqualValues(t, len(want), row.Anomalies, "anomalies of %s", inv)
 				assert.EqualValues(t, len(want), row.NewAnomalies, "new anomalies of %s (first refresh)", inv)
 				assert.Equal(t, ids(want...), viewKeys(t, conn, inv), "keys in pgconsistency.%s", inv)
@@ -250,7 +250,7 @@ func testConcurrentRefreshSkips(t *testing.T, s *pgtest.Server) {
 		st := status(t, second)["dataset_seed_missing"]
 		assert.EqualValues(t, 1, st.Skips, "the skip is recorded")
 		assert.Equal(t, "skipped", st.LastOutcome)
-		assert.Equal(t, "succeeded", *st.LastStatus, "a skip is not a failure")
+		assert.Equal(t, "succeeded", *st.LastRunOutcome, "a skip is not a failure")
 		assert.EqualValues(t, 0, st.ConsecutiveFailures)
 	})
 
@@ -311,31 +311,31 @@ func testFailingInvariantDoesNotStopTheOthers(t *testing.T, s *pgtest.Server) {
 		require.Len(t, st, len(fixture.Invariants)+4)
 
 		broken := st["always_broken"]
-		assert.Equal(t, "failed", *broken.LastStatus)
+		assert.Equal(t, "failed", *broken.LastRunOutcome)
 		assert.Contains(t, *broken.LastError, "division by zero")
 		assert.Equal(t, attempt, broken.ConsecutiveFailures)
 		assert.Nil(t, broken.RefreshedAt, "never succeeded")
 
 		twice := st["twice"]
-		assert.Equal(t, "failed", *twice.LastStatus)
+		assert.Equal(t, "failed", *twice.LastRunOutcome)
 		assert.Contains(t, *twice.LastError, "its query returned the same key more than once (Key (key)=(k) already exists.)")
 		assert.Contains(t, *twice.LastError, "GROUP BY the key")
 		nullKey := st["null_key"]
-		assert.Equal(t, "failed", *nullKey.LastStatus)
+		assert.Equal(t, "failed", *nullKey.LastRunOutcome)
 		assert.Contains(t, *nullKey.LastError, "its query returned a row whose key is NULL")
 
 		missing := st["gone"]
-		assert.Equal(t, "failed", *missing.LastStatus)
+		assert.Equal(t, "failed", *missing.LastRunOutcome)
 		assert.Contains(t, *missing.LastError, "materialized view public.gone does not exist")
 		assert.Contains(t, *missing.LastError, "run register_invariant again")
 		assert.Equal(t, attempt, missing.ConsecutiveFailures)
 
 		seed := st["dataset_seed_missing"]
-		assert.Equal(t, "succeeded", *seed.LastStatus)
+		assert.Equal(t, "succeeded", *seed.LastRunOutcome)
 		assert.EqualValues(t, 0, seed.Anomalies)
 
 		ok := st["dataset_head_ref_missing"]
-		assert.Equal(t, "succeeded", *ok.LastStatus)
+		assert.Equal(t, "succeeded", *ok.LastRunOutcome)
 		assert.EqualValues(t, 3, ok.Anomalies)
 	}
 	assert.Contains(t, strings.Join(notices(), "\n"), "WARNING: pgconsistency: refresh of always_broken failed: division by zero")
@@ -483,7 +483,7 @@ func testRegisterRejectsUnusableViews(t *testing.T, s *pgtest.Server) {
 	exec(t, conn, "CALL pgconsistency.refresh()")
 	st := status(t, conn)
 	require.Contains(t, st, "custom_check")
-	assert.Equal(t, "succeeded", *st["custom_check"].LastStatus)
+	assert.Equal(t, "succeeded", *st["custom_check"].LastRunOutcome)
 	assert.Len(t, st, len(fixture.Invariants)+1)
 }
 
@@ -511,8 +511,8 @@ func testNamesAreRejectedOrQuoted(t *testing.T, s *pgtest.Server) {
 	exec(t, conn, "CALL pgconsistency.refresh('odd_one')")
 	exec(t, conn, "CALL pgconsistency.refresh('odd_one')") // the concurrent refresh too
 	st := status(t, conn)["odd_one"]
-	require.NotNil(t, st.LastStatus)
-	assert.Equal(t, "succeeded", *st.LastStatus)
+	require.NotNil(t, st.LastRunOutcome)
+	assert.Equal(t, "succeeded", *st.LastRunOutcome)
 	assert.EqualValues(t, 10, st.Anomalies)
 	var n int
 	require.NoError(t, conn.QueryRow(t.Context(), "SELECT count(*) FROM public.dataset_entries").Scan(&n))

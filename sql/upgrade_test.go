@@ -53,7 +53,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.3.0"
+const currentRelease = "0.4.0"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -349,7 +349,7 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 			require.NoError(t, err)
 			assert.Equal(t, []string{"30 days"}, retentions, "every upgraded invariant has the default retention")
 		} // else StateKept checked that the retentions set in 0.2.0 were kept
-		for _, idx := range []string{"anomaly_ack_until", "anomaly_resolved"} {
+		for _, idx := range []string{"anomaly_acknowledged_until", "anomaly_resolved"} {
 			var exists bool
 			require.NoError(t, admin.QueryRow(t.Context(), "SELECT to_regclass('pgconsistency.' || $1) IS NOT NULL", idx).Scan(&exists))
 			assert.True(t, exists, idx)
@@ -366,6 +366,36 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// What 0.3.0 changes and adds in an upgraded install. Last: it switches
 	// refresh modes (capture triggers on the application tables) and
 	// changes data.
+	// 0.4.0 renamed columns: the new names hold what the old ones held
+	// before the upgrade, and the old ones (read by captureState, so by
+	// StateKept above) still read the same until 0.5.0.
+	t.Run("NewIn040", func(t *testing.T) {
+		acked := 0
+		for k, a := range before.Anomalies {
+			if a.AckReason == nil && a.AckUntil == nil {
+				continue
+			}
+			acked++
+			var reason *string
+			var until *time.Time
+			require.NoError(t, admin.QueryRow(t.Context(), `SELECT acknowledged_reason, acknowledged_until FROM pgconsistency.anomaly
+				WHERE invariant = $1 AND key = $2`, a.Invariant, a.Key).Scan(&reason, &until))
+			assert.Equal(t, a.AckReason, reason, "acknowledged_reason of %s", k)
+			assert.Equal(t, a.AckUntil, until, "acknowledged_until of %s", k)
+		}
+		assert.Positive(t, acked, "acknowledged anomalies before the upgrade")
+		var rows, differ int
+		require.NoError(t, u.reader.QueryRow(t.Context(), `
+			SELECT count(*), count(*) FILTER (WHERE last_status IS DISTINCT FROM last_run_outcome
+			                                     OR refresh_duration_seconds IS DISTINCT FROM snapshot_duration_seconds)
+			  FROM pgconsistency.status`).Scan(&rows, &differ))
+		assert.Equal(t, len(upgraded.Status), rows, "status rows, as the reader")
+		assert.Zero(t, differ, "status rows whose old and new columns differ, as the reader")
+		var oldIndex bool
+		require.NoError(t, admin.QueryRow(t.Context(), "SELECT to_regclass('pgconsistency.anomaly_ack_until') IS NOT NULL").Scan(&oldIndex))
+		assert.False(t, oldIndex, "anomaly_ack_until, renamed anomaly_acknowledged_until")
+	})
+
 	t.Run("NewIn030", func(t *testing.T) {
 		newIn030(t, s, db, admin, u, rel, before, upgraded, dashboard)
 	})

@@ -291,7 +291,7 @@ func runScale(b *testing.B, srv *pgtest.Server, n int, scrapeBin string) *result
 func invariants(b *testing.B, conn *pgx.Conn, r *result) []invariantResult {
 	ctx := b.Context()
 	rows, err := conn.Query(ctx, `
-		SELECT s.invariant, s.anomalies, s.refresh_duration_seconds, s.last_error,
+		SELECT s.invariant, s.anomalies, s.snapshot_duration_seconds, s.last_error,
 		       coalesce(i.query, pg_catalog.pg_get_viewdef(pg_catalog.format('%I.%I', i.view_schema, i.view_name)::regclass)),
 		       i.settings::text
 		  FROM pgconsistency.status s JOIN pgconsistency.invariant i ON i.name = s.invariant
@@ -557,7 +557,7 @@ type statusRow struct {
 // readStatus reads pgconsistency.status, by invariant.
 func readStatus(tb testing.TB, conn *pgx.Conn) map[string]statusRow {
 	rows, err := conn.Query(tb.Context(), `
-		SELECT invariant, coalesce(last_status, 'never'), coalesce(last_error, ''), anomalies,
+		SELECT invariant, coalesce(last_run_outcome, 'never'), coalesce(last_error, ''), anomalies,
 		       coalesce(last_duration_seconds, 0)
 		  FROM pgconsistency.status`)
 	must(tb, err)

@@ -364,7 +364,7 @@ func incRefresh(tb testing.TB, conn *pgx.Conn, kind, what string) (time.Duration
 func incSnapshot(tb testing.TB, conn *pgx.Conn, since time.Time) map[string]incState {
 	rows, err := conn.Query(tb.Context(), `
 		SELECT s.invariant, s.anomalies, s.rechecked_keys, s.healed_anomalies, coalesce(s.last_refresh_kind, ''),
-		       coalesce(s.last_status, ''), coalesce(s.last_error, ''), coalesce(s.refresh_duration_seconds, 0),
+		       coalesce(s.last_run_outcome, ''), coalesce(s.last_error, ''), coalesce(s.snapshot_duration_seconds, 0),
 		       coalesce(s.last_started_at >= $1, false),
 		       (SELECT coalesce(pg_catalog.md5(pg_catalog.string_agg(a.key, ',' ORDER BY a.key)), '')
 		          FROM pgconsistency.anomaly a WHERE a.invariant = s.invariant AND a.resolved_at IS NULL)

@@ -173,7 +173,7 @@ func TestIntegrationRefresherRoleSchedules(t *testing.T) {
 		err := admin.QueryRow(t.Context(), `
 			SELECT (SELECT count(*) FROM pgconsistency.refresh_request WHERE claimed_at IS NOT NULL),
 			       (SELECT count(*) FROM pgconsistency.refresh_state s
-			         WHERE s.last_status = 'succeeded' AND s.last_started_at > ($1::jsonb ->> s.invariant)::timestamptz)`,
+			         WHERE s.last_run_outcome = 'succeeded' AND s.last_started_at > ($1::jsonb ->> s.invariant)::timestamptz)`,
 			string(beforeJSON)).Scan(&claimed, &refreshedAfter)
 		return err == nil && claimed == 1 && refreshedAfter == len(fixture.Invariants)
 	}, 30*time.Second, 100*time.Millisecond, "the requested refresh after the marker change never ran for every invariant")

@@ -205,3 +205,52 @@ END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._upgrade_defined_views() IS
   'Internal: for upgrades from before 0.3.0, turn the remaining materialized views of define_invariant into 0.3.0 views';
+
+-- ---------------------------------------------------------------------------
+-- From 0.3.0 to 0.4.0: one word per concept. Columns are renamed in place
+-- (what depends on them follows); the names users read before keep working
+-- until 0.5.0: the status view's as columns that raise a NOTICE
+-- (09_status.sql), the anomaly table's as read-only generated columns
+-- (adding them rewrites pgconsistency.anomaly once, with the installer's
+-- bounded lock waits).
+DO $do$
+DECLARE
+    has_column boolean;
+BEGIN
+    IF pg_catalog.to_regclass('pgconsistency.refresh_state') IS NULL THEN
+        RETURN; -- a fresh install
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                WHERE a.attrelid = 'pgconsistency.refresh_state'::regclass AND a.attname = 'last_status' AND NOT a.attisdropped) THEN
+        PERFORM pgconsistency._install_ddl('ALTER TABLE pgconsistency.refresh_state RENAME COLUMN last_status TO last_run_outcome');
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_constraint
+                WHERE conrelid = 'pgconsistency.refresh_state'::regclass AND conname = 'refresh_state_status_valid') THEN
+        PERFORM pgconsistency._install_ddl('ALTER TABLE pgconsistency.refresh_state RENAME CONSTRAINT refresh_state_status_valid TO refresh_state_run_outcome_valid');
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                WHERE a.attrelid = 'pgconsistency.refresh_state'::regclass AND a.attname = 'refresh_duration_seconds' AND NOT a.attisdropped) THEN
+        PERFORM pgconsistency._install_ddl('ALTER TABLE pgconsistency.refresh_state RENAME COLUMN refresh_duration_seconds TO snapshot_duration_seconds');
+    END IF;
+    SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute a
+                    WHERE a.attrelid = 'pgconsistency.anomaly'::regclass AND a.attname = 'ack_reason'
+                      AND NOT a.attisdropped AND a.attgenerated = '') INTO has_column;
+    IF has_column THEN
+        PERFORM pgconsistency._install_ddl('ALTER TABLE pgconsistency.anomaly RENAME COLUMN ack_reason TO acknowledged_reason');
+        PERFORM pgconsistency._install_ddl('ALTER TABLE pgconsistency.anomaly RENAME COLUMN ack_until TO acknowledged_until');
+        PERFORM pgconsistency._install_ddl('ALTER TABLE pgconsistency.anomaly
+            ADD COLUMN ack_reason text GENERATED ALWAYS AS (acknowledged_reason) STORED,
+            ADD COLUMN ack_until timestamptz GENERATED ALWAYS AS (acknowledged_until) STORED');
+    END IF;
+    IF pg_catalog.to_regclass('pgconsistency.anomaly_ack_until') IS NOT NULL THEN
+        PERFORM pgconsistency._install_ddl('ALTER INDEX pgconsistency.anomaly_ack_until RENAME TO anomaly_acknowledged_until');
+    END IF;
+    -- _open_counts's first OUT parameter was "open" (open and not
+    -- acknowledged, while "open" means not resolved everywhere else); CREATE
+    -- OR REPLACE cannot rename an OUT parameter.
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
+                WHERE p.oid = pg_catalog.to_regprocedure('pgconsistency._open_counts(text)') AND 'open' = ANY (p.proargnames)) THEN
+        DROP FUNCTION pgconsistency._open_counts(text);
+    END IF;
+END
+$do$;

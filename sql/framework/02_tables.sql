@@ -120,15 +120,15 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
     invariant                text        PRIMARY KEY
                                          REFERENCES pgconsistency.invariant (name) ON DELETE CASCADE ON UPDATE CASCADE,
     -- the latest attempt that ran (skips do not count as attempts)
-    last_status              text        NOT NULL
-                                         CONSTRAINT refresh_state_status_valid CHECK (last_status IN ('succeeded', 'failed', 'timed_out')),
+    last_run_outcome         text        NOT NULL
+                                         CONSTRAINT refresh_state_run_outcome_valid CHECK (last_run_outcome IN ('succeeded', 'failed', 'timed_out')),
     last_started_at          timestamptz NOT NULL,
     last_finished_at         timestamptz NOT NULL,
     last_duration_seconds    double precision NOT NULL,
     last_error               text,
     -- the latest successful refresh: what the snapshot holds
     refreshed_at             timestamptz,
-    refresh_duration_seconds double precision,
+    snapshot_duration_seconds double precision,
     anomalies                bigint      NOT NULL DEFAULT 0,
     new_anomalies            bigint      NOT NULL DEFAULT 0,
     resolved_anomalies       bigint      NOT NULL DEFAULT 0,
@@ -185,8 +185,12 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     details         jsonb,
     acknowledged_at timestamptz,
     acknowledged_by text,
-    ack_reason      text,
-    ack_until       timestamptz,
+    acknowledged_reason text,
+    acknowledged_until  timestamptz,
+    -- The names of acknowledged_reason and acknowledged_until before 0.4.0,
+    -- read-only, until 0.5.0 (deprecated).
+    ack_reason      text        GENERATED ALWAYS AS (acknowledged_reason) STORED,
+    ack_until       timestamptz GENERATED ALWAYS AS (acknowledged_until) STORED,
     PRIMARY KEY (invariant, key)
 );
 SELECT pgconsistency._install_index('anomaly_open',
@@ -195,12 +199,28 @@ SELECT pgconsistency._install_index('anomaly_seq_idx',
   'CREATE INDEX anomaly_seq_idx ON pgconsistency.anomaly (seq)');
 -- Since 0.2.0: the expiry of acknowledgements and the retention of resolved
 -- anomalies read only the rows they change.
-SELECT pgconsistency._install_index('anomaly_ack_until',
-  'CREATE INDEX anomaly_ack_until ON pgconsistency.anomaly (ack_until) WHERE ack_until IS NOT NULL');
+SELECT pgconsistency._install_index('anomaly_acknowledged_until',
+  'CREATE INDEX anomaly_acknowledged_until ON pgconsistency.anomaly (acknowledged_until) WHERE acknowledged_until IS NOT NULL');
 SELECT pgconsistency._install_index('anomaly_resolved',
   'CREATE INDEX anomaly_resolved ON pgconsistency.anomaly (invariant, resolved_at) WHERE resolved_at IS NOT NULL');
 SELECT pgconsistency._install_comment('pgconsistency.anomaly',
   'Anomalies by invariant and key: first seen, last seen, resolved, acknowledged');
+DO $do$
+DECLARE
+    c record;
+BEGIN
+    -- only when it differs: a COMMENT locks the relation
+    FOR c IN SELECT v.col, v.comment
+               FROM (VALUES ('ack_reason', 'Deprecated (removed in 0.5.0), read-only: acknowledged_reason under its name before 0.4.0'),
+                 ('ack_until', 'Deprecated (removed in 0.5.0), read-only: acknowledged_until under its name before 0.4.0')) AS v(col, comment)
+              WHERE pg_catalog.col_description('pgconsistency.anomaly'::regclass,
+                        (SELECT a.attnum FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid = 'pgconsistency.anomaly'::regclass AND a.attname = v.col)) IS DISTINCT FROM v.comment
+    LOOP
+        EXECUTE pg_catalog.format('COMMENT ON COLUMN pgconsistency.anomaly.%I IS %L', c.col, c.comment);
+    END LOOP;
+END
+$do$;
 
 -- Where each log consumer (a receiver in a logs pipeline, by component id)
 -- is in the sequence of new anomalies: each anomaly is logged once.

@@ -7,12 +7,12 @@
 -- _open_counts: the open anomalies of an invariant, not acknowledged and
 -- acknowledged (an acknowledgement past its "until" no longer counts).
 -- O(open anomalies of the invariant), through the partial index.
-CREATE OR REPLACE FUNCTION pgconsistency._open_counts(invariant text, OUT open bigint, OUT acknowledged bigint)
+CREATE OR REPLACE FUNCTION pgconsistency._open_counts(invariant text, OUT unacknowledged bigint, OUT acknowledged bigint)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT count(*) FILTER (WHERE NOT a.is_acked), count(*) FILTER (WHERE a.is_acked)
-      FROM (SELECT a.acknowledged_at IS NOT NULL AND (a.ack_until IS NULL OR a.ack_until > pg_catalog.now()) AS is_acked
+      FROM (SELECT a.acknowledged_at IS NOT NULL AND (a.acknowledged_until IS NULL OR a.acknowledged_until > pg_catalog.now()) AS is_acked
               FROM pgconsistency.anomaly a
              WHERE a.invariant = _open_counts.invariant AND a.resolved_at IS NULL) a
 $fn$;
@@ -26,7 +26,7 @@ LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     UPDATE pgconsistency.refresh_state s
-       SET anomalies = c.open, acknowledged_anomalies = c.acknowledged
+       SET anomalies = c.unacknowledged, acknowledged_anomalies = c.acknowledged
       FROM pgconsistency._open_counts(_recount.invariant) c
      WHERE s.invariant = _recount.invariant
 $fn$;
@@ -58,7 +58,7 @@ BEGIN
     END IF;
     UPDATE pgconsistency.anomaly a
        SET acknowledged_at = pg_catalog.now(), acknowledged_by = session_user,
-           ack_reason = _acknowledge_open.reason, ack_until = _acknowledge_open.until
+           acknowledged_reason = _acknowledge_open.reason, acknowledged_until = _acknowledge_open.until
      WHERE a.invariant = _acknowledge_open.invariant AND a.resolved_at IS NULL
        AND (_acknowledge_open.key IS NULL OR a.key = _acknowledge_open.key);
     GET DIAGNOSTICS v_count = ROW_COUNT;
@@ -114,7 +114,7 @@ DECLARE
     v_count integer;
 BEGIN
     UPDATE pgconsistency.anomaly a
-       SET acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
+       SET acknowledged_at = NULL, acknowledged_by = NULL, acknowledged_reason = NULL, acknowledged_until = NULL
      WHERE a.invariant = unacknowledge.invariant AND a.key = unacknowledge.key AND a.acknowledged_at IS NOT NULL;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     PERFORM pgconsistency._recount(invariant);
@@ -140,8 +140,8 @@ DECLARE
 BEGIN
     WITH expired AS (
         UPDATE pgconsistency.anomaly a
-           SET acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
-         WHERE a.ack_until <= pg_catalog.now()
+           SET acknowledged_at = NULL, acknowledged_by = NULL, acknowledged_reason = NULL, acknowledged_until = NULL
+         WHERE a.acknowledged_until <= pg_catalog.now()
         RETURNING a.invariant)
     SELECT pg_catalog.array_agg(DISTINCT e.invariant), count(*) INTO v_invariants, v_count FROM expired e;
     FOREACH v_name IN ARRAY coalesce(v_invariants, '{}') LOOP

@@ -226,7 +226,7 @@ BEGIN
                     ON CONFLICT ON CONSTRAINT anomaly_pkey DO UPDATE
                        SET seq = EXCLUDED.seq, first_seen_at = EXCLUDED.first_seen_at,
                            last_seen_at = EXCLUDED.last_seen_at, resolved_at = NULL, details = EXCLUDED.details,
-                           acknowledged_at = NULL, acknowledged_by = NULL, ack_reason = NULL, ack_until = NULL
+                           acknowledged_at = NULL, acknowledged_by = NULL, acknowledged_reason = NULL, acknowledged_until = NULL
                     RETURNING 1),
                 resolved AS (
                     UPDATE pgconsistency.anomaly a SET resolved_at = $2, last_seen_at = coalesce($4, a.last_seen_at)
@@ -248,7 +248,7 @@ BEGIN
             USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
                   CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END;
         END IF;
-        SELECT c.open, c.acknowledged INTO v_total, v_acked FROM pgconsistency._open_counts(inv.name) c;
+        SELECT c.unacknowledged, c.acknowledged INTO v_total, v_acked FROM pgconsistency._open_counts(inv.name) c;
         IF v_kind = 'reconcile' THEN
             UPDATE pgconsistency.capture_state c SET reconcile_reason = NULL WHERE c.invariant = inv.name;
             IF v_healed > 0 THEN
@@ -314,8 +314,8 @@ BEGIN
 
     IF v_status = 'succeeded' THEN
         INSERT INTO pgconsistency.refresh_state AS s
-               (invariant, last_status, last_started_at, last_finished_at, last_duration_seconds, last_error,
-                refreshed_at, refresh_duration_seconds, anomalies, new_anomalies, resolved_anomalies,
+               (invariant, last_run_outcome, last_started_at, last_finished_at, last_duration_seconds, last_error,
+                refreshed_at, snapshot_duration_seconds, anomalies, new_anomalies, resolved_anomalies,
                 acknowledged_anomalies, consecutive_failures, last_refresh_kind, last_full_refresh_at,
                 rechecked_keys, healed_anomalies, last_healed_at)
         VALUES (inv.name, 'succeeded', v_started, v_finished,
@@ -325,10 +325,10 @@ BEGIN
                 CASE WHEN v_kind <> 'incremental' THEN v_started END, v_rechecked, v_healed,
                 CASE WHEN v_healed > 0 THEN v_finished END)
         ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
-           SET last_status = EXCLUDED.last_status, last_started_at = EXCLUDED.last_started_at,
+           SET last_run_outcome = EXCLUDED.last_run_outcome, last_started_at = EXCLUDED.last_started_at,
                last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
                last_error = NULL, refreshed_at = EXCLUDED.refreshed_at,
-               refresh_duration_seconds = EXCLUDED.refresh_duration_seconds,
+               snapshot_duration_seconds = EXCLUDED.snapshot_duration_seconds,
                anomalies = EXCLUDED.anomalies, new_anomalies = EXCLUDED.new_anomalies,
                resolved_anomalies = EXCLUDED.resolved_anomalies,
                acknowledged_anomalies = EXCLUDED.acknowledged_anomalies, consecutive_failures = 0,
@@ -346,10 +346,10 @@ BEGIN
     -- latest good one, and its age shows that it is getting stale.
     RAISE WARNING 'pgconsistency: refresh of % %: %', inv.name, replace(v_status, '_', ' '), v_error;
     INSERT INTO pgconsistency.refresh_state AS s
-           (invariant, last_status, last_started_at, last_finished_at, last_duration_seconds, last_error, consecutive_failures)
+           (invariant, last_run_outcome, last_started_at, last_finished_at, last_duration_seconds, last_error, consecutive_failures)
     VALUES (inv.name, v_status, v_started, v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision, v_error, 1)
     ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
-       SET last_status = EXCLUDED.last_status, last_started_at = EXCLUDED.last_started_at,
+       SET last_run_outcome = EXCLUDED.last_run_outcome, last_started_at = EXCLUDED.last_started_at,
            last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
            last_error = EXCLUDED.last_error, consecutive_failures = s.consecutive_failures + 1;
     RETURN v_status;

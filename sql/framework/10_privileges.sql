@@ -16,6 +16,9 @@ GRANT EXECUTE ON FUNCTION pgconsistency._valid_refresh_settings(jsonb) TO PUBLIC
 -- And the version, which the status view calls (a view's functions run with
 -- the privileges of the role reading the view).
 GRANT EXECUTE ON FUNCTION pgconsistency.version() TO PUBLIC;
+-- And the deprecated columns of the status view (until 0.5.0), for the same
+-- reason.
+GRANT EXECUTE ON FUNCTION pgconsistency._deprecated_column(text, text, anyelement) TO PUBLIC;
 
 -- Where sql/roles.sql ran before (an upgrade), the functions a release adds
 -- to what its roles run get their grants now, so that a pg_cron job or a
