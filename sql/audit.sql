@@ -31,7 +31,7 @@ END
 $check$;
 
 -- The history. One row per row change (per statement for TRUNCATE). Written
--- only by pgconsistency.audit_trigger(), which runs as the owner of this
+-- only by pgconsistency._audit_trigger(), which runs as the owner of this
 -- table: application roles need no privilege on it, and cannot edit it.
 CREATE TABLE IF NOT EXISTS pgconsistency.audit_log (
     id               bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -95,13 +95,29 @@ SELECT pgconsistency._install_comment('pgconsistency.audited_table',
 
 REVOKE ALL ON pgconsistency.audit_log, pgconsistency.audited_table FROM PUBLIC;
 
--- audit_trigger: writes one audit_log row. The row trigger passes the key
+-- Upgrades: before 0.4.0 the pack's internal functions had no leading
+-- underscore. Renamed in place: the triggers on the audited tables keep
+-- calling the same function.
+DO $do$
+BEGIN
+    IF pg_catalog.to_regprocedure('pgconsistency.audit_trigger()') IS NOT NULL
+       AND pg_catalog.to_regprocedure('pgconsistency._audit_trigger()') IS NULL THEN
+        ALTER FUNCTION pgconsistency.audit_trigger() RENAME TO _audit_trigger;
+    END IF;
+    IF pg_catalog.to_regprocedure('pgconsistency.drop_audit_triggers(regclass)') IS NOT NULL
+       AND pg_catalog.to_regprocedure('pgconsistency._drop_audit_triggers(regclass)') IS NULL THEN
+        ALTER FUNCTION pgconsistency.drop_audit_triggers(regclass) RENAME TO _drop_audit_triggers;
+    END IF;
+END
+$do$;
+
+-- _audit_trigger: writes one audit_log row. The row trigger passes the key
 -- column as its argument (none: no key). SECURITY DEFINER so that the roles
 -- writing the audited tables need no grant on audit_log; the search_path is
 -- pinned, as every SECURITY DEFINER function's must be. session_user and the
 -- role GUC are unaffected by SECURITY DEFINER (current_user would be this
 -- function's owner), so they still name who made the change.
-CREATE OR REPLACE FUNCTION pgconsistency.audit_trigger()
+CREATE OR REPLACE FUNCTION pgconsistency._audit_trigger()
 RETURNS trigger
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -144,16 +160,16 @@ BEGIN
     RETURN NULL; -- AFTER trigger: the result is ignored
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency.audit_trigger() IS
+COMMENT ON FUNCTION pgconsistency._audit_trigger() IS
   'Internal: the audit trigger of pgconsistency.enable_audit(); writes pgconsistency.audit_log';
 -- Firing a trigger needs no EXECUTE privilege, creating one does: this keeps
 -- other roles from attaching it to tables of their own to write the log.
-REVOKE ALL ON FUNCTION pgconsistency.audit_trigger() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgconsistency._audit_trigger() FROM PUBLIC;
 
--- drop_audit_triggers: internal to enable_audit() and disable_audit(). Drops
+-- _drop_audit_triggers: internal to enable_audit() and disable_audit(). Drops
 -- only the triggers that exist (DROP TRIGGER IF EXISTS would say NOTICE for
 -- the others, on every first enable).
-CREATE OR REPLACE FUNCTION pgconsistency.drop_audit_triggers(target regclass)
+CREATE OR REPLACE FUNCTION pgconsistency._drop_audit_triggers(target regclass)
 RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -169,6 +185,8 @@ BEGIN
     END LOOP;
 END
 $fn$;
+COMMENT ON FUNCTION pgconsistency._drop_audit_triggers(regclass) IS
+  'Internal: drop the audit triggers of a table, those that exist (for enable_audit and disable_audit)';
 
 -- enable_audit: record every row change of target in audit_log from now on.
 -- key_column (optional) names the column whose value audit_history() looks up:
@@ -204,14 +222,14 @@ BEGIN
 
     -- Drop and create rather than CREATE OR REPLACE TRIGGER (PostgreSQL 14+):
     -- same effect in this transaction, and it works on older servers.
-    PERFORM pgconsistency.drop_audit_triggers(target);
+    PERFORM pgconsistency._drop_audit_triggers(target);
     EXECUTE pg_catalog.format(
         'CREATE TRIGGER pgconsistency_audit AFTER INSERT OR UPDATE OR DELETE ON %I.%I
-           FOR EACH ROW EXECUTE FUNCTION pgconsistency.audit_trigger(%s)',
+           FOR EACH ROW EXECUTE FUNCTION pgconsistency._audit_trigger(%s)',
         v_schema, v_table, coalesce(pg_catalog.quote_literal(key_column), ''));
     EXECUTE pg_catalog.format(
         'CREATE TRIGGER pgconsistency_audit_truncate AFTER TRUNCATE ON %I.%I
-           FOR EACH STATEMENT EXECUTE FUNCTION pgconsistency.audit_trigger()',
+           FOR EACH STATEMENT EXECUTE FUNCTION pgconsistency._audit_trigger()',
         v_schema, v_table);
 
     INSERT INTO pgconsistency.audited_table AS a (table_schema, table_name, key_column, enabled_at, enabled_by)
@@ -236,7 +254,7 @@ BEGIN
     SELECT n.nspname, c.relname INTO v_schema, v_table
       FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = target;
-    PERFORM pgconsistency.drop_audit_triggers(target);
+    PERFORM pgconsistency._drop_audit_triggers(target);
     DELETE FROM pgconsistency.audited_table a WHERE a.table_schema = v_schema AND a.table_name = v_table;
 END
 $fn$;
@@ -388,7 +406,7 @@ COMMENT ON FUNCTION pgconsistency.audit_restore(bigint) IS
 -- As in the framework (sql/framework/10_privileges.sql): nothing in the
 -- schema is executable by PUBLIC. A DBA grants audit_history to whoever
 -- investigates (docs/audit.md).
-REVOKE EXECUTE ON FUNCTION pgconsistency.drop_audit_triggers(regclass), pgconsistency.enable_audit(regclass, text),
+REVOKE EXECUTE ON FUNCTION pgconsistency._drop_audit_triggers(regclass), pgconsistency.enable_audit(regclass, text),
        pgconsistency.disable_audit(regclass), pgconsistency.enable_dataset_audit(text),
        pgconsistency.audit_history(text, timestamptz, text), pgconsistency.audit_restore(bigint) FROM PUBLIC;
 

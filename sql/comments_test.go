@@ -12,13 +12,16 @@ import (
 )
 
 // testEveryObjectHasAComment: \df+ pgconsistency.* and \dv+ describe every
-// function, procedure and view that install.sql makes, and the name tells
+// function, procedure and view that install.sql and the optional packs
+// (operations.sql, audit.sql) make, and the name tells
 // internal from public: a function whose name starts with an underscore is
 // internal and its comment starts with "Internal:"; no other's does. With
 // an invariant in incremental mode, so that the capture functions
 // _install_capture generates are among them.
 func testEveryObjectHasAComment(t *testing.T, s *pgtest.Server) {
 	db := fixture.NewDatabase(t, s)
+	s.PsqlFile(t, db, fixture.Path("sql/operations.sql"))
+	s.PsqlFile(t, db, fixture.Path("sql/audit.sql"))
 	conn := s.Conn(t, db)
 	exec(t, conn, "SELECT pgconsistency.set_refresh_mode('dataset_seed_missing', 'incremental')")
 

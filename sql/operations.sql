@@ -42,6 +42,18 @@ BEGIN
 END
 $check$;
 
+-- Upgrades: before 0.4.0 the pack's internal function had no leading
+-- underscore. Renamed in place (the invariant's after_refresh is updated
+-- below).
+DO $do$
+BEGIN
+    IF pg_catalog.to_regprocedure('pgconsistency.deadlocks_remember(text)') IS NOT NULL
+       AND pg_catalog.to_regprocedure('pgconsistency._deadlocks_remember(text)') IS NULL THEN
+        ALTER FUNCTION pgconsistency.deadlocks_remember(text) RENAME TO _deadlocks_remember;
+    END IF;
+END
+$do$;
+
 -- define_operations_invariant: define_invariant() for a cheap, frequent check.
 -- A newly created invariant gets a 1-minute refresh period and short
 -- guardrails; an existing one keeps what the DBA set (re-running the pack
@@ -210,7 +222,7 @@ SELECT pgconsistency.define_parameter('lock_wait_long', 'threshold', 'interval',
 -- deadlocks_detected: deadlocks PostgreSQL detected (and broke by aborting a
 -- transaction) in this database since the previous refresh. pg_stat_database
 -- counts them; the counter seen by each refresh is remembered in
--- deadlock_baseline by deadlocks_remember(), called by refresh_invariant
+-- deadlock_baseline by _deadlocks_remember(), called by refresh_invariant
 -- after the refresh (after_refresh). The anomaly shows at the refresh after
 -- the deadlock and is resolved at the next one without a new deadlock. The
 -- first refresh only records the baseline; a statistics reset starts a new
@@ -226,7 +238,7 @@ SELECT pgconsistency._install_comment('pgconsistency.deadlock_baseline',
 
 -- Reads pg_stat_database in the refresh's transaction: with the default
 -- stats_fetch_consistency (cache) it sees the same value the view's query saw.
-CREATE OR REPLACE FUNCTION pgconsistency.deadlocks_remember(invariant text) RETURNS void
+CREATE OR REPLACE FUNCTION pgconsistency._deadlocks_remember(invariant text) RETURNS void
 LANGUAGE sql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -237,7 +249,7 @@ AS $fn$
     ON CONFLICT ON CONSTRAINT deadlock_baseline_pkey DO UPDATE
        SET deadlocks = EXCLUDED.deadlocks, stats_reset = EXCLUDED.stats_reset, recorded_at = EXCLUDED.recorded_at
 $fn$;
-COMMENT ON FUNCTION pgconsistency.deadlocks_remember(text) IS
+COMMENT ON FUNCTION pgconsistency._deadlocks_remember(text) IS
   'Internal: after_refresh of deadlocks_detected, records the deadlock counter the refresh saw';
 
 SELECT pgconsistency.define_operations_invariant(
@@ -255,8 +267,8 @@ SELECT d.datname::text AS key,
    AND d.deadlocks > b.deadlocks
    AND d.stats_reset IS NOT DISTINCT FROM b.stats_reset
 $q$) AS created;
-UPDATE pgconsistency.invariant i SET after_refresh = 'pgconsistency.deadlocks_remember'
- WHERE i.name = 'deadlocks_detected';
+UPDATE pgconsistency.invariant i SET after_refresh = 'pgconsistency._deadlocks_remember'
+ WHERE i.name = 'deadlocks_detected' AND i.after_refresh IS DISTINCT FROM 'pgconsistency._deadlocks_remember';
 
 -- sequence_near_exhaustion: a sequence that has used more than the threshold
 -- of its range. The limit is the lower of the sequence's own maximum and
@@ -441,7 +453,7 @@ COMMENT ON FUNCTION pgconsistency.define_job_queue_latency(text, regclass, text,
 -- As in the framework (sql/framework/10_privileges.sql): nothing in the
 -- schema is executable by PUBLIC.
 REVOKE EXECUTE ON FUNCTION pgconsistency.define_operations_invariant(text, text, text, text),
-       pgconsistency.deadlocks_remember(text),
+       pgconsistency._deadlocks_remember(text),
        pgconsistency.define_job_queue_latency(text, regclass, text, text, text, interval, text) FROM PUBLIC;
 
 COMMIT;
