@@ -19,10 +19,20 @@ SQUAWK_VERSION := 2.66.0
 SQUAWK    := $(TOOLS)/squawk-$(SQUAWK_VERSION)/node_modules/.bin/squawk
 RECEIVER  := receiver/pgconsistencyreceiver
 COLLECTOR := _build/otelcol-pgconsistency
+# The release version, from one place: the top release heading of CHANGELOG.md
+# ("## [0.5.0] - 2026-12-03"; an [Unreleased] heading is not one). The
+# collector's --version, pgconsistency.version() (checked by sql/upgrade_test.go)
+# and the packages all say it.
+VERSION   := $(shell sed -n 's/^\#\# \[\([0-9][0-9]*\.[0-9][0-9]*\.[0-9][0-9]*[^]]*\)\].*/\1/p' CHANGELOG.md | head -n 1)
+# _build/VERSION is rewritten only when the version changes, so a CHANGELOG
+# edit that keeps the version rebuilds nothing.
+VERSION_FILE := _build/VERSION
+# builder-config.yaml with dist.version set to $(VERSION)
+BUILDER_CONFIG := _build/builder-config.yaml
 # what the distribution is built from: rebuilt when one of these changes
-COLLECTOR_SOURCES := builder-config.yaml go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
+COLLECTOR_SOURCES := $(BUILDER_CONFIG) go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
+.PHONY: all run test build version deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
 
 all: test
 
@@ -114,9 +124,28 @@ check-alerting:
 
 build: $(COLLECTOR)
 
+version:
+	@echo $(VERSION)
+
+$(VERSION_FILE): FORCE
+	@if [ -z "$(VERSION)" ]; then echo 'CHANGELOG.md has no release heading "## [x.y.z] - date": add one, it is the version of the build'; exit 1; fi
+	@mkdir -p $(@D)
+	@[ "$$(cat $@ 2>/dev/null)" = "$(VERSION)" ] || echo "$(VERSION)" > $@
+
+$(BUILDER_CONFIG): builder-config.yaml $(VERSION_FILE)
+	@mkdir -p $(@D)
+	sed 's/^\(  version:\).*/\1 $(VERSION)/' builder-config.yaml > $@
+	@grep -q '^  version: $(VERSION)$$' $@ || { echo "builder-config.yaml: no dist.version line (\"  version: ...\") to set to $(VERSION)"; exit 1; }
+
+# CGO_ENABLED=0: a static binary, the same in the packages and in the image
+# (which holds nothing else). The builder resolves paths against the working
+# directory, so the rendered configuration in _build/ reads as the original.
 $(COLLECTOR): $(BUILDER) $(COLLECTOR_SOURCES)
-	$(BUILDER) --config builder-config.yaml
+	CGO_ENABLED=0 $(BUILDER) --config $(BUILDER_CONFIG)
 	@$(COLLECTOR) components | grep -q 'name: pgconsistency' || { echo "$(COLLECTOR) lacks the pgconsistency receiver"; exit 1; }
+	@$(COLLECTOR) --version | grep -qx 'otelcol-pgconsistency version $(VERSION)' || { echo "$(COLLECTOR) --version does not say $(VERSION): $$($(COLLECTOR) --version)"; exit 1; }
+
+FORCE:
 
 $(BUILDER):
 	GOBIN=$(TOOLS) $(GO) install go.opentelemetry.io/collector/cmd/builder@$(BUILDER_VERSION)
