@@ -2,6 +2,7 @@
 #   make run        the demo: throwaway PostgreSQL with demo data, the collector, Prometheus
 #   make test       every test (installs what is missing on Debian, as root)
 #   make build      the collector distribution: _build/otelcol-pgconsistency
+#   make package    the release artifacts in _build/dist: .deb, .rpm, OCI image, SBOM, checksums
 #   make bench      the benchmark of BENCHMARKS.md (SCALE=100000,1000000 datasets), then the mass incident
 #   make soak       the collector under load (1,000 invariants; 20 databases) and a 10-minute soak
 #   make generate   regenerate the receiver's mdatagen code from metadata.yaml
@@ -17,6 +18,12 @@ GOLANGCI_LINT_VERSION := v2.15.0
 GOLANGCI_LINT := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)
 SQUAWK_VERSION := 2.66.0
 SQUAWK    := $(TOOLS)/squawk-$(SQUAWK_VERSION)/node_modules/.bin/squawk
+NFPM_VERSION  := v2.45.2
+NFPM      := $(TOOLS)/nfpm-$(NFPM_VERSION)
+CRANE_VERSION := v0.22.1
+CRANE     := $(TOOLS)/crane-$(CRANE_VERSION)
+SYFT_VERSION  := v1.57.1
+SYFT      := $(TOOLS)/syft-$(SYFT_VERSION)
 RECEIVER  := receiver/pgconsistencyreceiver
 COLLECTOR := _build/otelcol-pgconsistency
 # The release version, from one place: the top release heading of CHANGELOG.md
@@ -32,7 +39,7 @@ BUILDER_CONFIG := _build/builder-config.yaml
 # what the distribution is built from: rebuilt when one of these changes
 COLLECTOR_SOURCES := $(BUILDER_CONFIG) go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build version deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
+.PHONY: all run test build version package test-package deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
 
 all: test
 
@@ -67,7 +74,7 @@ $(SQUAWK):
 # clusters the tests start, and end to end (internal/e2e) with the built
 # collector and a real Prometheus. -p 2: two cores; each SQL, integration or
 # e2e test binary runs its own PostgreSQL.
-test: deps check-fmt vet lint check-generate check-alerting build
+test: deps check-fmt vet lint check-generate check-alerting build package
 	$(GO) test -count=1 -p 2 -timeout 30m ./...
 	$(MAKE) fuzz
 
@@ -146,6 +153,46 @@ $(COLLECTOR): $(BUILDER) $(COLLECTOR_SOURCES)
 	@$(COLLECTOR) --version | grep -qx 'otelcol-pgconsistency version $(VERSION)' || { echo "$(COLLECTOR) --version does not say $(VERSION): $$($(COLLECTOR) --version)"; exit 1; }
 
 FORCE:
+
+# Release artifacts, in _build/dist (docs/install.md), from the binary of
+# make build: the .deb and the .rpm (nfpm, packaging/nfpm.yaml), the OCI
+# image as an OCI layout in a tar file (crane, scripts/image.sh; no container
+# engine, no registry), an SPDX SBOM of the binary's Go modules (syft, read
+# from the binary, offline) and sha256sums.txt of them all.
+DIST      := _build/dist
+ARCH      := $(shell $(GO) env GOARCH)
+PACKAGE_MAINTAINER ?= pgconsistency maintainers <maintainers@pgconsistency.invalid>
+package: build $(NFPM) $(CRANE) $(SYFT)
+	@rm -rf $(DIST) && mkdir -p $(DIST)
+	@for p in deb rpm; do \
+		VERSION=$(VERSION) ARCH=$(ARCH) MAINTAINER='$(PACKAGE_MAINTAINER)' \
+			$(NFPM) package --config packaging/nfpm.yaml --packager $$p --target $(DIST)/ || exit 1; \
+	done
+	@CRANE=$(CRANE) VERSION=$(VERSION) ARCH=$(ARCH) scripts/image.sh $(DIST)
+	@SYFT_CHECK_FOR_APP_UPDATE=false $(SYFT) scan --quiet file:$(COLLECTOR) \
+		--source-name otelcol-pgconsistency --source-version $(VERSION) \
+		-o spdx-json=$(DIST)/otelcol-pgconsistency_$(VERSION)_linux_$(ARCH).spdx.json
+	@cd $(DIST) && sha256sum -- *.deb *.rpm *.oci.tar *.spdx.json > sha256sums.txt
+	@ls -l $(DIST)
+
+# The packages installed and run on this machine (internal/packaging): the
+# .deb with dpkg (as root), the binary started as its systemd unit would start
+# it against a test database, the image's binary run from its unpacked
+# layers, rpm -qlp on the .rpm.
+test-package: package
+	$(GO) test -count=1 -timeout 10m ./internal/packaging
+
+$(NFPM):
+	GOBIN=$(TOOLS) $(GO) install github.com/goreleaser/nfpm/v2/cmd/nfpm@$(NFPM_VERSION)
+	mv $(TOOLS)/nfpm $(NFPM)
+
+$(CRANE):
+	GOBIN=$(TOOLS) $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
+	mv $(TOOLS)/crane $(CRANE)
+
+$(SYFT):
+	GOBIN=$(TOOLS) $(GO) install github.com/anchore/syft/cmd/syft@$(SYFT_VERSION)
+	mv $(TOOLS)/syft $(SYFT)
 
 $(BUILDER):
 	GOBIN=$(TOOLS) $(GO) install go.opentelemetry.io/collector/cmd/builder@$(BUILDER_VERSION)

@@ -2,7 +2,8 @@
 # Installs what the tests and the demo need, when it is missing: the
 # PostgreSQL 15 server, pg_cron, psql, PgBouncer (pgtest starts one in front
 # of a test server), Prometheus (remote write receiver, promtool),
-# Alertmanager (amtool), npm (make lint installs squawk with it), and the
+# Alertmanager (amtool), npm (make lint installs squawk with it), rpm (the
+# packaging test lists the .rpm's files with rpm -qlp), and the
 # de_DE.UTF-8 locale (generated with localedef). On Debian as root it runs apt-get; elsewhere it
 # says what to install.
 # `install-deps.sh bench` also installs what make bench compares with and
@@ -36,6 +37,7 @@ command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
 command -v amtool >/dev/null 2>&1 || pkgs+=(prometheus-alertmanager)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
 command -v npm >/dev/null 2>&1 || pkgs+=(npm)
+command -v rpm >/dev/null 2>&1 || pkgs+=(rpm)
 
 # A second message locale for the server: the SQL tests check that a refresh
 # tells a timeout from a cancel whatever language the server speaks.
