@@ -2,7 +2,8 @@
 #   make run        the demo: throwaway PostgreSQL with demo data, the collector, Prometheus
 #   make test       every test (installs what is missing on Debian, as root)
 #   make build      the collector distribution: _build/otelcol-pgconsistency
-#   make package    the release artifacts in _build/dist: .deb, .rpm, OCI image, SBOM, checksums
+#   make package    the release artifacts in _build/dist: .deb, .rpm, OCI image, SBOM, checksums (docs/install.md)
+#   make test-package  make package, then its tests (internal/packaging; as root)
 #   make bench      the benchmark of BENCHMARKS.md (SCALE=100000,1000000 datasets), then the mass incident
 #   make soak       the collector under load (1,000 invariants; 20 databases) and a 10-minute soak
 #   make generate   regenerate the receiver's mdatagen code from metadata.yaml
@@ -160,7 +161,7 @@ FORCE:
 # engine, no registry), an SPDX SBOM of the binary's Go modules (syft, read
 # from the binary, offline) and sha256sums.txt of them all.
 DIST      := _build/dist
-ARCH      := $(shell $(GO) env GOARCH)
+ARCH       = $(shell $(GO) env GOARCH)
 PACKAGE_MAINTAINER ?= pgconsistency maintainers <maintainers@pgconsistency.invalid>
 package: build $(NFPM) $(CRANE) $(SYFT)
 	@rm -rf $(DIST) && mkdir -p $(DIST)
