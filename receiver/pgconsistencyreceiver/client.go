@@ -183,8 +183,12 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 	}
 	pc.ConnConfig = cc
 	// One query per scrape: one connection is enough; a second covers a
-	// connection being replaced while a scrape runs.
+	// connection being replaced while a scrape runs. Watching several
+	// databases, each has one, within the bound of max_connections.
 	pc.MaxConns = 2
+	if cfg.multiDatabase() {
+		pc.MaxConns = 1
+	}
 	pc.MinConns = 0
 
 	c := &pgxClient{
@@ -319,6 +323,9 @@ func (c *pgxClient) explain(err error) error {
 		case "42P01", "3F000": // undefined_table, invalid_schema_name
 			return fmt.Errorf("reading pgconsistency status in %s: %w; install it with "+
 				"`psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`", c.target, err)
+		case "3D000": // invalid_catalog_name
+			return fmt.Errorf("reading pgconsistency status in %s: %w; create the database and install pgconsistency in it "+
+				"(`psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`), or remove it from \"database\"/\"databases\"", c.target, err)
 		case "42501": // insufficient_privilege
 			return fmt.Errorf("reading pgconsistency status in %s: %w; grant the receiver's role "+
 				"USAGE on the schema and SELECT on its status view", c.target, err)
