@@ -213,14 +213,24 @@ func (c *pgxClient) status(ctx context.Context) ([]invariantStatus, error) {
 	rows, err := c.queryStatus(ctx)
 	// A connection broken by a server restart fails on first use; the pool
 	// then drops it. Retrying once, when nothing reached the server, keeps a
-	// restart that is already over from showing up as a failed scrape.
-	if err != nil && pgconn.SafeToRetry(err) && ctx.Err() == nil {
+	// restart that is already over from showing up as a failed scrape. So
+	// does a connection the server ended while it was idle (admin_shutdown:
+	// pg_terminate_backend, DROP DATABASE … WITH (FORCE), a fast shutdown):
+	// the read is read-only, and a new connection says what is true now.
+	if err != nil && (pgconn.SafeToRetry(err) || isAdminShutdown(err)) && ctx.Err() == nil {
 		rows, err = c.queryStatus(ctx)
 	}
 	if err != nil {
 		return nil, c.explain(err)
 	}
 	return rows, nil
+}
+
+// isAdminShutdown is true when the server ended the connection (SQLSTATE
+// 57P01).
+func isAdminShutdown(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "57P01"
 }
 
 // queryStatus reads the status in a read-only transaction under the
