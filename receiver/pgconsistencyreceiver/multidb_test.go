@@ -306,3 +306,25 @@ func TestIntegrationDiscovery(t *testing.T) {
 		assert.EqualValues(t, 2, refused[0].ContextMap()["max_connections"])
 	})
 }
+
+// TestLogsRefuseSeveralDatabases: a logs pipeline reads one database's log
+// cursor; a receiver with databases or discovery is refused there, with
+// what to do instead, and still works in a metrics pipeline.
+func TestLogsRefuseSeveralDatabases(t *testing.T) {
+	for name, set := range map[string]func(*Config){
+		"databases": func(cfg *Config) { cfg.Databases = []string{"app", "billing"} },
+		"discovery": func(cfg *Config) { cfg.Discovery.Enabled = true },
+	} {
+		t.Run(name, func(t *testing.T) {
+			cfg := createDefaultConfig()
+			cfg.Username = "otel"
+			set(cfg)
+			require.NoError(t, cfg.Validate())
+			_, err := NewFactory().CreateLogs(t.Context(), receivertest.NewNopSettings(metadata.Type), cfg, consumertest.NewNop())
+			require.ErrorIs(t, err, errMultiDatabaseLogs)
+			assert.ErrorContains(t, err, `in a logs pipeline, use one receiver per database with "database"`)
+			_, err = NewFactory().CreateMetrics(t.Context(), receivertest.NewNopSettings(metadata.Type), cfg, consumertest.NewNop())
+			require.NoError(t, err)
+		})
+	}
+}
