@@ -183,8 +183,12 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 	}
 	pc.ConnConfig = cc
 	// One query per scrape: one connection is enough; a second covers a
-	// connection being replaced while a scrape runs.
+	// connection being replaced while a scrape runs. Watching several
+	// databases, each has one, within the bound of max_connections.
 	pc.MaxConns = 2
+	if cfg.multiDatabase() {
+		pc.MaxConns = 1
+	}
 	pc.MinConns = 0
 
 	c := &pgxClient{
@@ -209,14 +213,24 @@ func (c *pgxClient) status(ctx context.Context) ([]invariantStatus, error) {
 	rows, err := c.queryStatus(ctx)
 	// A connection broken by a server restart fails on first use; the pool
 	// then drops it. Retrying once, when nothing reached the server, keeps a
-	// restart that is already over from showing up as a failed scrape.
-	if err != nil && pgconn.SafeToRetry(err) && ctx.Err() == nil {
+	// restart that is already over from showing up as a failed scrape. So
+	// does a connection the server ended while it was idle (admin_shutdown:
+	// pg_terminate_backend, DROP DATABASE … WITH (FORCE), a fast shutdown):
+	// the read is read-only, and a new connection says what is true now.
+	if err != nil && (pgconn.SafeToRetry(err) || isAdminShutdown(err)) && ctx.Err() == nil {
 		rows, err = c.queryStatus(ctx)
 	}
 	if err != nil {
 		return nil, c.explain(err)
 	}
 	return rows, nil
+}
+
+// isAdminShutdown is true when the server ended the connection (SQLSTATE
+// 57P01).
+func isAdminShutdown(err error) bool {
+	var pgErr *pgconn.PgError
+	return errors.As(err, &pgErr) && pgErr.Code == "57P01"
 }
 
 // queryStatus reads the status in a read-only transaction under the
@@ -319,6 +333,9 @@ func (c *pgxClient) explain(err error) error {
 		case "42P01", "3F000": // undefined_table, invalid_schema_name
 			return fmt.Errorf("reading pgconsistency status in %s: %w; install it with "+
 				"`psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`", c.target, err)
+		case "3D000": // invalid_catalog_name
+			return fmt.Errorf("reading pgconsistency status in %s: %w; create the database and install pgconsistency in it "+
+				"(`psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`), or remove it from \"database\"/\"databases\"", c.target, err)
 		case "42501": // insufficient_privilege
 			return fmt.Errorf("reading pgconsistency status in %s: %w; grant the receiver's role "+
 				"USAGE on the schema and SELECT on its status view", c.target, err)

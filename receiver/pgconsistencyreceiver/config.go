@@ -23,6 +23,9 @@ const (
 	maxDerivedTimeout         = 10 * time.Second // cap of the timeout derived when "timeout" is not set
 	defaultDeployDelay        = 10 * time.Minute
 	defaultMaxLogRecords      = 100
+	defaultDiscoveryInterval  = 5 * time.Minute
+	defaultDiscoveryDatabase  = "postgres"
+	defaultMaxConnections     = 10
 )
 
 // Config is the configuration of the pgconsistency receiver.
@@ -40,7 +43,21 @@ type Config struct {
 	// mounted secret), read when the receiver starts; one trailing newline
 	// is ignored. Exclusive with Password.
 	PasswordFile string `mapstructure:"password_file"`
-	Database     string `mapstructure:"database"`
+	// Database is the one database to watch. Exclusive with Databases and
+	// Discovery.
+	Database string `mapstructure:"database"`
+	// Databases are several databases of the server to watch, each with its
+	// own resource and pgconsistency.up. Exclusive with Database and
+	// Discovery.
+	Databases []string `mapstructure:"databases"`
+	// Discovery watches every database of the server where pgconsistency is
+	// installed, re-checked every interval. Exclusive with Database and
+	// Databases.
+	Discovery DiscoveryConfig `mapstructure:"discovery"`
+	// MaxConnections bounds the connections the receiver holds for all the
+	// databases of Databases or Discovery together (see
+	// connectionsPerDatabase). Not used with Database.
+	MaxConnections int `mapstructure:"max_connections"`
 
 	// TLS to the server. Default: TLS required, certificate not verified
 	// (sslmode=require); insecure: true disables TLS, and
@@ -132,6 +149,26 @@ func (c *LogsConfig) maxRecordsKey() string {
 	return "logs::max_records_per_interval"
 }
 
+// DiscoveryConfig configures the discovery of the databases to watch.
+type DiscoveryConfig struct {
+	// Enabled turns discovery on: every database of the server that accepts
+	// connections, is not a template, is not excluded and has the
+	// pgconsistency status view is watched.
+	Enabled bool `mapstructure:"enabled"`
+	// Interval is how often the list of databases is read again: a database
+	// created (or given pgconsistency) since is watched from then on, one
+	// dropped is no longer.
+	Interval time.Duration `mapstructure:"interval"`
+	// Database is where the list of databases is read (pg_database); the
+	// role needs CONNECT on it.
+	Database string `mapstructure:"database"`
+	// Exclude are names of databases never to watch.
+	Exclude []string `mapstructure:"exclude"`
+
+	// prevent unkeyed literal initialization
+	_ struct{}
+}
+
 // DeployMarkerConfig is a query whose value changes with each deployment.
 type DeployMarkerConfig struct {
 	// Query returns one row and one column, e.g.
@@ -164,7 +201,43 @@ func createDefaultConfig() *Config {
 			DeployMarker: DeployMarkerConfig{Delay: defaultDeployDelay},
 		},
 		Logs: LogsConfig{MaxRecordsPerInterval: defaultMaxLogRecords},
+		Discovery: DiscoveryConfig{
+			Interval: defaultDiscoveryInterval,
+			Database: defaultDiscoveryDatabase,
+		},
+		MaxConnections: defaultMaxConnections,
 	}
+}
+
+// multiDatabase is true when the receiver watches several databases
+// (databases or discovery) rather than the one of "database".
+func (cfg *Config) multiDatabase() bool {
+	return len(cfg.Databases) > 0 || cfg.Discovery.Enabled
+}
+
+// connectionsPerDatabase is what one watched database takes of
+// max_connections: its scrape connection, plus the refresh scheduler's with
+// refresh::poll_interval.
+func (cfg *Config) connectionsPerDatabase() int {
+	if cfg.Refresh.interval() > 0 {
+		return 2
+	}
+	return 1
+}
+
+// maxDiscoveredDatabases is how many databases discovery may watch within
+// max_connections, one connection being kept for discovery itself.
+func (cfg *Config) maxDiscoveredDatabases() int {
+	return max(0, (cfg.MaxConnections-1)/cfg.connectionsPerDatabase())
+}
+
+// forDatabase is the configuration of one watched database: a copy with
+// "database" set to it (and the multi-database settings kept, so that the
+// copy still says it is one of several).
+func (cfg *Config) forDatabase(name string) *Config {
+	c := *cfg
+	c.Database = name
+	return &c
 }
 
 // Validate reports every problem of the configuration at once, each naming
@@ -177,9 +250,7 @@ func (cfg *Config) Validate() error {
 	if cfg.Username == "" {
 		errs = append(errs, errors.New(`"username" must be set: the PostgreSQL role the receiver logs in as (it needs only SELECT on the pgconsistency schema)`))
 	}
-	if cfg.Database == "" {
-		errs = append(errs, errors.New(`"database" must be set: the database where sql/install.sql installed pgconsistency`))
-	}
+	errs = append(errs, cfg.validateDatabases()...)
 	if cfg.Password != "" && cfg.PasswordFile != "" {
 		errs = append(errs, errors.New(`"password" and "password_file" are both set: keep one, "password_file" for a mounted secret or "password" (e.g. password: ${env:VAR})`))
 	}
@@ -215,6 +286,71 @@ func (cfg *Config) Validate() error {
 		}
 	}
 	return errors.Join(errs...)
+}
+
+// validateDatabases checks which databases to watch: exactly one of
+// "database", "databases" and "discovery::enabled", and the connection bound.
+func (cfg *Config) validateDatabases() []error {
+	var errs []error
+	set := 0
+	for _, on := range []bool{cfg.Database != "", len(cfg.Databases) > 0, cfg.Discovery.Enabled} {
+		if on {
+			set++
+		}
+	}
+	switch {
+	case set == 0:
+		errs = append(errs, errors.New(`"database" must be set: the database where sql/install.sql installed pgconsistency `+
+			`(or "databases: [app, billing]" for several, or "discovery: {enabled: true}" for every database of the server that has it)`))
+	case set > 1:
+		errs = append(errs, errors.New(`"database", "databases" and "discovery::enabled" are exclusive, and more than one is set: `+
+			`keep "database" for one database, "databases" for a list, or "discovery" for every database that has pgconsistency`))
+	}
+	seen := map[string]bool{}
+	for i, name := range cfg.Databases {
+		switch {
+		case strings.TrimSpace(name) == "":
+			errs = append(errs, fmt.Errorf(`"databases" entry %d is empty: write the name of a database, or remove the entry`, i))
+		case seen[name]:
+			errs = append(errs, fmt.Errorf(`"databases" lists %q twice: list each database once`, name))
+		}
+		seen[name] = true
+	}
+	if cfg.MaxConnections < 1 {
+		errs = append(errs, fmt.Errorf(`"max_connections" (%d) must be at least 1: the bound of the receiver's connections to all its databases`, cfg.MaxConnections))
+	} else if per := cfg.connectionsPerDatabase(); len(cfg.Databases) > 0 && len(cfg.Databases)*per > cfg.MaxConnections {
+		errs = append(errs, fmt.Errorf(`"max_connections" (%d) is too low for the %d databases of "databases": `+
+			`each takes %d (%s); raise "max_connections" to %d, or list fewer databases`,
+			cfg.MaxConnections, len(cfg.Databases), per, perDatabaseWhat(per), len(cfg.Databases)*per))
+	} else if cfg.Discovery.Enabled && cfg.maxDiscoveredDatabases() < 1 {
+		errs = append(errs, fmt.Errorf(`"max_connections" (%d) is too low for discovery: it needs 1 connection to list the databases `+
+			`and %d per database watched (%s); raise "max_connections" to at least %d`, cfg.MaxConnections, per, perDatabaseWhat(per), 1+per))
+	}
+	d := &cfg.Discovery
+	if d.Enabled {
+		if d.Interval <= 0 {
+			errs = append(errs, fmt.Errorf(`"discovery::interval" (%s) must be positive, e.g. 5m: how often the list of databases is read again`, d.Interval))
+		}
+		if d.Database == "" {
+			errs = append(errs, errors.New(`"discovery::database" must be set: the database where the list of databases is read, e.g. postgres`))
+		}
+	} else if len(d.Exclude) > 0 {
+		errs = append(errs, errors.New(`"discovery::exclude" is set but discovery is off: set "discovery::enabled: true", or remove "discovery::exclude"`))
+	}
+	for i, name := range d.Exclude {
+		if strings.TrimSpace(name) == "" {
+			errs = append(errs, fmt.Errorf(`"discovery::exclude" entry %d is empty: write the name of a database, or remove the entry`, i))
+		}
+	}
+	return errs
+}
+
+// perDatabaseWhat says what the connections of one database are for.
+func perDatabaseWhat(per int) string {
+	if per == 2 {
+		return "one to scrape, one for the refresh scheduler of refresh::poll_interval"
+	}
+	return "one to scrape"
 }
 
 // deprecations are the warnings to log at start for deprecated settings.

@@ -365,3 +365,70 @@ func TestRenamedKeys(t *testing.T) {
 		assert.ErrorContains(t, err, `"logs::max_records_per_scrape" (-2) must be at least 1`)
 	})
 }
+
+// TestMultiDatabaseConfig: "databases" and "discovery" watch several
+// databases; exactly one of them or "database" is set, and the connections
+// they need fit in max_connections. Every problem names its key and the fix.
+func TestMultiDatabaseConfig(t *testing.T) {
+	t.Run("databases", func(t *testing.T) {
+		cfg := loadConfig(t, "databases")
+		require.NoError(t, confmap.Validate(cfg))
+		assert.Equal(t, []string{"app", "billing"}, cfg.Databases)
+		assert.Empty(t, cfg.Database)
+		assert.True(t, cfg.multiDatabase())
+		assert.Equal(t, 10, cfg.MaxConnections, "the default bound")
+		assert.Equal(t, 2, cfg.connectionsPerDatabase(), "scrape and refresh")
+		db := cfg.forDatabase("billing")
+		assert.Equal(t, "billing", db.Database)
+		assert.Empty(t, cfg.Database, "forDatabase copies")
+	})
+	t.Run("discovery", func(t *testing.T) {
+		cfg := loadConfig(t, "discovery")
+		require.NoError(t, confmap.Validate(cfg))
+		assert.True(t, cfg.Discovery.Enabled)
+		assert.Equal(t, 2*time.Minute, cfg.Discovery.Interval)
+		assert.Equal(t, "postgres", cfg.Discovery.Database, "the default")
+		assert.Equal(t, []string{"postgres", "scratch"}, cfg.Discovery.Exclude)
+		assert.Equal(t, 1, cfg.connectionsPerDatabase())
+		assert.Equal(t, 4, cfg.maxDiscoveredDatabases(), "5 connections: 1 for discovery, 4 databases")
+	})
+	t.Run("single database is unchanged", func(t *testing.T) {
+		cfg := loadConfig(t, "minimal")
+		require.NoError(t, confmap.Validate(cfg))
+		assert.False(t, cfg.multiDatabase())
+		assert.False(t, cfg.Discovery.Enabled)
+		assert.Equal(t, 5*time.Minute, cfg.Discovery.Interval)
+	})
+	tests := []struct {
+		name string
+		want []string
+	}{
+		{"database_and_databases", []string{`"database", "databases" and "discovery::enabled" are exclusive, and more than one is set`}},
+		{"databases_wrong", []string{
+			`"databases" entry 1 is empty: write the name of a database, or remove the entry`,
+			`"databases" lists "app" twice: list each database once`,
+			`"max_connections" (3) is too low for the 5 databases of "databases": each takes 1 (one to scrape); raise "max_connections" to 5, or list fewer databases`,
+		}},
+		{"databases_over_bound_with_refresh", []string{
+			`"max_connections" (3) is too low for the 2 databases of "databases": each takes 2 (one to scrape, one for the refresh scheduler of refresh::poll_interval); raise "max_connections" to 4`,
+		}},
+		{"discovery_wrong", []string{
+			`"discovery::interval" (0s) must be positive`,
+			`"discovery::database" must be set`,
+			`"discovery::exclude" entry 0 is empty`,
+			`"max_connections" (2) is too low for discovery: it needs 1 connection to list the databases and 2 per database watched`,
+			`raise "max_connections" to at least 3`,
+		}},
+		{"exclude_without_discovery", []string{`"discovery::exclude" is set but discovery is off: set "discovery::enabled: true", or remove "discovery::exclude"`}},
+		{"max_connections_zero", []string{`"max_connections" (0) must be at least 1`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := confmap.Validate(loadConfig(t, tt.name))
+			require.Error(t, err)
+			for _, want := range tt.want {
+				assert.ErrorContains(t, err, want)
+			}
+		})
+	}
+}

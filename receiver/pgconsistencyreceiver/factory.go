@@ -2,6 +2,7 @@ package pgconsistencyreceiver // import "github.com/pgconsistency/pgconsistency/
 
 import (
 	"context"
+	"errors"
 
 	"go.opentelemetry.io/collector/component"
 	"go.opentelemetry.io/collector/consumer"
@@ -39,9 +40,17 @@ func createLogsReceiver(
 	next consumer.Logs,
 ) (receiver.Logs, error) {
 	cfg := runConfig(rConf.(*Config))
+	if cfg.multiDatabase() {
+		return nil, errMultiDatabaseLogs
+	}
 	warnDeprecations(cfg, set)
 	return &logsWithPasswordFile{newLogsReceiver(cfg, set, next)}, nil
 }
+
+// errMultiDatabaseLogs refuses a logs pipeline for a receiver that watches
+// several databases: the logs receiver reads the log cursor of one.
+var errMultiDatabaseLogs = errors.New(`a pgconsistency receiver with "databases" or "discovery" can only be in a metrics pipeline: ` +
+	`in a logs pipeline, use one receiver per database with "database" (e.g. pgconsistency/logs_app: {database: app, ...})`)
 
 // logsWithPasswordFile reads password_file before the logs receiver starts.
 type logsWithPasswordFile struct {

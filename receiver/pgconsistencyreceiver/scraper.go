@@ -2,7 +2,14 @@ package pgconsistencyreceiver // import "github.com/pgconsistency/pgconsistency/
 
 import (
 	"context"
+	"errors"
+	"maps"
+	"slices"
+	"sync"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
+	"go.uber.org/zap"
 
 	"go.opentelemetry.io/collector/component"
 	"go.opentelemetry.io/collector/pdata/pcommon"
@@ -13,26 +20,43 @@ import (
 	"github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver/internal/metadata"
 )
 
+// pgScraper reads the status of one database ("database") or of several
+// ("databases", "discovery"), each with a client, a resource and, with
+// refresh::poll_interval, a refresh scheduler of its own.
 type pgScraper struct {
 	cfg       *Config
+	logger    *zap.Logger
 	mb        *metadata.MetricsBuilder
 	newClient clientFactory
-	client    client
-	resource  pcommon.Resource
-	refresher *refresher // nil unless refresh::poll_interval is set
+
+	// mu guards dbs: a scrape holds it for reading while it reads the
+	// status of every database; discovery takes it to add and remove.
+	mu  sync.RWMutex
+	dbs map[string]*watchedDatabase
+
+	discovery *discovery // nil unless discovery::enabled
+}
+
+// watchedDatabase is one database the scraper reads.
+type watchedDatabase struct {
+	name       string
+	client     client
+	resource   pcommon.Resource
+	refresher  *refresher // nil unless refresh::poll_interval is set
+	discovered bool       // found by discovery: dropped quietly when it goes away
 }
 
 func newScraper(cfg *Config, set receiver.Settings, newClient clientFactory) *pgScraper {
 	s := &pgScraper{
 		cfg:       cfg,
+		logger:    set.Logger,
 		mb:        metadata.NewMetricsBuilder(cfg.MetricsBuilderConfig, set),
 		newClient: newClient,
+		dbs:       map[string]*watchedDatabase{},
 	}
-	if cfg.Refresh.interval() > 0 {
-		s.refresher = newRefresher(cfg, set.Logger)
+	if cfg.Discovery.Enabled {
+		s.discovery = newDiscovery(cfg, set.Logger, s)
 	}
-	// The resource is the same on every scrape: build it once.
-	s.resource = resourceFor(cfg, s.mb.NewResourceBuilder())
 	return s
 }
 
@@ -46,39 +70,161 @@ func resourceFor(cfg *Config, rb *metadata.ResourceBuilder) pcommon.Resource {
 }
 
 func (s *pgScraper) start(ctx context.Context, _ component.Host) error {
-	c, err := s.newClient(ctx, s.cfg)
+	switch {
+	case s.discovery != nil:
+		// The TLS files are read now, so that a wrong path fails the start
+		// as it does with "database".
+		if _, err := connConfig(ctx, s.cfg); err != nil {
+			return err
+		}
+		s.discovery.start()
+	case len(s.cfg.Databases) > 0:
+		for _, name := range s.cfg.Databases {
+			if err := s.add(ctx, name, false); err != nil {
+				return err
+			}
+		}
+	default:
+		return s.add(ctx, s.cfg.Database, false)
+	}
+	return nil
+}
+
+// add starts watching database name. Its client does not connect yet.
+func (s *pgScraper) add(ctx context.Context, name string, discovered bool) error {
+	cfg, logger := s.cfg, s.logger
+	if s.cfg.multiDatabase() {
+		cfg = s.cfg.forDatabase(name)
+		logger = logger.With(zap.String("database", name))
+	}
+	c, err := s.newClient(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	s.client = c
-	if s.refresher != nil {
-		s.refresher.start()
+	db := &watchedDatabase{
+		name:       name,
+		client:     c,
+		resource:   resourceFor(cfg, s.mb.NewResourceBuilder()),
+		discovered: discovered,
 	}
+	if cfg.Refresh.interval() > 0 {
+		db.refresher = newRefresher(cfg, logger)
+		db.refresher.start()
+	}
+	s.mu.Lock()
+	s.dbs[name] = db
+	s.mu.Unlock()
 	return nil
+}
+
+// remove stops watching database name: its series stop, its connections
+// close.
+func (s *pgScraper) remove(name string) {
+	s.mu.Lock()
+	db := s.dbs[name]
+	delete(s.dbs, name)
+	s.mu.Unlock()
+	if db != nil {
+		db.close()
+	}
+}
+
+func (db *watchedDatabase) close() {
+	if db.refresher != nil {
+		db.refresher.shutdown()
+	}
+	db.client.close()
+}
+
+// watching lists the names of the databases watched now.
+func (s *pgScraper) watching() []string {
+	s.mu.RLock()
+	defer s.mu.RUnlock()
+	return slices.Sorted(maps.Keys(s.dbs))
 }
 
 func (s *pgScraper) shutdown(context.Context) error {
-	if s.refresher != nil {
-		s.refresher.shutdown()
+	if s.discovery != nil {
+		s.discovery.shutdown()
 	}
-	if s.client != nil {
-		s.client.close()
-		s.client = nil
+	s.mu.Lock()
+	dbs := s.dbs
+	s.dbs = map[string]*watchedDatabase{}
+	s.mu.Unlock()
+	for _, db := range dbs {
+		db.close()
 	}
 	return nil
 }
 
-// scrape reads pgconsistency.status once and records every enabled invariant,
-// zeros included, so that "no anomalies" never looks like "no data".
+// scrape reads the status of every watched database, all at once (each has
+// its own connection), and records each under its own resource. A database
+// that could not be read gets pgconsistency.up = 0 and a partial error; one
+// that discovery found and that is gone since (dropped, or pgconsistency
+// removed) is no longer watched, logged once, not an error.
 func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 	now := pcommon.NewTimestampFromTime(time.Now())
-	rows, err := s.client.status(ctx)
-	if err != nil {
-		s.mb.RecordPgconsistencyUpDataPoint(now, 0)
+	type result struct {
+		db   *watchedDatabase
+		rows []invariantStatus
+		err  error
+	}
+	s.mu.RLock()
+	results := make([]result, 0, len(s.dbs))
+	for _, name := range slices.Sorted(maps.Keys(s.dbs)) {
+		results = append(results, result{db: s.dbs[name]})
+	}
+	var wg sync.WaitGroup
+	for i := range results {
+		wg.Go(func() {
+			results[i].rows, results[i].err = results[i].db.client.status(ctx)
+		})
+	}
+	wg.Wait()
+	s.mu.RUnlock()
+
+	var errs []error
+	for _, r := range results {
+		if r.err != nil && r.db.discovered && databaseGone(r.err) {
+			s.logger.Info("pgconsistency: database no longer watched; discovery watches it again if it comes back with pgconsistency",
+				zap.String("database", r.db.name), zap.Error(r.err))
+			s.remove(r.db.name)
+			continue
+		}
+		if r.err != nil {
+			errs = append(errs, r.err)
+			s.mb.RecordPgconsistencyUpDataPoint(now, 0)
+		} else {
+			s.recordStatus(now, r.rows)
+		}
+		s.mb.EmitForResource(metadata.WithResource(r.db.resource))
+	}
+	if len(errs) > 0 {
 		// Partial, not full: the controller drops the metrics of a failed
 		// scrape, and pgconsistency.up = 0 is exactly what must get through.
-		return s.mb.Emit(metadata.WithResource(s.resource)), scrapererror.NewPartialScrapeError(err, 1)
+		return s.mb.Emit(), scrapererror.NewPartialScrapeError(errors.Join(errs...), len(errs))
 	}
+	return s.mb.Emit(), nil
+}
+
+// databaseGone is true for the errors that say the database, or the
+// pgconsistency schema in it, does not exist (any more).
+func databaseGone(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return false
+	}
+	switch pgErr.Code {
+	case "3D000", "42P01", "3F000": // invalid_catalog_name, undefined_table, invalid_schema_name
+		return true
+	}
+	return false
+}
+
+// recordStatus records what one database's pgconsistency.status says: every
+// enabled invariant, zeros included, so that "no anomalies" never looks
+// like "no data".
+func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) {
 	s.mb.RecordPgconsistencyUpDataPoint(now, 1)
 	for i := range rows {
 		r := &rows[i]
@@ -129,5 +275,4 @@ func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 			s.mb.RecordPgconsistencyVersionDataPoint(now, 1, v)
 		}
 	}
-	return s.mb.Emit(metadata.WithResource(s.resource)), nil
 }
