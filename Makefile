@@ -124,11 +124,13 @@ SOAK_FLAGS ?=
 soak: deps build
 	$(GO) test -run '^$$' -bench '^Benchmark(Load|Soak)$$' -benchtime 1x -timeout 60m ./internal/soak -args $(SOAK_FLAGS)
 
-# The alert rules and their unit tests, and the Alertmanager example.
+# The alert rules and their unit tests, and the Alertmanager example and
+# its routing (by owner, then severity: scripts/test-alert-routes.sh).
 check-alerting:
 	promtool check rules config/prometheus-rules.yaml
 	promtool test rules config/prometheus-rules.test.yaml
 	amtool check-config config/alertmanager.yml
+	scripts/test-alert-routes.sh
 
 build: $(COLLECTOR)
 

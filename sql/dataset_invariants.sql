@@ -42,6 +42,11 @@
 -- key: nested loops over the dataset_id indexes, not hash or merge joins,
 -- which read dataset_entries (or an index of it) whole for a few keys.
 -- keys => maps each table's rows to datasets for incremental refresh.
+-- owner => and runbook_url => are defaults: every invariant of this pack is
+-- owned by 'data-platform' (the team Alertmanager routes its alerts to, see
+-- config/alertmanager.yml) and links to the dataset section of
+-- docs/runbook.md, unless set_owner() (or an UPDATE) gave it another
+-- owner or runbook: re-running the pack keeps those.
 --
 -- Requires the framework (sql/framework/). Idempotent: an unchanged query
 -- keeps its view.
@@ -49,6 +54,8 @@
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_head_ref_missing',
     severity    => 'critical',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset has no head row in dataset_references',
     query       => $q$
         SELECT e.dataset_id::text AS key,
@@ -64,6 +71,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_head_ref_duplicated',
     severity    => 'critical',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset has more than one head row in dataset_references',
     query       => $q$
         SELECT r.dataset_id::text AS key,
@@ -80,6 +89,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_statistics_missing',
     severity    => 'warning',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset has no row in dataset_statistics',
     query       => $q$
         SELECT e.dataset_id::text AS key,
@@ -94,6 +105,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_statistics_duplicated',
     severity    => 'warning',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset has more than one dataset_statistics row for the same ref',
     query       => $q$
         SELECT d.dataset_id::text AS key,
@@ -112,6 +125,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_key_blocks_missing',
     severity    => 'critical',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset has no row at all in dataset_key_blocks',
     query       => $q$
         SELECT e.dataset_id::text AS key,
@@ -127,6 +142,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_seed_missing',
     severity    => 'critical',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset has key blocks but none of them is a Seed event',
     query       => $q$
         SELECT k.dataset_id::text AS key,
@@ -144,6 +161,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_seed_not_first',
     severity    => 'critical',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset has a Seed event, but none at sequence number 0 or one at another sequence number',
     query       => $q$
         SELECT k.dataset_id::text AS key,
@@ -164,6 +183,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'derivative_dependencies_missing',
     severity    => 'warning',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Derivative dataset is nobody''s downstream in dataset_dependencies',
     query       => $q$
         SELECT e.dataset_id::text AS key,
@@ -182,6 +203,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_root_has_upstream',
     severity    => 'warning',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Root dataset is the downstream side of an edge in dataset_dependencies',
     query       => $q$
         SELECT e.dataset_id::text AS key,
@@ -204,6 +227,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_owner_missing',
     severity    => 'warning',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset owner_id is not an id in accounts',
     query       => $q$
         SELECT e.dataset_id::text AS key,
@@ -232,6 +257,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_chain_gap',
     severity    => 'critical',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset blocks (key and data, ref head) are not numbered exactly 0..N, each once',
     query       => $q$
         SELECT c.dataset_id::text AS key,
@@ -270,6 +297,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_head_ref_mismatch',
     severity    => 'critical',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset head reference does not hold the hash of its highest-numbered block',
     query       => $q$
         SELECT m.dataset_id::text AS key,
@@ -327,6 +356,8 @@ SELECT pgconsistency.define_invariant(
 SELECT pgconsistency.define_invariant(
     name        => 'dataset_ref_name_unknown',
     severity    => 'warning',
+    owner       => 'data-platform',
+    runbook_url => 'https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants',
     description => 'Dataset has a row with a ref name other than head (references, statistics, key or data blocks)',
     query       => $q$
         SELECT x.dataset_id::text AS key,

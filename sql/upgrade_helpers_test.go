@@ -325,3 +325,31 @@ func newIn030(t *testing.T, s *pgtest.Server, db string, admin *pgx.Conn, u used
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// newIn050 checks what 0.5.0 adds to a database upgraded from rel: owners.
+// The dataset pack's invariants get its default owner and runbook, the
+// others none; the reader reads both in the status view; what set_owner
+// (or an UPDATE) sets is kept by the next deployment (upgrade runs the
+// current files again).
+func newIn050(t *testing.T, admin *pgx.Conn, u used, rel fromRelease, upgrade func() map[string]string) {
+	got := owners(t, u.reader)
+	for inv, o := range got {
+		if slices.Contains(rel.datasetInvariants, inv) || slices.Contains(fixture.Invariants, inv) {
+			assert.Equal(t, ownedBy(packOwner, packRunbook), o, "%s, of the dataset pack", inv)
+		} else {
+			assert.Equal(t, owner{}, o, "%s, not of the dataset pack", inv)
+		}
+	}
+	for _, inv := range rel.datasetInvariants {
+		assert.Contains(t, got, inv)
+	}
+
+	exec(t, admin, "SELECT pgconsistency.set_owner('dataset_seed_missing', 'team-a', 'https://wiki.example.com/seed')")
+	exec(t, admin, "SELECT pgconsistency.set_owner('root_dataset_with_dev_ref', 'team-b', 'https://wiki.example.com/dev-ref')")
+	exec(t, admin, "UPDATE pgconsistency.invariant SET owner = 'team-c' WHERE name = 'derivative_many_upstreams'")
+	want := owners(t, u.reader)
+	assert.Equal(t, ownedBy("team-a", "https://wiki.example.com/seed"), want["dataset_seed_missing"])
+	assert.Equal(t, ownedBy("team-c", ""), want["derivative_many_upstreams"])
+	upgrade()
+	assert.Equal(t, want, owners(t, u.reader), "owners after the next deployment")
+}

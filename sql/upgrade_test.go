@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -39,7 +40,21 @@ var (
 	// 0.3.0 has the invariants of 0.2.0 on this schema. useRelease puts one
 	// in incremental mode: capture triggers and their generated functions.
 	release030 = fromRelease{version: "0.3.0", dir: "testdata/sql/0.3.0", datasetInvariants: fixture.Invariants[:9]}
+	// 0.4.0 renamed, and added no invariant.
+	release040 = fromRelease{version: "0.4.0", dir: "testdata/sql/0.4.0", datasetInvariants: fixture.Invariants[:9]}
 )
+
+// atLeast tells whether r is version v ("x.y.z") or later.
+func (r fromRelease) atLeast(v string) bool {
+	parse := func(s string) (out [3]int) {
+		for i, p := range strings.SplitN(s, ".", 3) {
+			out[i], _ = strconv.Atoi(p)
+		}
+		return out
+	}
+	a, b := parse(r.version), parse(v)
+	return slices.Compare(a[:], b[:]) >= 0
+}
 
 // oldInternalNames are the internal functions of 0.3.0 and earlier, named
 // with a leading underscore since (as are the generated capture_<table oid>
@@ -55,7 +70,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.4.0"
+const currentRelease = "0.5.0"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -65,8 +80,8 @@ const logConsumer = "consumer-a"
 // installed, and the roles.
 var upgradeFiles = []string{"install.sql", "operations.sql", "audit.sql", "roles.sql"}
 
-// TestUpgradeFrom010, TestUpgradeFrom020 and TestUpgradeFrom030
-// (testUpgrade): a database
+// TestUpgradeFrom010, TestUpgradeFrom020, TestUpgradeFrom030 and
+// TestUpgradeFrom040 (testUpgrade): a database
 // installed with an earlier release and used for a while (refreshes, new
 // and resolved anomalies, acknowledgements, changed parameters and
 // settings, custom invariants of define_invariant and of
@@ -90,6 +105,11 @@ func TestUpgradeFrom020(t *testing.T) {
 func TestUpgradeFrom030(t *testing.T) {
 	t.Parallel() // a server of its own
 	testUpgrade(t, release030)
+}
+
+func TestUpgradeFrom040(t *testing.T) {
+	t.Parallel() // a server of its own
+	testUpgrade(t, release040)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -180,11 +200,11 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 		wrong, err := pgx.CollectRows(rows, pgx.RowTo[string])
 		require.NoError(t, err)
 		assert.Empty(t, wrong, "capture triggers that do not call pgconsistency._capture_<their table's oid>()")
-		if rel.version != "0.3.0" {
+		if !rel.atLeast("0.3.0") {
 			return
 		}
 		const inv = "dataset_seed_not_first"
-		require.NotEmpty(t, captureTriggers(t, admin), "the capture triggers 0.3.0 made for %s", inv)
+		require.NotEmpty(t, captureTriggers(t, admin), "the capture triggers %s made for %s", rel.version, inv)
 		var stale int
 		require.NoError(t, admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_catalog.pg_proc p
 			WHERE p.pronamespace = 'pgconsistency'::regnamespace AND p.proname ~ '^_capture_[0-9]+$'
@@ -400,6 +420,13 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 		assert.False(t, oldIndex, "anomaly_ack_until, renamed anomaly_acknowledged_until")
 	})
 
+	// 0.5.0: owners. The pack's invariants get its default owner and
+	// runbook; the user's own have none; what set_owner() sets is kept by
+	// the next install, and the reader sees both in the status view.
+	t.Run("NewIn050", func(t *testing.T) {
+		newIn050(t, admin, u, rel, upgrade)
+	})
+
 	t.Run("NewIn030", func(t *testing.T) {
 		newIn030(t, s, db, admin, u, rel, before, upgraded, dashboard)
 	})
@@ -447,7 +474,7 @@ func useRelease(t *testing.T, s *pgtest.Server, admin *pgx.Conn, db string, rel 
 		              WHERE e.kind = 'root' $q$,
 		settings => '{"enable_nestloop": "off"}')`)
 	exec(t, admin, "UPDATE pgconsistency.invariant SET refresh_period = '1 hour' WHERE name = 'root_dataset_with_dev_ref'")
-	if rel.version == "0.3.0" {
+	if rel.atLeast("0.3.0") {
 		// Capture triggers on dataset_entries and dataset_key_blocks, which
 		// nothing below writes (InternalNames does, after the upgrade).
 		exec(t, admin, "SELECT pgconsistency.set_refresh_mode('dataset_seed_not_first', 'incremental')")
@@ -538,7 +565,7 @@ func requireUsedState(t *testing.T, st upgradeState, u used, rel fromRelease) {
 	require.NotNil(t, stale.Details)
 	var details map[string]any
 	require.NoError(t, json.Unmarshal([]byte(*stale.Details), &details))
-	if rel.version == "0.3.0" {
+	if rel.atLeast("0.3.0") {
 		require.Equal(t, st.Views["dataset_statistics_duplicated"][fixture.DatasetID(8)], details,
 			"since 0.3.0 the details of 8's anomaly are its row as of the latest refresh")
 	} else {

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 	"go.yaml.in/yaml/v3"
 
@@ -27,8 +28,21 @@ import (
 
 // alertState is one alert instance as Prometheus's /api/v1/alerts shows it.
 type alertState struct {
-	Labels map[string]string `json:"labels"`
-	State  string            `json:"state"`
+	Labels      map[string]string `json:"labels"`
+	Annotations map[string]string `json:"annotations"`
+	State       string            `json:"state"`
+}
+
+// active returns the alert instance of alert and invariant that
+// Prometheus shows pending or firing, if any.
+func (p *prometheus) active(alert, invariant string) (alertState, bool, error) {
+	alerts, err := p.alerts()
+	for _, a := range alerts {
+		if a.Labels["alertname"] == alert && a.Labels["invariant"] == invariant {
+			return a, true, err
+		}
+	}
+	return alertState{}, false, err
 }
 
 func (p *prometheus) alerts() ([]alertState, error) {
@@ -157,6 +171,32 @@ func startAlertmanager(t *testing.T) (string, bool) {
 	return addr, true
 }
 
+// alertmanagerReceivers returns the receivers Alertmanager routed the
+// active alert of alert and invariant to (nil while it has none).
+func alertmanagerReceivers(addr, alert, invariant string) []string {
+	v := url.Values{"filter": {fmt.Sprintf("alertname=%q", alert), fmt.Sprintf("invariant=%q", invariant)}}
+	resp, err := http.Get("http://" + addr + "/api/v2/alerts?" + v.Encode())
+	if err != nil {
+		return nil
+	}
+	defer resp.Body.Close()
+	var alerts []struct {
+		Receivers []struct {
+			Name string `json:"name"`
+		} `json:"receivers"`
+	}
+	if json.NewDecoder(resp.Body).Decode(&alerts) != nil {
+		return nil
+	}
+	var out []string
+	for _, a := range alerts {
+		for _, r := range a.Receivers {
+			out = append(out, r.Name)
+		}
+	}
+	return out
+}
+
 func alertmanagerHas(addr, alert string) bool {
 	v := url.Values{"filter": {fmt.Sprintf("alertname=%q", alert)}}
 	resp, err := http.Get("http://" + addr + "/api/v2/alerts?" + v.Encode())
@@ -173,13 +213,23 @@ func alertmanagerHas(addr, alert string) bool {
 // TestAlerts runs the shipped alert rules in a real Prometheus fed by the real
 // collector: a broken dataset makes the new-anomaly alert go pending then
 // firing (and reach Alertmanager), stopped refreshes make snapshots stale, a
-// stopped database and a stopped collector raise their alerts.
+// stopped database and a stopped collector raise their alerts. Owners:
+// the alerts carry the invariant's owner and runbook, Alertmanager routes
+// them to the owner's receiver, and an alert resolves once its anomalies
+// are fixed or acknowledged.
 func TestAlerts(t *testing.T) {
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	conn := srv.Conn(t, db)
+	// Owners, as config/alertmanager.yml routes them: team-a's critical
+	// invariant, team-b's warning one (with the generic runbook).
+	const teamARunbook = "https://wiki.example.com/runbooks/head-ref"
+	_, err := conn.Exec(t.Context(), "SELECT pgconsistency.set_owner('dataset_head_ref_missing', 'team-a', $1)", teamARunbook)
+	require.NoError(t, err)
+	_, err = conn.Exec(t.Context(), "SELECT pgconsistency.set_owner('dataset_statistics_missing', 'team-b', NULL)")
+	require.NoError(t, err)
 	// Refresh every 10 s: snapshots are stale after 3 periods (30 s).
-	_, err := conn.Exec(t.Context(), "UPDATE pgconsistency.invariant SET refresh_period = '10 seconds'")
+	_, err = conn.Exec(t.Context(), "UPDATE pgconsistency.invariant SET refresh_period = '10 seconds'")
 	require.NoError(t, err)
 	_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh()")
 	require.NoError(t, err)
@@ -241,7 +291,11 @@ func TestAlerts(t *testing.T) {
 
 	t.Run("new anomaly: pending, then firing", func(t *testing.T) {
 		broke := time.Now()
-		_, err := conn.Exec(t.Context(), "DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'",
+		// The row is kept aside: the next subtest puts it back.
+		_, err := conn.Exec(t.Context(), "CREATE TABLE public.e2e_lost_head AS SELECT * FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'",
+			fixture.DatasetID(7))
+		require.NoError(t, err)
+		_, err = conn.Exec(t.Context(), "DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'",
 			fixture.DatasetID(7))
 		require.NoError(t, err)
 		_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh('dataset_head_ref_missing')")
@@ -251,11 +305,73 @@ func TestAlerts(t *testing.T) {
 		require.True(t, firing.After(pending))
 		t.Logf("PgConsistencyNewAnomalies{invariant=dataset_head_ref_missing}: pending %s and firing %s after the breaking refresh",
 			pending.Sub(broke).Round(100*time.Millisecond), firing.Sub(broke).Round(100*time.Millisecond))
+		a, ok, err := prom.active("PgConsistencyNewAnomalies", "dataset_head_ref_missing")
+		require.NoError(t, err)
+		require.True(t, ok)
+		assert.Equal(t, "team-a", a.Labels["owner"], "the owner label: the invariant's owner")
+		assert.Equal(t, teamARunbook, a.Annotations["runbook_url"], "the runbook: the invariant's")
 		if haveAM {
 			require.Eventually(t, func() bool { return alertmanagerHas(amAddr, "PgConsistencyNewAnomalies") },
 				30*time.Second, 250*time.Millisecond, "the alert did not reach Alertmanager")
 			t.Logf("PgConsistencyNewAnomalies reached Alertmanager at %s", amAddr)
+			require.Eventually(t, func() bool {
+				return slices.Equal(alertmanagerReceivers(amAddr, "PgConsistencyNewAnomalies", "dataset_head_ref_missing"), []string{"team-a-pager"})
+			}, 30*time.Second, 250*time.Millisecond, "team-a's critical alert is routed to team-a-pager: %v",
+				alertmanagerReceivers(amAddr, "PgConsistencyNewAnomalies", "dataset_head_ref_missing"))
 		}
+	})
+
+	// PgConsistencyAnomaliesPersist (pgconsistency_anomalies > 0, its "for"
+	// shortened) follows the anomaly count: it resolves when the anomaly is
+	// fixed (the next refresh no longer finds it) and when it is
+	// acknowledged (acknowledge_all takes it out of the count at once).
+	t.Run("anomalies fixed or acknowledged: alerts resolve", func(t *testing.T) {
+		_, err := conn.Exec(t.Context(), "DELETE FROM public.dataset_statistics WHERE dataset_id = $1", fixture.DatasetID(9))
+		require.NoError(t, err)
+		_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh('dataset_statistics_missing', force => true)")
+		require.NoError(t, err)
+		for _, inv := range []string{"dataset_head_ref_missing", "dataset_statistics_missing"} {
+			watch.waitFor(t, "PgConsistencyAnomaliesPersist", inv, "firing", 30*time.Second)
+		}
+		a, ok, err := prom.active("PgConsistencyNewAnomalies", "dataset_statistics_missing")
+		require.NoError(t, err)
+		if assert.True(t, ok, "PgConsistencyNewAnomalies{dataset_statistics_missing}") {
+			assert.Equal(t, "team-b", a.Labels["owner"])
+			assert.Equal(t, "warning", a.Labels["severity"])
+			assert.Equal(t, "https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#pgconsistencynewanomalies",
+				a.Annotations["runbook_url"], "no runbook of its own: the generic one")
+		}
+		if haveAM {
+			require.Eventually(t, func() bool {
+				return slices.Equal(alertmanagerReceivers(amAddr, "PgConsistencyNewAnomalies", "dataset_statistics_missing"), []string{"team-b-chat"})
+			}, 30*time.Second, 250*time.Millisecond, "team-b's warning is routed to team-b-chat")
+		}
+
+		resolved := func(inv string) {
+			t.Helper()
+			require.Eventually(t, func() bool {
+				_, ok, err := prom.active("PgConsistencyAnomaliesPersist", inv)
+				return err == nil && !ok
+			}, 30*time.Second, 250*time.Millisecond, "PgConsistencyAnomaliesPersist{%s} did not resolve", inv)
+		}
+		fixed := time.Now()
+		_, err = conn.Exec(t.Context(), "INSERT INTO public.dataset_references SELECT * FROM public.e2e_lost_head")
+		require.NoError(t, err)
+		_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh('dataset_head_ref_missing', force => true)")
+		require.NoError(t, err)
+		resolved("dataset_head_ref_missing")
+		t.Logf("PgConsistencyAnomaliesPersist{dataset_head_ref_missing} resolved %s after the fix and its refresh",
+			time.Since(fixed).Round(100*time.Millisecond))
+		_, still, err := prom.active("PgConsistencyAnomaliesPersist", "dataset_statistics_missing")
+		require.NoError(t, err)
+		require.True(t, still, "the other invariant's alert is still active")
+
+		acknowledged := time.Now()
+		_, err = conn.Exec(t.Context(), "SELECT pgconsistency.acknowledge_all('dataset_statistics_missing', 'e2e: known leftovers')")
+		require.NoError(t, err)
+		resolved("dataset_statistics_missing")
+		t.Logf("PgConsistencyAnomaliesPersist{dataset_statistics_missing} resolved %s after acknowledge_all, with no refresh",
+			time.Since(acknowledged).Round(100*time.Millisecond))
 	})
 
 	t.Run("refreshes stop: snapshots go stale", func(t *testing.T) {

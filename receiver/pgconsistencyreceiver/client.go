@@ -40,6 +40,10 @@ type invariantStatus struct {
 	// HealedAnomalies is what the latest reconcile found the incremental
 	// refreshes had missed (0.3.0 and later; 0 before).
 	HealedAnomalies int64 `db:"healed_anomalies"`
+	// Owner and RunbookURL are the invariant's (0.5.0 and later); "" when
+	// unset, and with older SQL.
+	Owner      string `db:"owner"`
+	RunbookURL string `db:"runbook_url"`
 }
 
 // client is what the scraper needs from the database; tests use a fake.
@@ -65,28 +69,36 @@ const schema = "pgconsistency"
 // adds columns; a collector upgraded before the database reads the newest
 // shape the database has, and reports what an older release cannot tell as
 // the older release behaves: no version (0.1.0), every refresh full and
-// nothing healed (before 0.3.0).
+// nothing healed (before 0.3.0), no owner nor runbook (before 0.5.0).
 type statusShape int32
 
 const (
-	shape030 statusShape = iota // refresh_mode, healed_anomalies
+	shape050 statusShape = iota // owner, runbook_url
+	shape030                    // refresh_mode, healed_anomalies
 	shape020                    // version
 	shape010                    // the first release
 	shapeCount
+
+	shapeNewest = shape050
 )
 
 // statusQueries are indexed by statusShape, newest first.
 var statusQueries = [shapeCount]string{
-	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies FROM " + schema + ".status WHERE enabled",
-	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies FROM " +
+	shape050: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies, " +
+		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url FROM " + schema + ".status WHERE enabled",
+	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies" + noOwner + " FROM " + schema + ".status WHERE enabled",
+	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + " FROM " +
 		schema + ".status WHERE enabled",
 	// 0.1.0 has no version: the column says whether pgconsistency.version()
 	// exists all the same, i.e. whether install.sql has upgraded the SQL
 	// since this shape was chosen (see queryStatus).
 	shape010: "SELECT " + statusColumns + ", CASE WHEN pg_catalog.to_regprocedure('" + schema + ".version()') IS NULL " +
-		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies FROM " +
+		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + " FROM " +
 		schema + ".status WHERE enabled",
 }
+
+// noOwner stands for the owner and runbook_url of SQL older than 0.5.0.
+const noOwner = ", '' AS owner, '' AS runbook_url"
 
 // upgradedFrom010 is the version the 0.1.0 shape reads once the SQL has
 // been upgraded; never reported.
@@ -198,7 +210,7 @@ func newPgxClient(ctx context.Context, cfg *Config) (client, error) {
 	// A new connection may be to another server (a failover) or to an
 	// upgraded database: probe from the newest shape again.
 	pc.AfterConnect = func(context.Context, *pgx.Conn) error {
-		c.setShape(shape030, "")
+		c.setShape(shapeNewest, "")
 		return nil
 	}
 	pool, err := pgxpool.NewWithConfig(ctx, pc)
@@ -258,7 +270,7 @@ func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) 
 			// Not even the columns of the first release, which every
 			// release has: a broken view, which this error names. Probe
 			// from the newest again next time.
-			c.setShape(shape030, "")
+			c.setShape(shapeNewest, "")
 		}
 		if err != nil {
 			return nil, err
@@ -273,10 +285,10 @@ func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) 
 			}
 		}
 		c.mu.Lock()
-		if shape == remembered && shape != shape030 && version != c.shapeVersion {
+		if shape == remembered && shape != shapeNewest && version != c.shapeVersion {
 			// An older shape read another version than the one it was
 			// chosen with: the SQL was upgraded. Try the newest next time.
-			c.shape, c.shapeVersion = shape030, ""
+			c.shape, c.shapeVersion = shapeNewest, ""
 		} else {
 			c.shape, c.shapeVersion = shape, version
 		}

@@ -60,9 +60,10 @@ func failingQueries(t *testing.T, admin *pgx.Conn, db string, pc *pgxClient, fn 
 }
 
 // TestIntegrationOlderReleases: a collector upgraded before the database
-// reports the SQL of 0.1.0 and 0.2.0 (testdata/sql/): the counts, no
-// version for 0.1.0, every invariant in full mode and nothing healed (those
-// releases refresh fully; the metrics are there, at their true values). It
+// reports the SQL of 0.1.0, 0.2.0 and 0.4.0 (testdata/sql/): the counts, no
+// version for 0.1.0, every invariant in full mode and nothing healed (0.1.0
+// and 0.2.0 refresh fully; the metrics are there, at their true values),
+// no owner nor runbook before 0.5.0. It
 // finds the status shape once, not on every scrape; it probes the newest
 // shape again after a reconnect, and by itself after the SQL is upgraded
 // with install.sql, without a reconnect.
@@ -75,6 +76,7 @@ func TestIntegrationOlderReleases(t *testing.T) {
 	}{
 		{"0.1.0", shape010, ""},
 		{"0.2.0", shape020, "0.2.0"},
+		{"0.4.0", shape030, "0.4.0"},
 	} {
 		t.Run(tc.release, func(t *testing.T) {
 			// The receiver, as deployed: every metric, every scrape.
@@ -119,7 +121,11 @@ func TestIntegrationOlderReleases(t *testing.T) {
 				return rows
 			}
 			n := failingQueries(t, admin, db, pc, func() {
-				assert.Equal(t, tc.version, status()[0].Version)
+				rows := status()
+				assert.Equal(t, tc.version, rows[0].Version)
+				for _, r := range rows {
+					assert.Empty(t, r.Owner+r.RunbookURL, "%s: owner and runbook before 0.5.0", r.Invariant)
+				}
 				assert.Equal(t, tc.shape, pc.shape, "the shape remembered")
 			})
 			assert.EqualValues(t, tc.shape, n, "failing queries of the first status (one per newer shape)")
@@ -142,13 +148,18 @@ func TestIntegrationOlderReleases(t *testing.T) {
 				require.NoError(t, err)
 				status()
 				modes := map[string]string{}
+				owners := map[string]string{}
 				for _, r := range status() {
 					modes[r.Invariant] = r.RefreshMode
+					owners[r.Invariant] = r.Owner + " " + r.RunbookURL
 					assert.NotEmpty(t, r.Version, "%s: version after the upgrade", r.Invariant)
 				}
 				assert.Equal(t, "incremental", modes["dataset_seed_missing"])
 				assert.Equal(t, "full", modes["dataset_head_ref_missing"])
-				assert.Equal(t, shape030, pc.shape)
+				// 0.5.0: the dataset pack's default owner and runbook.
+				assert.Equal(t, "data-platform https://github.com/pgconsistency/pgconsistency/blob/main/docs/runbook.md#dataset-invariants",
+					owners["dataset_head_ref_missing"])
+				assert.Equal(t, shapeNewest, pc.shape)
 				assert.Equal(t, conns, pc.pool.Stat().NewConnsCount(), "no reconnect")
 			})
 			assert.EqualValues(t, tc.shape, n, "failing queries: the first status's probe only, none through the upgrade")

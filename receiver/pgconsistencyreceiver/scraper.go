@@ -228,24 +228,25 @@ func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) 
 	s.mb.RecordPgconsistencyUpDataPoint(now, 1)
 	for i := range rows {
 		r := &rows[i]
-		s.mb.RecordPgconsistencyAnomaliesDataPoint(now, r.Anomalies, r.Invariant, r.Severity)
-		s.mb.RecordPgconsistencyAnomaliesNewDataPoint(now, r.NewAnomalies, r.Invariant, r.Severity)
-		s.mb.RecordPgconsistencyAnomaliesResolvedDataPoint(now, r.ResolvedAnomalies, r.Invariant, r.Severity)
-		s.mb.RecordPgconsistencyAnomaliesAcknowledgedDataPoint(now, r.AcknowledgedAnomalies, r.Invariant, r.Severity)
-		s.mb.RecordPgconsistencyRefreshFailuresDataPoint(now, r.ConsecutiveFailures, r.Invariant)
+		owned := ownerAttributes(r)
+		s.mb.RecordPgconsistencyAnomaliesDataPoint(now, r.Anomalies, r.Invariant, r.Severity, owned...)
+		s.mb.RecordPgconsistencyAnomaliesNewDataPoint(now, r.NewAnomalies, r.Invariant, r.Severity, owned...)
+		s.mb.RecordPgconsistencyAnomaliesResolvedDataPoint(now, r.ResolvedAnomalies, r.Invariant, r.Severity, owned...)
+		s.mb.RecordPgconsistencyAnomaliesAcknowledgedDataPoint(now, r.AcknowledgedAnomalies, r.Invariant, r.Severity, owned...)
+		s.mb.RecordPgconsistencyRefreshFailuresDataPoint(now, r.ConsecutiveFailures, r.Invariant, owned...)
 		// Never refreshed: timestamp 0 makes the snapshot infinitely old, so
 		// staleness alerts fire instead of the series being absent.
 		var refreshedAt float64
 		if r.RefreshedAt != nil {
 			refreshedAt = float64(r.RefreshedAt.UnixNano()) / 1e9
 		}
-		s.mb.RecordPgconsistencySnapshotTimestampDataPoint(now, refreshedAt, r.Invariant)
+		s.mb.RecordPgconsistencySnapshotTimestampDataPoint(now, refreshedAt, r.Invariant, owned...)
 		var duration float64
 		if r.LastDurationSeconds != nil {
 			duration = *r.LastDurationSeconds
 		}
-		s.mb.RecordPgconsistencyRefreshDurationDataPoint(now, duration, r.Invariant)
-		s.mb.RecordPgconsistencyRefreshPeriodDataPoint(now, r.RefreshPeriod, r.Invariant)
+		s.mb.RecordPgconsistencyRefreshDurationDataPoint(now, duration, r.Invariant, owned...)
+		s.mb.RecordPgconsistencyRefreshPeriodDataPoint(now, r.RefreshPeriod, r.Invariant, owned...)
 		// Every outcome, 1 for the latest and 0 for the others, so that a
 		// change of outcome never leaves a stale series behind.
 		for name, outcome := range metadata.MapAttributeOutcome {
@@ -253,7 +254,7 @@ func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) 
 			if name == r.LastOutcome {
 				v = 1
 			}
-			s.mb.RecordPgconsistencyRefreshOutcomeDataPoint(now, v, r.Invariant, outcome)
+			s.mb.RecordPgconsistencyRefreshOutcomeDataPoint(now, v, r.Invariant, outcome, owned...)
 		}
 		// Likewise every mode.
 		for name, mode := range metadata.MapAttributeMode {
@@ -261,9 +262,9 @@ func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) 
 			if name == r.RefreshMode {
 				v = 1
 			}
-			s.mb.RecordPgconsistencyRefreshModeDataPoint(now, v, r.Invariant, mode)
+			s.mb.RecordPgconsistencyRefreshModeDataPoint(now, v, r.Invariant, mode, owned...)
 		}
-		s.mb.RecordPgconsistencyReconcileHealedDataPoint(now, r.HealedAnomalies, r.Invariant)
+		s.mb.RecordPgconsistencyReconcileHealedDataPoint(now, r.HealedAnomalies, r.Invariant, owned...)
 	}
 	if len(rows) > 0 {
 		// database-wide, repeated on every row of the status view
@@ -275,4 +276,19 @@ func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) 
 			s.mb.RecordPgconsistencyVersionDataPoint(now, 1, v)
 		}
 	}
+}
+
+// ownerAttributes are the owner and runbook_url attributes of an invariant's
+// data points: only those it has (SQL 0.5.0 and later, where set), so that
+// an unset one is absent rather than empty. They are functions of the
+// invariant: no series is added, a change of owner renames the series.
+func ownerAttributes(r *invariantStatus) []metadata.MetricAttributeOption {
+	var out []metadata.MetricAttributeOption
+	if r.Owner != "" {
+		out = append(out, metadata.WithOwnerMetricAttribute(r.Owner))
+	}
+	if r.RunbookURL != "" {
+		out = append(out, metadata.WithRunbookURLMetricAttribute(r.RunbookURL))
+	}
+	return out
 }

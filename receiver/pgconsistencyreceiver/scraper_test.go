@@ -71,21 +71,22 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 		// incremental, and its latest reconcile corrected what the capture missed
 		{Invariant: "dataset_seed_missing", Severity: "critical", Anomalies: 3, NewAnomalies: 1,
 			ResolvedAnomalies: 2, AcknowledgedAnomalies: 5, RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded",
-			RefreshMode: "incremental", HealedAnomalies: 2},
+			RefreshMode: "incremental", HealedAnomalies: 2, Owner: "team-a", RunbookURL: "https://wiki.example.com/seed"},
 		// clean: zeros must be emitted, not left out
 		{Invariant: "dataset_head_ref_missing", Severity: "critical",
 			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.25), LastOutcome: "skipped"},
 		// never refreshed: snapshot timestamp 0, duration 0
 		{Invariant: "derivative_dependencies_missing", Severity: "warning", LastOutcome: "never"},
-		// failing: the old snapshot stays, failures count up
-		{Invariant: "dataset_statistics_missing", Severity: "warning", Anomalies: 2,
+		// failing: the old snapshot stays, failures count up. An owner
+		// without a runbook: only the owner attribute.
+		{Invariant: "dataset_statistics_missing", Severity: "warning", Anomalies: 2, Owner: "team-b",
 			RefreshedAt: &refreshed, LastDurationSeconds: ptr(30.0), ConsecutiveFailures: 4, LastOutcome: "timed_out"},
 	}}
 	for i := range f.rows {
 		f.rows[i].RefreshPeriod = 1800
 		f.rows[i].PendingRequests = 1
 		f.rows[i].DeployMarkerChangedAt = &deployed
-		f.rows[i].Version = "0.3.0"
+		f.rows[i].Version = "0.5.0"
 		if f.rows[i].RefreshMode == "" {
 			f.rows[i].RefreshMode = "full"
 		}

@@ -254,3 +254,26 @@ BEGIN
     END IF;
 END
 $do$;
+
+-- ---------------------------------------------------------------------------
+-- From 0.4.0 to 0.5.0: owners. Each invariant gets an optional owner (the
+-- team its alerts are routed to) and runbook_url; both NULL (unset) in an
+-- upgraded install until a pack's definition or set_owner() sets them.
+-- define_invariant(), register_invariant() and their internal _register_row
+-- take them as new parameters: CREATE OR REPLACE cannot change a
+-- signature, so the old ones go (callers' positional and named arguments
+-- keep working: the new parameters come last, with defaults).
+DO $do$
+BEGIN
+    IF pg_catalog.to_regclass('pgconsistency.invariant') IS NULL THEN
+        RETURN; -- a fresh install
+    END IF;
+    PERFORM pgconsistency._install_column('pgconsistency.invariant', 'owner',
+      $$text CONSTRAINT invariant_owner_valid CHECK (owner ~ '^\S(.*\S)?$' AND owner !~ '[[:cntrl:]]' AND pg_catalog.length(owner) <= 128)$$);
+    PERFORM pgconsistency._install_column('pgconsistency.invariant', 'runbook_url',
+      $$text CONSTRAINT invariant_runbook_url_valid CHECK (runbook_url ~ '^https?://\S+$' AND pg_catalog.length(runbook_url) <= 2048)$$);
+END
+$do$;
+DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text, jsonb, jsonb);
+DROP FUNCTION IF EXISTS pgconsistency.register_invariant(text, text, text, text, text);
+DROP FUNCTION IF EXISTS pgconsistency._register_row(text, text, text, text, text);

@@ -92,6 +92,18 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
                                   CONSTRAINT invariant_full_refresh_period_positive CHECK (full_refresh_period > interval '0'),
     incremental_max_keys bigint   NOT NULL DEFAULT 20000
                                   CONSTRAINT invariant_incremental_max_keys_positive CHECK (incremental_max_keys > 0),
+    -- Who answers for the invariant's alerts (0.5.0): owner is a team (or
+    -- person) name, the label Alertmanager routes on; runbook_url the page
+    -- its anomaly alerts link to. NULL: unset (the alerts then carry the
+    -- default owner and the generic runbook). Set by define_invariant() and
+    -- register_invariant() only where unset, so that re-running install.sql
+    -- or a pack keeps what set_owner() (or an UPDATE) set since.
+    owner         text
+                  CONSTRAINT invariant_owner_valid
+                  CHECK (owner ~ '^\S(.*\S)?$' AND owner !~ '[[:cntrl:]]' AND pg_catalog.length(owner) <= 128),
+    runbook_url   text
+                  CONSTRAINT invariant_runbook_url_valid
+                  CHECK (runbook_url ~ '^https?://\S+$' AND pg_catalog.length(runbook_url) <= 2048),
     CONSTRAINT invariant_view_unique UNIQUE (view_schema, view_name),
     CONSTRAINT invariant_settings_valid CHECK (pgconsistency._valid_refresh_settings(settings))
 );

@@ -1,14 +1,42 @@
 -- pgconsistency framework: the registry. Invariants are defined from a
 -- query (define_invariant) or registered as a materialized view of the
 -- user's (register_invariant); their parameters (define_parameter,
--- set_parameter, parameter); what packs and migrations call around them
--- (requires, release_table).
+-- set_parameter, parameter); their owners (set_owner); what packs and
+-- migrations call around them (requires, release_table).
+
+-- _check_owner: the owner and runbook_url given for an invariant, checked
+-- with a message that names the problem and the fix (the table's CHECK
+-- constraints say the same, tersely). NULL is always fine: unset.
+CREATE OR REPLACE FUNCTION pgconsistency._check_owner(invariant text, owner text, runbook_url text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF owner IS NOT NULL AND (owner !~ '^\S(.*\S)?$' OR owner ~ '[[:cntrl:]]' OR pg_catalog.length(owner) > 128) THEN
+        RAISE EXCEPTION 'pgconsistency: owner of invariant % is %, which is not a valid owner',
+            invariant, pg_catalog.quote_literal(owner)
+            USING HINT = 'An owner is a team or person name of 1 to 128 characters, without leading or trailing '
+                         'blanks nor control characters, e.g. ''team-a''; NULL leaves it unset.';
+    END IF;
+    IF runbook_url IS NOT NULL AND (runbook_url !~ '^https?://\S+$' OR pg_catalog.length(runbook_url) > 2048) THEN
+        RAISE EXCEPTION 'pgconsistency: runbook_url of invariant % is %, which is not an http(s) URL',
+            invariant, pg_catalog.quote_literal(runbook_url)
+            USING HINT = 'Give an absolute URL starting with https:// or http://, without blanks, at most 2048 characters, '
+                         'e.g. ''https://wiki.example.com/runbooks/orders''; NULL leaves it unset.';
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._check_owner(text, text, text) IS
+  'Internal: check an invariant''s owner and runbook_url, failing with a message that says what to fix';
 
 -- _register_row: the registry row of an invariant; an unchanged registration
 -- writes nothing (install.sql runs on every deploy). Internal to
--- register_invariant and define_invariant.
+-- register_invariant and define_invariant. owner and runbook_url are
+-- written only where the row has none (NULL): a definition gives defaults,
+-- and what set_owner() or an UPDATE set since is kept.
 CREATE OR REPLACE FUNCTION pgconsistency._register_row(
-    name text, view_schema text, view_name text, severity text, description text
+    name text, view_schema text, view_name text, severity text, description text,
+    owner text DEFAULT NULL, runbook_url text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -18,20 +46,25 @@ BEGIN
         RAISE EXCEPTION 'pgconsistency: severity of invariant % is %, expected critical, warning or info',
             name, coalesce(_register_row.severity, 'NULL');
     END IF;
-    INSERT INTO pgconsistency.invariant AS i (name, description, severity, view_schema, view_name)
+    PERFORM pgconsistency._check_owner(name, owner, runbook_url);
+    INSERT INTO pgconsistency.invariant AS i (name, description, severity, view_schema, view_name, owner, runbook_url)
     VALUES (_register_row.name, coalesce(_register_row.description, ''), _register_row.severity,
-            _register_row.view_schema, _register_row.view_name)
+            _register_row.view_schema, _register_row.view_name, _register_row.owner, _register_row.runbook_url)
     ON CONFLICT ON CONSTRAINT invariant_pkey DO UPDATE
        SET description = EXCLUDED.description,
            severity    = EXCLUDED.severity,
            view_schema = EXCLUDED.view_schema,
-           view_name   = EXCLUDED.view_name
-     WHERE (i.description, i.severity, i.view_schema, i.view_name)
-           IS DISTINCT FROM (EXCLUDED.description, EXCLUDED.severity, EXCLUDED.view_schema, EXCLUDED.view_name);
+           view_name   = EXCLUDED.view_name,
+           owner       = coalesce(i.owner, EXCLUDED.owner),
+           runbook_url = coalesce(i.runbook_url, EXCLUDED.runbook_url)
+     WHERE (i.description, i.severity, i.view_schema, i.view_name,
+            coalesce(i.owner, EXCLUDED.owner), coalesce(i.runbook_url, EXCLUDED.runbook_url))
+           IS DISTINCT FROM (EXCLUDED.description, EXCLUDED.severity, EXCLUDED.view_schema, EXCLUDED.view_name,
+                             i.owner, i.runbook_url);
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency._register_row(text, text, text, text, text) IS
-  'Internal: insert or update the registry row of an invariant, writing nothing when unchanged';
+COMMENT ON FUNCTION pgconsistency._register_row(text, text, text, text, text, text, text) IS
+  'Internal: insert or update the registry row of an invariant, writing nothing when unchanged and keeping a set owner';
 
 -- _query_shape: what an invariant's query returns and reads, from a
 -- temporary view of it (which also checks that it parses and that what it
@@ -95,12 +128,15 @@ COMMENT ON FUNCTION pgconsistency._anomaly_view_sql(text, text, text) IS
 -- register_invariant: register an existing materialized view as an invariant.
 -- Checks what REFRESH ... CONCURRENTLY needs, so a bad view fails here, at
 -- install time, with a message that says what to fix, and not at 3 a.m.
+-- owner and runbook_url (0.5.0): as for define_invariant.
 CREATE OR REPLACE FUNCTION pgconsistency.register_invariant(
     name        text,
     view_schema text,
     view_name   text,
     severity    text DEFAULT 'warning',
-    description text DEFAULT NULL
+    description text DEFAULT NULL,
+    owner       text DEFAULT NULL,
+    runbook_url text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -140,10 +176,10 @@ BEGIN
             name, coalesce(register_invariant.severity, 'NULL');
     END IF;
 
-    PERFORM pgconsistency._register_row(name, view_schema, view_name, severity, description);
+    PERFORM pgconsistency._register_row(name, view_schema, view_name, severity, description, owner, runbook_url);
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, text) IS
+COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, text, text, text) IS
   'Register (or update) an invariant whose anomalies are held by an existing materialized view';
 
 -- define_invariant: register an invariant from its query: columns key
@@ -167,6 +203,11 @@ COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, tex
 --   {"capture": "r.id::text", "keys": "SELECT c.id::text FROM public.customers c WHERE c.account_id = ANY ($1)"}
 -- (the refresh runs the lookup with the captured values as $1). NULL
 -- keeps the mapping given before.
+-- owner and runbook_url (0.5.0): who the invariant's alerts are routed to
+-- and the page they link to (see set_owner). They are defaults: written
+-- only where the invariant has none, so that re-running a pack keeps an
+-- owner or runbook set since with set_owner() or an UPDATE. NULL (the
+-- default) leaves them as they are.
 
 CREATE OR REPLACE FUNCTION pgconsistency.define_invariant(
     name        text,
@@ -174,7 +215,9 @@ CREATE OR REPLACE FUNCTION pgconsistency.define_invariant(
     severity    text DEFAULT 'warning',
     description text DEFAULT NULL,
     settings    jsonb DEFAULT NULL,
-    keys        jsonb DEFAULT NULL
+    keys        jsonb DEFAULT NULL,
+    owner       text DEFAULT NULL,
+    runbook_url text DEFAULT NULL
 ) RETURNS void
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -203,6 +246,8 @@ BEGIN
             USING HINT = 'Choose another name.';
     END IF;
 
+    PERFORM pgconsistency._check_owner(name, owner, runbook_url);
+
     v_shape := pgconsistency._query_shape(query);
     IF NOT v_shape.has_key THEN
         RAISE EXCEPTION 'pgconsistency: the query of invariant % has no text column "key"', name
@@ -221,7 +266,7 @@ BEGIN
                                        'pgconsistency invariant ' || name || ': ' || coalesce(description, '')
                                        || ' (its open anomalies as of the latest refresh)');
 
-    PERFORM pgconsistency._register_row(name, 'pgconsistency', name, severity, description);
+    PERFORM pgconsistency._register_row(name, 'pgconsistency', name, severity, description, owner, runbook_url);
     -- settings are those of a new invariant or of a changed query; re-running
     -- a pack keeps what a DBA changed since.
     UPDATE pgconsistency.invariant i
@@ -299,8 +344,41 @@ BEGIN
     END IF;
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text, jsonb, jsonb) IS
-  'Create or update an invariant from its query (and, for incremental refresh, how rows of its tables map to its keys)';
+COMMENT ON FUNCTION pgconsistency.define_invariant(text, text, text, text, jsonb, jsonb, text, text) IS
+  'Create or update an invariant from its query (and, for incremental refresh, how rows of its tables map to its keys; its default owner and runbook)';
+
+-- set_owner: who answers for an invariant's alerts, and the runbook they
+-- link to (0.5.0). Sets both as given (both are required, so that a call
+-- never unsets a runbook by leaving it out): NULL unsets one, and then the
+-- next run of a pack that defines the invariant gives it the pack's default
+-- again. To change the owner only:
+--   SELECT pgconsistency.set_owner(name, 'team-a', runbook_url) FROM pgconsistency.invariant WHERE name = '...';
+-- What it sets is kept by every later install. The receiver reports both
+-- as attributes of the invariant's metrics from its next scrape; the alert
+-- rules put owner in a label that Alertmanager routes on.
+--   SELECT pgconsistency.set_owner('dataset_seed_missing', 'team-a', 'https://wiki.example.com/seed');
+-- Returns the previous owner.
+CREATE OR REPLACE FUNCTION pgconsistency.set_owner(invariant text, owner text, runbook_url text) RETURNS text
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_previous text;
+BEGIN
+    SELECT i.owner INTO v_previous FROM pgconsistency.invariant i WHERE i.name = set_owner.invariant FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'pgconsistency: unknown invariant %', coalesce(pg_catalog.quote_literal(invariant), 'NULL')
+            USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
+    END IF;
+    PERFORM pgconsistency._check_owner(invariant, owner, runbook_url);
+    UPDATE pgconsistency.invariant i SET owner = set_owner.owner, runbook_url = set_owner.runbook_url
+     WHERE i.name = set_owner.invariant
+       AND (i.owner, i.runbook_url) IS DISTINCT FROM (set_owner.owner, set_owner.runbook_url);
+    RETURN v_previous;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.set_owner(text, text, text) IS
+  'Set (NULL: unset) the owner an invariant''s alerts are routed to and its runbook URL; kept by later installs. Returns the previous owner';
 
 -- parameter: the value of an invariant's parameter, for its query, e.g.
 -- (SELECT pgconsistency.parameter('transaction_long_running', 'threshold')::interval).

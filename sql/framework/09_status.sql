@@ -78,7 +78,10 @@ SELECT i.name                                    AS invariant,
        -- 0.4.0, until 0.5.0
        pgconsistency._deprecated_column('last_status', 'last_run_outcome', s.last_run_outcome) AS last_status,
        pgconsistency._deprecated_column('refresh_duration_seconds', 'snapshot_duration_seconds',
-                                        s.snapshot_duration_seconds) AS refresh_duration_seconds
+                                        s.snapshot_duration_seconds) AS refresh_duration_seconds,
+       -- who answers for the invariant's alerts, and their runbook (0.5.0)
+       i.owner,
+       i.runbook_url
   FROM pgconsistency.invariant i
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
 $def$;
@@ -97,7 +100,9 @@ BEGIN
                  ('snapshot_duration_seconds', 'Duration of the refresh that made the snapshot (the latest successful one); called refresh_duration_seconds before 0.4.0'),
                  ('last_outcome', 'What happened last, a skip included: never, succeeded, failed, timed_out or skipped'),
                  ('last_status', 'Deprecated (removed in 0.5.0): read last_run_outcome; reading it raises a NOTICE once per session'),
-                 ('refresh_duration_seconds', 'Deprecated (removed in 0.5.0): read snapshot_duration_seconds; reading it raises a NOTICE once per session')) AS v(col, comment)
+                 ('refresh_duration_seconds', 'Deprecated (removed in 0.5.0): read snapshot_duration_seconds; reading it raises a NOTICE once per session'),
+                 ('owner', 'Who answers for the invariant''s alerts (Alertmanager routes on it); NULL: unset. pgconsistency.set_owner() changes it'),
+                 ('runbook_url', 'The runbook the invariant''s anomaly alerts link to; NULL: unset (the generic runbook)')) AS v(col, comment)
               WHERE pg_catalog.col_description('pgconsistency.status'::regclass,
                         (SELECT a.attnum FROM pg_catalog.pg_attribute a
                           WHERE a.attrelid = 'pgconsistency.status'::regclass AND a.attname = v.col)) IS DISTINCT FROM v.comment

@@ -85,53 +85,53 @@ var MapAttributeOutcome = map[string]AttributeOutcome{
 var MetricsInfo = metricsInfo{
 	PgconsistencyAnomalies: metricInfo{
 		Name:       "pgconsistency.anomalies",
-		Attributes: []string{"invariant", "severity"},
+		Attributes: []string{"invariant", "severity", "owner", "runbook_url"},
 	},
 	PgconsistencyAnomaliesAcknowledged: metricInfo{
 		Name:       "pgconsistency.anomalies.acknowledged",
-		Attributes: []string{"invariant", "severity"},
+		Attributes: []string{"invariant", "severity", "owner", "runbook_url"},
 	},
 	PgconsistencyAnomaliesNew: metricInfo{
 		Name:       "pgconsistency.anomalies.new",
-		Attributes: []string{"invariant", "severity"},
+		Attributes: []string{"invariant", "severity", "owner", "runbook_url"},
 	},
 	PgconsistencyAnomaliesResolved: metricInfo{
 		Name:       "pgconsistency.anomalies.resolved",
-		Attributes: []string{"invariant", "severity"},
+		Attributes: []string{"invariant", "severity", "owner", "runbook_url"},
 	},
 	PgconsistencyDeployMarkerTimestamp: metricInfo{
 		Name: "pgconsistency.deploy_marker.timestamp",
 	},
 	PgconsistencyReconcileHealed: metricInfo{
 		Name:       "pgconsistency.reconcile.healed",
-		Attributes: []string{"invariant"},
+		Attributes: []string{"invariant", "owner", "runbook_url"},
 	},
 	PgconsistencyRefreshDuration: metricInfo{
 		Name:       "pgconsistency.refresh.duration",
-		Attributes: []string{"invariant"},
+		Attributes: []string{"invariant", "owner", "runbook_url"},
 	},
 	PgconsistencyRefreshFailures: metricInfo{
 		Name:       "pgconsistency.refresh.failures",
-		Attributes: []string{"invariant"},
+		Attributes: []string{"invariant", "owner", "runbook_url"},
 	},
 	PgconsistencyRefreshMode: metricInfo{
 		Name:       "pgconsistency.refresh.mode",
-		Attributes: []string{"invariant", "mode"},
+		Attributes: []string{"invariant", "mode", "owner", "runbook_url"},
 	},
 	PgconsistencyRefreshOutcome: metricInfo{
 		Name:       "pgconsistency.refresh.outcome",
-		Attributes: []string{"invariant", "outcome"},
+		Attributes: []string{"invariant", "outcome", "owner", "runbook_url"},
 	},
 	PgconsistencyRefreshPeriod: metricInfo{
 		Name:       "pgconsistency.refresh.period",
-		Attributes: []string{"invariant"},
+		Attributes: []string{"invariant", "owner", "runbook_url"},
 	},
 	PgconsistencyRefreshRequestsPending: metricInfo{
 		Name: "pgconsistency.refresh.requests.pending",
 	},
 	PgconsistencySnapshotTimestamp: metricInfo{
 		Name:       "pgconsistency.snapshot.timestamp",
-		Attributes: []string{"invariant"},
+		Attributes: []string{"invariant", "owner", "runbook_url"},
 	},
 	PgconsistencyUp: metricInfo{
 		Name: "pgconsistency.up",
@@ -165,6 +165,28 @@ type metricInfo struct {
 	Attributes []string
 }
 
+type MetricAttributeOption interface {
+	apply(pmetric.NumberDataPoint)
+}
+
+type metricAttributeOptionFunc func(pmetric.NumberDataPoint)
+
+func (maof metricAttributeOptionFunc) apply(dp pmetric.NumberDataPoint) {
+	maof(dp)
+}
+
+func WithOwnerMetricAttribute(ownerAttributeValue string) MetricAttributeOption {
+	return metricAttributeOptionFunc(func(dp pmetric.NumberDataPoint) {
+		dp.Attributes().PutStr("owner", ownerAttributeValue)
+	})
+}
+
+func WithRunbookURLMetricAttribute(runbookURLAttributeValue string) MetricAttributeOption {
+	return metricAttributeOptionFunc(func(dp pmetric.NumberDataPoint) {
+		dp.Attributes().PutStr("runbook_url", runbookURLAttributeValue)
+	})
+}
+
 type metricPgconsistencyAnomalies struct {
 	data     pmetric.Metric                     // data buffer for generated metric.
 	config   PgconsistencyAnomaliesMetricConfig // metric config provided by user.
@@ -180,7 +202,7 @@ func (m *metricPgconsistencyAnomalies) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyAnomalies) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
+func (m *metricPgconsistencyAnomalies) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -190,6 +212,9 @@ func (m *metricPgconsistencyAnomalies) recordDataPoint(start pcommon.Timestamp, 
 	dp.SetIntValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
 	dp.Attributes().PutStr("severity", severityAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -233,7 +258,7 @@ func (m *metricPgconsistencyAnomaliesAcknowledged) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyAnomaliesAcknowledged) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
+func (m *metricPgconsistencyAnomaliesAcknowledged) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -243,6 +268,9 @@ func (m *metricPgconsistencyAnomaliesAcknowledged) recordDataPoint(start pcommon
 	dp.SetIntValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
 	dp.Attributes().PutStr("severity", severityAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -286,7 +314,7 @@ func (m *metricPgconsistencyAnomaliesNew) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyAnomaliesNew) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
+func (m *metricPgconsistencyAnomaliesNew) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -296,6 +324,9 @@ func (m *metricPgconsistencyAnomaliesNew) recordDataPoint(start pcommon.Timestam
 	dp.SetIntValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
 	dp.Attributes().PutStr("severity", severityAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -339,7 +370,7 @@ func (m *metricPgconsistencyAnomaliesResolved) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyAnomaliesResolved) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
+func (m *metricPgconsistencyAnomaliesResolved) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -349,6 +380,9 @@ func (m *metricPgconsistencyAnomaliesResolved) recordDataPoint(start pcommon.Tim
 	dp.SetIntValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
 	dp.Attributes().PutStr("severity", severityAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -442,7 +476,7 @@ func (m *metricPgconsistencyReconcileHealed) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyReconcileHealed) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string) {
+func (m *metricPgconsistencyReconcileHealed) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -451,6 +485,9 @@ func (m *metricPgconsistencyReconcileHealed) recordDataPoint(start pcommon.Times
 	dp.SetTimestamp(ts)
 	dp.SetIntValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -494,7 +531,7 @@ func (m *metricPgconsistencyRefreshDuration) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyRefreshDuration) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
+func (m *metricPgconsistencyRefreshDuration) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -503,6 +540,9 @@ func (m *metricPgconsistencyRefreshDuration) recordDataPoint(start pcommon.Times
 	dp.SetTimestamp(ts)
 	dp.SetDoubleValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -546,7 +586,7 @@ func (m *metricPgconsistencyRefreshFailures) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyRefreshFailures) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string) {
+func (m *metricPgconsistencyRefreshFailures) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -555,6 +595,9 @@ func (m *metricPgconsistencyRefreshFailures) recordDataPoint(start pcommon.Times
 	dp.SetTimestamp(ts)
 	dp.SetIntValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -598,7 +641,7 @@ func (m *metricPgconsistencyRefreshMode) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyRefreshMode) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, modeAttributeValue string) {
+func (m *metricPgconsistencyRefreshMode) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, modeAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -608,6 +651,9 @@ func (m *metricPgconsistencyRefreshMode) recordDataPoint(start pcommon.Timestamp
 	dp.SetIntValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
 	dp.Attributes().PutStr("mode", modeAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -651,7 +697,7 @@ func (m *metricPgconsistencyRefreshOutcome) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyRefreshOutcome) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, outcomeAttributeValue string) {
+func (m *metricPgconsistencyRefreshOutcome) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, invariantAttributeValue string, outcomeAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -661,6 +707,9 @@ func (m *metricPgconsistencyRefreshOutcome) recordDataPoint(start pcommon.Timest
 	dp.SetIntValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
 	dp.Attributes().PutStr("outcome", outcomeAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -704,7 +753,7 @@ func (m *metricPgconsistencyRefreshPeriod) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencyRefreshPeriod) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
+func (m *metricPgconsistencyRefreshPeriod) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -713,6 +762,9 @@ func (m *metricPgconsistencyRefreshPeriod) recordDataPoint(start pcommon.Timesta
 	dp.SetTimestamp(ts)
 	dp.SetDoubleValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -806,7 +858,7 @@ func (m *metricPgconsistencySnapshotTimestamp) init() {
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
 }
 
-func (m *metricPgconsistencySnapshotTimestamp) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
+func (m *metricPgconsistencySnapshotTimestamp) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string, options ...MetricAttributeOption) {
 	if !m.config.Enabled {
 		return
 	}
@@ -815,6 +867,9 @@ func (m *metricPgconsistencySnapshotTimestamp) recordDataPoint(start pcommon.Tim
 	dp.SetTimestamp(ts)
 	dp.SetDoubleValue(val)
 	dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	for _, op := range options {
+		op.apply(dp)
+	}
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -1147,23 +1202,23 @@ func (mb *MetricsBuilder) Emit(options ...ResourceMetricsOption) pmetric.Metrics
 }
 
 // RecordPgconsistencyAnomaliesDataPoint adds a data point to pgconsistency.anomalies metric.
-func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
-	mb.metricPgconsistencyAnomalies.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyAnomalies.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue, options...)
 }
 
 // RecordPgconsistencyAnomaliesAcknowledgedDataPoint adds a data point to pgconsistency.anomalies.acknowledged metric.
-func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesAcknowledgedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
-	mb.metricPgconsistencyAnomaliesAcknowledged.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesAcknowledgedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyAnomaliesAcknowledged.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue, options...)
 }
 
 // RecordPgconsistencyAnomaliesNewDataPoint adds a data point to pgconsistency.anomalies.new metric.
-func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesNewDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
-	mb.metricPgconsistencyAnomaliesNew.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesNewDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyAnomaliesNew.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue, options...)
 }
 
 // RecordPgconsistencyAnomaliesResolvedDataPoint adds a data point to pgconsistency.anomalies.resolved metric.
-func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesResolvedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string) {
-	mb.metricPgconsistencyAnomaliesResolved.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesResolvedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyAnomaliesResolved.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue, options...)
 }
 
 // RecordPgconsistencyDeployMarkerTimestampDataPoint adds a data point to pgconsistency.deploy_marker.timestamp metric.
@@ -1172,33 +1227,33 @@ func (mb *MetricsBuilder) RecordPgconsistencyDeployMarkerTimestampDataPoint(ts p
 }
 
 // RecordPgconsistencyReconcileHealedDataPoint adds a data point to pgconsistency.reconcile.healed metric.
-func (mb *MetricsBuilder) RecordPgconsistencyReconcileHealedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string) {
-	mb.metricPgconsistencyReconcileHealed.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencyReconcileHealedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyReconcileHealed.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, options...)
 }
 
 // RecordPgconsistencyRefreshDurationDataPoint adds a data point to pgconsistency.refresh.duration metric.
-func (mb *MetricsBuilder) RecordPgconsistencyRefreshDurationDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
-	mb.metricPgconsistencyRefreshDuration.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshDurationDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyRefreshDuration.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, options...)
 }
 
 // RecordPgconsistencyRefreshFailuresDataPoint adds a data point to pgconsistency.refresh.failures metric.
-func (mb *MetricsBuilder) RecordPgconsistencyRefreshFailuresDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string) {
-	mb.metricPgconsistencyRefreshFailures.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshFailuresDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyRefreshFailures.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, options...)
 }
 
 // RecordPgconsistencyRefreshModeDataPoint adds a data point to pgconsistency.refresh.mode metric.
-func (mb *MetricsBuilder) RecordPgconsistencyRefreshModeDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, modeAttributeValue AttributeMode) {
-	mb.metricPgconsistencyRefreshMode.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, modeAttributeValue.String())
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshModeDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, modeAttributeValue AttributeMode, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyRefreshMode.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, modeAttributeValue.String(), options...)
 }
 
 // RecordPgconsistencyRefreshOutcomeDataPoint adds a data point to pgconsistency.refresh.outcome metric.
-func (mb *MetricsBuilder) RecordPgconsistencyRefreshOutcomeDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, outcomeAttributeValue AttributeOutcome) {
-	mb.metricPgconsistencyRefreshOutcome.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, outcomeAttributeValue.String())
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshOutcomeDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, outcomeAttributeValue AttributeOutcome, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyRefreshOutcome.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, outcomeAttributeValue.String(), options...)
 }
 
 // RecordPgconsistencyRefreshPeriodDataPoint adds a data point to pgconsistency.refresh.period metric.
-func (mb *MetricsBuilder) RecordPgconsistencyRefreshPeriodDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
-	mb.metricPgconsistencyRefreshPeriod.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencyRefreshPeriodDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyRefreshPeriod.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, options...)
 }
 
 // RecordPgconsistencyRefreshRequestsPendingDataPoint adds a data point to pgconsistency.refresh.requests.pending metric.
@@ -1207,8 +1262,8 @@ func (mb *MetricsBuilder) RecordPgconsistencyRefreshRequestsPendingDataPoint(ts 
 }
 
 // RecordPgconsistencySnapshotTimestampDataPoint adds a data point to pgconsistency.snapshot.timestamp metric.
-func (mb *MetricsBuilder) RecordPgconsistencySnapshotTimestampDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string) {
-	mb.metricPgconsistencySnapshotTimestamp.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue)
+func (mb *MetricsBuilder) RecordPgconsistencySnapshotTimestampDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencySnapshotTimestamp.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, options...)
 }
 
 // RecordPgconsistencyUpDataPoint adds a data point to pgconsistency.up metric.

@@ -68,43 +68,43 @@ func TestMetricsBuilder(t *testing.T) {
 			allMetricsCount := 0
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyAnomaliesDataPoint(ts, 1, "invariant-val", "severity-val")
+			mb.RecordPgconsistencyAnomaliesDataPoint(ts, 1, "invariant-val", "severity-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyAnomaliesAcknowledgedDataPoint(ts, 1, "invariant-val", "severity-val")
+			mb.RecordPgconsistencyAnomaliesAcknowledgedDataPoint(ts, 1, "invariant-val", "severity-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyAnomaliesNewDataPoint(ts, 1, "invariant-val", "severity-val")
+			mb.RecordPgconsistencyAnomaliesNewDataPoint(ts, 1, "invariant-val", "severity-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyAnomaliesResolvedDataPoint(ts, 1, "invariant-val", "severity-val")
+			mb.RecordPgconsistencyAnomaliesResolvedDataPoint(ts, 1, "invariant-val", "severity-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 1)
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyReconcileHealedDataPoint(ts, 1, "invariant-val")
+			mb.RecordPgconsistencyReconcileHealedDataPoint(ts, 1, "invariant-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyRefreshDurationDataPoint(ts, 1, "invariant-val")
+			mb.RecordPgconsistencyRefreshDurationDataPoint(ts, 1, "invariant-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyRefreshFailuresDataPoint(ts, 1, "invariant-val")
+			mb.RecordPgconsistencyRefreshFailuresDataPoint(ts, 1, "invariant-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyRefreshModeDataPoint(ts, 1, "invariant-val", AttributeModeFull)
+			mb.RecordPgconsistencyRefreshModeDataPoint(ts, 1, "invariant-val", AttributeModeFull, WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyRefreshOutcomeDataPoint(ts, 1, "invariant-val", AttributeOutcomeNever)
+			mb.RecordPgconsistencyRefreshOutcomeDataPoint(ts, 1, "invariant-val", AttributeOutcomeNever, WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyRefreshPeriodDataPoint(ts, 1, "invariant-val")
+			mb.RecordPgconsistencyRefreshPeriodDataPoint(ts, 1, "invariant-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyRefreshRequestsPendingDataPoint(ts, 1)
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencySnapshotTimestampDataPoint(ts, 1, "invariant-val")
+			mb.RecordPgconsistencySnapshotTimestampDataPoint(ts, 1, "invariant-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyUpDataPoint(ts, 1)
@@ -162,6 +162,12 @@ func TestMetricsBuilder(t *testing.T) {
 					severityAttrVal, ok := dp.Attributes().Get("severity")
 					assert.True(t, ok)
 					assert.Equal(t, "severity-val", severityAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.anomalies.acknowledged":
 					assert.False(t, validatedMetrics["pgconsistency.anomalies.acknowledged"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.acknowledged")
 					validatedMetrics["pgconsistency.anomalies.acknowledged"] = true
@@ -180,6 +186,12 @@ func TestMetricsBuilder(t *testing.T) {
 					severityAttrVal, ok := dp.Attributes().Get("severity")
 					assert.True(t, ok)
 					assert.Equal(t, "severity-val", severityAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.anomalies.new":
 					assert.False(t, validatedMetrics["pgconsistency.anomalies.new"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.new")
 					validatedMetrics["pgconsistency.anomalies.new"] = true
@@ -198,6 +210,12 @@ func TestMetricsBuilder(t *testing.T) {
 					severityAttrVal, ok := dp.Attributes().Get("severity")
 					assert.True(t, ok)
 					assert.Equal(t, "severity-val", severityAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.anomalies.resolved":
 					assert.False(t, validatedMetrics["pgconsistency.anomalies.resolved"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.resolved")
 					validatedMetrics["pgconsistency.anomalies.resolved"] = true
@@ -216,6 +234,12 @@ func TestMetricsBuilder(t *testing.T) {
 					severityAttrVal, ok := dp.Attributes().Get("severity")
 					assert.True(t, ok)
 					assert.Equal(t, "severity-val", severityAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.deploy_marker.timestamp":
 					assert.False(t, validatedMetrics["pgconsistency.deploy_marker.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.deploy_marker.timestamp")
 					validatedMetrics["pgconsistency.deploy_marker.timestamp"] = true
@@ -243,6 +267,12 @@ func TestMetricsBuilder(t *testing.T) {
 					invariantAttrVal, ok := dp.Attributes().Get("invariant")
 					assert.True(t, ok)
 					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.refresh.duration":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.duration"], "Found a duplicate in the metrics slice: pgconsistency.refresh.duration")
 					validatedMetrics["pgconsistency.refresh.duration"] = true
@@ -258,6 +288,12 @@ func TestMetricsBuilder(t *testing.T) {
 					invariantAttrVal, ok := dp.Attributes().Get("invariant")
 					assert.True(t, ok)
 					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.refresh.failures":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.failures"], "Found a duplicate in the metrics slice: pgconsistency.refresh.failures")
 					validatedMetrics["pgconsistency.refresh.failures"] = true
@@ -273,6 +309,12 @@ func TestMetricsBuilder(t *testing.T) {
 					invariantAttrVal, ok := dp.Attributes().Get("invariant")
 					assert.True(t, ok)
 					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.refresh.mode":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.mode"], "Found a duplicate in the metrics slice: pgconsistency.refresh.mode")
 					validatedMetrics["pgconsistency.refresh.mode"] = true
@@ -291,6 +333,12 @@ func TestMetricsBuilder(t *testing.T) {
 					modeAttrVal, ok := dp.Attributes().Get("mode")
 					assert.True(t, ok)
 					assert.Equal(t, "full", modeAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.refresh.outcome":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.outcome"], "Found a duplicate in the metrics slice: pgconsistency.refresh.outcome")
 					validatedMetrics["pgconsistency.refresh.outcome"] = true
@@ -309,6 +357,12 @@ func TestMetricsBuilder(t *testing.T) {
 					outcomeAttrVal, ok := dp.Attributes().Get("outcome")
 					assert.True(t, ok)
 					assert.Equal(t, "never", outcomeAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.refresh.period":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.period"], "Found a duplicate in the metrics slice: pgconsistency.refresh.period")
 					validatedMetrics["pgconsistency.refresh.period"] = true
@@ -324,6 +378,12 @@ func TestMetricsBuilder(t *testing.T) {
 					invariantAttrVal, ok := dp.Attributes().Get("invariant")
 					assert.True(t, ok)
 					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.refresh.requests.pending":
 					assert.False(t, validatedMetrics["pgconsistency.refresh.requests.pending"], "Found a duplicate in the metrics slice: pgconsistency.refresh.requests.pending")
 					validatedMetrics["pgconsistency.refresh.requests.pending"] = true
@@ -351,6 +411,12 @@ func TestMetricsBuilder(t *testing.T) {
 					invariantAttrVal, ok := dp.Attributes().Get("invariant")
 					assert.True(t, ok)
 					assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+					ownerAttrVal, ok := dp.Attributes().Get("owner")
+					assert.True(t, ok)
+					assert.Equal(t, "owner-val", ownerAttrVal.Str())
+					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+					assert.True(t, ok)
+					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.up":
 					assert.False(t, validatedMetrics["pgconsistency.up"], "Found a duplicate in the metrics slice: pgconsistency.up")
 					validatedMetrics["pgconsistency.up"] = true
