@@ -103,10 +103,9 @@ func (d *discovery) pass(ctx context.Context) {
 	// Gone from the server (dropped, or no longer accepting connections)
 	// or excluded since: no longer watched.
 	for _, name := range d.scraper.watching() {
-		if !slices.Contains(candidates, name) {
+		if !slices.Contains(candidates, name) && d.scraper.remove(name) {
 			d.logger.Info("pgconsistency discovery: database no longer on the server (or no longer accepting connections); no longer watched",
 				zap.String("database", name))
-			d.scraper.remove(name)
 		}
 	}
 	for name := range d.probeErrors {

@@ -118,15 +118,19 @@ func (s *pgScraper) add(ctx context.Context, name string, discovered bool) error
 }
 
 // remove stops watching database name: its series stop, its connections
-// close.
-func (s *pgScraper) remove(name string) {
+// close. It reports whether it was watched: a scrape and a discovery may
+// both find it gone at the same moment, and only the one that removed it
+// logs so.
+func (s *pgScraper) remove(name string) bool {
 	s.mu.Lock()
 	db := s.dbs[name]
 	delete(s.dbs, name)
 	s.mu.Unlock()
-	if db != nil {
-		db.close()
+	if db == nil {
+		return false
 	}
+	db.close()
+	return true
 }
 
 func (db *watchedDatabase) close() {
@@ -186,9 +190,10 @@ func (s *pgScraper) scrape(ctx context.Context) (pmetric.Metrics, error) {
 	var errs []error
 	for _, r := range results {
 		if r.err != nil && r.db.discovered && databaseGone(r.err) {
-			s.logger.Info("pgconsistency: database no longer watched; discovery watches it again if it comes back with pgconsistency",
-				zap.String("database", r.db.name), zap.Error(r.err))
-			s.remove(r.db.name)
+			if s.remove(r.db.name) {
+				s.logger.Info("pgconsistency: database no longer watched; discovery watches it again if it comes back with pgconsistency",
+					zap.String("database", r.db.name), zap.Error(r.err))
+			}
 			continue
 		}
 		if r.err != nil {
