@@ -356,7 +356,7 @@ func newIn050(t *testing.T, admin *pgx.Conn, u used, rel fromRelease, upgrade fu
 
 // newIn060 checks the deployment history an upgrade starts with, and that a
 // new anomaly after the upgrade is attributed to the latest deployment.
-func newIn060(t *testing.T, admin *pgx.Conn) {
+func newIn060(t *testing.T, admin *pgx.Conn, u used) {
 	var markers []string
 	rows, err := admin.Query(t.Context(), "SELECT coalesce(marker, 'NULL') FROM pgconsistency.deployment ORDER BY id")
 	require.NoError(t, err)
@@ -382,4 +382,18 @@ func newIn060(t *testing.T, admin *pgx.Conn) {
 	// useRelease audits dataset_references: the DELETE above is the cause.
 	assert.Contains(t, cause, "DELETE on public.dataset_references")
 	assert.Equal(t, before+1, summary(), "one more after v42")
+
+	// The receiver's logs read the same anomaly with its origin, as the
+	// reader (granted by 10_privileges.sql before roles.sql runs again).
+	const consumer = "consumer-060"
+	exec(t, u.reader, "SELECT count(*) FROM pgconsistency.new_anomalies_with_origin_for_log($1, 10)", consumer) // the cursor
+	exec(t, admin, "DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'", fixture.DatasetID(13))
+	exec(t, admin, "CALL pgconsistency.refresh('dataset_head_ref_missing')")
+	var key, logMarker, operation string
+	require.NoError(t, u.reader.QueryRow(t.Context(), `SELECT key, deploy_marker, cause_operation
+		FROM pgconsistency.new_anomalies_with_origin_for_log($1, 10)`, consumer).Scan(&key, &logMarker, &operation),
+		"new_anomalies_with_origin_for_log as the reader")
+	assert.Equal(t, fixture.DatasetID(13), key)
+	assert.Equal(t, "v42", logMarker)
+	assert.Equal(t, "DELETE", operation)
 }

@@ -438,7 +438,7 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// starts the deployment history; the anomalies open before the upgrade
 	// have no deployment (unknown); one that appears now has the latest.
 	t.Run("NewIn060", func(t *testing.T) {
-		newIn060(t, admin)
+		newIn060(t, admin, u)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

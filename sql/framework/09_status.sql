@@ -81,7 +81,10 @@ SELECT i.name                                    AS invariant,
                                         s.snapshot_duration_seconds) AS refresh_duration_seconds,
        -- who answers for the invariant's alerts, and their runbook (0.5.0)
        i.owner,
-       i.runbook_url
+       i.runbook_url,
+       -- the deploy marker's value (0.6.0): the receiver puts it on its
+       -- deploy-marker metric, which the new-anomalies alert names
+       (SELECT d.value FROM pgconsistency.deploy_marker d) AS deploy_marker
   FROM pgconsistency.invariant i
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
 $def$;
