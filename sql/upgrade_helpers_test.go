@@ -384,7 +384,8 @@ func newIn060(t *testing.T, admin *pgx.Conn, u used) {
 	assert.Equal(t, before+1, summary(), "one more after v42")
 
 	// The receiver's logs read the same anomaly with its origin, as the
-	// reader (granted by 10_privileges.sql before roles.sql runs again).
+	// reader (granted by roles.sql; 10_privileges.sql grants it too where
+	// the role exists, for an upgrade that does not re-run roles.sql).
 	const consumer = "consumer-060"
 	exec(t, u.reader, "SELECT count(*) FROM pgconsistency.new_anomalies_with_origin_for_log($1, 10)", consumer) // the cursor
 	exec(t, admin, "DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'", fixture.DatasetID(13))
