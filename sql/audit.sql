@@ -285,6 +285,48 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.enable_dataset_audit(text) IS
   'Audit the five dataset tables, keyed by dataset id';
 
+-- _invariant_tables: the tables (schema.table, quoted as format('%I.%I'))
+-- an invariant reads. Those of an invariant of define_invariant are
+-- recorded with it (pgconsistency.invariant.relations, 0.3.0); those of a
+-- view of register_invariant are dependencies of its rewrite rule. Views are
+-- followed down to their tables.
+CREATE OR REPLACE FUNCTION pgconsistency._invariant_tables(invariant text)
+RETURNS text[]
+LANGUAGE plpgsql
+STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_tables text[];
+BEGIN
+    WITH RECURSIVE rel(oid) AS (
+        SELECT c.oid
+          FROM pgconsistency.invariant i
+          JOIN pg_catalog.pg_namespace n ON n.nspname = i.view_schema
+          JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = i.view_name
+         WHERE i.name = _invariant_tables.invariant AND i.relations IS NULL
+        UNION ALL
+        SELECT pg_catalog.to_regclass(r)::oid
+          FROM pgconsistency.invariant i, pg_catalog.unnest(i.relations) AS r
+         WHERE i.name = _invariant_tables.invariant AND pg_catalog.to_regclass(r) IS NOT NULL
+        UNION
+        SELECT d.refobjid
+          FROM rel
+          JOIN pg_catalog.pg_class v ON v.oid = rel.oid AND v.relkind IN ('v', 'm')
+          JOIN pg_catalog.pg_rewrite rw ON rw.ev_class = v.oid
+          JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = rw.oid
+                                     AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid
+    )
+    SELECT pg_catalog.array_agg(pg_catalog.format('%I.%I', n.nspname, c.relname)) INTO v_tables
+      FROM rel
+      JOIN pg_catalog.pg_class c ON c.oid = rel.oid AND c.relkind IN ('r', 'p')
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;
+    RETURN coalesce(v_tables, '{}');
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._invariant_tables(text) IS
+  'Internal: the tables an invariant reads, following views down to their tables';
+
 -- audit_history: the history of one anomaly key, newest first: every audited
 -- row change whose key (before or after the change) is key, and every
 -- TRUNCATE of an audited table (it removes every key's rows). With invariant,
@@ -307,33 +349,7 @@ BEGIN
             RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(invariant)
                 USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
         END IF;
-        -- The relations an invariant of define_invariant reads are recorded
-        -- with it (pgconsistency.invariant.relations, 0.3.0); those of a
-        -- view of register_invariant are dependencies of its rewrite rule.
-        -- Follow views down to their tables.
-        WITH RECURSIVE rel(oid) AS (
-            SELECT c.oid
-              FROM pgconsistency.invariant i
-              JOIN pg_catalog.pg_namespace n ON n.nspname = i.view_schema
-              JOIN pg_catalog.pg_class c ON c.relnamespace = n.oid AND c.relname = i.view_name
-             WHERE i.name = audit_history.invariant AND i.relations IS NULL
-            UNION ALL
-            SELECT pg_catalog.to_regclass(r)::oid
-              FROM pgconsistency.invariant i, pg_catalog.unnest(i.relations) AS r
-             WHERE i.name = audit_history.invariant AND pg_catalog.to_regclass(r) IS NOT NULL
-            UNION
-            SELECT d.refobjid
-              FROM rel
-              JOIN pg_catalog.pg_class v ON v.oid = rel.oid AND v.relkind IN ('v', 'm')
-              JOIN pg_catalog.pg_rewrite rw ON rw.ev_class = v.oid
-              JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::regclass AND d.objid = rw.oid
-                                         AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> v.oid
-        )
-        SELECT pg_catalog.array_agg(pg_catalog.format('%I.%I', n.nspname, c.relname)) INTO v_tables
-          FROM rel
-          JOIN pg_catalog.pg_class c ON c.oid = rel.oid AND c.relkind IN ('r', 'p')
-          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace;
-        v_tables := coalesce(v_tables, '{}');
+        v_tables := pgconsistency._invariant_tables(invariant);
     END IF;
 
     -- Three index scans rather than one OR, which would read the whole log.
@@ -403,12 +419,60 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.audit_restore(bigint) IS
   'Re-insert the row removed by the DELETE recorded in pgconsistency.audit_log row audit_id; returns it';
 
+-- _record_anomaly_causes (0.6.0): called by refresh_invariant, in the
+-- refresh's transaction, after new anomalies appeared (those of invariant
+-- with a seq above after_seq): records on each the change that caused it,
+-- the last audit_log row of its key in the audited tables the invariant
+-- reads, before it was first seen. One index lookup per new anomaly
+-- (audit_log_row_key: row_key, changed_at), so a mass incident costs
+-- O(new anomalies), nothing when the invariant reads no audited table.
+-- Returns how many anomalies got a cause.
+CREATE OR REPLACE FUNCTION pgconsistency._record_anomaly_causes(invariant text, after_seq bigint)
+RETURNS bigint
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_tables text[];
+    v_count  bigint;
+BEGIN
+    SELECT pg_catalog.array_agg(t.name) INTO v_tables
+      FROM pg_catalog.unnest(pgconsistency._invariant_tables(invariant)) AS t(name)
+     WHERE EXISTS (SELECT 1 FROM pgconsistency.audited_table a
+                    WHERE pg_catalog.format('%I.%I', a.table_schema, a.table_name) = t.name);
+    IF v_tables IS NULL THEN
+        RETURN 0; -- no table of the invariant is audited: no cause recorded
+    END IF;
+    UPDATE pgconsistency.anomaly a
+       SET cause_audit_id = c.id, cause_operation = c.operation,
+           cause_table = pg_catalog.format('%I.%I', c.table_schema, c.table_name),
+           cause_txid = c.txid, cause_changed_at = c.changed_at, cause_db_user = c.db_user,
+           cause_application_name = c.application_name
+      FROM (SELECT n.key, l.*
+              FROM pgconsistency.anomaly n
+             CROSS JOIN LATERAL (
+                   SELECT l.id, l.operation, l.table_schema, l.table_name, l.txid, l.changed_at, l.db_user, l.application_name
+                     FROM pgconsistency.audit_log l
+                    WHERE l.row_key = n.key AND l.changed_at <= n.first_seen_at
+                      AND pg_catalog.format('%I.%I', l.table_schema, l.table_name) = ANY (v_tables)
+                    ORDER BY l.changed_at DESC, l.id DESC
+                    LIMIT 1) l
+             WHERE n.invariant = _record_anomaly_causes.invariant AND n.seq > after_seq) c
+     WHERE a.invariant = _record_anomaly_causes.invariant AND a.key = c.key;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._record_anomaly_causes(text, bigint) IS
+  'Internal: record on the new anomalies of an invariant the audited change that caused them (called by refresh_invariant)';
+
 -- As in the framework (sql/framework/10_privileges.sql): nothing in the
 -- schema is executable by PUBLIC. A DBA grants audit_history to whoever
 -- investigates (docs/audit.md).
 REVOKE EXECUTE ON FUNCTION pgconsistency._drop_audit_triggers(regclass), pgconsistency.enable_audit(regclass, text),
        pgconsistency.disable_audit(regclass), pgconsistency.enable_dataset_audit(text),
-       pgconsistency.audit_history(text, timestamptz, text), pgconsistency.audit_restore(bigint) FROM PUBLIC;
+       pgconsistency.audit_history(text, timestamptz, text), pgconsistency.audit_restore(bigint),
+       pgconsistency._invariant_tables(text), pgconsistency._record_anomaly_causes(text, bigint) FROM PUBLIC;
 
 \o
 COMMIT;

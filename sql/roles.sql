@@ -9,7 +9,8 @@
 --
 --   pgconsistency_reader     what the receiver reads each scrape: SELECT on
 --       pgconsistency.status; and, for a logs pipeline, EXECUTE on
---       new_anomalies_for_log() and advance_log_cursor() (SECURITY DEFINER:
+--       new_anomalies_for_log(), new_anomalies_with_origin_for_log() (0.6.0)
+--       and advance_log_cursor() (SECURITY DEFINER:
 --       the cursor is written by the functions, the role gets no table
 --       privilege; each login role reads and moves only the cursors it
 --       created). Not the anomaly views, nor pgconsistency.anomaly, nor the
@@ -81,6 +82,7 @@ GRANT USAGE ON SCHEMA pgconsistency TO pgconsistency_reader, pgconsistency_refre
 -- The reader: the receiver's metrics and logs.
 GRANT SELECT ON pgconsistency.status TO pgconsistency_reader;
 GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_for_log(text, integer),
+                          pgconsistency.new_anomalies_with_origin_for_log(text, integer),
                           pgconsistency.advance_log_cursor(text, bigint)
    TO pgconsistency_reader;
 

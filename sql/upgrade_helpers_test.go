@@ -353,3 +353,48 @@ func newIn050(t *testing.T, admin *pgx.Conn, u used, rel fromRelease, upgrade fu
 	upgrade()
 	assert.Equal(t, want, owners(t, u.reader), "owners after the next deployment")
 }
+
+// newIn060 checks the deployment history an upgrade starts with, and that a
+// new anomaly after the upgrade is attributed to the latest deployment.
+func newIn060(t *testing.T, admin *pgx.Conn, u used) {
+	var markers []string
+	rows, err := admin.Query(t.Context(), "SELECT coalesce(marker, 'NULL') FROM pgconsistency.deployment ORDER BY id")
+	require.NoError(t, err)
+	markers, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	assert.Equal(t, []string{"v42"}, markers, "the marker the install had")
+	var unknown int
+	require.NoError(t, admin.QueryRow(t.Context(), `SELECT count(*) FROM pgconsistency.anomaly_origin
+		WHERE deploy = 'no deployment recorded' AND cause = 'no cause recorded'`).Scan(&unknown))
+	assert.Positive(t, unknown, "anomalies open before the upgrade: deployment unknown")
+	summary := func() (n int64) {
+		require.NoError(t, admin.QueryRow(t.Context(), `SELECT new_anomalies FROM pgconsistency.deployment_summary
+			WHERE deploy_marker = 'v42' AND invariant = 'dataset_head_ref_missing'`).Scan(&n))
+		return n
+	}
+	before := summary() // what the subtests before this one broke
+	exec(t, admin, "DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'", fixture.DatasetID(12))
+	exec(t, admin, "CALL pgconsistency.refresh('dataset_head_ref_missing')")
+	var marker, cause string
+	require.NoError(t, admin.QueryRow(t.Context(), `SELECT deploy_marker, cause FROM pgconsistency.anomaly_origin
+		WHERE invariant = 'dataset_head_ref_missing' AND key = $1`, fixture.DatasetID(12)).Scan(&marker, &cause))
+	assert.Equal(t, "v42", marker)
+	// useRelease audits dataset_references: the DELETE above is the cause.
+	assert.Contains(t, cause, "DELETE on public.dataset_references")
+	assert.Equal(t, before+1, summary(), "one more after v42")
+
+	// The receiver's logs read the same anomaly with its origin, as the
+	// reader (granted by roles.sql; 10_privileges.sql grants it too where
+	// the role exists, for an upgrade that does not re-run roles.sql).
+	const consumer = "consumer-060"
+	exec(t, u.reader, "SELECT count(*) FROM pgconsistency.new_anomalies_with_origin_for_log($1, 10)", consumer) // the cursor
+	exec(t, admin, "DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'", fixture.DatasetID(13))
+	exec(t, admin, "CALL pgconsistency.refresh('dataset_head_ref_missing')")
+	var key, logMarker, operation string
+	require.NoError(t, u.reader.QueryRow(t.Context(), `SELECT key, deploy_marker, cause_operation
+		FROM pgconsistency.new_anomalies_with_origin_for_log($1, 10)`, consumer).Scan(&key, &logMarker, &operation),
+		"new_anomalies_with_origin_for_log as the reader")
+	assert.Equal(t, fixture.DatasetID(13), key)
+	assert.Equal(t, "v42", logMarker)
+	assert.Equal(t, "DELETE", operation)
+}

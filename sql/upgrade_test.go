@@ -42,6 +42,8 @@ var (
 	release030 = fromRelease{version: "0.3.0", dir: "testdata/sql/0.3.0", datasetInvariants: fixture.Invariants[:9]}
 	// 0.4.0 renamed, and added no invariant.
 	release040 = fromRelease{version: "0.4.0", dir: "testdata/sql/0.4.0", datasetInvariants: fixture.Invariants[:9]}
+	// 0.5.0 added owners, and no invariant.
+	release050 = fromRelease{version: "0.5.0", dir: "testdata/sql/0.5.0", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -70,7 +72,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.5.0"
+const currentRelease = "0.6.0"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -110,6 +112,11 @@ func TestUpgradeFrom030(t *testing.T) {
 func TestUpgradeFrom040(t *testing.T) {
 	t.Parallel() // a server of its own
 	testUpgrade(t, release040)
+}
+
+func TestUpgradeFrom050(t *testing.T) {
+	t.Parallel() // a server of its own
+	testUpgrade(t, release050)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -425,6 +432,13 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// the next install, and the reader sees both in the status view.
 	t.Run("NewIn050", func(t *testing.T) {
 		newIn050(t, admin, u, rel, upgrade)
+	})
+
+	// 0.6.0: which deploy broke it. The deploy marker the install had
+	// starts the deployment history; the anomalies open before the upgrade
+	// have no deployment (unknown); one that appears now has the latest.
+	t.Run("NewIn060", func(t *testing.T) {
+		newIn060(t, admin, u)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

@@ -31,6 +31,9 @@ type invariantStatus struct {
 	// database-wide values, the same on every row
 	PendingRequests       int64      `db:"pending_requests"`
 	DeployMarkerChangedAt *time.Time `db:"deploy_marker_changed_at"`
+	// DeployMarker is the deploy marker's value (0.6.0 and later; "" before,
+	// or when it has none).
+	DeployMarker string `db:"deploy_marker"`
 	// Version is the installed SQL version; "" when the view has no version
 	// column (release 0.1.0).
 	Version string `db:"version"`
@@ -69,36 +72,44 @@ const schema = "pgconsistency"
 // adds columns; a collector upgraded before the database reads the newest
 // shape the database has, and reports what an older release cannot tell as
 // the older release behaves: no version (0.1.0), every refresh full and
-// nothing healed (before 0.3.0), no owner nor runbook (before 0.5.0).
+// nothing healed (before 0.3.0), no owner nor runbook (before 0.5.0), no
+// deploy marker value (before 0.6.0).
 type statusShape int32
 
 const (
-	shape050 statusShape = iota // owner, runbook_url
+	shape060 statusShape = iota // deploy_marker
+	shape050                    // owner, runbook_url
 	shape030                    // refresh_mode, healed_anomalies
 	shape020                    // version
 	shape010                    // the first release
 	shapeCount
 
-	shapeNewest = shape050
+	shapeNewest = shape060
 )
 
 // statusQueries are indexed by statusShape, newest first.
 var statusQueries = [shapeCount]string{
+	shape060: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies, " +
+		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url, coalesce(deploy_marker, '') AS deploy_marker FROM " +
+		schema + ".status WHERE enabled",
 	shape050: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies, " +
-		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url FROM " + schema + ".status WHERE enabled",
-	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies" + noOwner + " FROM " + schema + ".status WHERE enabled",
-	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + " FROM " +
+		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url" + noDeployMarker + " FROM " + schema + ".status WHERE enabled",
+	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies" + noOwner + noDeployMarker + " FROM " + schema + ".status WHERE enabled",
+	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + " FROM " +
 		schema + ".status WHERE enabled",
 	// 0.1.0 has no version: the column says whether pgconsistency.version()
 	// exists all the same, i.e. whether install.sql has upgraded the SQL
 	// since this shape was chosen (see queryStatus).
 	shape010: "SELECT " + statusColumns + ", CASE WHEN pg_catalog.to_regprocedure('" + schema + ".version()') IS NULL " +
-		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + " FROM " +
+		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + " FROM " +
 		schema + ".status WHERE enabled",
 }
 
 // noOwner stands for the owner and runbook_url of SQL older than 0.5.0.
 const noOwner = ", '' AS owner, '' AS runbook_url"
+
+// noDeployMarker stands for the deploy marker value of SQL older than 0.6.0.
+const noDeployMarker = ", '' AS deploy_marker"
 
 // upgradedFrom010 is the version the 0.1.0 shape reads once the SQL has
 // been upgraded; never reported.

@@ -31,7 +31,8 @@ type logsReceiver struct {
 	consumer string
 	lb       *metadata.LogsBuilder
 	resource pcommon.Resource
-	query    string
+	query    string // SQL older than 0.6.0
+	origin   string // 0.6.0+: with the deployment and the cause
 	advance  string
 
 	cancel context.CancelFunc
@@ -48,6 +49,10 @@ func newLogsReceiver(cfg *Config, set receiver.Settings, next consumer.Logs) *lo
 		lb:       metadata.NewLogsBuilder(set),
 		query: "SELECT seq, invariant, severity, key, details::text, first_seen_at FROM " +
 			schema + ".new_anomalies_for_log($1, $2)",
+		origin: "SELECT seq, invariant, severity, key, details::text, first_seen_at, deploy_marker, deployed_at, " +
+			"deployed_since_previous_refresh, refresh_reason, cause_audit_id, cause_operation, cause_table, cause_txid, " +
+			"cause_changed_at, cause_db_user, cause_application_name FROM " +
+			schema + ".new_anomalies_with_origin_for_log($1, $2)",
 		advance: "SELECT " + schema + ".advance_log_cursor($1, $2)",
 		conn:    dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-logs"},
 	}
@@ -96,6 +101,11 @@ func (r *logsReceiver) loop(ctx context.Context) {
 	}
 }
 
+// hasOrigin tells whether the installed SQL (0.6.0+) has
+// new_anomalies_with_origin_for_log; checked on every pass, so an upgrade of
+// the SQL is picked up without a restart.
+const hasOrigin = "SELECT pg_catalog.to_regprocedure('" + schema + ".new_anomalies_with_origin_for_log(text,integer)') IS NOT NULL"
+
 type newAnomaly struct {
 	seq         int64
 	invariant   string
@@ -103,6 +113,23 @@ type newAnomaly struct {
 	key         string
 	details     *string
 	firstSeenAt time.Time
+	origin      *anomalyOrigin // nil: SQL older than 0.6.0
+}
+
+// anomalyOrigin is where a new anomaly came from (SQL 0.6.0): the
+// deployment it appeared after and the audited change that caused it.
+type anomalyOrigin struct {
+	deployMarker          *string
+	deployedAt            *time.Time
+	deployedSincePrevious *bool
+	refreshReason         *string
+	causeAuditID          *int64
+	causeOperation        *string
+	causeTable            *string
+	causeTxid             *int64
+	causeChangedAt        *time.Time
+	causeDBUser           *string
+	causeApplicationName  *string
 }
 
 // pass delivers one batch of new anomalies, then moves the cursor.
@@ -116,13 +143,30 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 	timeout := r.cfg.effectiveTimeout()
 	var batch []newAnomaly
 	if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
-		rows, err := tx.Query(ctx, r.query, r.consumer, r.cfg.Logs.maxRecords())
+		var withOrigin bool
+		if err := tx.QueryRow(ctx, hasOrigin).Scan(&withOrigin); err != nil {
+			return err
+		}
+		query := r.query
+		if withOrigin {
+			query = r.origin
+		}
+		rows, err := tx.Query(ctx, query, r.consumer, r.cfg.Logs.maxRecords())
 		if err != nil {
 			return err
 		}
 		batch, err = pgx.CollectRows(rows, func(row pgx.CollectableRow) (newAnomaly, error) {
 			var a newAnomaly
-			err := row.Scan(&a.seq, &a.invariant, &a.severity, &a.key, &a.details, &a.firstSeenAt)
+			if !withOrigin {
+				err := row.Scan(&a.seq, &a.invariant, &a.severity, &a.key, &a.details, &a.firstSeenAt)
+				return a, err
+			}
+			o := &anomalyOrigin{}
+			a.origin = o
+			err := row.Scan(&a.seq, &a.invariant, &a.severity, &a.key, &a.details, &a.firstSeenAt,
+				&o.deployMarker, &o.deployedAt, &o.deployedSincePrevious, &o.refreshReason,
+				&o.causeAuditID, &o.causeOperation, &o.causeTable, &o.causeTxid,
+				&o.causeChangedAt, &o.causeDBUser, &o.causeApplicationName)
 			return a, err
 		})
 		return err
@@ -162,7 +206,78 @@ func logRecord(a newAnomaly, observed pcommon.Timestamp) plog.LogRecord {
 			_ = attrs.PutEmptyMap("pgconsistency.anomaly.details").FromRaw(details)
 		}
 	}
+	if a.origin != nil {
+		putOrigin(attrs, a.origin)
+	}
 	return lr
+}
+
+// Texts of the origin attributes when there is nothing to name (as in the
+// pgconsistency.anomaly_origin view).
+const (
+	noDeployment     = "no deployment recorded"
+	noDeploySince    = "no deploy since the last clean refresh"
+	noCauseRecorded  = "no cause recorded"
+	timeLayoutOrigin = time.RFC3339Nano
+)
+
+// putOrigin adds the deployment and the cause of a new anomaly (SQL 0.6.0)
+// to its log record: pgconsistency.deploy.* (the deploy marker current at
+// the refresh that found it, when it changed, whether that was after the
+// invariant's previous refresh, the reason of the refresh request) and
+// pgconsistency.cause.* (the last audited change of the key, with the
+// audit_restore call for a DELETE), or pgconsistency.cause "no cause
+// recorded".
+func putOrigin(attrs pcommon.Map, o *anomalyOrigin) {
+	if o.deployedAt == nil {
+		attrs.PutStr("pgconsistency.deploy", noDeployment)
+	} else {
+		marker := "NULL"
+		if o.deployMarker != nil {
+			marker = *o.deployMarker
+			attrs.PutStr("pgconsistency.deploy.marker", marker)
+		}
+		at := o.deployedAt.UTC().Format(timeLayoutOrigin)
+		attrs.PutStr("pgconsistency.deploy.deployed_at", at)
+		since := o.deployedSincePrevious != nil && *o.deployedSincePrevious
+		attrs.PutBool("pgconsistency.deploy.since_previous_refresh", since)
+		if since {
+			attrs.PutStr("pgconsistency.deploy", fmt.Sprintf("after deploy %s (%s)", marker, at))
+		} else {
+			attrs.PutStr("pgconsistency.deploy", fmt.Sprintf("%s (latest deploy: %s, %s)", noDeploySince, marker, at))
+		}
+	}
+	if o.refreshReason != nil {
+		attrs.PutStr("pgconsistency.refresh.reason", *o.refreshReason)
+	}
+	if o.causeAuditID == nil {
+		attrs.PutStr("pgconsistency.cause", noCauseRecorded)
+		return
+	}
+	str := func(p *string) string {
+		if p == nil {
+			return ""
+		}
+		return *p
+	}
+	attrs.PutInt("pgconsistency.cause.audit_id", *o.causeAuditID)
+	attrs.PutStr("pgconsistency.cause.operation", str(o.causeOperation))
+	attrs.PutStr("pgconsistency.cause.table", str(o.causeTable))
+	if o.causeTxid != nil {
+		attrs.PutInt("pgconsistency.cause.txid", *o.causeTxid)
+	}
+	changedAt := ""
+	if o.causeChangedAt != nil {
+		changedAt = o.causeChangedAt.UTC().Format(timeLayoutOrigin)
+		attrs.PutStr("pgconsistency.cause.changed_at", changedAt)
+	}
+	attrs.PutStr("pgconsistency.cause.db_user", str(o.causeDBUser))
+	attrs.PutStr("pgconsistency.cause.application_name", str(o.causeApplicationName))
+	attrs.PutStr("pgconsistency.cause", fmt.Sprintf("%s on %s at %s by %s (application_name %q)",
+		str(o.causeOperation), str(o.causeTable), changedAt, str(o.causeDBUser), str(o.causeApplicationName)))
+	if str(o.causeOperation) == "DELETE" {
+		attrs.PutStr("pgconsistency.cause.restore", fmt.Sprintf("SELECT %s.audit_restore(%d)", schema, *o.causeAuditID))
+	}
 }
 
 func severityNumber(severity string) plog.SeverityNumber {

@@ -160,3 +160,90 @@ func TestIntegrationLogsRefusedBatchIsNotLost(t *testing.T) {
 	assert.Equal(t, map[string]int{fixture.DatasetID(12): 1}, byKey)
 	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts were refused")
 }
+
+// TestIntegrationLogsDeployAndCause: on SQL 0.6.0 each record carries the
+// deployment its anomaly appeared after and, where the audit pack records
+// the invariant's tables, the change that caused it; else "no cause
+// recorded".
+func TestIntegrationLogsDeployAndCause(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	srv.PsqlFile(t, db, fixture.Path("sql/audit.sql"))
+	conn := srv.Conn(t, db)
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		_, err := conn.Exec(t.Context(), sql, args...)
+		require.NoError(t, err, sql)
+	}
+	// Only dataset_references is audited: dataset_statistics_missing reads
+	// no audited table.
+	exec("SELECT pgconsistency.enable_audit('public.dataset_references', 'dataset_id')")
+	exec("SELECT pgconsistency.observe_deploy_marker('v1')")
+	exec("CALL pgconsistency.refresh()")
+
+	sink := new(consumertest.LogsSink)
+	rcv := startLogsReceiver(t, srv, db, sink, 100)
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+	require.Eventually(t, cursorExists(t, srv, db), 10*time.Second, 50*time.Millisecond)
+
+	exec("SELECT pgconsistency.observe_deploy_marker('v2', '0 seconds')")
+	exec("SELECT pg_catalog.set_config('application_name', 'migrator', false)")
+	exec("DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'", fixture.DatasetID(3))
+	exec("DELETE FROM public.dataset_statistics WHERE dataset_id = $1", fixture.DatasetID(4))
+	var deletedAt time.Time
+	require.NoError(t, conn.QueryRow(t.Context(),
+		"SELECT max(changed_at) FROM pgconsistency.audit_log WHERE operation = 'DELETE'").Scan(&deletedAt))
+	exec("SELECT pg_catalog.set_config('application_name', '', false)")
+	exec("CALL pgconsistency.refresh()")
+
+	require.Eventually(t, func() bool { return sink.LogRecordCount() >= 2 }, 20*time.Second, 50*time.Millisecond)
+	_, _, all := records(sink)
+	byInvariant := map[string]map[string]any{}
+	for _, lr := range all {
+		inv, _ := lr.Attributes().Get("pgconsistency.invariant")
+		byInvariant[inv.Str()] = lr.Attributes().AsRaw()
+	}
+	require.Contains(t, byInvariant, "dataset_head_ref_missing")
+	require.Contains(t, byInvariant, "dataset_statistics_missing")
+
+	ref := byInvariant["dataset_head_ref_missing"]
+	assert.Equal(t, "v2", ref["pgconsistency.deploy.marker"])
+	assert.Equal(t, true, ref["pgconsistency.deploy.since_previous_refresh"])
+	assert.Contains(t, ref["pgconsistency.deploy"], "after deploy v2 (")
+	assert.Equal(t, "deploy marker changed from v1 to v2", ref["pgconsistency.refresh.reason"])
+	assert.Equal(t, "DELETE", ref["pgconsistency.cause.operation"])
+	assert.Equal(t, "public.dataset_references", ref["pgconsistency.cause.table"])
+	assert.Equal(t, "migrator", ref["pgconsistency.cause.application_name"])
+	assert.Equal(t, deletedAt.UTC().Format(time.RFC3339Nano), ref["pgconsistency.cause.changed_at"])
+	assert.Contains(t, ref["pgconsistency.cause"], `DELETE on public.dataset_references at `)
+	assert.Contains(t, ref["pgconsistency.cause.restore"], "SELECT pgconsistency.audit_restore(")
+	assert.Contains(t, ref, "pgconsistency.cause.txid")
+
+	stats := byInvariant["dataset_statistics_missing"]
+	assert.Equal(t, "v2", stats["pgconsistency.deploy.marker"], "no audit pack on its table: the deploy all the same")
+	assert.Equal(t, "no cause recorded", stats["pgconsistency.cause"])
+	assert.NotContains(t, stats, "pgconsistency.cause.operation")
+}
+
+// TestIntegrationLogsOlderRelease: on SQL 0.5.0, which has no
+// new_anomalies_with_origin_for_log, the records come as before, without
+// the deployment and the cause.
+func TestIntegrationLogsOlderRelease(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := releaseDatabase(t, srv, "0.5.0")
+	conn := srv.Conn(t, db)
+	sink := new(consumertest.LogsSink)
+	rcv := startLogsReceiver(t, srv, db, sink, 100)
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+	require.Eventually(t, cursorExists(t, srv, db), 10*time.Second, 50*time.Millisecond)
+	_, err := conn.Exec(t.Context(), "DELETE FROM public.dataset_references WHERE dataset_id = $1 AND block_ref_name = 'head'", fixture.DatasetID(3))
+	require.NoError(t, err)
+	_, err = conn.Exec(t.Context(), "CALL pgconsistency.refresh('dataset_head_ref_missing')")
+	require.NoError(t, err)
+	require.Eventually(t, func() bool { return sink.LogRecordCount() >= 1 }, 20*time.Second, 50*time.Millisecond)
+	byKey, _, all := records(sink)
+	assert.Equal(t, map[string]int{fixture.DatasetID(3): 1}, byKey)
+	attrs := all[0].Attributes().AsRaw()
+	assert.NotContains(t, attrs, "pgconsistency.deploy")
+	assert.NotContains(t, attrs, "pgconsistency.cause")
+}

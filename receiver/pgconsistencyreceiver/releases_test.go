@@ -60,10 +60,10 @@ func failingQueries(t *testing.T, admin *pgx.Conn, db string, pc *pgxClient, fn 
 }
 
 // TestIntegrationOlderReleases: a collector upgraded before the database
-// reports the SQL of 0.1.0, 0.2.0 and 0.4.0 (testdata/sql/): the counts, no
+// reports the SQL of 0.1.0, 0.2.0, 0.4.0 and 0.5.0 (testdata/sql/): the counts, no
 // version for 0.1.0, every invariant in full mode and nothing healed (0.1.0
 // and 0.2.0 refresh fully; the metrics are there, at their true values),
-// no owner nor runbook before 0.5.0. It
+// no owner nor runbook before 0.5.0, no deploy marker value before 0.6.0. It
 // finds the status shape once, not on every scrape; it probes the newest
 // shape again after a reconnect, and by itself after the SQL is upgraded
 // with install.sql, without a reconnect.
@@ -77,6 +77,7 @@ func TestIntegrationOlderReleases(t *testing.T) {
 		{"0.1.0", shape010, ""},
 		{"0.2.0", shape020, "0.2.0"},
 		{"0.4.0", shape030, "0.4.0"},
+		{"0.5.0", shape050, "0.5.0"},
 	} {
 		t.Run(tc.release, func(t *testing.T) {
 			// The receiver, as deployed: every metric, every scrape.
@@ -124,7 +125,10 @@ func TestIntegrationOlderReleases(t *testing.T) {
 				rows := status()
 				assert.Equal(t, tc.version, rows[0].Version)
 				for _, r := range rows {
-					assert.Empty(t, r.Owner+r.RunbookURL, "%s: owner and runbook before 0.5.0", r.Invariant)
+					if tc.shape > shape050 {
+						assert.Empty(t, r.Owner+r.RunbookURL, "%s: owner and runbook before 0.5.0", r.Invariant)
+					}
+					assert.Empty(t, r.DeployMarker, "%s: no deploy marker value before 0.6.0", r.Invariant)
 				}
 				assert.Equal(t, tc.shape, pc.shape, "the shape remembered")
 			})

@@ -275,7 +275,7 @@ func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) 
 		// database-wide, repeated on every row of the status view
 		s.mb.RecordPgconsistencyRefreshRequestsPendingDataPoint(now, rows[0].PendingRequests)
 		if at := rows[0].DeployMarkerChangedAt; at != nil {
-			s.mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(now, float64(at.UnixNano())/1e9)
+			s.mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(now, float64(at.UnixNano())/1e9, rows[0].DeployMarker)
 		}
 		if v := rows[0].Version; v != "" {
 			s.mb.RecordPgconsistencyVersionDataPoint(now, 1, v)

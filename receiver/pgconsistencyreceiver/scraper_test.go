@@ -86,6 +86,7 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 		f.rows[i].RefreshPeriod = 1800
 		f.rows[i].PendingRequests = 1
 		f.rows[i].DeployMarkerChangedAt = &deployed
+		f.rows[i].DeployMarker = "v1.4.2"
 		f.rows[i].Version = "0.5.0"
 		if f.rows[i].RefreshMode == "" {
 			f.rows[i].RefreshMode = "full"

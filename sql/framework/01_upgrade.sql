@@ -277,3 +277,26 @@ $do$;
 DROP FUNCTION IF EXISTS pgconsistency.define_invariant(text, text, text, text, jsonb, jsonb);
 DROP FUNCTION IF EXISTS pgconsistency.register_invariant(text, text, text, text, text);
 DROP FUNCTION IF EXISTS pgconsistency._register_row(text, text, text, text, text);
+
+-- ---------------------------------------------------------------------------
+-- From 0.5.0 to 0.6.0: which deploy broke it. Each anomaly records the
+-- deployment current when it appeared and the change that caused it (see
+-- 02_tables.sql). Nullable columns without a default: adding them rewrites
+-- nothing. The anomalies open before the upgrade have them NULL (unknown).
+DO $do$
+DECLARE
+    c record;
+BEGIN
+    IF pg_catalog.to_regclass('pgconsistency.anomaly') IS NULL THEN
+        RETURN; -- a fresh install
+    END IF;
+    FOR c IN SELECT * FROM (VALUES ('deployment_id', 'bigint'), ('deploy_marker', 'text'), ('deployed_at', 'timestamptz'),
+                                   ('deployed_since_previous_refresh', 'boolean'), ('refresh_reason', 'text'),
+                                   ('cause_audit_id', 'bigint'), ('cause_operation', 'text'), ('cause_table', 'text'),
+                                   ('cause_txid', 'bigint'), ('cause_changed_at', 'timestamptz'),
+                                   ('cause_db_user', 'text'), ('cause_application_name', 'text')) AS v(col, type)
+    LOOP
+        PERFORM pgconsistency._install_column('pgconsistency.anomaly', c.col, c.type);
+    END LOOP;
+END
+$do$;

@@ -203,6 +203,27 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     -- read-only, until 0.6.0 (deprecated).
     ack_reason      text        GENERATED ALWAYS AS (acknowledged_reason) STORED,
     ack_until       timestamptz GENERATED ALWAYS AS (acknowledged_until) STORED,
+    -- Where it came from (0.6.0), written when it appears: the deployment
+    -- current at the refresh that found it (pgconsistency.deployment: the
+    -- latest deploy marker value seen, and when it changed), whether that
+    -- deployment came after the invariant's previous refresh (false: no
+    -- deploy since the last clean refresh), and the reason of the refresh
+    -- request that led to that refresh, if any.
+    deployment_id   bigint,
+    deploy_marker   text,
+    deployed_at     timestamptz,
+    deployed_since_previous_refresh boolean,
+    refresh_reason  text,
+    -- The change that caused it (0.6.0), when the audit pack (sql/audit.sql)
+    -- records a table the invariant reads: the last audit_log row of the key
+    -- in those tables before first_seen_at. NULL: no cause recorded.
+    cause_audit_id  bigint,
+    cause_operation text,
+    cause_table     text,
+    cause_txid      bigint,
+    cause_changed_at timestamptz,
+    cause_db_user   text,
+    cause_application_name text,
     PRIMARY KEY (invariant, key)
 );
 SELECT pgconsistency._install_index('anomaly_open',
@@ -359,3 +380,20 @@ CREATE TABLE IF NOT EXISTS pgconsistency.deploy_marker (
 SELECT pgconsistency._install_comment('pgconsistency.deploy_marker',
   'Last seen value of the deploy marker; written by pgconsistency.observe_deploy_marker()');
 
+
+-- Deployments (0.6.0): each value of the deploy marker observed, the first
+-- (the baseline) included, with when it changed. New anomalies record the
+-- latest one (anomaly.deployment_id); pgconsistency.deployment_summary counts
+-- them per deployment and invariant. Written by observe_deploy_marker().
+CREATE TABLE IF NOT EXISTS pgconsistency.deployment (
+    id         bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    marker     text,
+    changed_at timestamptz NOT NULL
+);
+SELECT pgconsistency._install_comment('pgconsistency.deployment',
+  'Deployments: each deploy marker value seen and when it changed; written by pgconsistency.observe_deploy_marker()');
+-- An install upgraded from before 0.6.0 starts its history with the marker it
+-- has (once: the table is empty only then).
+INSERT INTO pgconsistency.deployment (marker, changed_at)
+SELECT m.value, coalesce(m.changed_at, m.seen_at) FROM pgconsistency.deploy_marker m
+ WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.deployment);

@@ -70,6 +70,8 @@ COMMENT ON FUNCTION pgconsistency.claim_refresh_request() IS
 -- from the last one seen, request a refresh after delay (the deployment must
 -- settle first) and return true. The first value ever seen only sets the
 -- baseline. Several collectors may call it: one of them sees the change.
+-- Each value seen (the baseline too) is a row of pgconsistency.deployment
+-- (0.6.0), which new anomalies are attributed to.
 CREATE OR REPLACE FUNCTION pgconsistency.observe_deploy_marker(value text, delay interval DEFAULT '10 minutes')
 RETURNS boolean
 LANGUAGE plpgsql
@@ -83,7 +85,9 @@ BEGIN
     VALUES (observe_deploy_marker.value, pg_catalog.clock_timestamp())
     ON CONFLICT ON CONSTRAINT deploy_marker_pkey DO NOTHING;
     IF FOUND THEN
-        RETURN false; -- baseline
+        -- baseline: the deployment anomalies are attributed to until the next one
+        INSERT INTO pgconsistency.deployment (marker, changed_at) VALUES (observe_deploy_marker.value, pg_catalog.clock_timestamp());
+        RETURN false;
     END IF;
     UPDATE pgconsistency.deploy_marker m
        SET value = observe_deploy_marker.value, seen_at = pg_catalog.clock_timestamp(),
@@ -95,6 +99,7 @@ BEGIN
         UPDATE pgconsistency.deploy_marker m SET seen_at = pg_catalog.clock_timestamp();
         RETURN false;
     END IF;
+    INSERT INTO pgconsistency.deployment (marker, changed_at) VALUES (observe_deploy_marker.value, pg_catalog.clock_timestamp());
     PERFORM pgconsistency.request_refresh(delay,
         pg_catalog.format('deploy marker changed from %s to %s', coalesce(v_old, 'NULL'), coalesce(value, 'NULL')));
     RETURN true;

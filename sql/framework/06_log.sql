@@ -75,6 +75,38 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.new_anomalies_for_log(text, integer) IS
   'The new anomalies after a log consumer''s cursor, oldest first (details only with SELECT (details) ON pgconsistency.anomaly)';
 
+-- new_anomalies_with_origin_for_log (0.6.0): new_anomalies_for_log, the
+-- same rows under the same cursor, with where each anomaly came from (see
+-- the anomaly_origin view): the deployment it appeared after, the reason of
+-- the refresh request that found it, and the audited change that caused it
+-- (NULL: no cause recorded). The receiver calls it where it exists, and
+-- new_anomalies_for_log on older installs; new_anomalies_for_log keeps its
+-- signature (and its grants).
+CREATE OR REPLACE FUNCTION pgconsistency.new_anomalies_with_origin_for_log(consumer text, max_rows integer)
+RETURNS TABLE (seq bigint, invariant text, severity text, key text, details jsonb, first_seen_at timestamptz,
+               deploy_marker text, deployed_at timestamptz, deployed_since_previous_refresh boolean,
+               refresh_reason text, cause_audit_id bigint, cause_operation text, cause_table text,
+               cause_txid bigint, cause_changed_at timestamptz, cause_db_user text,
+               cause_application_name text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RETURN QUERY
+        SELECT l.seq, l.invariant, l.severity, l.key, l.details, l.first_seen_at,
+               a.deploy_marker, a.deployed_at, a.deployed_since_previous_refresh, a.refresh_reason,
+               a.cause_audit_id, a.cause_operation, a.cause_table, a.cause_txid, a.cause_changed_at,
+               a.cause_db_user, a.cause_application_name
+          FROM pgconsistency.new_anomalies_for_log(new_anomalies_with_origin_for_log.consumer,
+                                                   new_anomalies_with_origin_for_log.max_rows) l
+          JOIN pgconsistency.anomaly a ON a.seq = l.seq AND a.invariant = l.invariant AND a.key = l.key
+         ORDER BY l.seq;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.new_anomalies_with_origin_for_log(text, integer) IS
+  'new_anomalies_for_log with each anomaly''s deployment, refresh reason and audited cause (0.6.0)';
+
 -- advance_log_cursor: the consumer delivered every record up to seq.
 CREATE OR REPLACE FUNCTION pgconsistency.advance_log_cursor(consumer text, seq bigint) RETURNS void
 LANGUAGE plpgsql

@@ -71,6 +71,10 @@ DECLARE
     v_rechecked bigint := 0;
     v_fresh_capture boolean := false;
     v_prev_seen timestamptz;
+    v_prev_started timestamptz;
+    v_deployment pgconsistency.deployment%ROWTYPE;
+    v_request_reason text;
+    v_seq_floor bigint;
     v_status   text := 'succeeded';
     v_error    text;
     v_hint     text;
@@ -105,7 +109,17 @@ BEGIN
         inv.refresh_period, v_started) THEN
         RETURN 'not_due';
     END IF;
-    SELECT s.refreshed_at INTO v_prev_seen FROM pgconsistency.refresh_state s WHERE s.invariant = inv.name;
+    SELECT s.refreshed_at, s.last_started_at INTO v_prev_seen, v_prev_started
+      FROM pgconsistency.refresh_state s WHERE s.invariant = inv.name;
+    -- Where new anomalies come from (0.6.0): the latest deployment, and the
+    -- reason of the latest refresh request claimed since this invariant's
+    -- previous refresh started (the request that led to this refresh, by
+    -- CALL refresh() or a scheduler alike).
+    SELECT d.* INTO v_deployment FROM pgconsistency.deployment d ORDER BY d.id DESC LIMIT 1;
+    SELECT r.reason INTO v_request_reason
+      FROM pgconsistency.refresh_request r
+     WHERE r.claimed_at > coalesce(v_prev_started, '-infinity') AND r.claimed_at <= v_started
+     ORDER BY r.claimed_at DESC LIMIT 1;
 
     -- Bounded waits: a refresh must never queue writers behind it. It takes
     -- ACCESS SHARE on the tables it reads (and REFRESH CONCURRENTLY an
@@ -191,6 +205,8 @@ BEGIN
             -- running at the same time (nextval alone does not order commits).
             -- Concurrent refreshes queue here for the lifecycle step only.
             PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.anomaly_seq'), 0);
+            -- Under that lock, every seq this refresh takes is above it.
+            SELECT pg_catalog.max(a.seq) INTO v_seq_floor FROM pgconsistency.anomaly a;
 
             -- The lifecycle joins the rows with pgconsistency.anomaly, whose
             -- statistics a mass incident has just made wrong (100,000 anomalies
@@ -219,14 +235,23 @@ BEGIN
                       FROM pg_temp.pgconsistency_result r FULL JOIN o ON o.key = r.key
                      WHERE r.key IS NULL OR o.key IS NULL OR r.details IS DISTINCT FROM o.details),
                 appeared AS (
-                    INSERT INTO pgconsistency.anomaly AS a (invariant, key, seq, first_seen_at, last_seen_at, details)
-                    SELECT $1, d.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, d.details
+                    INSERT INTO pgconsistency.anomaly AS a (invariant, key, seq, first_seen_at, last_seen_at, details,
+                                                            deployment_id, deploy_marker, deployed_at,
+                                                            deployed_since_previous_refresh, refresh_reason)
+                    SELECT $1, d.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, d.details,
+                           $6, $7, $8, $9, $10
                       FROM d WHERE d.present AND NOT d.was_open
                      ORDER BY d.key
                     ON CONFLICT ON CONSTRAINT anomaly_pkey DO UPDATE
                        SET seq = EXCLUDED.seq, first_seen_at = EXCLUDED.first_seen_at,
                            last_seen_at = EXCLUDED.last_seen_at, resolved_at = NULL, details = EXCLUDED.details,
-                           acknowledged_at = NULL, acknowledged_by = NULL, acknowledged_reason = NULL, acknowledged_until = NULL
+                           acknowledged_at = NULL, acknowledged_by = NULL, acknowledged_reason = NULL, acknowledged_until = NULL,
+                           deployment_id = EXCLUDED.deployment_id, deploy_marker = EXCLUDED.deploy_marker,
+                           deployed_at = EXCLUDED.deployed_at,
+                           deployed_since_previous_refresh = EXCLUDED.deployed_since_previous_refresh,
+                           refresh_reason = EXCLUDED.refresh_reason,
+                           cause_audit_id = NULL, cause_operation = NULL, cause_table = NULL, cause_txid = NULL,
+                           cause_changed_at = NULL, cause_db_user = NULL, cause_application_name = NULL
                     RETURNING 1),
                 resolved AS (
                     UPDATE pgconsistency.anomaly a SET resolved_at = $2, last_seen_at = coalesce($4, a.last_seen_at)
@@ -246,7 +271,16 @@ BEGIN
             $q$
             INTO v_new, v_resolved, v_healed
             USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
-                  CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END;
+                  CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END,
+                  v_deployment.id, v_deployment.marker, v_deployment.changed_at,
+                  CASE WHEN v_deployment.id IS NOT NULL
+                       THEN v_deployment.changed_at > coalesce(v_prev_started, '-infinity') END,
+                  v_request_reason;
+            -- The change that caused each new anomaly, where the audit pack
+            -- (sql/audit.sql, optional) records the tables the invariant reads.
+            IF v_new > 0 AND pg_catalog.to_regprocedure('pgconsistency._record_anomaly_causes(text,bigint)') IS NOT NULL THEN
+                EXECUTE 'SELECT pgconsistency._record_anomaly_causes($1, $2)' USING inv.name, coalesce(v_seq_floor, 0);
+            END IF;
         END IF;
         SELECT c.unacknowledged, c.acknowledged INTO v_total, v_acked FROM pgconsistency._open_counts(inv.name) c;
         IF v_kind = 'reconcile' THEN

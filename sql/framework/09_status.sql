@@ -81,7 +81,10 @@ SELECT i.name                                    AS invariant,
                                         s.snapshot_duration_seconds) AS refresh_duration_seconds,
        -- who answers for the invariant's alerts, and their runbook (0.5.0)
        i.owner,
-       i.runbook_url
+       i.runbook_url,
+       -- the deploy marker's value (0.6.0): the receiver puts it on its
+       -- deploy-marker metric, which the new-anomalies alert names
+       (SELECT d.value FROM pgconsistency.deploy_marker d) AS deploy_marker
   FROM pgconsistency.invariant i
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
 $def$;
@@ -111,3 +114,51 @@ BEGIN
     END LOOP;
 END
 $do$;
+
+-- anomaly_origin (0.6.0): the open anomalies with where they came from: the
+-- deployment they appeared after, the refresh request that found them, and
+-- the change that caused them when the audit pack recorded it. The query of
+-- the runbook: SELECT * FROM pgconsistency.anomaly_origin WHERE new.
+-- "new": first seen by the invariant's latest refresh (what the metric
+-- pgconsistency.anomalies.new counts, acknowledged ones included). No
+-- details: they copy application data (read pgconsistency.anomaly for them).
+SELECT pgconsistency._install_view('pgconsistency.anomaly_origin', $v$
+SELECT a.invariant, a.key, a.first_seen_at,
+       (s.last_run_outcome = 'succeeded' AND a.first_seen_at = s.last_started_at) AS new,
+       a.acknowledged_at IS NOT NULL AS acknowledged,
+       a.deployment_id, a.deploy_marker, a.deployed_at, a.deployed_since_previous_refresh, a.refresh_reason,
+       CASE WHEN a.deployment_id IS NULL THEN 'no deployment recorded'
+            WHEN a.deployed_since_previous_refresh THEN
+                 pg_catalog.format('after deploy %s (%s)', coalesce(a.deploy_marker, 'NULL'), a.deployed_at)
+            ELSE pg_catalog.format('no deploy since the last clean refresh (latest deploy: %s, %s)',
+                                   coalesce(a.deploy_marker, 'NULL'), a.deployed_at) END AS deploy,
+       a.cause_audit_id, a.cause_operation, a.cause_table, a.cause_txid, a.cause_changed_at,
+       a.cause_db_user, a.cause_application_name,
+       CASE WHEN a.cause_audit_id IS NULL THEN 'no cause recorded'
+            ELSE pg_catalog.format('%s on %s at %s by %s (application_name %s, txid %s, audit_log id %s)',
+                                   a.cause_operation, a.cause_table, a.cause_changed_at, a.cause_db_user,
+                                   coalesce(pg_catalog.quote_literal(a.cause_application_name), 'NULL'),
+                                   a.cause_txid, a.cause_audit_id) END AS cause,
+       CASE WHEN a.cause_operation = 'DELETE'
+            THEN pg_catalog.format('SELECT pgconsistency.audit_restore(%s)', a.cause_audit_id) END AS restore
+  FROM pgconsistency.anomaly a
+  LEFT JOIN pgconsistency.refresh_state s ON s.invariant = a.invariant
+ WHERE a.resolved_at IS NULL
+$v$, 'Open anomalies with the deployment they appeared after and the change that caused them (audit pack)');
+
+-- deployment_summary (0.6.0): for each deployment seen and each invariant,
+-- how many anomalies first appeared after it (before the next one), 0
+-- included: "the deploy was clean" is a fact. Counts the anomalies still
+-- kept: open ones and resolved ones within their invariant's
+-- resolved_retention; an anomaly that resolved and came back counts for the
+-- deployment it came back after.
+SELECT pgconsistency._install_view('pgconsistency.deployment_summary', $v$
+SELECT d.id AS deployment_id, d.marker AS deploy_marker, d.changed_at AS deployed_at, i.name AS invariant,
+       coalesce(c.anomalies, 0) AS new_anomalies, coalesce(c.open, 0) AS open_anomalies
+  FROM pgconsistency.deployment d
+ CROSS JOIN pgconsistency.invariant i
+  LEFT JOIN (SELECT a.deployment_id, a.invariant, pg_catalog.count(*) AS anomalies,
+                    pg_catalog.count(*) FILTER (WHERE a.resolved_at IS NULL) AS open
+               FROM pgconsistency.anomaly a WHERE a.deployment_id IS NOT NULL
+              GROUP BY a.deployment_id, a.invariant) c ON c.deployment_id = d.id AND c.invariant = i.name
+$v$, 'Per deployment seen and invariant: how many anomalies appeared after it (0 included)');

@@ -23,11 +23,15 @@ GRANT EXECUTE ON FUNCTION pgconsistency._deprecated_column(text, text, anyelemen
 -- Where sql/roles.sql ran before (an upgrade), the functions a release adds
 -- to what its roles run get their grants now, so that a pg_cron job or a
 -- collector running as one of them keeps working before roles.sql is re-run:
--- 0.2.0 added refresh_plan() to the refresh loop.
+-- 0.2.0 added refresh_plan() to the refresh loop; 0.6.0
+-- new_anomalies_with_origin_for_log() to the receiver's logs.
 DO $do$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgconsistency_refresher') THEN
         GRANT EXECUTE ON FUNCTION pgconsistency.refresh_plan(text, boolean) TO pgconsistency_refresher; -- 0.2.0
+    END IF;
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgconsistency_reader') THEN
+        GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_with_origin_for_log(text, integer) TO pgconsistency_reader; -- 0.6.0
     END IF;
 END
 $do$;

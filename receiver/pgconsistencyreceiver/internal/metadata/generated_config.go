@@ -3,6 +3,8 @@
 package metadata
 
 import (
+	"fmt"
+
 	"go.opentelemetry.io/collector/confmap"
 	"go.opentelemetry.io/collector/filter"
 )
@@ -87,10 +89,20 @@ func (ms *PgconsistencyAnomaliesResolvedMetricConfig) Unmarshal(parser *confmap.
 	return nil
 }
 
+// PgconsistencyDeployMarkerTimestampMetricAttributeKey specifies the key of an attribute for the pgconsistency.deploy_marker.timestamp metric.
+type PgconsistencyDeployMarkerTimestampMetricAttributeKey string
+
+const (
+	PgconsistencyDeployMarkerTimestampMetricAttributeKeyMarker PgconsistencyDeployMarkerTimestampMetricAttributeKey = "marker"
+)
+
 // PgconsistencyDeployMarkerTimestampMetricConfig provides config for the pgconsistency.deploy_marker.timestamp metric.
 type PgconsistencyDeployMarkerTimestampMetricConfig struct {
 	Enabled          bool `mapstructure:"enabled"`
 	enabledSetByUser bool
+
+	AggregationStrategy string                                                 `mapstructure:"aggregation_strategy"`
+	EnabledAttributes   []PgconsistencyDeployMarkerTimestampMetricAttributeKey `mapstructure:"attributes"`
 }
 
 func (ms *PgconsistencyDeployMarkerTimestampMetricConfig) Unmarshal(parser *confmap.Conf) error {
@@ -104,6 +116,24 @@ func (ms *PgconsistencyDeployMarkerTimestampMetricConfig) Unmarshal(parser *conf
 	}
 
 	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+func (ms *PgconsistencyDeployMarkerTimestampMetricConfig) Validate() error {
+	for _, val := range ms.EnabledAttributes {
+		switch val {
+		case PgconsistencyDeployMarkerTimestampMetricAttributeKeyMarker:
+		default:
+			return fmt.Errorf("metric pgconsistency.deploy_marker.timestamp doesn't have an attribute %v, valid attributes: [marker]", val)
+		}
+	}
+
+	switch ms.AggregationStrategy {
+	case AggregationStrategySum, AggregationStrategyAvg, AggregationStrategyMin, AggregationStrategyMax:
+	default:
+		return fmt.Errorf("invalid aggregation strategy %q, valid strategies: [%s, %s, %s, %s]", ms.AggregationStrategy, AggregationStrategySum, AggregationStrategyAvg, AggregationStrategyMin, AggregationStrategyMax)
+	}
+
 	return nil
 }
 
@@ -341,7 +371,9 @@ func DefaultMetricsConfig() MetricsConfig {
 			Enabled: true,
 		},
 		PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
-			Enabled: true,
+			Enabled:             true,
+			AggregationStrategy: AggregationStrategyAvg,
+			EnabledAttributes:   []PgconsistencyDeployMarkerTimestampMetricAttributeKey{PgconsistencyDeployMarkerTimestampMetricAttributeKeyMarker},
 		},
 		PgconsistencyReconcileHealed: PgconsistencyReconcileHealedMetricConfig{
 			Enabled: true,

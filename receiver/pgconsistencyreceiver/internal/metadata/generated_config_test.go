@@ -39,7 +39,9 @@ func TestMetricsBuilderConfig(t *testing.T) {
 						Enabled: true,
 					},
 					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
-						Enabled: true,
+						Enabled:             true,
+						AggregationStrategy: AggregationStrategyAvg,
+						EnabledAttributes:   []PgconsistencyDeployMarkerTimestampMetricAttributeKey{PgconsistencyDeployMarkerTimestampMetricAttributeKeyMarker},
 					},
 					PgconsistencyReconcileHealed: PgconsistencyReconcileHealedMetricConfig{
 						Enabled: true,
@@ -96,7 +98,9 @@ func TestMetricsBuilderConfig(t *testing.T) {
 						Enabled: false,
 					},
 					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
-						Enabled: false,
+						Enabled:             false,
+						AggregationStrategy: AggregationStrategyAvg,
+						EnabledAttributes:   []PgconsistencyDeployMarkerTimestampMetricAttributeKey{PgconsistencyDeployMarkerTimestampMetricAttributeKeyMarker},
 					},
 					PgconsistencyReconcileHealed: PgconsistencyReconcileHealedMetricConfig{
 						Enabled: false,
@@ -144,6 +148,18 @@ func TestMetricsBuilderConfig(t *testing.T) {
 			require.Emptyf(t, diff, "Config mismatch (-expected +actual):\n%s", diff)
 		})
 	}
+}
+
+func TestPgconsistencyDeployMarkerTimestampMetricsConfig_Validate(t *testing.T) {
+	cfg := DefaultMetricsConfig().PgconsistencyDeployMarkerTimestamp
+	require.NoError(t, cfg.Validate())
+
+	cfg.EnabledAttributes = []PgconsistencyDeployMarkerTimestampMetricAttributeKey{"invalid"}
+	require.ErrorContains(t, cfg.Validate(), "metric pgconsistency.deploy_marker.timestamp doesn't have an attribute invalid, valid attributes: [marker]")
+
+	cfg = DefaultMetricsConfig().PgconsistencyDeployMarkerTimestamp
+	cfg.AggregationStrategy = "invalid"
+	require.ErrorContains(t, cfg.Validate(), "invalid aggregation strategy")
 }
 
 func loadMetricsBuilderConfig(t *testing.T, name string) MetricsBuilderConfig {

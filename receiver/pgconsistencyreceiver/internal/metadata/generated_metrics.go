@@ -8,6 +8,7 @@ import (
 	"go.opentelemetry.io/collector/pdata/pcommon"
 	"go.opentelemetry.io/collector/pdata/pmetric"
 	"go.opentelemetry.io/collector/receiver"
+	"slices"
 	"time"
 )
 
@@ -100,7 +101,8 @@ var MetricsInfo = metricsInfo{
 		Attributes: []string{"invariant", "severity", "owner", "runbook_url"},
 	},
 	PgconsistencyDeployMarkerTimestamp: metricInfo{
-		Name: "pgconsistency.deploy_marker.timestamp",
+		Name:       "pgconsistency.deploy_marker.timestamp",
+		Attributes: []string{"marker"},
 	},
 	PgconsistencyReconcileHealed: metricInfo{
 		Name:       "pgconsistency.reconcile.healed",
@@ -412,9 +414,10 @@ func newMetricPgconsistencyAnomaliesResolved(cfg PgconsistencyAnomaliesResolvedM
 }
 
 type metricPgconsistencyDeployMarkerTimestamp struct {
-	data     pmetric.Metric                                 // data buffer for generated metric.
-	config   PgconsistencyDeployMarkerTimestampMetricConfig // metric config provided by user.
-	capacity int                                            // max observed number of data points added to the metric.
+	data          pmetric.Metric                                 // data buffer for generated metric.
+	config        PgconsistencyDeployMarkerTimestampMetricConfig // metric config provided by user.
+	capacity      int                                            // max observed number of data points added to the metric.
+	aggDataPoints []float64                                      // slice containing number of aggregated datapoints at each index
 }
 
 // init fills pgconsistency.deploy_marker.timestamp metric with initial data.
@@ -423,16 +426,49 @@ func (m *metricPgconsistencyDeployMarkerTimestamp) init() {
 	m.data.SetDescription("Unix time at which the receiver saw the deploy marker change; absent until it has.")
 	m.data.SetUnit("s")
 	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+	m.aggDataPoints = m.aggDataPoints[:0]
 }
 
-func (m *metricPgconsistencyDeployMarkerTimestamp) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64) {
+func (m *metricPgconsistencyDeployMarkerTimestamp) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, markerAttributeValue string) {
 	if !m.config.Enabled {
 		return
 	}
-	dp := m.data.Gauge().DataPoints().AppendEmpty()
+
+	dp := pmetric.NewNumberDataPoint()
 	dp.SetStartTimestamp(start)
 	dp.SetTimestamp(ts)
+	if slices.Contains(m.config.EnabledAttributes, PgconsistencyDeployMarkerTimestampMetricAttributeKeyMarker) {
+		dp.Attributes().PutStr("marker", markerAttributeValue)
+	}
+
+	var s string
+	dps := m.data.Gauge().DataPoints()
+	for i := 0; i < dps.Len(); i++ {
+		dpi := dps.At(i)
+		if dp.Attributes().Equal(dpi.Attributes()) && dp.StartTimestamp() == dpi.StartTimestamp() && dp.Timestamp() == dpi.Timestamp() {
+			switch s = m.config.AggregationStrategy; s {
+			case AggregationStrategySum, AggregationStrategyAvg:
+				dpi.SetDoubleValue(dpi.DoubleValue() + val)
+				m.aggDataPoints[i] += 1
+				return
+			case AggregationStrategyMin:
+				if dpi.DoubleValue() > val {
+					dpi.SetDoubleValue(val)
+				}
+				return
+			case AggregationStrategyMax:
+				if dpi.DoubleValue() < val {
+					dpi.SetDoubleValue(val)
+				}
+				return
+			}
+		}
+	}
+
 	dp.SetDoubleValue(val)
+	m.aggDataPoints = append(m.aggDataPoints, 1)
+	dp.MoveTo(dps.AppendEmpty())
 }
 
 // updateCapacity saves max length of data point slices that will be used for the slice capacity.
@@ -445,6 +481,11 @@ func (m *metricPgconsistencyDeployMarkerTimestamp) updateCapacity() {
 // emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
 func (m *metricPgconsistencyDeployMarkerTimestamp) emit(metrics pmetric.MetricSlice) {
 	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		if m.config.AggregationStrategy == AggregationStrategyAvg {
+			for i, aggCount := range m.aggDataPoints {
+				m.data.Gauge().DataPoints().At(i).SetDoubleValue(m.data.Gauge().DataPoints().At(i).DoubleValue() / aggCount)
+			}
+		}
 		m.updateCapacity()
 		m.data.MoveTo(metrics.AppendEmpty())
 		m.init()
@@ -1222,8 +1263,8 @@ func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesResolvedDataPoint(ts pcomm
 }
 
 // RecordPgconsistencyDeployMarkerTimestampDataPoint adds a data point to pgconsistency.deploy_marker.timestamp metric.
-func (mb *MetricsBuilder) RecordPgconsistencyDeployMarkerTimestampDataPoint(ts pcommon.Timestamp, val float64) {
-	mb.metricPgconsistencyDeployMarkerTimestamp.recordDataPoint(mb.startTime, ts, val)
+func (mb *MetricsBuilder) RecordPgconsistencyDeployMarkerTimestampDataPoint(ts pcommon.Timestamp, val float64, markerAttributeValue string) {
+	mb.metricPgconsistencyDeployMarkerTimestamp.recordDataPoint(mb.startTime, ts, val, markerAttributeValue)
 }
 
 // RecordPgconsistencyReconcileHealedDataPoint adds a data point to pgconsistency.reconcile.healed metric.

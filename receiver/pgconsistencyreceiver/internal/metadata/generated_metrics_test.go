@@ -19,6 +19,7 @@ const (
 	testDataSetDefault testDataSet = iota
 	testDataSetAll
 	testDataSetNone
+	testDataSetReag
 )
 
 func TestMetricsBuilder(t *testing.T) {
@@ -35,6 +36,11 @@ func TestMetricsBuilder(t *testing.T) {
 			name:        "all_set",
 			metricsSet:  testDataSetAll,
 			resAttrsSet: testDataSetAll,
+		},
+		{
+			name:        "reaggregate_set",
+			metricsSet:  testDataSetReag,
+			resAttrsSet: testDataSetReag,
 		},
 		{
 			name:        "none_set",
@@ -60,9 +66,13 @@ func TestMetricsBuilder(t *testing.T) {
 			settings := receivertest.NewNopSettings(receivertest.NopType)
 			settings.Logger = zap.New(observedZapCore)
 			mb := NewMetricsBuilder(loadMetricsBuilderConfig(t, tt.name), settings, WithStartTime(start))
+			aggMap := make(map[string]string) // contains the aggregation strategies for each metric name
+			aggMap["pgconsistency.deploy_marker.timestamp"] = mb.metricPgconsistencyDeployMarkerTimestamp.config.AggregationStrategy
 
 			expectedWarnings := 0
-			assert.Equal(t, expectedWarnings, observedLogs.Len())
+			if tt.metricsSet != testDataSetReag {
+				assert.Equal(t, expectedWarnings, observedLogs.Len())
+			}
 
 			defaultMetricsCount := 0
 			allMetricsCount := 0
@@ -80,7 +90,10 @@ func TestMetricsBuilder(t *testing.T) {
 			mb.RecordPgconsistencyAnomaliesResolvedDataPoint(ts, 1, "invariant-val", "severity-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
-			mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 1)
+			mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 1, "marker-val")
+			if tt.name == "reaggregate_set" {
+				mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 3, "marker-val-2")
+			}
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyReconcileHealedDataPoint(ts, 1, "invariant-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
@@ -118,6 +131,9 @@ func TestMetricsBuilder(t *testing.T) {
 			rb.SetServerPort(11)
 			res := rb.Emit()
 			metrics := mb.Emit(WithResource(res))
+			if tt.name == "reaggregate_set" {
+				assert.Empty(t, mb.metricPgconsistencyDeployMarkerTimestamp.aggDataPoints)
+			}
 
 			if tt.expectEmpty {
 				assert.Equal(t, 0, metrics.ResourceMetrics().Len())
@@ -241,17 +257,45 @@ func TestMetricsBuilder(t *testing.T) {
 					assert.True(t, ok)
 					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
 				case "pgconsistency.deploy_marker.timestamp":
-					assert.False(t, validatedMetrics["pgconsistency.deploy_marker.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.deploy_marker.timestamp")
-					validatedMetrics["pgconsistency.deploy_marker.timestamp"] = true
-					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
-					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
-					assert.Equal(t, "Unix time at which the receiver saw the deploy marker change; absent until it has.", mi.Description())
-					assert.Equal(t, "s", mi.Unit())
-					dp := mi.Gauge().DataPoints().At(0)
-					assert.Equal(t, start, dp.StartTimestamp())
-					assert.Equal(t, ts, dp.Timestamp())
-					assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
-					assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+					if tt.name != "reaggregate_set" {
+						assert.False(t, validatedMetrics["pgconsistency.deploy_marker.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.deploy_marker.timestamp")
+						validatedMetrics["pgconsistency.deploy_marker.timestamp"] = true
+						assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+						assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+						assert.Equal(t, "Unix time at which the receiver saw the deploy marker change; absent until it has.", mi.Description())
+						assert.Equal(t, "s", mi.Unit())
+						dp := mi.Gauge().DataPoints().At(0)
+						assert.Equal(t, start, dp.StartTimestamp())
+						assert.Equal(t, ts, dp.Timestamp())
+						assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
+						assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+						markerAttrVal, ok := dp.Attributes().Get("marker")
+						assert.True(t, ok)
+						assert.Equal(t, "marker-val", markerAttrVal.Str())
+					} else {
+						assert.False(t, validatedMetrics["pgconsistency.deploy_marker.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.deploy_marker.timestamp")
+						validatedMetrics["pgconsistency.deploy_marker.timestamp"] = true
+						assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+						assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+						assert.Equal(t, "Unix time at which the receiver saw the deploy marker change; absent until it has.", mi.Description())
+						assert.Equal(t, "s", mi.Unit())
+						dp := mi.Gauge().DataPoints().At(0)
+						assert.Equal(t, start, dp.StartTimestamp())
+						assert.Equal(t, ts, dp.Timestamp())
+						assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
+						switch aggMap["pgconsistency.deploy_marker.timestamp"] {
+						case "sum":
+							assert.InDelta(t, float64(4), dp.DoubleValue(), 0.01)
+						case "avg":
+							assert.InDelta(t, float64(2), dp.DoubleValue(), 0.01)
+						case "min":
+							assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+						case "max":
+							assert.InDelta(t, float64(3), dp.DoubleValue(), 0.01)
+						}
+						_, ok := dp.Attributes().Get("marker")
+						assert.False(t, ok)
+					}
 				case "pgconsistency.reconcile.healed":
 					assert.False(t, validatedMetrics["pgconsistency.reconcile.healed"], "Found a duplicate in the metrics slice: pgconsistency.reconcile.healed")
 					validatedMetrics["pgconsistency.reconcile.healed"] = true

@@ -1,0 +1,113 @@
+-- pgconsistency framework: the status view.
+
+-- status: one row per registered invariant; the one query the receiver runs
+-- each scrape. It reads stored counts only (never the anomaly views), so its
+-- cost does not depend on the size of the application tables.
+--
+-- Re-created only when its definition changed (_install_view). The grants on
+-- the view (to pgconsistency_reader, see sql/roles.sql) are kept.
+--
+-- The words: the *snapshot* is what the latest successful refresh found
+-- (refreshed_at, snapshot_duration_seconds, the counts); a *run* is a refresh
+-- that ran, whatever its outcome (last_run_outcome, last_started_at,
+-- last_finished_at, last_duration_seconds, last_error); an *outcome* is
+-- what a refresh came to (refresh_invariant() returns one; last_outcome is
+-- the latest, a skip included).
+
+-- _deprecated_column: value, after a NOTICE (once per session and column)
+-- that old_name is deprecated in favour of new_name. The status view's
+-- columns of their names before 0.4.0 go through it: a query that does not
+-- read them does not call it (PostgreSQL drops a view's unread columns).
+CREATE OR REPLACE FUNCTION pgconsistency._deprecated_column(old_name text, new_name text, value anyelement)
+RETURNS anyelement
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF pg_catalog.current_setting('pgconsistency.deprecated_' || old_name, true) IS DISTINCT FROM 'noticed' THEN
+        PERFORM pg_catalog.set_config('pgconsistency.deprecated_' || old_name, 'noticed', false);
+        RAISE NOTICE 'pgconsistency: pgconsistency.status.% is deprecated and will be removed in 0.6.0; read % instead', old_name, new_name;
+    END IF;
+    RETURN value;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._deprecated_column(text, text, anyelement) IS
+  'Internal: a deprecated column of the status view: its value, and a NOTICE once per session naming the new column';
+
+DO $do$
+DECLARE
+    v_def text := $def$
+SELECT i.name                                    AS invariant,
+       i.severity,
+       i.description,
+       i.enabled,
+       i.view_schema,
+       i.view_name,
+       i.refresh_period,
+       EXTRACT(epoch FROM i.refresh_period)::double precision AS refresh_period_seconds,
+       coalesce(s.anomalies, 0)                  AS anomalies,
+       coalesce(s.new_anomalies, 0)              AS new_anomalies,
+       coalesce(s.resolved_anomalies, 0)         AS resolved_anomalies,
+       coalesce(s.acknowledged_anomalies, 0)     AS acknowledged_anomalies,
+       s.refreshed_at,
+       s.snapshot_duration_seconds,
+       coalesce(s.consecutive_failures, 0)       AS consecutive_failures,
+       s.last_run_outcome,
+       s.last_started_at,
+       s.last_finished_at,
+       s.last_duration_seconds,
+       s.last_error,
+       s.last_skipped_at,
+       coalesce(s.skips, 0)                      AS skips,
+       -- what happened last, a skip included: never, succeeded, failed, timed_out or skipped
+       CASE WHEN s.invariant IS NULL THEN 'never'
+            WHEN s.last_skipped_at > s.last_finished_at THEN 'skipped'
+            ELSE s.last_run_outcome END          AS last_outcome,
+       (SELECT count(*) FROM pgconsistency.refresh_request q WHERE q.claimed_at IS NULL) AS pending_requests,
+       (SELECT d.changed_at FROM pgconsistency.deploy_marker d) AS deploy_marker_changed_at,
+       -- the installed SQL version (0.2.0 and later), the same on every row
+       pgconsistency.version()                   AS version,
+       -- the refresh engine (0.3.0 and later)
+       i.refresh_mode,
+       s.last_refresh_kind,
+       s.last_full_refresh_at,
+       coalesce(s.rechecked_keys, 0)             AS rechecked_keys,
+       coalesce(s.healed_anomalies, 0)           AS healed_anomalies,
+       s.last_healed_at,
+       -- the names of last_run_outcome and snapshot_duration_seconds before
+       -- 0.4.0, until 0.6.0
+       pgconsistency._deprecated_column('last_status', 'last_run_outcome', s.last_run_outcome) AS last_status,
+       pgconsistency._deprecated_column('refresh_duration_seconds', 'snapshot_duration_seconds',
+                                        s.snapshot_duration_seconds) AS refresh_duration_seconds,
+       -- who answers for the invariant's alerts, and their runbook (0.5.0)
+       i.owner,
+       i.runbook_url
+  FROM pgconsistency.invariant i
+  LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+$def$;
+BEGIN
+    PERFORM pgconsistency._install_view('pgconsistency.status', v_def,
+      'One row per registered invariant: latest snapshot counts and refresh outcome (cheap: reads stored state only)');
+END
+$do$;
+DO $do$
+DECLARE
+    c record;
+BEGIN
+    -- only when it differs: a COMMENT locks the relation
+    FOR c IN SELECT v.col, v.comment
+               FROM (VALUES ('last_run_outcome', 'Outcome of the latest refresh that ran: succeeded, failed or timed_out (NULL: never ran); called last_status before 0.4.0'),
+                 ('snapshot_duration_seconds', 'Duration of the refresh that made the snapshot (the latest successful one); called refresh_duration_seconds before 0.4.0'),
+                 ('last_outcome', 'What happened last, a skip included: never, succeeded, failed, timed_out or skipped'),
+                 ('last_status', 'Deprecated (removed in 0.6.0): read last_run_outcome; reading it raises a NOTICE once per session'),
+                 ('refresh_duration_seconds', 'Deprecated (removed in 0.6.0): read snapshot_duration_seconds; reading it raises a NOTICE once per session'),
+                 ('owner', 'Who answers for the invariant''s alerts (Alertmanager routes on it); NULL: unset. pgconsistency.set_owner() changes it'),
+                 ('runbook_url', 'The runbook the invariant''s anomaly alerts link to; NULL: unset (the generic runbook)')) AS v(col, comment)
+              WHERE pg_catalog.col_description('pgconsistency.status'::regclass,
+                        (SELECT a.attnum FROM pg_catalog.pg_attribute a
+                          WHERE a.attrelid = 'pgconsistency.status'::regclass AND a.attname = v.col)) IS DISTINCT FROM v.comment
+    LOOP
+        EXECUTE pg_catalog.format('COMMENT ON COLUMN pgconsistency.status.%I IS %L', c.col, c.comment);
+    END LOOP;
+END
+$do$;
