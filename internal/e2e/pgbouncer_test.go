@@ -29,12 +29,13 @@ import (
 // anomalies it receives, by invariant and key.
 type logSink struct {
 	mu      sync.Mutex
-	records map[string]int // "invariant/key" → how many times received
+	records map[string]int            // "invariant/key" → how many times received
+	attrs   map[string]map[string]any // "invariant/key" → the latest record's attributes
 }
 
 func startLogSink(t *testing.T) (*logSink, string) {
 	t.Helper()
-	s := &logSink{records: map[string]int{}}
+	s := &logSink{records: map[string]int{}, attrs: map[string]map[string]any{}}
 	srv := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		var in io.Reader = r.Body
 		if r.Header.Get("Content-Encoding") == "gzip" { // the otlphttp exporter's default
@@ -66,6 +67,7 @@ func startLogSink(t *testing.T) (*logSink, string) {
 					inv, _ := attrs.Get("pgconsistency.invariant")
 					key, _ := attrs.Get("pgconsistency.anomaly.key")
 					s.records[inv.Str()+"/"+key.Str()]++
+					s.attrs[inv.Str()+"/"+key.Str()] = attrs.AsRaw()
 				}
 			}
 		}
@@ -79,6 +81,15 @@ func startLogSink(t *testing.T) (*logSink, string) {
 	go func() { _ = srv.Serve(ln) }()
 	t.Cleanup(func() { _ = srv.Close() })
 	return s, "http://" + ln.Addr().String()
+}
+
+// attributes returns the attributes of the latest record of invariant and
+// key, and whether one was received.
+func (s *logSink) attributes(invariant, key string) (map[string]any, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	a, ok := s.attrs[invariant+"/"+key]
+	return a, ok
 }
 
 func (s *logSink) snapshot() map[string]int {
