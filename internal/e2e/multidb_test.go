@@ -1,7 +1,6 @@
 package e2e
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"maps"
@@ -11,7 +10,6 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -143,7 +141,7 @@ func TestMultipleDatabases(t *testing.T) {
 
 	// Discovery takes 1 connection, each database 1 (no refresh scheduler).
 	const maxConnections = 4
-	conns := watchSessions(t, srv)
+	conns := srv.WatchSessions(t, "otelcol-pgconsistency")
 	exporter := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	config := filepath.Join(t.TempDir(), "collector.yaml")
 	require.NoError(t, os.WriteFile(config, []byte(multiDatabaseConfig), 0o600))
@@ -197,7 +195,7 @@ func TestMultipleDatabases(t *testing.T) {
 		assert.Contains(t, aboutDropped[0], "no longer")
 	}
 
-	most := conns.max()
+	most := conns.Max()
 	t.Logf("at most %d sessions of the collector in pg_stat_activity (max_connections %d)", most, maxConnections)
 	assert.LessOrEqual(t, most, maxConnections, "the collector's sessions in pg_stat_activity")
 	assert.GreaterOrEqual(t, most, 3, "the sampler saw one session per watched database")
@@ -208,52 +206,4 @@ func readLog(t *testing.T, p *process) string {
 	b, err := os.ReadFile(p.log)
 	require.NoError(t, err)
 	return string(b)
-}
-
-// sessionWatch counts the collector's sessions (application_name
-// otelcol-pgconsistency*) in pg_stat_activity every 20 ms, keeping the
-// highest count.
-type sessionWatch struct {
-	mu      sync.Mutex
-	highest int
-	stop    chan struct{}
-	done    chan struct{}
-	once    sync.Once
-}
-
-func watchSessions(t *testing.T, srv *pgtest.Server) *sessionWatch {
-	t.Helper()
-	conn := srv.Conn(t, "")
-	w := &sessionWatch{stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(w.done)
-		for {
-			var n int
-			if conn.QueryRow(context.Background(), `SELECT count(*) FROM pg_catalog.pg_stat_activity
-				WHERE application_name LIKE 'otelcol-pgconsistency%'`).Scan(&n) == nil {
-				w.mu.Lock()
-				w.highest = max(w.highest, n)
-				w.mu.Unlock()
-			}
-			select {
-			case <-w.stop:
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-	}()
-	t.Cleanup(w.finish)
-	return w
-}
-
-func (w *sessionWatch) finish() {
-	w.once.Do(func() { close(w.stop) })
-	<-w.done
-}
-
-func (w *sessionWatch) max() int {
-	w.finish()
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.highest
 }

@@ -6,7 +6,6 @@ import (
 	"maps"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -124,58 +123,6 @@ func exactly(want map[string]float64) func(perDatabase) error {
 	}
 }
 
-// connectionSampler counts, every 20 ms until stopped, the sessions of the
-// receiver (application_name otelcol-pgconsistency*) in pg_stat_activity,
-// and keeps the highest count.
-type connectionSampler struct {
-	mu      sync.Mutex
-	highest int
-	stop    chan struct{}
-	done    chan struct{}
-}
-
-func sampleConnections(t *testing.T, srv *pgtest.Server) *connectionSampler {
-	t.Helper()
-	conn := srv.Conn(t, "")
-	s := &connectionSampler{stop: make(chan struct{}), done: make(chan struct{})}
-	go func() {
-		defer close(s.done)
-		for {
-			var n int
-			err := conn.QueryRow(context.Background(),
-				`SELECT count(*) FROM pg_catalog.pg_stat_activity WHERE application_name LIKE 'otelcol-pgconsistency%'`).Scan(&n)
-			if err == nil {
-				s.mu.Lock()
-				s.highest = max(s.highest, n)
-				s.mu.Unlock()
-			}
-			select {
-			case <-s.stop:
-				return
-			case <-time.After(20 * time.Millisecond):
-			}
-		}
-	}()
-	t.Cleanup(s.finish)
-	return s
-}
-
-func (s *connectionSampler) finish() {
-	select {
-	case <-s.stop:
-	default:
-		close(s.stop)
-	}
-	<-s.done
-}
-
-func (s *connectionSampler) max() int {
-	s.finish()
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.highest
-}
-
 // newPgconsistencyDatabase is a fixture database with dataset_head_ref_missing
 // broken (3 anomalies) when broken, clean otherwise, refreshed once.
 func newPgconsistencyDatabase(t *testing.T, srv *pgtest.Server, broken bool) string {
@@ -251,7 +198,7 @@ func TestIntegrationDiscovery(t *testing.T) {
 	srv.CreateDatabase(t, "") // no pgconsistency: never watched
 
 	t.Run("follows the server", func(t *testing.T) {
-		conns := sampleConnections(t, srv)
+		conns := srv.WatchSessions(t, "otelcol-pgconsistency")
 		const maxConnections = 4 // discovery 1 + 3 databases × (scrape 1)
 		sink, logs := multiReceiver(t, srv, func(cfg *Config) {
 			cfg.Discovery.Enabled = true
@@ -281,8 +228,8 @@ func TestIntegrationDiscovery(t *testing.T) {
 		assert.Equal(t, 1, gone, "one line says the dropped database is no longer watched")
 		found := logs.FilterMessageSnippet("database with pgconsistency found").All()
 		assert.Len(t, found, 3, "one line per database found")
-		assert.LessOrEqual(t, conns.max(), maxConnections, "sessions of the receiver in pg_stat_activity")
-		assert.GreaterOrEqual(t, conns.max(), 2, "the sampler saw the receiver's connections")
+		assert.LessOrEqual(t, conns.Max(), maxConnections, "sessions of the receiver in pg_stat_activity")
+		assert.GreaterOrEqual(t, conns.Max(), 2, "the sampler saw the receiver's connections")
 	})
 
 	t.Run("refuses beyond max_connections", func(t *testing.T) {
