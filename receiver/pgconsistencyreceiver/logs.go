@@ -34,6 +34,10 @@ type logsReceiver struct {
 	query    string // SQL older than 0.6.0
 	origin   string // 0.6.0+: with the deployment and the cause
 	advance  string
+	// withOrigin: the installed SQL has been seen to have origin's
+	// function; from then on it is not looked up again (the loop goroutine
+	// only; cleared when a pass fails, e.g. after a downgrade).
+	withOrigin bool
 
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -102,8 +106,8 @@ func (r *logsReceiver) loop(ctx context.Context) {
 }
 
 // hasOrigin tells whether the installed SQL (0.6.0+) has
-// new_anomalies_with_origin_for_log; checked on every pass, so an upgrade of
-// the SQL is picked up without a restart.
+// new_anomalies_with_origin_for_log; checked on every pass until it has, so
+// an upgrade of the SQL is picked up without a restart.
 const hasOrigin = "SELECT pg_catalog.to_regprocedure('" + schema + ".new_anomalies_with_origin_for_log(text,integer)') IS NOT NULL"
 
 type newAnomaly struct {
@@ -143,9 +147,11 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 	timeout := r.cfg.effectiveTimeout()
 	var batch []newAnomaly
 	if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
-		var withOrigin bool
-		if err := tx.QueryRow(ctx, hasOrigin).Scan(&withOrigin); err != nil {
-			return err
+		withOrigin := r.withOrigin
+		if !withOrigin {
+			if err := tx.QueryRow(ctx, hasOrigin).Scan(&withOrigin); err != nil {
+				return err
+			}
 		}
 		query := r.query
 		if withOrigin {
@@ -169,8 +175,14 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 				&o.causeChangedAt, &o.causeDBUser, &o.causeApplicationName)
 			return a, err
 		})
+		if err == nil {
+			r.withOrigin = withOrigin
+		}
 		return err
 	}); err != nil || len(batch) == 0 {
+		if err != nil {
+			r.withOrigin = false
+		}
 		return err
 	}
 	now := pcommon.NewTimestampFromTime(time.Now())
