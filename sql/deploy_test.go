@@ -23,6 +23,7 @@ func TestDeploy(t *testing.T) {
 		{"DeployAndCauseOfANewAnomaly", testDeployAndCause},
 		{"NoCauseWithoutTheAuditPack", testDeployNoCauseWithoutAudit},
 		{"NoDeploySinceTheLastCleanRefresh", testDeployNoDeploySinceLastCleanRefresh},
+		{"DeployBeforeAFailedRefresh", testDeployBeforeAFailedRefresh},
 	})
 }
 
@@ -55,6 +56,34 @@ func anomalyOrigin(t *testing.T, conn *pgx.Conn, invariant, key string) origin {
 		&o.New, &o.DeployMarker, &o.DeployedAt, &o.DeployedSincePreviousRefresh, &o.RefreshReason, &o.Deploy,
 		&o.CauseAuditID, &o.CauseOperation, &o.CauseTable, &o.CauseTxid, &o.CauseChangedAt, &o.CauseDBUser,
 		&o.CauseApplicationName, &o.Cause, &o.Restore))
+	return o
+}
+
+// newOrigin is where the latest refresh's new anomalies came from, as the
+// status view says (what the receiver's metrics and the alert carry).
+type newOrigin struct {
+	DeployMarker                 *string
+	DeployedAt                   *time.Time
+	DeployedSincePreviousRefresh *bool
+	Causes                       *int64
+	CauseAuditID                 *int64
+	CauseOperation               *string
+	CauseTable                   *string
+	CauseTxid                    *int64
+	CauseChangedAt               *time.Time
+	CauseDBUser                  *string
+	CauseApplicationName         *string
+}
+
+func statusOrigin(t *testing.T, conn *pgx.Conn, invariant string) newOrigin {
+	t.Helper()
+	var o newOrigin
+	require.NoError(t, conn.QueryRow(t.Context(), `SELECT new_deploy_marker, new_deployed_at,
+		new_deployed_since_previous_refresh, new_causes, new_cause_audit_id, new_cause_operation, new_cause_table,
+		new_cause_txid, new_cause_changed_at, new_cause_db_user, new_cause_application_name
+		FROM pgconsistency.status WHERE invariant = $1`, invariant).Scan(
+		&o.DeployMarker, &o.DeployedAt, &o.DeployedSincePreviousRefresh, &o.Causes, &o.CauseAuditID,
+		&o.CauseOperation, &o.CauseTable, &o.CauseTxid, &o.CauseChangedAt, &o.CauseDBUser, &o.CauseApplicationName))
 	return o
 }
 
@@ -120,6 +149,22 @@ func testDeployAndCause(t *testing.T, s *pgtest.Server) {
 	assert.Contains(t, o.Cause, "'migrator'")
 	assert.Equal(t, ptr("SELECT pgconsistency.audit_restore("+strconv.FormatInt(auditID, 10)+")"), o.Restore)
 
+	// The status says the same for the invariant: the alert's deploy and cause.
+	n := statusOrigin(t, conn, inv)
+	assert.Equal(t, ptr("v2"), n.DeployMarker)
+	assert.Equal(t, o.DeployedAt, n.DeployedAt)
+	assert.Equal(t, ptr(true), n.DeployedSincePreviousRefresh)
+	assert.Equal(t, ptr(int64(1)), n.Causes)
+	assert.Equal(t, ptr(auditID), n.CauseAuditID)
+	assert.Equal(t, ptr("DELETE"), n.CauseOperation)
+	assert.Equal(t, ptr("public.dataset_key_blocks"), n.CauseTable)
+	assert.Equal(t, ptr(txid), n.CauseTxid)
+	require.NotNil(t, n.CauseChangedAt)
+	assert.True(t, deletedAt.Equal(*n.CauseChangedAt), "the DELETE's time")
+	assert.Equal(t, ptr("migrator"), n.CauseApplicationName)
+	assert.NotNil(t, n.CauseDBUser)
+	assert.Equal(t, newOrigin{}, statusOrigin(t, conn, "dataset_head_ref_missing"), "no new anomalies, no origin")
+
 	assert.Equal(t, map[string]int64{"v1": 0, "v2": 1}, deploySummary(t, conn, inv))
 	assert.Equal(t, map[string]int64{"v1": 0, "v2": 0}, deploySummary(t, conn, "dataset_head_ref_missing"))
 
@@ -128,6 +173,7 @@ func testDeployAndCause(t *testing.T, s *pgtest.Server) {
 	exec(t, conn, "CALL pgconsistency.refresh($1)", inv)
 	assert.EqualValues(t, 0, status(t, conn)[inv].Anomalies)
 	assert.Equal(t, map[string]int64{"v1": 0, "v2": 1}, deploySummary(t, conn, inv), "resolved anomalies still count")
+	assert.Equal(t, newOrigin{}, statusOrigin(t, conn, inv), "the latest refresh found nothing new")
 }
 
 func testDeployNoCauseWithoutAudit(t *testing.T, s *pgtest.Server) {
@@ -146,6 +192,11 @@ func testDeployNoCauseWithoutAudit(t *testing.T, s *pgtest.Server) {
 	assert.Nil(t, o.CauseAuditID)
 	assert.Equal(t, "no cause recorded", o.Cause)
 	assert.Nil(t, o.Restore)
+	n := statusOrigin(t, conn, "dataset_seed_missing")
+	assert.Equal(t, ptr("2026-12-02"), n.DeployMarker)
+	assert.Equal(t, ptr(true), n.DeployedSincePreviousRefresh)
+	assert.Nil(t, n.Causes, "no audit pack: no cause looked for")
+	assert.Nil(t, n.CauseChangedAt)
 }
 
 func testDeployNoDeploySinceLastCleanRefresh(t *testing.T, s *pgtest.Server) {
@@ -162,4 +213,37 @@ func testDeployNoDeploySinceLastCleanRefresh(t *testing.T, s *pgtest.Server) {
 	assert.Nil(t, o.RefreshReason, "no request led to that refresh")
 	assert.Contains(t, o.Deploy, "no deploy since the last clean refresh")
 	assert.Equal(t, "no cause recorded", o.Cause)
+	n := statusOrigin(t, conn, "dataset_seed_missing")
+	assert.Equal(t, ptr("v7"), n.DeployMarker)
+	assert.Equal(t, ptr(false), n.DeployedSincePreviousRefresh)
+	assert.Equal(t, ptr(int64(0)), n.Causes, "the pack looked, and found no audited change")
+}
+
+// A deploy, then a refresh that fails, then the refresh that finds the
+// anomaly: the deploy came after the last clean refresh, though before the
+// previous refresh (the failed one).
+func testDeployBeforeAFailedRefresh(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s)
+	conn := s.Conn(t, db)
+	const inv = "dataset_seed_missing"
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v8')")
+	exec(t, conn, "CALL pgconsistency.refresh($1)", inv)
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v9', '1 hour')")
+
+	locker := s.Conn(t, db)
+	exec(t, locker, "BEGIN")
+	exec(t, locker, "LOCK TABLE public.dataset_key_blocks IN ACCESS EXCLUSIVE MODE")
+	exec(t, conn, "UPDATE pgconsistency.invariant SET lock_timeout = '50 milliseconds' WHERE name = $1", inv)
+	exec(t, conn, "CALL pgconsistency.refresh($1)", inv)
+	require.Equal(t, ptr("timed_out"), status(t, conn)[inv].LastRunOutcome)
+	exec(t, locker, "ROLLBACK")
+
+	key := fixture.DatasetID(8)
+	exec(t, conn, "DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", key)
+	exec(t, conn, "CALL pgconsistency.refresh($1)", inv)
+	o := anomalyOrigin(t, conn, inv, key)
+	assert.Equal(t, ptr("v9"), o.DeployMarker)
+	assert.Equal(t, ptr(true), o.DeployedSincePreviousRefresh, "v9 came after the last clean refresh")
+	assert.Contains(t, o.Deploy, "after deploy v9")
+	assert.Equal(t, ptr(true), statusOrigin(t, conn, inv).DeployedSincePreviousRefresh)
 }

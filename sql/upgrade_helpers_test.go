@@ -397,4 +397,20 @@ func newIn060(t *testing.T, admin *pgx.Conn, u used) {
 	assert.Equal(t, fixture.DatasetID(13), key)
 	assert.Equal(t, "v42", logMarker)
 	assert.Equal(t, "DELETE", operation)
+
+	// The status view, as the reader (the receiver's metrics, the alert's
+	// deploy and cause): where that refresh's new anomaly came from, in the
+	// columns the upgrade added to refresh_state.
+	var newMarker, newOperation, newTable string
+	var causes int64
+	var since bool
+	require.NoError(t, u.reader.QueryRow(t.Context(), `SELECT new_deploy_marker, new_deployed_since_previous_refresh,
+		new_causes, new_cause_operation, new_cause_table
+		FROM pgconsistency.status WHERE invariant = 'dataset_head_ref_missing'`).Scan(
+		&newMarker, &since, &causes, &newOperation, &newTable))
+	assert.Equal(t, "v42", newMarker)
+	assert.False(t, since, "v42 was there before the previous refresh")
+	assert.EqualValues(t, 1, causes)
+	assert.Equal(t, "DELETE", newOperation)
+	assert.Equal(t, "public.dataset_references", newTable)
 }

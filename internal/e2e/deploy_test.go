@@ -46,8 +46,9 @@ service:
 // DELETE of a dataset's Seed by a session with application_name 'migrator';
 // the post-deploy refresh the receiver requests and runs. The new anomaly
 // (anomaly_origin), its log record and the PgConsistencyNewAnomalies alert
-// of the shipped rules in a real Prometheus name the deploy, the first two
-// the cause too (migrator, the DELETE's time and transaction); the per-deploy
+// of the shipped rules in a real Prometheus name the deploy and the cause
+// (migrator, the DELETE's time; the anomaly and its record the transaction
+// and the restore step too); the per-deploy
 // summary shows 1 for that deploy and 0 for the previous one.
 func TestDeploy(t *testing.T) {
 	srv := pgtest.Start(t)
@@ -183,19 +184,24 @@ func TestDeploy(t *testing.T) {
 		t.Logf("log record: pgconsistency.deploy=%q pgconsistency.cause=%q", attrs["pgconsistency.deploy"], attrs["pgconsistency.cause"])
 	})
 
-	t.Run("the alert names the deploy", func(t *testing.T) {
+	t.Run("the alert names the deploy and the cause", func(t *testing.T) {
 		watch.waitFor(t, "PgConsistencyNewAnomalies", inv, "firing", 60*time.Second)
 		var deployAt time.Time
-		require.NoError(t, conn.QueryRow(t.Context(), "SELECT changed_at FROM pgconsistency.deploy_marker").Scan(&deployAt))
-		var annotation string
+		require.NoError(t, conn.QueryRow(t.Context(), "SELECT changed_at FROM pgconsistency.deployment WHERE marker = 'v2'").Scan(&deployAt))
+		var deploy, cause string
 		require.Eventually(t, func() bool {
 			a, ok, err := prom.active("PgConsistencyNewAnomalies", inv)
-			annotation = a.Annotations["deploy"]
-			return err == nil && ok && strings.Contains(annotation, "Latest deploy: v2 at ")
-		}, 30*time.Second, 250*time.Millisecond, "the deploy annotation: %q", annotation)
-		assert.Contains(t, annotation, "Latest deploy: v2 at "+deployAt.UTC().Format("2006-01-02 15:04:05"))
-		assert.Contains(t, annotation, "SELECT * FROM pgconsistency.anomaly_origin WHERE new AND invariant = '"+inv+"';")
-		t.Logf("PgConsistencyNewAnomalies{invariant=%s} deploy annotation: %s", inv, annotation)
+			deploy, cause = a.Annotations["deploy"], a.Annotations["cause"]
+			return err == nil && ok && strings.Contains(deploy, "After deploy v2 ") && strings.Contains(cause, "migrator")
+		}, 30*time.Second, 250*time.Millisecond, "the annotations: deploy %q, cause %q", deploy, cause)
+		assert.Contains(t, deploy, "After deploy v2 (the deploy marker changed at "+deployAt.UTC().Format("2006-01-02 15:04:05"))
+		var dbUser string
+		require.NoError(t, conn.QueryRow(t.Context(), "SELECT db_user FROM pgconsistency.audit_log WHERE id = $1", auditID).Scan(&dbUser))
+		assert.Contains(t, cause, "DELETE on public.dataset_key_blocks at "+deletedAt.UTC().Format("2006-01-02 15:04:05"),
+			"the DELETE's time")
+		assert.Contains(t, cause, "by "+dbUser+` (application_name "migrator")`)
+		assert.Contains(t, cause, "SELECT * FROM pgconsistency.anomaly_origin WHERE new AND invariant = '"+inv+"';")
+		t.Logf("PgConsistencyNewAnomalies{invariant=%s} annotations: deploy %q; cause %q", inv, deploy, cause)
 	})
 
 	t.Run("per-deploy summary", func(t *testing.T) {

@@ -47,6 +47,18 @@ type invariantStatus struct {
 	// unset, and with older SQL.
 	Owner      string `db:"owner"`
 	RunbookURL string `db:"runbook_url"`
+	// Where the latest refresh's new anomalies came from (0.6.0 and later;
+	// empty before, and when it found none): the deployment they appeared
+	// after, when a deploy came after the previous clean refresh
+	// (NewDeployedAt nil otherwise), and the latest change recorded as their
+	// cause by the audit pack (NewCauseChangedAt nil when none is).
+	NewDeployMarker         string     `db:"new_deploy_marker"`
+	NewDeployedAt           *time.Time `db:"new_deployed_at"`
+	NewCauseChangedAt       *time.Time `db:"new_cause_changed_at"`
+	NewCauseOperation       string     `db:"new_cause_operation"`
+	NewCauseTable           string     `db:"new_cause_table"`
+	NewCauseDBUser          string     `db:"new_cause_db_user"`
+	NewCauseApplicationName string     `db:"new_cause_application_name"`
 }
 
 // client is what the scraper needs from the database; tests use a fake.
@@ -77,7 +89,7 @@ const schema = "pgconsistency"
 type statusShape int32
 
 const (
-	shape060 statusShape = iota // deploy_marker
+	shape060 statusShape = iota // deploy_marker, new_deploy_marker, new_cause_*
 	shape050                    // owner, runbook_url
 	shape030                    // refresh_mode, healed_anomalies
 	shape020                    // version
@@ -90,18 +102,18 @@ const (
 // statusQueries are indexed by statusShape, newest first.
 var statusQueries = [shapeCount]string{
 	shape060: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies, " +
-		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url, coalesce(deploy_marker, '') AS deploy_marker FROM " +
-		schema + ".status WHERE enabled",
+		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url, coalesce(deploy_marker, '') AS deploy_marker, " +
+		newOriginColumns + " FROM " + schema + ".status WHERE enabled",
 	shape050: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies, " +
-		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url" + noDeployMarker + " FROM " + schema + ".status WHERE enabled",
-	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies" + noOwner + noDeployMarker + " FROM " + schema + ".status WHERE enabled",
-	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + " FROM " +
+		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url" + noDeployMarker + noNewOrigin + " FROM " + schema + ".status WHERE enabled",
+	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + " FROM " + schema + ".status WHERE enabled",
+	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + " FROM " +
 		schema + ".status WHERE enabled",
 	// 0.1.0 has no version: the column says whether pgconsistency.version()
 	// exists all the same, i.e. whether install.sql has upgraded the SQL
 	// since this shape was chosen (see queryStatus).
 	shape010: "SELECT " + statusColumns + ", CASE WHEN pg_catalog.to_regprocedure('" + schema + ".version()') IS NULL " +
-		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + " FROM " +
+		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + " FROM " +
 		schema + ".status WHERE enabled",
 }
 
@@ -110,6 +122,19 @@ const noOwner = ", '' AS owner, '' AS runbook_url"
 
 // noDeployMarker stands for the deploy marker value of SQL older than 0.6.0.
 const noDeployMarker = ", '' AS deploy_marker"
+
+// newOriginColumns are where the latest refresh's new anomalies came from
+// (0.6.0): the deployment only when it came after the previous clean
+// refresh, the cause only when one is recorded.
+const newOriginColumns = `coalesce(new_deploy_marker, '') AS new_deploy_marker,
+	CASE WHEN new_deployed_since_previous_refresh THEN new_deployed_at END AS new_deployed_at,
+	new_cause_changed_at, coalesce(new_cause_operation, '') AS new_cause_operation,
+	coalesce(new_cause_table, '') AS new_cause_table, coalesce(new_cause_db_user, '') AS new_cause_db_user,
+	coalesce(new_cause_application_name, '') AS new_cause_application_name`
+
+// noNewOrigin stands for them with SQL older than 0.6.0: none known.
+const noNewOrigin = `, '' AS new_deploy_marker, NULL::timestamptz AS new_deployed_at, NULL::timestamptz AS new_cause_changed_at,
+	'' AS new_cause_operation, '' AS new_cause_table, '' AS new_cause_db_user, '' AS new_cause_application_name`
 
 // upgradedFrom010 is the version the 0.1.0 shape reads once the SQL has
 // been upgraded; never reported.

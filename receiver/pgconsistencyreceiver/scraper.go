@@ -243,7 +243,7 @@ func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) 
 		// staleness alerts fire instead of the series being absent.
 		var refreshedAt float64
 		if r.RefreshedAt != nil {
-			refreshedAt = float64(r.RefreshedAt.UnixNano()) / 1e9
+			refreshedAt = unixSeconds(*r.RefreshedAt)
 		}
 		s.mb.RecordPgconsistencySnapshotTimestampDataPoint(now, refreshedAt, r.Invariant, owned...)
 		var duration float64
@@ -270,12 +270,22 @@ func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) 
 			s.mb.RecordPgconsistencyRefreshModeDataPoint(now, v, r.Invariant, mode, owned...)
 		}
 		s.mb.RecordPgconsistencyReconcileHealedDataPoint(now, r.HealedAnomalies, r.Invariant, owned...)
+		// Where the new anomalies came from: only while there are some, and
+		// only what is known (no series says "no deploy" or "no cause").
+		if r.NewAnomalies > 0 && r.NewDeployedAt != nil {
+			s.mb.RecordPgconsistencyAnomaliesNewDeployTimestampDataPoint(now, unixSeconds(*r.NewDeployedAt),
+				r.Invariant, r.NewDeployMarker, owned...)
+		}
+		if r.NewAnomalies > 0 && r.NewCauseChangedAt != nil {
+			s.mb.RecordPgconsistencyAnomaliesNewCauseTimestampDataPoint(now, unixSeconds(*r.NewCauseChangedAt),
+				r.Invariant, r.NewCauseOperation, r.NewCauseTable, r.NewCauseDBUser, r.NewCauseApplicationName, owned...)
+		}
 	}
 	if len(rows) > 0 {
 		// database-wide, repeated on every row of the status view
 		s.mb.RecordPgconsistencyRefreshRequestsPendingDataPoint(now, rows[0].PendingRequests)
 		if at := rows[0].DeployMarkerChangedAt; at != nil {
-			s.mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(now, float64(at.UnixNano())/1e9, rows[0].DeployMarker)
+			s.mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(now, unixSeconds(*at), rows[0].DeployMarker)
 		}
 		if v := rows[0].Version; v != "" {
 			s.mb.RecordPgconsistencyVersionDataPoint(now, 1, v)
@@ -296,4 +306,9 @@ func ownerAttributes(r *invariantStatus) []metadata.MetricAttributeOption {
 		out = append(out, metadata.WithRunbookURLMetricAttribute(r.RunbookURL))
 	}
 	return out
+}
+
+// unixSeconds is t as the seconds since 1970 of the timestamp metrics.
+func unixSeconds(t time.Time) float64 {
+	return float64(t.UnixNano()) / 1e9
 }

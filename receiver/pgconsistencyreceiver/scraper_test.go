@@ -67,14 +67,24 @@ func compareGolden(t *testing.T, file string, s *pgScraper) error {
 func TestScrapeReportsEveryInvariant(t *testing.T) {
 	refreshed := time.Date(2026, 11, 23, 18, 30, 0, 0, time.UTC)
 	deployed := time.Date(2026, 11, 23, 18, 0, 0, 0, time.UTC)
+	changed := time.Date(2026, 11, 23, 18, 5, 7, 0, time.UTC)
 	f := &fakeClient{rows: []invariantStatus{
 		// incremental, and its latest reconcile corrected what the capture missed
 		{Invariant: "dataset_seed_missing", Severity: "critical", Anomalies: 3, NewAnomalies: 1,
 			ResolvedAnomalies: 2, AcknowledgedAnomalies: 5, RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded",
-			RefreshMode: "incremental", HealedAnomalies: 2, Owner: "team-a", RunbookURL: "https://wiki.example.com/seed"},
-		// clean: zeros must be emitted, not left out
+			RefreshMode: "incremental", HealedAnomalies: 2, Owner: "team-a", RunbookURL: "https://wiki.example.com/seed",
+			// its new anomaly: after deploy v1.4.2, caused by a DELETE of the migrator
+			NewDeployMarker: "v1.4.2", NewDeployedAt: &deployed, NewCauseChangedAt: &changed,
+			NewCauseOperation: "DELETE", NewCauseTable: "public.dataset_key_blocks", NewCauseDBUser: "app",
+			NewCauseApplicationName: "migrator"},
+		// clean: zeros must be emitted, not left out; no new anomalies, so
+		// no deploy nor cause series, whatever the row says
 		{Invariant: "dataset_head_ref_missing", Severity: "critical",
-			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.25), LastOutcome: "skipped"},
+			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.25), LastOutcome: "skipped",
+			NewDeployMarker: "v1.4.2", NewDeployedAt: &deployed, NewCauseChangedAt: &changed},
+		// new anomalies, no deploy since the last clean refresh, no cause recorded
+		{Invariant: "dataset_chain_gap", Severity: "critical", Anomalies: 1, NewAnomalies: 1,
+			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.5), LastOutcome: "succeeded", NewDeployMarker: "v1.4.2"},
 		// never refreshed: snapshot timestamp 0, duration 0
 		{Invariant: "derivative_dependencies_missing", Severity: "warning", LastOutcome: "never"},
 		// failing: the old snapshot stays, failures count up. An owner

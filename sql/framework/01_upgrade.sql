@@ -298,5 +298,15 @@ BEGIN
     LOOP
         PERFORM pgconsistency._install_column('pgconsistency.anomaly', c.col, c.type);
     END LOOP;
+    -- where the latest refresh's new anomalies came from (status view)
+    FOR c IN SELECT * FROM (VALUES ('new_deployment_id', 'bigint'), ('new_deploy_marker', 'text'),
+                                   ('new_deployed_at', 'timestamptz'), ('new_deployed_since_previous_refresh', 'boolean'),
+                                   ('new_causes', 'bigint'), ('new_cause_audit_id', 'bigint'),
+                                   ('new_cause_operation', 'text'), ('new_cause_table', 'text'), ('new_cause_txid', 'bigint'),
+                                   ('new_cause_changed_at', 'timestamptz'), ('new_cause_db_user', 'text'),
+                                   ('new_cause_application_name', 'text')) AS v(col, type)
+    LOOP
+        PERFORM pgconsistency._install_column('pgconsistency.refresh_state', c.col, c.type);
+    END LOOP;
 END
 $do$;

@@ -163,7 +163,27 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
     last_full_refresh_at     timestamptz,
     rechecked_keys           bigint      NOT NULL DEFAULT 0,
     healed_anomalies         bigint      NOT NULL DEFAULT 0,
-    last_healed_at           timestamptz
+    last_healed_at           timestamptz,
+    -- Where the new anomalies of the latest successful refresh came from
+    -- (0.6.0); NULL when it found none. The deployment they appeared after
+    -- (pgconsistency.deployment) and whether it came after the previous
+    -- successful refresh started (false: no deploy since the last clean
+    -- refresh); how many of them have a recorded cause (audit pack), and
+    -- the latest of those causes (the audit_log row changed last). The
+    -- status view shows them; the receiver turns them into the metrics the
+    -- new-anomalies alert names the deploy and the cause from.
+    new_deployment_id        bigint,
+    new_deploy_marker        text,
+    new_deployed_at          timestamptz,
+    new_deployed_since_previous_refresh boolean,
+    new_causes               bigint,
+    new_cause_audit_id       bigint,
+    new_cause_operation      text,
+    new_cause_table          text,
+    new_cause_txid           bigint,
+    new_cause_changed_at     timestamptz,
+    new_cause_db_user        text,
+    new_cause_application_name text
 );
 SELECT pgconsistency._install_comment('pgconsistency.refresh_state',
   'Outcome of the latest refresh of each invariant; written by pgconsistency.refresh()');
@@ -206,8 +226,9 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     -- Where it came from (0.6.0), written when it appears: the deployment
     -- current at the refresh that found it (pgconsistency.deployment: the
     -- latest deploy marker value seen, and when it changed), whether that
-    -- deployment came after the invariant's previous refresh (false: no
-    -- deploy since the last clean refresh), and the reason of the refresh
+    -- deployment came after the invariant's previous successful refresh
+    -- started (false: no deploy since the last clean refresh), and the
+    -- reason of the refresh
     -- request that led to that refresh, if any.
     deployment_id   bigint,
     deploy_marker   text,

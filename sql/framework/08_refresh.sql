@@ -72,7 +72,10 @@ DECLARE
     v_fresh_capture boolean := false;
     v_prev_seen timestamptz;
     v_prev_started timestamptz;
+    v_prev_clean_started timestamptz;
     v_deployment pgconsistency.deployment%ROWTYPE;
+    v_causes   bigint; -- NULL: no cause looked for (no audit pack)
+    v_cause    pgconsistency.anomaly%ROWTYPE;
     v_request_reason text;
     v_seq_floor bigint;
     v_status   text := 'succeeded';
@@ -109,12 +112,16 @@ BEGIN
         inv.refresh_period, v_started) THEN
         RETURN 'not_due';
     END IF;
-    SELECT s.refreshed_at, s.last_started_at INTO v_prev_seen, v_prev_started
+    SELECT s.refreshed_at, s.last_started_at,
+           s.refreshed_at - pg_catalog.make_interval(secs => s.snapshot_duration_seconds)
+      INTO v_prev_seen, v_prev_started, v_prev_clean_started
       FROM pgconsistency.refresh_state s WHERE s.invariant = inv.name;
-    -- Where new anomalies come from (0.6.0): the latest deployment, and the
-    -- reason of the latest refresh request claimed since this invariant's
-    -- previous refresh started (the request that led to this refresh, by
-    -- CALL refresh() or a scheduler alike).
+    -- Where new anomalies come from (0.6.0): the latest deployment (whether
+    -- it came after the previous successful refresh started: the previous
+    -- snapshot may not have seen it), and the reason of the latest refresh
+    -- request claimed since this invariant's previous refresh started (the
+    -- request that led to this refresh, by CALL refresh() or a scheduler
+    -- alike).
     SELECT d.* INTO v_deployment FROM pgconsistency.deployment d ORDER BY d.id DESC LIMIT 1;
     SELECT r.reason INTO v_request_reason
       FROM pgconsistency.refresh_request r
@@ -274,12 +281,21 @@ BEGIN
                   CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END,
                   v_deployment.id, v_deployment.marker, v_deployment.changed_at,
                   CASE WHEN v_deployment.id IS NOT NULL
-                       THEN v_deployment.changed_at > coalesce(v_prev_started, '-infinity') END,
+                       THEN v_deployment.changed_at > coalesce(v_prev_clean_started, '-infinity') END,
                   v_request_reason;
             -- The change that caused each new anomaly, where the audit pack
-            -- (sql/audit.sql, optional) records the tables the invariant reads.
+            -- (sql/audit.sql, optional) records the tables the invariant
+            -- reads; the latest of them goes to the status (by anomaly_seq_idx:
+            -- the new anomalies only).
             IF v_new > 0 AND pg_catalog.to_regprocedure('pgconsistency._record_anomaly_causes(text,bigint)') IS NOT NULL THEN
-                EXECUTE 'SELECT pgconsistency._record_anomaly_causes($1, $2)' USING inv.name, coalesce(v_seq_floor, 0);
+                EXECUTE 'SELECT pgconsistency._record_anomaly_causes($1, $2)' INTO v_causes
+                    USING inv.name, coalesce(v_seq_floor, 0);
+                IF v_causes > 0 THEN
+                    SELECT a.* INTO v_cause FROM pgconsistency.anomaly a
+                     WHERE a.seq > coalesce(v_seq_floor, 0) AND a.invariant = inv.name AND a.cause_audit_id IS NOT NULL
+                     ORDER BY a.cause_changed_at DESC, a.cause_audit_id DESC
+                     LIMIT 1;
+                END IF;
             END IF;
         END IF;
         SELECT c.unacknowledged, c.acknowledged INTO v_total, v_acked FROM pgconsistency._open_counts(inv.name) c;
@@ -351,13 +367,24 @@ BEGIN
                (invariant, last_run_outcome, last_started_at, last_finished_at, last_duration_seconds, last_error,
                 refreshed_at, snapshot_duration_seconds, anomalies, new_anomalies, resolved_anomalies,
                 acknowledged_anomalies, consecutive_failures, last_refresh_kind, last_full_refresh_at,
-                rechecked_keys, healed_anomalies, last_healed_at)
+                rechecked_keys, healed_anomalies, last_healed_at,
+                new_deployment_id, new_deploy_marker, new_deployed_at, new_deployed_since_previous_refresh,
+                new_causes, new_cause_audit_id, new_cause_operation, new_cause_table, new_cause_txid,
+                new_cause_changed_at, new_cause_db_user, new_cause_application_name)
         VALUES (inv.name, 'succeeded', v_started, v_finished,
                 EXTRACT(epoch FROM v_finished - v_started)::double precision, NULL,
                 v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision,
                 v_total, v_new, v_resolved, v_acked, 0, v_kind,
                 CASE WHEN v_kind <> 'incremental' THEN v_started END, v_rechecked, v_healed,
-                CASE WHEN v_healed > 0 THEN v_finished END)
+                CASE WHEN v_healed > 0 THEN v_finished END,
+                -- where the new anomalies came from: nothing when there are none
+                CASE WHEN v_new > 0 THEN v_deployment.id END, CASE WHEN v_new > 0 THEN v_deployment.marker END,
+                CASE WHEN v_new > 0 THEN v_deployment.changed_at END,
+                CASE WHEN v_new > 0 AND v_deployment.id IS NOT NULL
+                     THEN v_deployment.changed_at > coalesce(v_prev_clean_started, '-infinity') END,
+                CASE WHEN v_new > 0 THEN v_causes END, v_cause.cause_audit_id, v_cause.cause_operation,
+                v_cause.cause_table, v_cause.cause_txid, v_cause.cause_changed_at, v_cause.cause_db_user,
+                v_cause.cause_application_name)
         ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
            SET last_run_outcome = EXCLUDED.last_run_outcome, last_started_at = EXCLUDED.last_started_at,
                last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
@@ -372,7 +399,15 @@ BEGIN
                -- what the latest reconcile healed stays until the next one
                healed_anomalies = CASE WHEN EXCLUDED.last_refresh_kind = 'incremental' THEN s.healed_anomalies
                                        ELSE EXCLUDED.healed_anomalies END,
-               last_healed_at = coalesce(EXCLUDED.last_healed_at, s.last_healed_at);
+               last_healed_at = coalesce(EXCLUDED.last_healed_at, s.last_healed_at),
+               new_deployment_id = EXCLUDED.new_deployment_id, new_deploy_marker = EXCLUDED.new_deploy_marker,
+               new_deployed_at = EXCLUDED.new_deployed_at,
+               new_deployed_since_previous_refresh = EXCLUDED.new_deployed_since_previous_refresh,
+               new_causes = EXCLUDED.new_causes, new_cause_audit_id = EXCLUDED.new_cause_audit_id,
+               new_cause_operation = EXCLUDED.new_cause_operation, new_cause_table = EXCLUDED.new_cause_table,
+               new_cause_txid = EXCLUDED.new_cause_txid, new_cause_changed_at = EXCLUDED.new_cause_changed_at,
+               new_cause_db_user = EXCLUDED.new_cause_db_user,
+               new_cause_application_name = EXCLUDED.new_cause_application_name;
         RETURN 'succeeded';
     END IF;
 

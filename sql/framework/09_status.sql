@@ -84,7 +84,23 @@ SELECT i.name                                    AS invariant,
        i.runbook_url,
        -- the deploy marker's value (0.6.0): the receiver puts it on its
        -- deploy-marker metric, which the new-anomalies alert names
-       (SELECT d.value FROM pgconsistency.deploy_marker d) AS deploy_marker
+       (SELECT d.value FROM pgconsistency.deploy_marker d) AS deploy_marker,
+       -- where the latest refresh's new anomalies came from (0.6.0; NULL
+       -- when it found none): the deployment they appeared after, whether
+       -- it came after the previous clean refresh, how many have a recorded
+       -- cause (audit pack) and the latest of those causes. The receiver
+       -- makes the metrics the new-anomalies alert names them from.
+       s.new_deploy_marker,
+       s.new_deployed_at,
+       s.new_deployed_since_previous_refresh,
+       s.new_causes,
+       s.new_cause_audit_id,
+       s.new_cause_operation,
+       s.new_cause_table,
+       s.new_cause_txid,
+       s.new_cause_changed_at,
+       s.new_cause_db_user,
+       s.new_cause_application_name
   FROM pgconsistency.invariant i
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
 $def$;

@@ -4,6 +4,7 @@ package metadata
 
 import (
 	"fmt"
+	"slices"
 
 	"go.opentelemetry.io/collector/confmap"
 	"go.opentelemetry.io/collector/filter"
@@ -66,6 +67,117 @@ func (ms *PgconsistencyAnomaliesNewMetricConfig) Unmarshal(parser *confmap.Conf)
 	}
 
 	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+// PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey specifies the key of an attribute for the pgconsistency.anomalies.new.cause.timestamp metric.
+type PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey string
+
+const (
+	PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyInvariant            PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey = "invariant"
+	PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseOperation       PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey = "cause.operation"
+	PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseTable           PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey = "cause.table"
+	PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseDbUser          PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey = "cause.db_user"
+	PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseApplicationName PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey = "cause.application_name"
+	PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyOwner                PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey = "owner"
+	PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyRunbookURL           PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey = "runbook_url"
+)
+
+// PgconsistencyAnomaliesNewCauseTimestampMetricConfig provides config for the pgconsistency.anomalies.new.cause.timestamp metric.
+type PgconsistencyAnomaliesNewCauseTimestampMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+
+	AggregationStrategy string                                                      `mapstructure:"aggregation_strategy"`
+	EnabledAttributes   []PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey `mapstructure:"attributes"`
+}
+
+func (ms *PgconsistencyAnomaliesNewCauseTimestampMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+func (ms *PgconsistencyAnomaliesNewCauseTimestampMetricConfig) Validate() error {
+	for _, val := range ms.EnabledAttributes {
+		switch val {
+		case PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseOperation, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseTable, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseDbUser, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseApplicationName, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyRunbookURL:
+		default:
+			return fmt.Errorf("metric pgconsistency.anomalies.new.cause.timestamp doesn't have an attribute %v, valid attributes: [invariant, cause.operation, cause.table, cause.db_user, cause.application_name, owner, runbook_url]", val)
+		}
+	}
+	if !slices.Contains(ms.EnabledAttributes, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyInvariant) {
+		return fmt.Errorf("invariant is a required attribute for pgconsistency.anomalies.new.cause.timestamp metric and must be included")
+	}
+
+	switch ms.AggregationStrategy {
+	case AggregationStrategySum, AggregationStrategyAvg, AggregationStrategyMin, AggregationStrategyMax:
+	default:
+		return fmt.Errorf("invalid aggregation strategy %q, valid strategies: [%s, %s, %s, %s]", ms.AggregationStrategy, AggregationStrategySum, AggregationStrategyAvg, AggregationStrategyMin, AggregationStrategyMax)
+	}
+
+	return nil
+}
+
+// PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey specifies the key of an attribute for the pgconsistency.anomalies.new.deploy.timestamp metric.
+type PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey string
+
+const (
+	PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyInvariant  PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey = "invariant"
+	PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyMarker     PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey = "marker"
+	PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyOwner      PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey = "owner"
+	PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyRunbookURL PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey = "runbook_url"
+)
+
+// PgconsistencyAnomaliesNewDeployTimestampMetricConfig provides config for the pgconsistency.anomalies.new.deploy.timestamp metric.
+type PgconsistencyAnomaliesNewDeployTimestampMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+
+	AggregationStrategy string                                                       `mapstructure:"aggregation_strategy"`
+	EnabledAttributes   []PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey `mapstructure:"attributes"`
+}
+
+func (ms *PgconsistencyAnomaliesNewDeployTimestampMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+func (ms *PgconsistencyAnomaliesNewDeployTimestampMetricConfig) Validate() error {
+	for _, val := range ms.EnabledAttributes {
+		switch val {
+		case PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyMarker, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyRunbookURL:
+		default:
+			return fmt.Errorf("metric pgconsistency.anomalies.new.deploy.timestamp doesn't have an attribute %v, valid attributes: [invariant, marker, owner, runbook_url]", val)
+		}
+	}
+	if !slices.Contains(ms.EnabledAttributes, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyInvariant) {
+		return fmt.Errorf("invariant is a required attribute for pgconsistency.anomalies.new.deploy.timestamp metric and must be included")
+	}
+
+	switch ms.AggregationStrategy {
+	case AggregationStrategySum, AggregationStrategyAvg, AggregationStrategyMin, AggregationStrategyMax:
+	default:
+		return fmt.Errorf("invalid aggregation strategy %q, valid strategies: [%s, %s, %s, %s]", ms.AggregationStrategy, AggregationStrategySum, AggregationStrategyAvg, AggregationStrategyMin, AggregationStrategyMax)
+	}
+
 	return nil
 }
 
@@ -339,21 +451,23 @@ func (ms *PgconsistencyVersionMetricConfig) Unmarshal(parser *confmap.Conf) erro
 
 // MetricsConfig provides config for pgconsistency metrics.
 type MetricsConfig struct {
-	PgconsistencyAnomalies              PgconsistencyAnomaliesMetricConfig              `mapstructure:"pgconsistency.anomalies"`
-	PgconsistencyAnomaliesAcknowledged  PgconsistencyAnomaliesAcknowledgedMetricConfig  `mapstructure:"pgconsistency.anomalies.acknowledged"`
-	PgconsistencyAnomaliesNew           PgconsistencyAnomaliesNewMetricConfig           `mapstructure:"pgconsistency.anomalies.new"`
-	PgconsistencyAnomaliesResolved      PgconsistencyAnomaliesResolvedMetricConfig      `mapstructure:"pgconsistency.anomalies.resolved"`
-	PgconsistencyDeployMarkerTimestamp  PgconsistencyDeployMarkerTimestampMetricConfig  `mapstructure:"pgconsistency.deploy_marker.timestamp"`
-	PgconsistencyReconcileHealed        PgconsistencyReconcileHealedMetricConfig        `mapstructure:"pgconsistency.reconcile.healed"`
-	PgconsistencyRefreshDuration        PgconsistencyRefreshDurationMetricConfig        `mapstructure:"pgconsistency.refresh.duration"`
-	PgconsistencyRefreshFailures        PgconsistencyRefreshFailuresMetricConfig        `mapstructure:"pgconsistency.refresh.failures"`
-	PgconsistencyRefreshMode            PgconsistencyRefreshModeMetricConfig            `mapstructure:"pgconsistency.refresh.mode"`
-	PgconsistencyRefreshOutcome         PgconsistencyRefreshOutcomeMetricConfig         `mapstructure:"pgconsistency.refresh.outcome"`
-	PgconsistencyRefreshPeriod          PgconsistencyRefreshPeriodMetricConfig          `mapstructure:"pgconsistency.refresh.period"`
-	PgconsistencyRefreshRequestsPending PgconsistencyRefreshRequestsPendingMetricConfig `mapstructure:"pgconsistency.refresh.requests.pending"`
-	PgconsistencySnapshotTimestamp      PgconsistencySnapshotTimestampMetricConfig      `mapstructure:"pgconsistency.snapshot.timestamp"`
-	PgconsistencyUp                     PgconsistencyUpMetricConfig                     `mapstructure:"pgconsistency.up"`
-	PgconsistencyVersion                PgconsistencyVersionMetricConfig                `mapstructure:"pgconsistency.version"`
+	PgconsistencyAnomalies                   PgconsistencyAnomaliesMetricConfig                   `mapstructure:"pgconsistency.anomalies"`
+	PgconsistencyAnomaliesAcknowledged       PgconsistencyAnomaliesAcknowledgedMetricConfig       `mapstructure:"pgconsistency.anomalies.acknowledged"`
+	PgconsistencyAnomaliesNew                PgconsistencyAnomaliesNewMetricConfig                `mapstructure:"pgconsistency.anomalies.new"`
+	PgconsistencyAnomaliesNewCauseTimestamp  PgconsistencyAnomaliesNewCauseTimestampMetricConfig  `mapstructure:"pgconsistency.anomalies.new.cause.timestamp"`
+	PgconsistencyAnomaliesNewDeployTimestamp PgconsistencyAnomaliesNewDeployTimestampMetricConfig `mapstructure:"pgconsistency.anomalies.new.deploy.timestamp"`
+	PgconsistencyAnomaliesResolved           PgconsistencyAnomaliesResolvedMetricConfig           `mapstructure:"pgconsistency.anomalies.resolved"`
+	PgconsistencyDeployMarkerTimestamp       PgconsistencyDeployMarkerTimestampMetricConfig       `mapstructure:"pgconsistency.deploy_marker.timestamp"`
+	PgconsistencyReconcileHealed             PgconsistencyReconcileHealedMetricConfig             `mapstructure:"pgconsistency.reconcile.healed"`
+	PgconsistencyRefreshDuration             PgconsistencyRefreshDurationMetricConfig             `mapstructure:"pgconsistency.refresh.duration"`
+	PgconsistencyRefreshFailures             PgconsistencyRefreshFailuresMetricConfig             `mapstructure:"pgconsistency.refresh.failures"`
+	PgconsistencyRefreshMode                 PgconsistencyRefreshModeMetricConfig                 `mapstructure:"pgconsistency.refresh.mode"`
+	PgconsistencyRefreshOutcome              PgconsistencyRefreshOutcomeMetricConfig              `mapstructure:"pgconsistency.refresh.outcome"`
+	PgconsistencyRefreshPeriod               PgconsistencyRefreshPeriodMetricConfig               `mapstructure:"pgconsistency.refresh.period"`
+	PgconsistencyRefreshRequestsPending      PgconsistencyRefreshRequestsPendingMetricConfig      `mapstructure:"pgconsistency.refresh.requests.pending"`
+	PgconsistencySnapshotTimestamp           PgconsistencySnapshotTimestampMetricConfig           `mapstructure:"pgconsistency.snapshot.timestamp"`
+	PgconsistencyUp                          PgconsistencyUpMetricConfig                          `mapstructure:"pgconsistency.up"`
+	PgconsistencyVersion                     PgconsistencyVersionMetricConfig                     `mapstructure:"pgconsistency.version"`
 }
 
 func DefaultMetricsConfig() MetricsConfig {
@@ -366,6 +480,16 @@ func DefaultMetricsConfig() MetricsConfig {
 		},
 		PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
 			Enabled: true,
+		},
+		PgconsistencyAnomaliesNewCauseTimestamp: PgconsistencyAnomaliesNewCauseTimestampMetricConfig{
+			Enabled:             true,
+			AggregationStrategy: AggregationStrategyAvg,
+			EnabledAttributes:   []PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey{PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseOperation, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseTable, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseDbUser, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseApplicationName, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyRunbookURL},
+		},
+		PgconsistencyAnomaliesNewDeployTimestamp: PgconsistencyAnomaliesNewDeployTimestampMetricConfig{
+			Enabled:             true,
+			AggregationStrategy: AggregationStrategyAvg,
+			EnabledAttributes:   []PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey{PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyMarker, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyRunbookURL},
 		},
 		PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
 			Enabled: true,

@@ -35,6 +35,16 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
 						Enabled: true,
 					},
+					PgconsistencyAnomaliesNewCauseTimestamp: PgconsistencyAnomaliesNewCauseTimestampMetricConfig{
+						Enabled:             true,
+						AggregationStrategy: AggregationStrategyAvg,
+						EnabledAttributes:   []PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey{PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseOperation, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseTable, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseDbUser, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseApplicationName, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyRunbookURL},
+					},
+					PgconsistencyAnomaliesNewDeployTimestamp: PgconsistencyAnomaliesNewDeployTimestampMetricConfig{
+						Enabled:             true,
+						AggregationStrategy: AggregationStrategyAvg,
+						EnabledAttributes:   []PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey{PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyMarker, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyRunbookURL},
+					},
 					PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
 						Enabled: true,
 					},
@@ -94,6 +104,16 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyAnomaliesNew: PgconsistencyAnomaliesNewMetricConfig{
 						Enabled: false,
 					},
+					PgconsistencyAnomaliesNewCauseTimestamp: PgconsistencyAnomaliesNewCauseTimestampMetricConfig{
+						Enabled:             false,
+						AggregationStrategy: AggregationStrategyAvg,
+						EnabledAttributes:   []PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey{PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseOperation, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseTable, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseDbUser, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseApplicationName, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyRunbookURL},
+					},
+					PgconsistencyAnomaliesNewDeployTimestamp: PgconsistencyAnomaliesNewDeployTimestampMetricConfig{
+						Enabled:             false,
+						AggregationStrategy: AggregationStrategyAvg,
+						EnabledAttributes:   []PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey{PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyMarker, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyRunbookURL},
+					},
 					PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
 						Enabled: false,
 					},
@@ -144,10 +164,34 @@ func TestMetricsBuilderConfig(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := loadMetricsBuilderConfig(t, tt.name)
-			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyReconcileHealedMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshModeMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, PgconsistencyVersionMetricConfig{}, ResourceAttributeConfig{}))
+			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesNewCauseTimestampMetricConfig{}, PgconsistencyAnomaliesNewDeployTimestampMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyReconcileHealedMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshModeMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, PgconsistencyVersionMetricConfig{}, ResourceAttributeConfig{}))
 			require.Emptyf(t, diff, "Config mismatch (-expected +actual):\n%s", diff)
 		})
 	}
+}
+
+func TestPgconsistencyAnomaliesNewCauseTimestampMetricsConfig_Validate(t *testing.T) {
+	cfg := DefaultMetricsConfig().PgconsistencyAnomaliesNewCauseTimestamp
+	require.NoError(t, cfg.Validate())
+
+	cfg.EnabledAttributes = []PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKey{"invalid"}
+	require.ErrorContains(t, cfg.Validate(), "metric pgconsistency.anomalies.new.cause.timestamp doesn't have an attribute invalid, valid attributes: [invariant, cause.operation, cause.table, cause.db_user, cause.application_name, owner, runbook_url]")
+
+	cfg = DefaultMetricsConfig().PgconsistencyAnomaliesNewCauseTimestamp
+	cfg.AggregationStrategy = "invalid"
+	require.ErrorContains(t, cfg.Validate(), "invalid aggregation strategy")
+}
+
+func TestPgconsistencyAnomaliesNewDeployTimestampMetricsConfig_Validate(t *testing.T) {
+	cfg := DefaultMetricsConfig().PgconsistencyAnomaliesNewDeployTimestamp
+	require.NoError(t, cfg.Validate())
+
+	cfg.EnabledAttributes = []PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey{"invalid"}
+	require.ErrorContains(t, cfg.Validate(), "metric pgconsistency.anomalies.new.deploy.timestamp doesn't have an attribute invalid, valid attributes: [invariant, marker, owner, runbook_url]")
+
+	cfg = DefaultMetricsConfig().PgconsistencyAnomaliesNewDeployTimestamp
+	cfg.AggregationStrategy = "invalid"
+	require.ErrorContains(t, cfg.Validate(), "invalid aggregation strategy")
 }
 
 func TestPgconsistencyDeployMarkerTimestampMetricsConfig_Validate(t *testing.T) {

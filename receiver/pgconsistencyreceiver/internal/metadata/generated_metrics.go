@@ -96,6 +96,14 @@ var MetricsInfo = metricsInfo{
 		Name:       "pgconsistency.anomalies.new",
 		Attributes: []string{"invariant", "severity", "owner", "runbook_url"},
 	},
+	PgconsistencyAnomaliesNewCauseTimestamp: metricInfo{
+		Name:       "pgconsistency.anomalies.new.cause.timestamp",
+		Attributes: []string{"invariant", "cause.operation", "cause.table", "cause.db_user", "cause.application_name", "owner", "runbook_url"},
+	},
+	PgconsistencyAnomaliesNewDeployTimestamp: metricInfo{
+		Name:       "pgconsistency.anomalies.new.deploy.timestamp",
+		Attributes: []string{"invariant", "marker", "owner", "runbook_url"},
+	},
 	PgconsistencyAnomaliesResolved: metricInfo{
 		Name:       "pgconsistency.anomalies.resolved",
 		Attributes: []string{"invariant", "severity", "owner", "runbook_url"},
@@ -145,21 +153,23 @@ var MetricsInfo = metricsInfo{
 }
 
 type metricsInfo struct {
-	PgconsistencyAnomalies              metricInfo
-	PgconsistencyAnomaliesAcknowledged  metricInfo
-	PgconsistencyAnomaliesNew           metricInfo
-	PgconsistencyAnomaliesResolved      metricInfo
-	PgconsistencyDeployMarkerTimestamp  metricInfo
-	PgconsistencyReconcileHealed        metricInfo
-	PgconsistencyRefreshDuration        metricInfo
-	PgconsistencyRefreshFailures        metricInfo
-	PgconsistencyRefreshMode            metricInfo
-	PgconsistencyRefreshOutcome         metricInfo
-	PgconsistencyRefreshPeriod          metricInfo
-	PgconsistencyRefreshRequestsPending metricInfo
-	PgconsistencySnapshotTimestamp      metricInfo
-	PgconsistencyUp                     metricInfo
-	PgconsistencyVersion                metricInfo
+	PgconsistencyAnomalies                   metricInfo
+	PgconsistencyAnomaliesAcknowledged       metricInfo
+	PgconsistencyAnomaliesNew                metricInfo
+	PgconsistencyAnomaliesNewCauseTimestamp  metricInfo
+	PgconsistencyAnomaliesNewDeployTimestamp metricInfo
+	PgconsistencyAnomaliesResolved           metricInfo
+	PgconsistencyDeployMarkerTimestamp       metricInfo
+	PgconsistencyReconcileHealed             metricInfo
+	PgconsistencyRefreshDuration             metricInfo
+	PgconsistencyRefreshFailures             metricInfo
+	PgconsistencyRefreshMode                 metricInfo
+	PgconsistencyRefreshOutcome              metricInfo
+	PgconsistencyRefreshPeriod               metricInfo
+	PgconsistencyRefreshRequestsPending      metricInfo
+	PgconsistencySnapshotTimestamp           metricInfo
+	PgconsistencyUp                          metricInfo
+	PgconsistencyVersion                     metricInfo
 }
 
 type metricInfo struct {
@@ -349,6 +359,205 @@ func (m *metricPgconsistencyAnomaliesNew) emit(metrics pmetric.MetricSlice) {
 
 func newMetricPgconsistencyAnomaliesNew(cfg PgconsistencyAnomaliesNewMetricConfig) metricPgconsistencyAnomaliesNew {
 	m := metricPgconsistencyAnomaliesNew{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyAnomaliesNewCauseTimestamp struct {
+	data          pmetric.Metric                                      // data buffer for generated metric.
+	config        PgconsistencyAnomaliesNewCauseTimestampMetricConfig // metric config provided by user.
+	capacity      int                                                 // max observed number of data points added to the metric.
+	aggDataPoints []float64                                           // slice containing number of aggregated datapoints at each index
+}
+
+// init fills pgconsistency.anomalies.new.cause.timestamp metric with initial data.
+func (m *metricPgconsistencyAnomaliesNewCauseTimestamp) init() {
+	m.data.SetName("pgconsistency.anomalies.new.cause.timestamp")
+	m.data.SetDescription("Unix time of the change recorded as the cause of the invariant's new anomalies (the latest one, when several): the last audited change of an anomaly's key before it was first seen, with who made it (audit pack, SQL 0.6.0). Present while the latest refresh's new anomalies have a recorded cause; the PgConsistencyNewAnomalies alert names it. A series per invariant and who changed what: a new one when another user, application or table causes an incident.")
+	m.data.SetUnit("s")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+	m.aggDataPoints = m.aggDataPoints[:0]
+}
+
+func (m *metricPgconsistencyAnomaliesNewCauseTimestamp) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string, causeOperationAttributeValue string, causeTableAttributeValue string, causeDbUserAttributeValue string, causeApplicationNameAttributeValue string, options ...MetricAttributeOption) {
+	if !m.config.Enabled {
+		return
+	}
+
+	dp := pmetric.NewNumberDataPoint()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	if slices.Contains(m.config.EnabledAttributes, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyInvariant) {
+		dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	}
+	if slices.Contains(m.config.EnabledAttributes, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseOperation) {
+		dp.Attributes().PutStr("cause.operation", causeOperationAttributeValue)
+	}
+	if slices.Contains(m.config.EnabledAttributes, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseTable) {
+		dp.Attributes().PutStr("cause.table", causeTableAttributeValue)
+	}
+	if slices.Contains(m.config.EnabledAttributes, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseDbUser) {
+		dp.Attributes().PutStr("cause.db_user", causeDbUserAttributeValue)
+	}
+	if slices.Contains(m.config.EnabledAttributes, PgconsistencyAnomaliesNewCauseTimestampMetricAttributeKeyCauseApplicationName) {
+		dp.Attributes().PutStr("cause.application_name", causeApplicationNameAttributeValue)
+	}
+	for _, op := range options {
+		op.apply(dp)
+	}
+
+	var s string
+	dps := m.data.Gauge().DataPoints()
+	for i := 0; i < dps.Len(); i++ {
+		dpi := dps.At(i)
+		if dp.Attributes().Equal(dpi.Attributes()) && dp.StartTimestamp() == dpi.StartTimestamp() && dp.Timestamp() == dpi.Timestamp() {
+			switch s = m.config.AggregationStrategy; s {
+			case AggregationStrategySum, AggregationStrategyAvg:
+				dpi.SetDoubleValue(dpi.DoubleValue() + val)
+				m.aggDataPoints[i] += 1
+				return
+			case AggregationStrategyMin:
+				if dpi.DoubleValue() > val {
+					dpi.SetDoubleValue(val)
+				}
+				return
+			case AggregationStrategyMax:
+				if dpi.DoubleValue() < val {
+					dpi.SetDoubleValue(val)
+				}
+				return
+			}
+		}
+	}
+
+	dp.SetDoubleValue(val)
+	m.aggDataPoints = append(m.aggDataPoints, 1)
+	dp.MoveTo(dps.AppendEmpty())
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyAnomaliesNewCauseTimestamp) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyAnomaliesNewCauseTimestamp) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		if m.config.AggregationStrategy == AggregationStrategyAvg {
+			for i, aggCount := range m.aggDataPoints {
+				m.data.Gauge().DataPoints().At(i).SetDoubleValue(m.data.Gauge().DataPoints().At(i).DoubleValue() / aggCount)
+			}
+		}
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyAnomaliesNewCauseTimestamp(cfg PgconsistencyAnomaliesNewCauseTimestampMetricConfig) metricPgconsistencyAnomaliesNewCauseTimestamp {
+	m := metricPgconsistencyAnomaliesNewCauseTimestamp{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyAnomaliesNewDeployTimestamp struct {
+	data          pmetric.Metric                                       // data buffer for generated metric.
+	config        PgconsistencyAnomaliesNewDeployTimestampMetricConfig // metric config provided by user.
+	capacity      int                                                  // max observed number of data points added to the metric.
+	aggDataPoints []float64                                            // slice containing number of aggregated datapoints at each index
+}
+
+// init fills pgconsistency.anomalies.new.deploy.timestamp metric with initial data.
+func (m *metricPgconsistencyAnomaliesNewDeployTimestamp) init() {
+	m.data.SetName("pgconsistency.anomalies.new.deploy.timestamp")
+	m.data.SetDescription("Unix time at which the deploy marker changed to the deployment the invariant's new anomalies appeared after (SQL 0.6.0), with its value as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deploy happened since (the alert then says so).")
+	m.data.SetUnit("s")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+	m.aggDataPoints = m.aggDataPoints[:0]
+}
+
+func (m *metricPgconsistencyAnomaliesNewDeployTimestamp) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val float64, invariantAttributeValue string, markerAttributeValue string, options ...MetricAttributeOption) {
+	if !m.config.Enabled {
+		return
+	}
+
+	dp := pmetric.NewNumberDataPoint()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	if slices.Contains(m.config.EnabledAttributes, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyInvariant) {
+		dp.Attributes().PutStr("invariant", invariantAttributeValue)
+	}
+	if slices.Contains(m.config.EnabledAttributes, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyMarker) {
+		dp.Attributes().PutStr("marker", markerAttributeValue)
+	}
+	for _, op := range options {
+		op.apply(dp)
+	}
+
+	var s string
+	dps := m.data.Gauge().DataPoints()
+	for i := 0; i < dps.Len(); i++ {
+		dpi := dps.At(i)
+		if dp.Attributes().Equal(dpi.Attributes()) && dp.StartTimestamp() == dpi.StartTimestamp() && dp.Timestamp() == dpi.Timestamp() {
+			switch s = m.config.AggregationStrategy; s {
+			case AggregationStrategySum, AggregationStrategyAvg:
+				dpi.SetDoubleValue(dpi.DoubleValue() + val)
+				m.aggDataPoints[i] += 1
+				return
+			case AggregationStrategyMin:
+				if dpi.DoubleValue() > val {
+					dpi.SetDoubleValue(val)
+				}
+				return
+			case AggregationStrategyMax:
+				if dpi.DoubleValue() < val {
+					dpi.SetDoubleValue(val)
+				}
+				return
+			}
+		}
+	}
+
+	dp.SetDoubleValue(val)
+	m.aggDataPoints = append(m.aggDataPoints, 1)
+	dp.MoveTo(dps.AppendEmpty())
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyAnomaliesNewDeployTimestamp) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyAnomaliesNewDeployTimestamp) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		if m.config.AggregationStrategy == AggregationStrategyAvg {
+			for i, aggCount := range m.aggDataPoints {
+				m.data.Gauge().DataPoints().At(i).SetDoubleValue(m.data.Gauge().DataPoints().At(i).DoubleValue() / aggCount)
+			}
+		}
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyAnomaliesNewDeployTimestamp(cfg PgconsistencyAnomaliesNewDeployTimestampMetricConfig) metricPgconsistencyAnomaliesNewDeployTimestamp {
+	m := metricPgconsistencyAnomaliesNewDeployTimestamp{config: cfg}
 
 	if cfg.Enabled {
 		m.data = pmetric.NewMetric()
@@ -1044,28 +1253,30 @@ func newMetricPgconsistencyVersion(cfg PgconsistencyVersionMetricConfig) metricP
 // MetricsBuilder provides an interface for scrapers to report metrics while taking care of all the transformations
 // required to produce metric representation defined in metadata and user config.
 type MetricsBuilder struct {
-	config                                    MetricsBuilderConfig // config of the metrics builder.
-	startTime                                 pcommon.Timestamp    // start time that will be applied to all recorded data points.
-	metricsCapacity                           int                  // maximum observed number of metrics per resource.
-	metricsBuffer                             pmetric.Metrics      // accumulates metrics data before emitting.
-	buildInfo                                 component.BuildInfo  // contains version information.
-	resourceAttributeIncludeFilter            map[string]filter.Filter
-	resourceAttributeExcludeFilter            map[string]filter.Filter
-	metricPgconsistencyAnomalies              metricPgconsistencyAnomalies
-	metricPgconsistencyAnomaliesAcknowledged  metricPgconsistencyAnomaliesAcknowledged
-	metricPgconsistencyAnomaliesNew           metricPgconsistencyAnomaliesNew
-	metricPgconsistencyAnomaliesResolved      metricPgconsistencyAnomaliesResolved
-	metricPgconsistencyDeployMarkerTimestamp  metricPgconsistencyDeployMarkerTimestamp
-	metricPgconsistencyReconcileHealed        metricPgconsistencyReconcileHealed
-	metricPgconsistencyRefreshDuration        metricPgconsistencyRefreshDuration
-	metricPgconsistencyRefreshFailures        metricPgconsistencyRefreshFailures
-	metricPgconsistencyRefreshMode            metricPgconsistencyRefreshMode
-	metricPgconsistencyRefreshOutcome         metricPgconsistencyRefreshOutcome
-	metricPgconsistencyRefreshPeriod          metricPgconsistencyRefreshPeriod
-	metricPgconsistencyRefreshRequestsPending metricPgconsistencyRefreshRequestsPending
-	metricPgconsistencySnapshotTimestamp      metricPgconsistencySnapshotTimestamp
-	metricPgconsistencyUp                     metricPgconsistencyUp
-	metricPgconsistencyVersion                metricPgconsistencyVersion
+	config                                         MetricsBuilderConfig // config of the metrics builder.
+	startTime                                      pcommon.Timestamp    // start time that will be applied to all recorded data points.
+	metricsCapacity                                int                  // maximum observed number of metrics per resource.
+	metricsBuffer                                  pmetric.Metrics      // accumulates metrics data before emitting.
+	buildInfo                                      component.BuildInfo  // contains version information.
+	resourceAttributeIncludeFilter                 map[string]filter.Filter
+	resourceAttributeExcludeFilter                 map[string]filter.Filter
+	metricPgconsistencyAnomalies                   metricPgconsistencyAnomalies
+	metricPgconsistencyAnomaliesAcknowledged       metricPgconsistencyAnomaliesAcknowledged
+	metricPgconsistencyAnomaliesNew                metricPgconsistencyAnomaliesNew
+	metricPgconsistencyAnomaliesNewCauseTimestamp  metricPgconsistencyAnomaliesNewCauseTimestamp
+	metricPgconsistencyAnomaliesNewDeployTimestamp metricPgconsistencyAnomaliesNewDeployTimestamp
+	metricPgconsistencyAnomaliesResolved           metricPgconsistencyAnomaliesResolved
+	metricPgconsistencyDeployMarkerTimestamp       metricPgconsistencyDeployMarkerTimestamp
+	metricPgconsistencyReconcileHealed             metricPgconsistencyReconcileHealed
+	metricPgconsistencyRefreshDuration             metricPgconsistencyRefreshDuration
+	metricPgconsistencyRefreshFailures             metricPgconsistencyRefreshFailures
+	metricPgconsistencyRefreshMode                 metricPgconsistencyRefreshMode
+	metricPgconsistencyRefreshOutcome              metricPgconsistencyRefreshOutcome
+	metricPgconsistencyRefreshPeriod               metricPgconsistencyRefreshPeriod
+	metricPgconsistencyRefreshRequestsPending      metricPgconsistencyRefreshRequestsPending
+	metricPgconsistencySnapshotTimestamp           metricPgconsistencySnapshotTimestamp
+	metricPgconsistencyUp                          metricPgconsistencyUp
+	metricPgconsistencyVersion                     metricPgconsistencyVersion
 }
 
 // MetricBuilderOption applies changes to default metrics builder.
@@ -1087,27 +1298,29 @@ func WithStartTime(startTime pcommon.Timestamp) MetricBuilderOption {
 }
 func NewMetricsBuilder(mbc MetricsBuilderConfig, settings receiver.Settings, options ...MetricBuilderOption) *MetricsBuilder {
 	mb := &MetricsBuilder{
-		config:                                    mbc,
-		startTime:                                 pcommon.NewTimestampFromTime(time.Now()),
-		metricsBuffer:                             pmetric.NewMetrics(),
-		buildInfo:                                 settings.BuildInfo,
-		metricPgconsistencyAnomalies:              newMetricPgconsistencyAnomalies(mbc.Metrics.PgconsistencyAnomalies),
-		metricPgconsistencyAnomaliesAcknowledged:  newMetricPgconsistencyAnomaliesAcknowledged(mbc.Metrics.PgconsistencyAnomaliesAcknowledged),
-		metricPgconsistencyAnomaliesNew:           newMetricPgconsistencyAnomaliesNew(mbc.Metrics.PgconsistencyAnomaliesNew),
-		metricPgconsistencyAnomaliesResolved:      newMetricPgconsistencyAnomaliesResolved(mbc.Metrics.PgconsistencyAnomaliesResolved),
-		metricPgconsistencyDeployMarkerTimestamp:  newMetricPgconsistencyDeployMarkerTimestamp(mbc.Metrics.PgconsistencyDeployMarkerTimestamp),
-		metricPgconsistencyReconcileHealed:        newMetricPgconsistencyReconcileHealed(mbc.Metrics.PgconsistencyReconcileHealed),
-		metricPgconsistencyRefreshDuration:        newMetricPgconsistencyRefreshDuration(mbc.Metrics.PgconsistencyRefreshDuration),
-		metricPgconsistencyRefreshFailures:        newMetricPgconsistencyRefreshFailures(mbc.Metrics.PgconsistencyRefreshFailures),
-		metricPgconsistencyRefreshMode:            newMetricPgconsistencyRefreshMode(mbc.Metrics.PgconsistencyRefreshMode),
-		metricPgconsistencyRefreshOutcome:         newMetricPgconsistencyRefreshOutcome(mbc.Metrics.PgconsistencyRefreshOutcome),
-		metricPgconsistencyRefreshPeriod:          newMetricPgconsistencyRefreshPeriod(mbc.Metrics.PgconsistencyRefreshPeriod),
-		metricPgconsistencyRefreshRequestsPending: newMetricPgconsistencyRefreshRequestsPending(mbc.Metrics.PgconsistencyRefreshRequestsPending),
-		metricPgconsistencySnapshotTimestamp:      newMetricPgconsistencySnapshotTimestamp(mbc.Metrics.PgconsistencySnapshotTimestamp),
-		metricPgconsistencyUp:                     newMetricPgconsistencyUp(mbc.Metrics.PgconsistencyUp),
-		metricPgconsistencyVersion:                newMetricPgconsistencyVersion(mbc.Metrics.PgconsistencyVersion),
-		resourceAttributeIncludeFilter:            make(map[string]filter.Filter),
-		resourceAttributeExcludeFilter:            make(map[string]filter.Filter),
+		config:                                   mbc,
+		startTime:                                pcommon.NewTimestampFromTime(time.Now()),
+		metricsBuffer:                            pmetric.NewMetrics(),
+		buildInfo:                                settings.BuildInfo,
+		metricPgconsistencyAnomalies:             newMetricPgconsistencyAnomalies(mbc.Metrics.PgconsistencyAnomalies),
+		metricPgconsistencyAnomaliesAcknowledged: newMetricPgconsistencyAnomaliesAcknowledged(mbc.Metrics.PgconsistencyAnomaliesAcknowledged),
+		metricPgconsistencyAnomaliesNew:          newMetricPgconsistencyAnomaliesNew(mbc.Metrics.PgconsistencyAnomaliesNew),
+		metricPgconsistencyAnomaliesNewCauseTimestamp:  newMetricPgconsistencyAnomaliesNewCauseTimestamp(mbc.Metrics.PgconsistencyAnomaliesNewCauseTimestamp),
+		metricPgconsistencyAnomaliesNewDeployTimestamp: newMetricPgconsistencyAnomaliesNewDeployTimestamp(mbc.Metrics.PgconsistencyAnomaliesNewDeployTimestamp),
+		metricPgconsistencyAnomaliesResolved:           newMetricPgconsistencyAnomaliesResolved(mbc.Metrics.PgconsistencyAnomaliesResolved),
+		metricPgconsistencyDeployMarkerTimestamp:       newMetricPgconsistencyDeployMarkerTimestamp(mbc.Metrics.PgconsistencyDeployMarkerTimestamp),
+		metricPgconsistencyReconcileHealed:             newMetricPgconsistencyReconcileHealed(mbc.Metrics.PgconsistencyReconcileHealed),
+		metricPgconsistencyRefreshDuration:             newMetricPgconsistencyRefreshDuration(mbc.Metrics.PgconsistencyRefreshDuration),
+		metricPgconsistencyRefreshFailures:             newMetricPgconsistencyRefreshFailures(mbc.Metrics.PgconsistencyRefreshFailures),
+		metricPgconsistencyRefreshMode:                 newMetricPgconsistencyRefreshMode(mbc.Metrics.PgconsistencyRefreshMode),
+		metricPgconsistencyRefreshOutcome:              newMetricPgconsistencyRefreshOutcome(mbc.Metrics.PgconsistencyRefreshOutcome),
+		metricPgconsistencyRefreshPeriod:               newMetricPgconsistencyRefreshPeriod(mbc.Metrics.PgconsistencyRefreshPeriod),
+		metricPgconsistencyRefreshRequestsPending:      newMetricPgconsistencyRefreshRequestsPending(mbc.Metrics.PgconsistencyRefreshRequestsPending),
+		metricPgconsistencySnapshotTimestamp:           newMetricPgconsistencySnapshotTimestamp(mbc.Metrics.PgconsistencySnapshotTimestamp),
+		metricPgconsistencyUp:                          newMetricPgconsistencyUp(mbc.Metrics.PgconsistencyUp),
+		metricPgconsistencyVersion:                     newMetricPgconsistencyVersion(mbc.Metrics.PgconsistencyVersion),
+		resourceAttributeIncludeFilter:                 make(map[string]filter.Filter),
+		resourceAttributeExcludeFilter:                 make(map[string]filter.Filter),
 	}
 	if mbc.ResourceAttributes.PostgresqlDatabaseName.MetricsInclude != nil {
 		mb.resourceAttributeIncludeFilter["postgresql.database.name"] = filter.CreateFilter(mbc.ResourceAttributes.PostgresqlDatabaseName.MetricsInclude)
@@ -1199,6 +1412,8 @@ func (mb *MetricsBuilder) EmitForResource(options ...ResourceMetricsOption) {
 	mb.metricPgconsistencyAnomalies.emit(ils.Metrics())
 	mb.metricPgconsistencyAnomaliesAcknowledged.emit(ils.Metrics())
 	mb.metricPgconsistencyAnomaliesNew.emit(ils.Metrics())
+	mb.metricPgconsistencyAnomaliesNewCauseTimestamp.emit(ils.Metrics())
+	mb.metricPgconsistencyAnomaliesNewDeployTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyAnomaliesResolved.emit(ils.Metrics())
 	mb.metricPgconsistencyDeployMarkerTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyReconcileHealed.emit(ils.Metrics())
@@ -1255,6 +1470,16 @@ func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesAcknowledgedDataPoint(ts p
 // RecordPgconsistencyAnomaliesNewDataPoint adds a data point to pgconsistency.anomalies.new metric.
 func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesNewDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
 	mb.metricPgconsistencyAnomaliesNew.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue, options...)
+}
+
+// RecordPgconsistencyAnomaliesNewCauseTimestampDataPoint adds a data point to pgconsistency.anomalies.new.cause.timestamp metric.
+func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesNewCauseTimestampDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string, causeOperationAttributeValue string, causeTableAttributeValue string, causeDbUserAttributeValue string, causeApplicationNameAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyAnomaliesNewCauseTimestamp.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, causeOperationAttributeValue, causeTableAttributeValue, causeDbUserAttributeValue, causeApplicationNameAttributeValue, options...)
+}
+
+// RecordPgconsistencyAnomaliesNewDeployTimestampDataPoint adds a data point to pgconsistency.anomalies.new.deploy.timestamp metric.
+func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesNewDeployTimestampDataPoint(ts pcommon.Timestamp, val float64, invariantAttributeValue string, markerAttributeValue string, options ...MetricAttributeOption) {
+	mb.metricPgconsistencyAnomaliesNewDeployTimestamp.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, markerAttributeValue, options...)
 }
 
 // RecordPgconsistencyAnomaliesResolvedDataPoint adds a data point to pgconsistency.anomalies.resolved metric.

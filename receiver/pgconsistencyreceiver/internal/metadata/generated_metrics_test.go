@@ -67,6 +67,8 @@ func TestMetricsBuilder(t *testing.T) {
 			settings.Logger = zap.New(observedZapCore)
 			mb := NewMetricsBuilder(loadMetricsBuilderConfig(t, tt.name), settings, WithStartTime(start))
 			aggMap := make(map[string]string) // contains the aggregation strategies for each metric name
+			aggMap["pgconsistency.anomalies.new.cause.timestamp"] = mb.metricPgconsistencyAnomaliesNewCauseTimestamp.config.AggregationStrategy
+			aggMap["pgconsistency.anomalies.new.deploy.timestamp"] = mb.metricPgconsistencyAnomaliesNewDeployTimestamp.config.AggregationStrategy
 			aggMap["pgconsistency.deploy_marker.timestamp"] = mb.metricPgconsistencyDeployMarkerTimestamp.config.AggregationStrategy
 
 			expectedWarnings := 0
@@ -85,6 +87,18 @@ func TestMetricsBuilder(t *testing.T) {
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyAnomaliesNewDataPoint(ts, 1, "invariant-val", "severity-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyAnomaliesNewCauseTimestampDataPoint(ts, 1, "invariant-val", "cause.operation-val", "cause.table-val", "cause.db_user-val", "cause.application_name-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
+			if tt.name == "reaggregate_set" {
+				mb.RecordPgconsistencyAnomaliesNewCauseTimestampDataPoint(ts, 3, "invariant-val", "cause.operation-val-2", "cause.table-val-2", "cause.db_user-val-2", "cause.application_name-val-2", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
+			}
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyAnomaliesNewDeployTimestampDataPoint(ts, 1, "invariant-val", "marker-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
+			if tt.name == "reaggregate_set" {
+				mb.RecordPgconsistencyAnomaliesNewDeployTimestampDataPoint(ts, 3, "invariant-val", "marker-val-2", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
+			}
 			defaultMetricsCount++
 			allMetricsCount++
 			mb.RecordPgconsistencyAnomaliesResolvedDataPoint(ts, 1, "invariant-val", "severity-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
@@ -132,6 +146,8 @@ func TestMetricsBuilder(t *testing.T) {
 			res := rb.Emit()
 			metrics := mb.Emit(WithResource(res))
 			if tt.name == "reaggregate_set" {
+				assert.Empty(t, mb.metricPgconsistencyAnomaliesNewCauseTimestamp.aggDataPoints)
+				assert.Empty(t, mb.metricPgconsistencyAnomaliesNewDeployTimestamp.aggDataPoints)
 				assert.Empty(t, mb.metricPgconsistencyDeployMarkerTimestamp.aggDataPoints)
 			}
 
@@ -232,6 +248,123 @@ func TestMetricsBuilder(t *testing.T) {
 					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
 					assert.True(t, ok)
 					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
+				case "pgconsistency.anomalies.new.cause.timestamp":
+					if tt.name != "reaggregate_set" {
+						assert.False(t, validatedMetrics["pgconsistency.anomalies.new.cause.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.new.cause.timestamp")
+						validatedMetrics["pgconsistency.anomalies.new.cause.timestamp"] = true
+						assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+						assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+						assert.Equal(t, "Unix time of the change recorded as the cause of the invariant's new anomalies (the latest one, when several): the last audited change of an anomaly's key before it was first seen, with who made it (audit pack, SQL 0.6.0). Present while the latest refresh's new anomalies have a recorded cause; the PgConsistencyNewAnomalies alert names it. A series per invariant and who changed what: a new one when another user, application or table causes an incident.", mi.Description())
+						assert.Equal(t, "s", mi.Unit())
+						dp := mi.Gauge().DataPoints().At(0)
+						assert.Equal(t, start, dp.StartTimestamp())
+						assert.Equal(t, ts, dp.Timestamp())
+						assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
+						assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+						invariantAttrVal, ok := dp.Attributes().Get("invariant")
+						assert.True(t, ok)
+						assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+						causeOperationAttrVal, ok := dp.Attributes().Get("cause.operation")
+						assert.True(t, ok)
+						assert.Equal(t, "cause.operation-val", causeOperationAttrVal.Str())
+						causeTableAttrVal, ok := dp.Attributes().Get("cause.table")
+						assert.True(t, ok)
+						assert.Equal(t, "cause.table-val", causeTableAttrVal.Str())
+						causeDbUserAttrVal, ok := dp.Attributes().Get("cause.db_user")
+						assert.True(t, ok)
+						assert.Equal(t, "cause.db_user-val", causeDbUserAttrVal.Str())
+						causeApplicationNameAttrVal, ok := dp.Attributes().Get("cause.application_name")
+						assert.True(t, ok)
+						assert.Equal(t, "cause.application_name-val", causeApplicationNameAttrVal.Str())
+						ownerAttrVal, ok := dp.Attributes().Get("owner")
+						assert.True(t, ok)
+						assert.Equal(t, "owner-val", ownerAttrVal.Str())
+						runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+						assert.True(t, ok)
+						assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
+					} else {
+						assert.False(t, validatedMetrics["pgconsistency.anomalies.new.cause.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.new.cause.timestamp")
+						validatedMetrics["pgconsistency.anomalies.new.cause.timestamp"] = true
+						assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+						assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+						assert.Equal(t, "Unix time of the change recorded as the cause of the invariant's new anomalies (the latest one, when several): the last audited change of an anomaly's key before it was first seen, with who made it (audit pack, SQL 0.6.0). Present while the latest refresh's new anomalies have a recorded cause; the PgConsistencyNewAnomalies alert names it. A series per invariant and who changed what: a new one when another user, application or table causes an incident.", mi.Description())
+						assert.Equal(t, "s", mi.Unit())
+						dp := mi.Gauge().DataPoints().At(0)
+						assert.Equal(t, start, dp.StartTimestamp())
+						assert.Equal(t, ts, dp.Timestamp())
+						assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
+						switch aggMap["pgconsistency.anomalies.new.cause.timestamp"] {
+						case "sum":
+							assert.InDelta(t, float64(4), dp.DoubleValue(), 0.01)
+						case "avg":
+							assert.InDelta(t, float64(2), dp.DoubleValue(), 0.01)
+						case "min":
+							assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+						case "max":
+							assert.InDelta(t, float64(3), dp.DoubleValue(), 0.01)
+						}
+						_, ok := dp.Attributes().Get("invariant")
+						assert.True(t, ok)
+						_, ok = dp.Attributes().Get("cause.operation")
+						assert.False(t, ok)
+						_, ok = dp.Attributes().Get("cause.table")
+						assert.False(t, ok)
+						_, ok = dp.Attributes().Get("cause.db_user")
+						assert.False(t, ok)
+						_, ok = dp.Attributes().Get("cause.application_name")
+						assert.False(t, ok)
+					}
+				case "pgconsistency.anomalies.new.deploy.timestamp":
+					if tt.name != "reaggregate_set" {
+						assert.False(t, validatedMetrics["pgconsistency.anomalies.new.deploy.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.new.deploy.timestamp")
+						validatedMetrics["pgconsistency.anomalies.new.deploy.timestamp"] = true
+						assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+						assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+						assert.Equal(t, "Unix time at which the deploy marker changed to the deployment the invariant's new anomalies appeared after (SQL 0.6.0), with its value as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deploy happened since (the alert then says so).", mi.Description())
+						assert.Equal(t, "s", mi.Unit())
+						dp := mi.Gauge().DataPoints().At(0)
+						assert.Equal(t, start, dp.StartTimestamp())
+						assert.Equal(t, ts, dp.Timestamp())
+						assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
+						assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+						invariantAttrVal, ok := dp.Attributes().Get("invariant")
+						assert.True(t, ok)
+						assert.Equal(t, "invariant-val", invariantAttrVal.Str())
+						markerAttrVal, ok := dp.Attributes().Get("marker")
+						assert.True(t, ok)
+						assert.Equal(t, "marker-val", markerAttrVal.Str())
+						ownerAttrVal, ok := dp.Attributes().Get("owner")
+						assert.True(t, ok)
+						assert.Equal(t, "owner-val", ownerAttrVal.Str())
+						runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
+						assert.True(t, ok)
+						assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
+					} else {
+						assert.False(t, validatedMetrics["pgconsistency.anomalies.new.deploy.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.new.deploy.timestamp")
+						validatedMetrics["pgconsistency.anomalies.new.deploy.timestamp"] = true
+						assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+						assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+						assert.Equal(t, "Unix time at which the deploy marker changed to the deployment the invariant's new anomalies appeared after (SQL 0.6.0), with its value as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deploy happened since (the alert then says so).", mi.Description())
+						assert.Equal(t, "s", mi.Unit())
+						dp := mi.Gauge().DataPoints().At(0)
+						assert.Equal(t, start, dp.StartTimestamp())
+						assert.Equal(t, ts, dp.Timestamp())
+						assert.Equal(t, pmetric.NumberDataPointValueTypeDouble, dp.ValueType())
+						switch aggMap["pgconsistency.anomalies.new.deploy.timestamp"] {
+						case "sum":
+							assert.InDelta(t, float64(4), dp.DoubleValue(), 0.01)
+						case "avg":
+							assert.InDelta(t, float64(2), dp.DoubleValue(), 0.01)
+						case "min":
+							assert.InDelta(t, float64(1), dp.DoubleValue(), 0.01)
+						case "max":
+							assert.InDelta(t, float64(3), dp.DoubleValue(), 0.01)
+						}
+						_, ok := dp.Attributes().Get("invariant")
+						assert.True(t, ok)
+						_, ok = dp.Attributes().Get("marker")
+						assert.False(t, ok)
+					}
 				case "pgconsistency.anomalies.resolved":
 					assert.False(t, validatedMetrics["pgconsistency.anomalies.resolved"], "Found a duplicate in the metrics slice: pgconsistency.anomalies.resolved")
 					validatedMetrics["pgconsistency.anomalies.resolved"] = true
