@@ -399,7 +399,7 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// changes data.
 	// 0.4.0 renamed columns: the new names hold what the old ones held
 	// before the upgrade, and the old ones (read by captureState, so by
-	// StateKept above) still read the same until 0.6.0.
+	// StateKept above) still read the same until 0.7.0.
 	t.Run("NewIn040", func(t *testing.T) {
 		acked := 0
 		for k, a := range before.Anomalies {

@@ -209,7 +209,7 @@ COMMENT ON FUNCTION pgconsistency._upgrade_defined_views() IS
 -- ---------------------------------------------------------------------------
 -- From 0.3.0 to 0.4.0: one word per concept. Columns are renamed in place
 -- (what depends on them follows); the names users read before keep working
--- until 0.6.0: the status view's as columns that raise a NOTICE
+-- until 0.7.0: the status view's as columns that raise a NOTICE
 -- (09_status.sql), the anomaly table's as read-only generated columns
 -- (adding them rewrites pgconsistency.anomaly once, with the installer's
 -- bounded lock waits).

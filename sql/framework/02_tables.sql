@@ -220,7 +220,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     acknowledged_reason text,
     acknowledged_until  timestamptz,
     -- The names of acknowledged_reason and acknowledged_until before 0.4.0,
-    -- read-only, until 0.6.0 (deprecated).
+    -- read-only, until 0.7.0 (deprecated).
     ack_reason      text        GENERATED ALWAYS AS (acknowledged_reason) STORED,
     ack_until       timestamptz GENERATED ALWAYS AS (acknowledged_until) STORED,
     -- Where it came from (0.6.0), written when it appears: the deployment
@@ -265,8 +265,8 @@ DECLARE
 BEGIN
     -- only when it differs: a COMMENT locks the relation
     FOR c IN SELECT v.col, v.comment
-               FROM (VALUES ('ack_reason', 'Deprecated (removed in 0.6.0), read-only: acknowledged_reason under its name before 0.4.0'),
-                 ('ack_until', 'Deprecated (removed in 0.6.0), read-only: acknowledged_until under its name before 0.4.0')) AS v(col, comment)
+               FROM (VALUES ('ack_reason', 'Deprecated (removed in 0.7.0), read-only: acknowledged_reason under its name before 0.4.0'),
+                 ('ack_until', 'Deprecated (removed in 0.7.0), read-only: acknowledged_until under its name before 0.4.0')) AS v(col, comment)
               WHERE pg_catalog.col_description('pgconsistency.anomaly'::regclass,
                         (SELECT a.attnum FROM pg_catalog.pg_attribute a
                           WHERE a.attrelid = 'pgconsistency.anomaly'::regclass AND a.attname = v.col)) IS DISTINCT FROM v.comment

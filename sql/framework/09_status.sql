@@ -26,7 +26,7 @@ AS $fn$
 BEGIN
     IF pg_catalog.current_setting('pgconsistency.deprecated_' || old_name, true) IS DISTINCT FROM 'noticed' THEN
         PERFORM pg_catalog.set_config('pgconsistency.deprecated_' || old_name, 'noticed', false);
-        RAISE NOTICE 'pgconsistency: pgconsistency.status.% is deprecated and will be removed in 0.6.0; read % instead', old_name, new_name;
+        RAISE NOTICE 'pgconsistency: pgconsistency.status.% is deprecated and will be removed in 0.7.0; read % instead', old_name, new_name;
     END IF;
     RETURN value;
 END
@@ -75,7 +75,7 @@ SELECT i.name                                    AS invariant,
        coalesce(s.healed_anomalies, 0)           AS healed_anomalies,
        s.last_healed_at,
        -- the names of last_run_outcome and snapshot_duration_seconds before
-       -- 0.4.0, until 0.6.0
+       -- 0.4.0, until 0.7.0
        pgconsistency._deprecated_column('last_status', 'last_run_outcome', s.last_run_outcome) AS last_status,
        pgconsistency._deprecated_column('refresh_duration_seconds', 'snapshot_duration_seconds',
                                         s.snapshot_duration_seconds) AS refresh_duration_seconds,
@@ -118,8 +118,8 @@ BEGIN
                FROM (VALUES ('last_run_outcome', 'Outcome of the latest refresh that ran: succeeded, failed or timed_out (NULL: never ran); called last_status before 0.4.0'),
                  ('snapshot_duration_seconds', 'Duration of the refresh that made the snapshot (the latest successful one); called refresh_duration_seconds before 0.4.0'),
                  ('last_outcome', 'What happened last, a skip included: never, succeeded, failed, timed_out or skipped'),
-                 ('last_status', 'Deprecated (removed in 0.6.0): read last_run_outcome; reading it raises a NOTICE once per session'),
-                 ('refresh_duration_seconds', 'Deprecated (removed in 0.6.0): read snapshot_duration_seconds; reading it raises a NOTICE once per session'),
+                 ('last_status', 'Deprecated (removed in 0.7.0): read last_run_outcome; reading it raises a NOTICE once per session'),
+                 ('refresh_duration_seconds', 'Deprecated (removed in 0.7.0): read snapshot_duration_seconds; reading it raises a NOTICE once per session'),
                  ('owner', 'Who answers for the invariant''s alerts (Alertmanager routes on it); NULL: unset. pgconsistency.set_owner() changes it'),
                  ('runbook_url', 'The runbook the invariant''s anomaly alerts link to; NULL: unset (the generic runbook)')) AS v(col, comment)
               WHERE pg_catalog.col_description('pgconsistency.status'::regclass,

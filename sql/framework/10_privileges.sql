@@ -16,7 +16,7 @@ GRANT EXECUTE ON FUNCTION pgconsistency._valid_refresh_settings(jsonb) TO PUBLIC
 -- And the version, which the status view calls (a view's functions run with
 -- the privileges of the role reading the view).
 GRANT EXECUTE ON FUNCTION pgconsistency.version() TO PUBLIC;
--- And the deprecated columns of the status view (until 0.6.0), for the same
+-- And the deprecated columns of the status view (until 0.7.0), for the same
 -- reason.
 GRANT EXECUTE ON FUNCTION pgconsistency._deprecated_column(text, text, anyelement) TO PUBLIC;
 
