@@ -3,6 +3,7 @@ package pgconsistencyreceiver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -246,4 +247,96 @@ func TestIntegrationLogsOlderRelease(t *testing.T) {
 	attrs := all[0].Attributes().AsRaw()
 	assert.NotContains(t, attrs, "pgconsistency.deploy")
 	assert.NotContains(t, attrs, "pgconsistency.cause")
+}
+
+// eventRecords are the records of one event name the sink received.
+func eventRecords(sink *consumertest.LogsSink, event string) []plog.LogRecord {
+	_, _, all := records(sink)
+	var out []plog.LogRecord
+	for _, lr := range all {
+		if lr.EventName() == event {
+			out = append(out, lr)
+		}
+	}
+	return out
+}
+
+// TestIntegrationLogsRefreshFinished: on SQL 0.6.0 a requested refresh
+// (after a deploy) that finished is one record, once, with what it found per
+// invariant; a refused batch comes again.
+func TestIntegrationLogsRefreshFinished(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	conn := srv.Conn(t, db)
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		_, err := conn.Exec(t.Context(), sql, args...)
+		require.NoError(t, err, sql)
+	}
+	exec("SELECT pgconsistency.observe_deploy_marker('v1')")
+	exec("CALL pgconsistency.refresh()")
+	var enabled int
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.invariant WHERE enabled").Scan(&enabled))
+
+	sink := &flakyLogs{}
+	rcv := startLogsReceiver(t, srv, db, sink, 100)
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+	require.Eventually(t, func() bool {
+		var started bool
+		err := conn.QueryRow(t.Context(), `SELECT last_request_id IS NOT NULL FROM pgconsistency.log_cursor
+			WHERE consumer = 'pgconsistency/logs-test'`).Scan(&started)
+		return err == nil && started
+	}, 10*time.Second, 50*time.Millisecond, "the request cursor")
+
+	// A breaking deploy; the pipeline refuses the first batches.
+	exec("SELECT pgconsistency.observe_deploy_marker('v2', '0 seconds')")
+	var deployedAt time.Time
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT changed_at FROM pgconsistency.deployment WHERE marker = 'v2'").Scan(&deployedAt))
+	exec("DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", fixture.DatasetID(5))
+	sink.refusals.Store(2)
+	exec("CALL pgconsistency.refresh()")
+	require.Eventually(t, func() bool {
+		return len(eventRecords(&sink.LogsSink, "pgconsistency.refresh.finished")) >= 1
+	}, 20*time.Second, 50*time.Millisecond)
+
+	// A clean one.
+	exec("SELECT pgconsistency.observe_deploy_marker('v3', '0 seconds')")
+	exec("CALL pgconsistency.refresh()")
+	require.Eventually(t, func() bool {
+		return len(eventRecords(&sink.LogsSink, "pgconsistency.refresh.finished")) >= 2
+	}, 20*time.Second, 50*time.Millisecond)
+	time.Sleep(time.Second) // more intervals: nothing more may come
+	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts were refused")
+	finished := eventRecords(&sink.LogsSink, "pgconsistency.refresh.finished")
+	require.Len(t, finished, 2, "one record per request, once")
+	assert.Len(t, eventRecords(&sink.LogsSink, "pgconsistency.anomaly.new"), 1, "the anomaly's record, once")
+
+	broken := finished[0]
+	assert.Equal(t, plog.SeverityNumberWarn, broken.SeverityNumber())
+	assert.Contains(t, broken.Body().Str(), "requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (")
+	assert.Contains(t, broken.Body().Str(), fmt.Sprintf(") 1 new anomaly: dataset_seed_missing 1; %d of %d invariants clean", enabled-1, enabled))
+	attrs := broken.Attributes().AsRaw()
+	assert.Equal(t, "deploy marker changed from v1 to v2", attrs["pgconsistency.refresh.reason"])
+	assert.Equal(t, "v2", attrs["pgconsistency.deploy.marker"])
+	assert.Equal(t, deployedAt.UTC().Format(time.RFC3339Nano), attrs["pgconsistency.deploy.deployed_at"])
+	assert.IsType(t, int64(0), attrs["pgconsistency.refresh.request_id"])
+	assert.Contains(t, attrs, "pgconsistency.refresh.claimed_at")
+	assert.Contains(t, attrs, "pgconsistency.refresh.finished_at")
+	assert.EqualValues(t, 1, attrs["pgconsistency.anomalies.new"])
+	invariants, ok := attrs["pgconsistency.invariants"].(map[string]any)
+	require.True(t, ok, "pgconsistency.invariants is a map")
+	assert.Len(t, invariants, enabled, "every enabled invariant, 0 included")
+	assert.EqualValues(t, 1, invariants["dataset_seed_missing"])
+	assert.EqualValues(t, 0, invariants["dataset_head_ref_missing"])
+	assert.Equal(t, []any{"dataset_seed_missing"}, attrs["pgconsistency.invariants.not_clean"])
+	assert.Equal(t, []any{}, attrs["pgconsistency.invariants.not_refreshed"])
+
+	clean := finished[1]
+	assert.Equal(t, plog.SeverityNumberInfo, clean.SeverityNumber())
+	assert.Contains(t, clean.Body().Str(), fmt.Sprintf("the deploy was clean: 0 new anomalies in %d invariants", enabled))
+	attrs = clean.Attributes().AsRaw()
+	assert.Equal(t, "v3", attrs["pgconsistency.deploy.marker"])
+	assert.EqualValues(t, 0, attrs["pgconsistency.anomalies.new"])
+	assert.Equal(t, []any{}, attrs["pgconsistency.invariants.not_clean"])
+	assert.Greater(t, clean.Timestamp(), broken.Timestamp(), "timestamp: when the refresh finished")
 }
