@@ -340,3 +340,54 @@ func TestIntegrationLogsRefreshFinished(t *testing.T) {
 	assert.Equal(t, []any{}, attrs["pgconsistency.invariants.not_clean"])
 	assert.Greater(t, clean.Timestamp(), broken.Timestamp(), "timestamp: when the refresh finished")
 }
+
+// TestFinishedRecordBody: the one readable line of a finished refresh
+// request's record, and its severity.
+func TestFinishedRecordBody(t *testing.T) {
+	at := time.Date(2026, 12, 2, 5, 0, 0, 0, time.UTC)
+	str := func(s string) *string { return &s }
+	ok := str("succeeded")
+	base := func() finishedRequest {
+		return finishedRequest{
+			id: 7, reason: str("deploy marker changed from v1 to v2"), claimedAt: at, finishedAt: at.Add(time.Minute),
+			deployMarker: str("v2"), deployedAt: &at,
+			invariants: map[string]requestInvariant{"a": {Outcome: ok}, "b": {Outcome: ok}, "c": {Outcome: ok}},
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(*finishedRequest)
+		body   string
+		sev    plog.SeverityNumber
+	}{
+		{"Clean", func(*finishedRequest) {},
+			"requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (2026-12-02T05:00:00Z), " +
+				"the deploy was clean: 0 new anomalies in 3 invariants", plog.SeverityNumberInfo},
+		{"NewAnomalies", func(f *finishedRequest) {
+			f.newAnomalies = 3
+			f.invariants["a"] = requestInvariant{NewAnomalies: 1, Outcome: ok}
+			f.invariants["c"] = requestInvariant{NewAnomalies: 2, Outcome: ok}
+			f.notClean = []string{"a", "c"}
+		}, "requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (2026-12-02T05:00:00Z) " +
+			"3 new anomalies: a 1, c 2; 1 of 3 invariants clean", plog.SeverityNumberWarn},
+		{"FailedAndNotRefreshed", func(f *finishedRequest) {
+			f.reason, f.deployMarker, f.deployedAt, f.superseded = nil, nil, nil, true
+			f.invariants["a"] = requestInvariant{Outcome: str("timed_out")}
+			f.invariants["b"] = requestInvariant{}
+			f.notClean, f.notRefreshed = []string{"a", "b"}, []string{"b"}
+		}, "requested refresh finished, cut short by the next request: no deployment recorded, 0 new anomalies; " +
+			"failed: a (timed out); not refreshed: b; 1 of 3 invariants clean", plog.SeverityNumberWarn},
+		{"NoDeploymentClean", func(f *finishedRequest) { f.deployMarker, f.deployedAt = nil, nil },
+			"requested refresh finished (deploy marker changed from v1 to v2): no deployment recorded, clean: " +
+				"0 new anomalies in 3 invariants", plog.SeverityNumberInfo},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := base()
+			tc.change(&f)
+			lr := finishedRecord(f, 0)
+			assert.Equal(t, tc.body, lr.Body().Str())
+			assert.Equal(t, tc.sev, lr.SeverityNumber())
+			assert.Equal(t, "pgconsistency.refresh.finished", lr.EventName())
+		})
+	}
+}
