@@ -392,3 +392,36 @@ func TestFinishedRecordBody(t *testing.T) {
 		})
 	}
 }
+
+// TestIntegrationLogsRefreshFinishedWithinTheCap: the records of finished
+// requests count in logs::max_records_per_interval, after the new anomalies.
+func TestIntegrationLogsRefreshFinishedWithinTheCap(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	conn := srv.Conn(t, db)
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		_, err := conn.Exec(t.Context(), sql, args...)
+		require.NoError(t, err, sql)
+	}
+	exec("SELECT pgconsistency.observe_deploy_marker('v1')")
+	exec("CALL pgconsistency.refresh()")
+	sink := new(consumertest.LogsSink)
+	rcv := startLogsReceiver(t, srv, db, sink, 1)
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+	require.Eventually(t, cursorExists(t, srv, db), 10*time.Second, 50*time.Millisecond)
+
+	exec("SELECT pgconsistency.observe_deploy_marker('v2', '0 seconds')")
+	for _, i := range []int{5, 6} {
+		exec("DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", fixture.DatasetID(i))
+	}
+	exec("CALL pgconsistency.refresh()")
+	require.Eventually(t, func() bool { return sink.LogRecordCount() >= 3 }, 20*time.Second, 50*time.Millisecond)
+	time.Sleep(time.Second)
+	_, largest, all := records(sink)
+	assert.Equal(t, 1, largest, "the cap per interval")
+	require.Len(t, all, 3)
+	assert.Equal(t, "pgconsistency.refresh.finished", all[2].EventName(), "after the new anomalies")
+	n, _ := all[2].Attributes().Get("pgconsistency.anomalies.new")
+	assert.EqualValues(t, 2, n.Int())
+}
