@@ -247,3 +247,203 @@ func testDeployBeforeAFailedRefresh(t *testing.T, s *pgtest.Server) {
 	assert.Contains(t, o.Deploy, "after deploy v9")
 	assert.Equal(t, ptr(true), statusOrigin(t, conn, inv).DeployedSincePreviousRefresh)
 }
+
+// TestDeployRefreshFinishedLog covers finished_requests_for_log and
+// advance_request_log_cursor: one record per requested refresh once every
+// enabled invariant ran, with the anomalies it found per invariant.
+func TestDeployRefreshFinishedLog(t *testing.T) {
+	runOnOneCluster(t, []sqlTest{
+		{"CleanAndBreakingDeploys", testFinishedRequestsCleanAndBreaking},
+		{"SupersededRequest", testFinishedRequestsSuperseded},
+	})
+}
+
+// finishedRequest is a row of finished_requests_for_log.
+type finishedRequest struct {
+	RequestID    int64
+	Reason       *string
+	Requests     int32
+	ClaimedAt    time.Time
+	FinishedAt   time.Time
+	Superseded   bool
+	DeploymentID *int64
+	DeployMarker *string
+	DeployedAt   *time.Time
+	NewAnomalies int64
+	Invariants   map[string]requestInvariant
+	NotRefreshed []string
+	NotClean     []string
+}
+
+type requestInvariant struct {
+	NewAnomalies int64   `json:"new_anomalies"`
+	Outcome      *string `json:"outcome"`
+}
+
+func finishedRequests(t *testing.T, conn *pgx.Conn, consumer string) []finishedRequest {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), `SELECT request_id, reason, requests, claimed_at, finished_at, superseded,
+		deployment_id, deploy_marker, deployed_at, new_anomalies, invariants, not_refreshed, not_clean
+		FROM pgconsistency.finished_requests_for_log($1, 10)`, consumer)
+	require.NoError(t, err)
+	out, err := pgx.CollectRows(rows, pgx.RowToStructByPos[finishedRequest])
+	require.NoError(t, err)
+	return out
+}
+
+func enabledInvariants(t *testing.T, conn *pgx.Conn) []string {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), "SELECT name FROM pgconsistency.invariant WHERE enabled ORDER BY name")
+	require.NoError(t, err)
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	return names
+}
+
+// requestInvariants: the invariants column of a request that refreshed
+// every one of names with outcome, with the new anomalies of want
+// (invariant → new anomalies; 0 for the others).
+func requestInvariants(names []string, outcome *string, want map[string]int64) map[string]requestInvariant {
+	out := map[string]requestInvariant{}
+	for _, n := range names {
+		out[n] = requestInvariant{NewAnomalies: want[n], Outcome: outcome}
+	}
+	return out
+}
+
+func testFinishedRequestsCleanAndBreaking(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s)
+	conn := s.Conn(t, db)
+	names := enabledInvariants(t, conn)
+	require.NotEmpty(t, names)
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v1')")
+	exec(t, conn, "CALL pgconsistency.refresh(force => true)")
+	const a, b = "consumer-a", "consumer-b"
+	assert.Empty(t, finishedRequests(t, conn, a), "a new consumer starts at the current end")
+
+	// A clean deploy: claimed, then not reported until every invariant ran.
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v2', '0 seconds')")
+	exec(t, conn, "SELECT count(*) FROM pgconsistency.refresh_plan()") // claims the request
+	for i, name := range names {
+		assert.Empty(t, finishedRequests(t, conn, a), "reported after %d of %d invariants ran", i, len(names))
+		exec(t, conn, "SELECT pgconsistency.refresh_invariant($1, true)", name)
+	}
+	got := finishedRequests(t, conn, a)
+	require.Len(t, got, 1)
+	r := got[0]
+	assert.Equal(t, ptr("deploy marker changed from v1 to v2"), r.Reason)
+	assert.Equal(t, ptr("v2"), r.DeployMarker)
+	require.NotNil(t, r.DeployedAt)
+	assert.False(t, r.DeployedAt.After(r.ClaimedAt))
+	assert.True(t, r.FinishedAt.After(r.ClaimedAt))
+	assert.False(t, r.Superseded)
+	assert.Zero(t, r.NewAnomalies, "the deploy was clean")
+	assert.Equal(t, requestInvariants(names, ptr("succeeded"), nil), r.Invariants, "every enabled invariant, 0 included")
+	assert.Empty(t, r.NotRefreshed)
+	assert.Empty(t, r.NotClean)
+	assert.Equal(t, got, finishedRequests(t, conn, a), "not delivered until the cursor moves")
+	exec(t, conn, "SELECT pgconsistency.advance_request_log_cursor($1, $2)", a, r.RequestID)
+	assert.Empty(t, finishedRequests(t, conn, a), "delivered once")
+
+	// A consumer seen for the first time now: the clean deploy is not news.
+	assert.Empty(t, finishedRequests(t, conn, b))
+
+	// A breaking deploy: the migration removes a Seed.
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v3', '0 seconds')")
+	exec(t, conn, "DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", fixture.DatasetID(5))
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	for _, consumer := range []string{a, b} {
+		got = finishedRequests(t, conn, consumer)
+		require.Len(t, got, 1, consumer)
+		r = got[0]
+		assert.Equal(t, ptr("v3"), r.DeployMarker, consumer)
+		assert.EqualValues(t, 1, r.NewAnomalies, consumer)
+		assert.Equal(t, requestInvariants(names, ptr("succeeded"), map[string]int64{"dataset_seed_missing": 1}), r.Invariants, consumer)
+		assert.Equal(t, []string{"dataset_seed_missing"}, r.NotClean, consumer)
+		assert.Empty(t, r.NotRefreshed, consumer)
+		exec(t, conn, "SELECT pgconsistency.advance_request_log_cursor($1, $2)", consumer, r.RequestID)
+		assert.Empty(t, finishedRequests(t, conn, consumer), consumer)
+	}
+
+	// A later run (the schedule) does not report the request again.
+	exec(t, conn, "CALL pgconsistency.refresh(force => true)")
+	assert.Empty(t, finishedRequests(t, conn, a))
+
+	// Cheap at any size: the anomalies a request found are counted through
+	// the index on first_seen_at, never by a scan of pgconsistency.anomaly.
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v4', '0 seconds')")
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	// a large history: 50000 resolved anomalies of long ago
+	exec(t, conn, `INSERT INTO pgconsistency.anomaly (invariant, key, seq, first_seen_at, last_seen_at, resolved_at)
+		SELECT 'dataset_head_ref_missing', 'old-' || g, -g, now() - interval '10 days', now() - interval '9 days', now() - interval '9 days'
+		  FROM generate_series(1, 50000) g`)
+	exec(t, conn, "ANALYZE pgconsistency.anomaly")
+	tx, err := conn.Begin(t.Context())
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(t.Context()) }()
+	// (the backend's counts not yet flushed are in the view too: a difference)
+	seqScans := func() (n int64) {
+		require.NoError(t, tx.QueryRow(t.Context(), `SELECT seq_scan FROM pg_stat_xact_user_tables
+			WHERE relid = 'pgconsistency.anomaly'::regclass`).Scan(&n))
+		return n
+	}
+	before := seqScans()
+	var n int64
+	require.NoError(t, tx.QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.finished_requests_for_log($1, 10)", a).Scan(&n))
+	require.EqualValues(t, 1, n)
+	assert.Equal(t, before, seqScans(), "scans of pgconsistency.anomaly by finished_requests_for_log")
+}
+
+// testFinishedRequestsSuperseded: a request whose refresh stopped half-way
+// (the scheduler died) is reported once the next one is claimed, with the
+// invariants it did not reach as not refreshed.
+func testFinishedRequestsSuperseded(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewDatabase(t, s)
+	conn := s.Conn(t, db)
+	names := enabledInvariants(t, conn)
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v1')")
+	exec(t, conn, "CALL pgconsistency.refresh(force => true)")
+	const consumer = "consumer-superseded"
+	assert.Empty(t, finishedRequests(t, conn, consumer))
+
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v2', '0 seconds')")
+	exec(t, conn, "DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", fixture.DatasetID(6))
+	exec(t, conn, "SELECT count(*) FROM pgconsistency.refresh_plan()")
+	exec(t, conn, "SELECT pgconsistency.refresh_invariant('dataset_seed_missing', true)")
+	exec(t, conn, "SELECT pgconsistency.refresh_invariant('dataset_head_ref_missing', true)")
+	assert.Empty(t, finishedRequests(t, conn, consumer), "half-way")
+
+	exec(t, conn, "SELECT pgconsistency.observe_deploy_marker('v3', '0 seconds')")
+	exec(t, conn, "CALL pgconsistency.refresh()")
+	got := finishedRequests(t, conn, consumer)
+	require.Len(t, got, 2)
+	v2, v3 := got[0], got[1]
+	assert.Equal(t, ptr("v2"), v2.DeployMarker)
+	assert.True(t, v2.Superseded)
+	assert.EqualValues(t, 1, v2.NewAnomalies)
+	// Its run of dataset_head_ref_missing found nothing and v3's run
+	// overwrote it in refresh_state: unknown, so not refreshed (not clean).
+	// Its run of dataset_seed_missing is known from the anomaly it found.
+	var notReached []string
+	for _, n := range names {
+		if n != "dataset_seed_missing" {
+			notReached = append(notReached, n)
+		}
+	}
+	assert.Equal(t, notReached, v2.NotRefreshed, "the invariants its refresh did not reach (or not known to)")
+	assert.Equal(t, names, v2.NotClean)
+	assert.Equal(t, requestInvariant{NewAnomalies: 1, Outcome: ptr("succeeded")}, v2.Invariants["dataset_seed_missing"])
+	assert.Equal(t, requestInvariant{NewAnomalies: 0, Outcome: nil}, v2.Invariants[notReached[0]])
+	assert.Len(t, v2.Invariants, len(names))
+	assert.Equal(t, v3.ClaimedAt, v2.FinishedAt, "no run of its own left in refresh_state: it ended when v3 was claimed")
+
+	assert.Equal(t, ptr("v3"), v3.DeployMarker)
+	assert.False(t, v3.Superseded)
+	assert.Zero(t, v3.NewAnomalies, "the anomaly is v2's")
+	assert.Empty(t, v3.NotClean)
+
+	exec(t, conn, "SELECT pgconsistency.advance_request_log_cursor($1, $2)", consumer, v2.RequestID)
+	got = finishedRequests(t, conn, consumer)
+	require.Len(t, got, 1, "the rest after a partial delivery")
+	assert.Equal(t, v3.RequestID, got[0].RequestID)
+}

@@ -10,7 +10,9 @@
 --   pgconsistency_reader     what the receiver reads each scrape: SELECT on
 --       pgconsistency.status; and, for a logs pipeline, EXECUTE on
 --       new_anomalies_for_log(), new_anomalies_with_origin_for_log() (0.6.0)
---       and advance_log_cursor() (SECURITY DEFINER:
+--       and advance_log_cursor(), and for the records of finished refresh
+--       requests finished_requests_for_log() and advance_request_log_cursor()
+--       (0.6.0) (SECURITY DEFINER:
 --       the cursor is written by the functions, the role gets no table
 --       privilege; each login role reads and moves only the cursors it
 --       created). Not the anomaly views, nor pgconsistency.anomaly, nor the
@@ -83,7 +85,9 @@ GRANT USAGE ON SCHEMA pgconsistency TO pgconsistency_reader, pgconsistency_refre
 GRANT SELECT ON pgconsistency.status TO pgconsistency_reader;
 GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_for_log(text, integer),
                           pgconsistency.new_anomalies_with_origin_for_log(text, integer),
-                          pgconsistency.advance_log_cursor(text, bigint)
+                          pgconsistency.advance_log_cursor(text, bigint),
+                          pgconsistency.finished_requests_for_log(text, integer),
+                          pgconsistency.advance_request_log_cursor(text, bigint)
    TO pgconsistency_reader;
 
 -- The refresher. refresh() runs as its caller (a procedure that commits

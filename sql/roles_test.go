@@ -142,6 +142,34 @@ func testReaderReadsStatusOnly(t *testing.T, s *pgtest.Server) {
 	want := fixture.Counts[int64]()
 	want["dataset_head_ref_missing"]++
 	assert.Equal(t, want, anomalyCounts(t, reader), "after install.sql ran again")
+
+	// And the records of finished refresh requests (0.6.0), under the same
+	// cursor, which another role may neither read nor move.
+	finished := func() []int64 {
+		rows, err := reader.Query(t.Context(), "SELECT request_id FROM pgconsistency.finished_requests_for_log($1, 10)", "roles-test")
+		require.NoError(t, err)
+		ids, err := pgx.CollectRows(rows, pgx.RowTo[int64])
+		require.NoError(t, err)
+		return ids
+	}
+	assert.Empty(t, finished(), "starts at the current end")
+	exec(t, admin, "SELECT pgconsistency.request_refresh(delay => '0 seconds')")
+	exec(t, admin, "CALL pgconsistency.refresh()")
+	ids := finished()
+	require.Len(t, ids, 1)
+	other, _ := loginAs(t, s, admin, db, "GRANT pgconsistency_reader TO ROLE")
+	for _, q := range []string{
+		"SELECT count(*) FROM pgconsistency.finished_requests_for_log('roles-test', 10)",
+		"SELECT pgconsistency.advance_request_log_cursor('roles-test', 1000)",
+	} {
+		_, err := other.Exec(t.Context(), q)
+		var pgErr *pgconn.PgError
+		require.ErrorAs(t, err, &pgErr, q)
+		assert.Equal(t, "42501", pgErr.Code, q)
+	}
+	assert.Equal(t, ids, finished(), "the cursor did not move")
+	exec(t, reader, "SELECT pgconsistency.advance_request_log_cursor($1, $2)", "roles-test", ids[0])
+	assert.Empty(t, finished(), "delivered once")
 }
 
 // testRefresherRefreshes: a login role in pgconsistency_refresher, which owns
@@ -235,8 +263,8 @@ func testPublicCannotExecute(t *testing.T, s *pgtest.Server) {
 	definers, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
 	assert.Equal(t, []string{
-		"acknowledge", "acknowledge_all", "advance_log_cursor", "claim_refresh_request", "expire_acknowledgements",
-		"new_anomalies_for_log", "new_anomalies_with_origin_for_log", "observe_deploy_marker", "refresh_invariant", "refresh_plan", "request_refresh", "unacknowledge",
+		"acknowledge", "acknowledge_all", "advance_log_cursor", "advance_request_log_cursor", "claim_refresh_request",
+		"expire_acknowledgements", "finished_requests_for_log", "new_anomalies_for_log", "new_anomalies_with_origin_for_log", "observe_deploy_marker", "refresh_invariant", "refresh_plan", "request_refresh", "unacknowledge",
 	}, definers)
 	rows, err = admin.Query(t.Context(), `
 		SELECT p.proname FROM pg_proc p

@@ -413,4 +413,35 @@ func newIn060(t *testing.T, admin *pgx.Conn, u used) {
 	assert.EqualValues(t, 1, causes)
 	assert.Equal(t, "DELETE", newOperation)
 	assert.Equal(t, "public.dataset_references", newTable)
+
+	// The log of finished refresh requests, as the reader: the cursor made
+	// by new_anomalies_with_origin_for_log (a consumer of before the upgrade
+	// alike: its column is NULL) starts at the current end; a request that
+	// finishes now is reported once.
+	var hasColumn bool
+	require.NoError(t, admin.QueryRow(t.Context(), `SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+		WHERE attrelid = 'pgconsistency.log_cursor'::regclass AND attname = 'last_request_id' AND NOT attisdropped)`).Scan(&hasColumn))
+	assert.True(t, hasColumn, "pgconsistency.log_cursor.last_request_id")
+	finished := func() (ids []int64) {
+		rows, err := u.reader.Query(t.Context(), "SELECT request_id FROM pgconsistency.finished_requests_for_log($1, 10)", consumer)
+		require.NoError(t, err, "finished_requests_for_log as the reader")
+		ids, err = pgx.CollectRows(rows, pgx.RowTo[int64])
+		require.NoError(t, err)
+		return ids
+	}
+	assert.Empty(t, finished(), "the requests of before are not news")
+	exec(t, admin, "SELECT pgconsistency.request_refresh(delay => '0 seconds', reason => 'deploy after the upgrade')")
+	exec(t, admin, "CALL pgconsistency.refresh()")
+	var reason string
+	var invariants int
+	require.NoError(t, u.reader.QueryRow(t.Context(), `SELECT reason, (SELECT count(*) FROM jsonb_object_keys(invariants))
+		FROM pgconsistency.finished_requests_for_log($1, 10)`, consumer).Scan(&reason, &invariants))
+	assert.Equal(t, "deploy after the upgrade", reason)
+	var enabled int
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.invariant WHERE enabled").Scan(&enabled))
+	assert.Equal(t, enabled, invariants, "every enabled invariant")
+	ids := finished()
+	require.Len(t, ids, 1)
+	exec(t, u.reader, "SELECT pgconsistency.advance_request_log_cursor($1, $2)", consumer, ids[0])
+	assert.Empty(t, finished(), "delivered once")
 }

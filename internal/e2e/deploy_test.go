@@ -184,6 +184,44 @@ func TestDeploy(t *testing.T) {
 		t.Logf("log record: pgconsistency.deploy=%q pgconsistency.cause=%q", attrs["pgconsistency.deploy"], attrs["pgconsistency.cause"])
 	})
 
+	t.Run("the record of the finished post-deploy refresh", func(t *testing.T) {
+		var got []finishedLog
+		require.Eventually(t, func() bool {
+			got = sink.finishedRecords()
+			for _, f := range got {
+				if f.attrs["pgconsistency.deploy.marker"] == "v2" {
+					return true
+				}
+			}
+			return false
+		}, 30*time.Second, 250*time.Millisecond, "no record of the finished post-deploy refresh: %v", got)
+		var v2 []finishedLog
+		for _, f := range got {
+			if f.attrs["pgconsistency.deploy.marker"] == "v2" {
+				v2 = append(v2, f)
+			}
+		}
+		require.Len(t, v2, 1, "one record per finished request")
+		f := v2[0]
+		assert.Equal(t, "deploy marker changed from v1 to v2", f.attrs["pgconsistency.refresh.reason"])
+		assert.Equal(t, int64(1), f.attrs["pgconsistency.anomalies.new"])
+		perInvariant, ok := f.attrs["pgconsistency.invariants"].(map[string]any)
+		require.True(t, ok, "pgconsistency.invariants: %v", f.attrs["pgconsistency.invariants"])
+		var enabled int
+		require.NoError(t, conn.QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.invariant WHERE enabled").Scan(&enabled))
+		assert.Len(t, perInvariant, enabled, "every enabled invariant, 0 included")
+		for name, n := range perInvariant {
+			want := int64(0)
+			if name == inv {
+				want = 1
+			}
+			assert.Equal(t, want, n, name)
+		}
+		assert.Equal(t, []any{inv}, f.attrs["pgconsistency.invariants.not_clean"])
+		assert.Contains(t, f.body, inv+" 1")
+		t.Logf("finished refresh record: %s", f.body)
+	})
+
 	t.Run("the alert names the deploy and the cause", func(t *testing.T) {
 		watch.waitFor(t, "PgConsistencyNewAnomalies", inv, "firing", 60*time.Second)
 		var deployAt time.Time

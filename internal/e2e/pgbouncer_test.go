@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -26,11 +27,19 @@ import (
 )
 
 // logSink is an OTLP/HTTP logs endpoint: it counts the records of new
-// anomalies it receives, by invariant and key.
+// anomalies it receives, by invariant and key, and keeps the records of
+// finished refresh requests (SQL 0.6.0) apart.
 type logSink struct {
-	mu      sync.Mutex
-	records map[string]int            // "invariant/key" → how many times received
-	attrs   map[string]map[string]any // "invariant/key" → the latest record's attributes
+	mu       sync.Mutex
+	records  map[string]int            // "invariant/key" → how many times received
+	attrs    map[string]map[string]any // "invariant/key" → the latest record's attributes
+	finished []finishedLog             // event pgconsistency.refresh.finished, in the order received
+}
+
+// finishedLog is a record of a finished refresh request.
+type finishedLog struct {
+	body  string
+	attrs map[string]any
 }
 
 func startLogSink(t *testing.T) (*logSink, string) {
@@ -64,6 +73,10 @@ func startLogSink(t *testing.T) (*logSink, string) {
 				lrs := sls.At(j).LogRecords()
 				for k := 0; k < lrs.Len(); k++ {
 					attrs := lrs.At(k).Attributes()
+					if lrs.At(k).EventName() == "pgconsistency.refresh.finished" {
+						s.finished = append(s.finished, finishedLog{body: lrs.At(k).Body().Str(), attrs: attrs.AsRaw()})
+						continue
+					}
 					inv, _ := attrs.Get("pgconsistency.invariant")
 					key, _ := attrs.Get("pgconsistency.anomaly.key")
 					s.records[inv.Str()+"/"+key.Str()]++
@@ -90,6 +103,13 @@ func (s *logSink) attributes(invariant, key string) (map[string]any, bool) {
 	defer s.mu.Unlock()
 	a, ok := s.attrs[invariant+"/"+key]
 	return a, ok
+}
+
+// finishedRecords returns the records of finished refresh requests received.
+func (s *logSink) finishedRecords() []finishedLog {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.finished)
 }
 
 func (s *logSink) snapshot() map[string]int {

@@ -4,6 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"maps"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -17,13 +20,15 @@ import (
 	"github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver/internal/metadata"
 )
 
-// logsReceiver emits one log record per new anomaly. The database keeps a
-// cursor per receiver (its component id): records are read after it, at most
-// logs::max_records_per_interval per collection interval, and the cursor moves
-// only once the pipeline took them. So each anomaly is logged once, across
-// restarts too; a pipeline that refuses a batch gets it again at the next
-// interval. It does not use the scraper controller, which cannot tell a
-// scraper whether its data was consumed.
+// logsReceiver emits one log record per new anomaly and, on SQL 0.6.0, one
+// per requested refresh (after a deploy) that finished. The database keeps a
+// cursor per receiver (its component id), one position for each kind:
+// records are read after it, at most logs::max_records_per_interval per
+// collection interval (both kinds together, the anomalies first), and the
+// cursor moves only once the pipeline took them. So each record is emitted
+// once, across restarts too; a pipeline that refuses a batch gets it again at
+// the next interval. It does not use the scraper controller, which cannot
+// tell a scraper whether its data was consumed.
 type logsReceiver struct {
 	cfg      *Config
 	logger   *zap.Logger
@@ -34,10 +39,15 @@ type logsReceiver struct {
 	query    string // SQL older than 0.6.0
 	origin   string // 0.6.0+: with the deployment and the cause
 	advance  string
-	// withOrigin: the installed SQL has been seen to have origin's
-	// function; from then on it is not looked up again (the loop goroutine
-	// only; cleared when a pass fails, e.g. after a downgrade).
-	withOrigin bool
+	finished string // 0.6.0+: the refresh requests that finished
+	// advanceFinished moves the cursor of finished requests.
+	advanceFinished string
+	// withOrigin, withFinished: the installed SQL has been seen to have
+	// origin's (finished's) function; once both are, they are not looked up
+	// again (the loop goroutine only; cleared when a pass fails, e.g. after
+	// a downgrade).
+	withOrigin   bool
+	withFinished bool
 
 	cancel context.CancelFunc
 	done   chan struct{}
@@ -58,7 +68,11 @@ func newLogsReceiver(cfg *Config, set receiver.Settings, next consumer.Logs) *lo
 			"cause_changed_at, cause_db_user, cause_application_name FROM " +
 			schema + ".new_anomalies_with_origin_for_log($1, $2)",
 		advance: "SELECT " + schema + ".advance_log_cursor($1, $2)",
-		conn:    dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-logs"},
+		finished: "SELECT request_id, reason, claimed_at, finished_at, superseded, deploy_marker, deployed_at, " +
+			"new_anomalies, invariants::text, not_refreshed, not_clean FROM " +
+			schema + ".finished_requests_for_log($1, $2)",
+		advanceFinished: "SELECT " + schema + ".advance_request_log_cursor($1, $2)",
+		conn:            dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-logs"},
 	}
 	// The same resource attributes as the metrics, as configured for them.
 	r.resource = resourceFor(cfg, metadata.NewResourceBuilder(cfg.ResourceAttributes))
@@ -105,10 +119,12 @@ func (r *logsReceiver) loop(ctx context.Context) {
 	}
 }
 
-// hasOrigin tells whether the installed SQL (0.6.0+) has
-// new_anomalies_with_origin_for_log; checked on every pass until it has, so
-// an upgrade of the SQL is picked up without a restart.
-const hasOrigin = "SELECT pg_catalog.to_regprocedure('" + schema + ".new_anomalies_with_origin_for_log(text,integer)') IS NOT NULL"
+// hasFunctions tells whether the installed SQL (0.6.0+) has
+// new_anomalies_with_origin_for_log and finished_requests_for_log; checked
+// on every pass until it has both, so an upgrade of the SQL is picked up
+// without a restart.
+const hasFunctions = "SELECT pg_catalog.to_regprocedure('" + schema + ".new_anomalies_with_origin_for_log(text,integer)') IS NOT NULL, " +
+	"pg_catalog.to_regprocedure('" + schema + ".finished_requests_for_log(text,integer)') IS NOT NULL"
 
 type newAnomaly struct {
 	seq         int64
@@ -136,7 +152,31 @@ type anomalyOrigin struct {
 	causeApplicationName  *string
 }
 
-// pass delivers one batch of new anomalies, then moves the cursor.
+// finishedRequest is a requested refresh that finished (SQL 0.6.0): a row
+// of finished_requests_for_log.
+type finishedRequest struct {
+	id           int64
+	reason       *string
+	claimedAt    time.Time
+	finishedAt   time.Time
+	superseded   bool
+	deployMarker *string
+	deployedAt   *time.Time
+	newAnomalies int64
+	invariants   map[string]requestInvariant
+	notRefreshed []string
+	notClean     []string
+}
+
+// requestInvariant is what a requested refresh found in one invariant:
+// outcome is nil when the refresh did not reach it.
+type requestInvariant struct {
+	NewAnomalies int64   `json:"new_anomalies"`
+	Outcome      *string `json:"outcome"`
+}
+
+// pass delivers one batch of new anomalies and finished refresh requests,
+// then moves the cursor.
 func (r *logsReceiver) pass(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.effectiveTimeout())
 	defer cancel()
@@ -146,10 +186,11 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 	}
 	timeout := r.cfg.effectiveTimeout()
 	var batch []newAnomaly
+	var finished []finishedRequest
 	if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
-		withOrigin := r.withOrigin
-		if !withOrigin {
-			if err := tx.QueryRow(ctx, hasOrigin).Scan(&withOrigin); err != nil {
+		withOrigin, withFinished := r.withOrigin, r.withFinished
+		if !withOrigin || !withFinished {
+			if err := tx.QueryRow(ctx, hasFunctions).Scan(&withOrigin, &withFinished); err != nil {
 				return err
 			}
 		}
@@ -175,13 +216,18 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 				&o.causeChangedAt, &o.causeDBUser, &o.causeApplicationName)
 			return a, err
 		})
+		if err == nil && withFinished {
+			// Called with no room left too: a new consumer's cursor starts
+			// at the current end now, not when the anomalies are drained.
+			finished, err = r.readFinished(ctx, tx, max(r.cfg.Logs.maxRecords()-len(batch), 0))
+		}
 		if err == nil {
-			r.withOrigin = withOrigin
+			r.withOrigin, r.withFinished = withOrigin, withFinished
 		}
 		return err
-	}); err != nil || len(batch) == 0 {
+	}); err != nil || len(batch)+len(finished) == 0 {
 		if err != nil {
-			r.withOrigin = false
+			r.withOrigin, r.withFinished = false, false
 		}
 		return err
 	}
@@ -189,12 +235,46 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 	for _, a := range batch {
 		r.lb.AppendLogRecord(logRecord(a, now))
 	}
+	for _, f := range finished {
+		r.lb.AppendLogRecord(finishedRecord(f, now))
+	}
 	if err := r.next.ConsumeLogs(ctx, r.lb.Emit(metadata.WithLogsResource(r.resource))); err != nil {
-		return fmt.Errorf("the logs pipeline refused %d new anomaly records (kept for the next interval): %w", len(batch), err)
+		return fmt.Errorf("the logs pipeline refused %d new anomaly and %d finished refresh records (kept for the next interval): %w",
+			len(batch), len(finished), err)
 	}
 	return inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
-		_, err := tx.Exec(ctx, r.advance, r.consumer, batch[len(batch)-1].seq)
-		return err
+		if len(batch) > 0 {
+			if _, err := tx.Exec(ctx, r.advance, r.consumer, batch[len(batch)-1].seq); err != nil {
+				return err
+			}
+		}
+		if len(finished) > 0 {
+			if _, err := tx.Exec(ctx, r.advanceFinished, r.consumer, finished[len(finished)-1].id); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// readFinished reads at most maxRows refresh requests that finished since
+// the consumer's cursor (SQL 0.6.0).
+func (r *logsReceiver) readFinished(ctx context.Context, tx pgx.Tx, maxRows int) ([]finishedRequest, error) {
+	rows, err := tx.Query(ctx, r.finished, r.consumer, maxRows)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(row pgx.CollectableRow) (finishedRequest, error) {
+		var f finishedRequest
+		var invariants string
+		if err := row.Scan(&f.id, &f.reason, &f.claimedAt, &f.finishedAt, &f.superseded, &f.deployMarker, &f.deployedAt,
+			&f.newAnomalies, &invariants, &f.notRefreshed, &f.notClean); err != nil {
+			return f, err
+		}
+		if err := json.Unmarshal([]byte(invariants), &f.invariants); err != nil {
+			return f, fmt.Errorf("reading the invariants of finished refresh request %d: %w", f.id, err)
+		}
+		return f, nil
 	})
 }
 
@@ -290,6 +370,117 @@ func putOrigin(attrs pcommon.Map, o *anomalyOrigin) {
 	if str(o.causeOperation) == "DELETE" {
 		attrs.PutStr("pgconsistency.cause.restore", fmt.Sprintf("SELECT %s.audit_restore(%d)", schema, *o.causeAuditID))
 	}
+}
+
+// finishedRecord is the log record of a requested refresh that finished:
+// per invariant, how many anomalies it found, so that "the deploy was
+// clean" is a fact. WARN when an invariant is not clean (new anomalies, a
+// failed or timed out refresh, or not refreshed), else INFO.
+func finishedRecord(f finishedRequest, observed pcommon.Timestamp) plog.LogRecord {
+	lr := plog.NewLogRecord()
+	lr.SetTimestamp(pcommon.NewTimestampFromTime(f.finishedAt))
+	lr.SetObservedTimestamp(observed)
+	if len(f.notClean) == 0 {
+		lr.SetSeverityText("info")
+		lr.SetSeverityNumber(plog.SeverityNumberInfo)
+	} else {
+		lr.SetSeverityText("warning")
+		lr.SetSeverityNumber(plog.SeverityNumberWarn)
+	}
+	lr.SetEventName("pgconsistency.refresh.finished")
+	deploy := noDeployment
+	if f.deployedAt != nil {
+		marker := "NULL"
+		if f.deployMarker != nil {
+			marker = *f.deployMarker
+		}
+		deploy = fmt.Sprintf("after deploy %s (%s)", marker, f.deployedAt.UTC().Format(timeLayoutOrigin))
+	}
+	lr.Body().SetStr(finishedBody(f, deploy))
+	attrs := lr.Attributes()
+	attrs.PutInt("pgconsistency.refresh.request_id", f.id)
+	if f.reason != nil {
+		attrs.PutStr("pgconsistency.refresh.reason", *f.reason)
+	}
+	attrs.PutStr("pgconsistency.refresh.claimed_at", f.claimedAt.UTC().Format(timeLayoutOrigin))
+	attrs.PutStr("pgconsistency.refresh.finished_at", f.finishedAt.UTC().Format(timeLayoutOrigin))
+	attrs.PutBool("pgconsistency.refresh.superseded", f.superseded)
+	attrs.PutStr("pgconsistency.deploy", deploy)
+	if f.deployMarker != nil {
+		attrs.PutStr("pgconsistency.deploy.marker", *f.deployMarker)
+	}
+	if f.deployedAt != nil {
+		attrs.PutStr("pgconsistency.deploy.deployed_at", f.deployedAt.UTC().Format(timeLayoutOrigin))
+	}
+	attrs.PutInt("pgconsistency.anomalies.new", f.newAnomalies)
+	invariants := attrs.PutEmptyMap("pgconsistency.invariants")
+	invariants.EnsureCapacity(len(f.invariants))
+	for _, name := range slices.Sorted(maps.Keys(f.invariants)) {
+		invariants.PutInt(name, f.invariants[name].NewAnomalies)
+	}
+	putStrings(attrs.PutEmptySlice("pgconsistency.invariants.not_clean"), f.notClean)
+	putStrings(attrs.PutEmptySlice("pgconsistency.invariants.not_refreshed"), f.notRefreshed)
+	return lr
+}
+
+func putStrings(s pcommon.Slice, values []string) {
+	s.EnsureCapacity(len(values))
+	for _, v := range values {
+		s.AppendEmpty().SetStr(v)
+	}
+}
+
+// finishedBody is the record's one readable line, e.g. "requested refresh
+// finished (deploy marker changed from v1 to v2): after deploy v2
+// (2026-12-02T05:00:00Z) 1 new anomaly: dataset_seed_missing 1; 12 of 13
+// invariants clean".
+func finishedBody(f finishedRequest, deploy string) string {
+	var b strings.Builder
+	b.WriteString("requested refresh finished")
+	if f.reason != nil {
+		fmt.Fprintf(&b, " (%s)", *f.reason)
+	}
+	if f.superseded {
+		b.WriteString(", cut short by the next request")
+	}
+	fmt.Fprintf(&b, ": %s", deploy)
+	if len(f.notClean) == 0 {
+		if f.deployedAt != nil {
+			b.WriteString(", the deploy was clean")
+		} else {
+			b.WriteString(", clean")
+		}
+		fmt.Fprintf(&b, ": 0 new anomalies in %d invariants", len(f.invariants))
+		return b.String()
+	}
+	if f.deployedAt == nil {
+		b.WriteString(",")
+	}
+	names := slices.Sorted(maps.Keys(f.invariants))
+	if f.newAnomalies == 1 {
+		b.WriteString(" 1 new anomaly")
+	} else {
+		fmt.Fprintf(&b, " %d new anomalies", f.newAnomalies)
+	}
+	sep := ": "
+	for _, name := range names {
+		if n := f.invariants[name].NewAnomalies; n > 0 {
+			fmt.Fprintf(&b, "%s%s %d", sep, name, n)
+			sep = ", "
+		}
+	}
+	sep = "; failed: "
+	for _, name := range names {
+		if o := f.invariants[name].Outcome; o != nil && *o != "succeeded" {
+			fmt.Fprintf(&b, "%s%s (%s)", sep, name, strings.ReplaceAll(*o, "_", " "))
+			sep = ", "
+		}
+	}
+	if len(f.notRefreshed) > 0 {
+		fmt.Fprintf(&b, "; not refreshed: %s", strings.Join(f.notRefreshed, ", "))
+	}
+	fmt.Fprintf(&b, "; %d of %d invariants clean", len(f.invariants)-len(f.notClean), len(f.invariants))
+	return b.String()
 }
 
 func severityNumber(severity string) plog.SeverityNumber {

@@ -3,6 +3,7 @@ package pgconsistencyreceiver
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -158,7 +159,7 @@ func TestIntegrationLogsRefusedBatchIsNotLost(t *testing.T) {
 	time.Sleep(time.Second)
 	byKey, _, _ := records(&sink.LogsSink)
 	assert.Equal(t, map[string]int{fixture.DatasetID(12): 1}, byKey)
-	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts were refused")
+	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts at the clean deploy's record were refused")
 }
 
 // TestIntegrationLogsDeployAndCause: on SQL 0.6.0 each record carries the
@@ -246,4 +247,181 @@ func TestIntegrationLogsOlderRelease(t *testing.T) {
 	attrs := all[0].Attributes().AsRaw()
 	assert.NotContains(t, attrs, "pgconsistency.deploy")
 	assert.NotContains(t, attrs, "pgconsistency.cause")
+}
+
+// eventRecords are the records of one event name the sink received.
+func eventRecords(sink *consumertest.LogsSink, event string) []plog.LogRecord {
+	_, _, all := records(sink)
+	var out []plog.LogRecord
+	for _, lr := range all {
+		if lr.EventName() == event {
+			out = append(out, lr)
+		}
+	}
+	return out
+}
+
+// TestIntegrationLogsRefreshFinished: on SQL 0.6.0 a requested refresh
+// (after a deploy) that finished is one record, once, with what it found per
+// invariant; a refused batch comes again.
+func TestIntegrationLogsRefreshFinished(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	conn := srv.Conn(t, db)
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		_, err := conn.Exec(t.Context(), sql, args...)
+		require.NoError(t, err, sql)
+	}
+	exec("SELECT pgconsistency.observe_deploy_marker('v1')")
+	exec("CALL pgconsistency.refresh()")
+	var enabled int
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.invariant WHERE enabled").Scan(&enabled))
+
+	sink := &flakyLogs{}
+	rcv := startLogsReceiver(t, srv, db, sink, 100)
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+	require.Eventually(t, func() bool {
+		var started bool
+		err := conn.QueryRow(t.Context(), `SELECT last_request_id IS NOT NULL FROM pgconsistency.log_cursor
+			WHERE consumer = 'pgconsistency/logs-test'`).Scan(&started)
+		return err == nil && started
+	}, 10*time.Second, 50*time.Millisecond, "the request cursor")
+
+	// A breaking deploy.
+	exec("SELECT pgconsistency.observe_deploy_marker('v2', '0 seconds')")
+	var deployedAt time.Time
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT changed_at FROM pgconsistency.deployment WHERE marker = 'v2'").Scan(&deployedAt))
+	exec("DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", fixture.DatasetID(5))
+	exec("CALL pgconsistency.refresh()")
+	require.Eventually(t, func() bool {
+		return len(eventRecords(&sink.LogsSink, "pgconsistency.refresh.finished")) >= 1
+	}, 20*time.Second, 50*time.Millisecond)
+
+	// A clean one; the pipeline refuses the first batches (its record is
+	// the only one: no anomaly appears).
+	exec("SELECT pgconsistency.observe_deploy_marker('v3', '0 seconds')")
+	sink.refusals.Store(2)
+	exec("CALL pgconsistency.refresh()")
+	require.Eventually(t, func() bool {
+		return len(eventRecords(&sink.LogsSink, "pgconsistency.refresh.finished")) >= 2
+	}, 20*time.Second, 50*time.Millisecond)
+	time.Sleep(time.Second) // more intervals: nothing more may come
+	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts were refused")
+	finished := eventRecords(&sink.LogsSink, "pgconsistency.refresh.finished")
+	require.Len(t, finished, 2, "one record per request, once")
+	assert.Len(t, eventRecords(&sink.LogsSink, "pgconsistency.anomaly.new"), 1, "the anomaly's record, once")
+
+	broken := finished[0]
+	assert.Equal(t, plog.SeverityNumberWarn, broken.SeverityNumber())
+	assert.Contains(t, broken.Body().Str(), "requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (")
+	assert.Contains(t, broken.Body().Str(), fmt.Sprintf(") 1 new anomaly: dataset_seed_missing 1; %d of %d invariants clean", enabled-1, enabled))
+	attrs := broken.Attributes().AsRaw()
+	assert.Equal(t, "deploy marker changed from v1 to v2", attrs["pgconsistency.refresh.reason"])
+	assert.Equal(t, "v2", attrs["pgconsistency.deploy.marker"])
+	assert.Equal(t, deployedAt.UTC().Format(time.RFC3339Nano), attrs["pgconsistency.deploy.deployed_at"])
+	assert.IsType(t, int64(0), attrs["pgconsistency.refresh.request_id"])
+	assert.Contains(t, attrs, "pgconsistency.refresh.claimed_at")
+	assert.Contains(t, attrs, "pgconsistency.refresh.finished_at")
+	assert.EqualValues(t, 1, attrs["pgconsistency.anomalies.new"])
+	invariants, ok := attrs["pgconsistency.invariants"].(map[string]any)
+	require.True(t, ok, "pgconsistency.invariants is a map")
+	assert.Len(t, invariants, enabled, "every enabled invariant, 0 included")
+	assert.EqualValues(t, 1, invariants["dataset_seed_missing"])
+	assert.EqualValues(t, 0, invariants["dataset_head_ref_missing"])
+	assert.Equal(t, []any{"dataset_seed_missing"}, attrs["pgconsistency.invariants.not_clean"])
+	assert.Equal(t, []any{}, attrs["pgconsistency.invariants.not_refreshed"])
+
+	clean := finished[1]
+	assert.Equal(t, plog.SeverityNumberInfo, clean.SeverityNumber())
+	assert.Contains(t, clean.Body().Str(), fmt.Sprintf("the deploy was clean: 0 new anomalies in %d invariants", enabled))
+	attrs = clean.Attributes().AsRaw()
+	assert.Equal(t, "v3", attrs["pgconsistency.deploy.marker"])
+	assert.EqualValues(t, 0, attrs["pgconsistency.anomalies.new"])
+	assert.Equal(t, []any{}, attrs["pgconsistency.invariants.not_clean"])
+	assert.Greater(t, clean.Timestamp(), broken.Timestamp(), "timestamp: when the refresh finished")
+}
+
+// TestFinishedRecordBody: the one readable line of a finished refresh
+// request's record, and its severity.
+func TestFinishedRecordBody(t *testing.T) {
+	at := time.Date(2026, 12, 2, 5, 0, 0, 0, time.UTC)
+	str := func(s string) *string { return &s }
+	ok := str("succeeded")
+	base := func() finishedRequest {
+		return finishedRequest{
+			id: 7, reason: str("deploy marker changed from v1 to v2"), claimedAt: at, finishedAt: at.Add(time.Minute),
+			deployMarker: str("v2"), deployedAt: &at,
+			invariants: map[string]requestInvariant{"a": {Outcome: ok}, "b": {Outcome: ok}, "c": {Outcome: ok}},
+		}
+	}
+	for _, tc := range []struct {
+		name   string
+		change func(*finishedRequest)
+		body   string
+		sev    plog.SeverityNumber
+	}{
+		{"Clean", func(*finishedRequest) {},
+			"requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (2026-12-02T05:00:00Z), " +
+				"the deploy was clean: 0 new anomalies in 3 invariants", plog.SeverityNumberInfo},
+		{"NewAnomalies", func(f *finishedRequest) {
+			f.newAnomalies = 3
+			f.invariants["a"] = requestInvariant{NewAnomalies: 1, Outcome: ok}
+			f.invariants["c"] = requestInvariant{NewAnomalies: 2, Outcome: ok}
+			f.notClean = []string{"a", "c"}
+		}, "requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (2026-12-02T05:00:00Z) " +
+			"3 new anomalies: a 1, c 2; 1 of 3 invariants clean", plog.SeverityNumberWarn},
+		{"FailedAndNotRefreshed", func(f *finishedRequest) {
+			f.reason, f.deployMarker, f.deployedAt, f.superseded = nil, nil, nil, true
+			f.invariants["a"] = requestInvariant{Outcome: str("timed_out")}
+			f.invariants["b"] = requestInvariant{}
+			f.notClean, f.notRefreshed = []string{"a", "b"}, []string{"b"}
+		}, "requested refresh finished, cut short by the next request: no deployment recorded, 0 new anomalies; " +
+			"failed: a (timed out); not refreshed: b; 1 of 3 invariants clean", plog.SeverityNumberWarn},
+		{"NoDeploymentClean", func(f *finishedRequest) { f.deployMarker, f.deployedAt = nil, nil },
+			"requested refresh finished (deploy marker changed from v1 to v2): no deployment recorded, clean: " +
+				"0 new anomalies in 3 invariants", plog.SeverityNumberInfo},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			f := base()
+			tc.change(&f)
+			lr := finishedRecord(f, 0)
+			assert.Equal(t, tc.body, lr.Body().Str())
+			assert.Equal(t, tc.sev, lr.SeverityNumber())
+			assert.Equal(t, "pgconsistency.refresh.finished", lr.EventName())
+		})
+	}
+}
+
+// TestIntegrationLogsRefreshFinishedWithinTheCap: the records of finished
+// requests count in logs::max_records_per_interval, after the new anomalies.
+func TestIntegrationLogsRefreshFinishedWithinTheCap(t *testing.T) {
+	srv := pgtest.Start(t)
+	db := fixture.NewDatabase(t, srv)
+	conn := srv.Conn(t, db)
+	exec := func(sql string, args ...any) {
+		t.Helper()
+		_, err := conn.Exec(t.Context(), sql, args...)
+		require.NoError(t, err, sql)
+	}
+	exec("SELECT pgconsistency.observe_deploy_marker('v1')")
+	exec("CALL pgconsistency.refresh()")
+	sink := new(consumertest.LogsSink)
+	rcv := startLogsReceiver(t, srv, db, sink, 1)
+	t.Cleanup(func() { require.NoError(t, rcv.Shutdown(context.Background())) })
+	require.Eventually(t, cursorExists(t, srv, db), 10*time.Second, 50*time.Millisecond)
+
+	exec("SELECT pgconsistency.observe_deploy_marker('v2', '0 seconds')")
+	for _, i := range []int{5, 6} {
+		exec("DELETE FROM public.dataset_key_blocks WHERE dataset_id = $1 AND event_type = 'Seed'", fixture.DatasetID(i))
+	}
+	exec("CALL pgconsistency.refresh()")
+	require.Eventually(t, func() bool { return sink.LogRecordCount() >= 3 }, 20*time.Second, 50*time.Millisecond)
+	time.Sleep(time.Second)
+	_, largest, all := records(sink)
+	assert.Equal(t, 1, largest, "the cap per interval")
+	require.Len(t, all, 3)
+	assert.Equal(t, "pgconsistency.refresh.finished", all[2].EventName(), "after the new anomalies")
+	n, _ := all[2].Attributes().Get("pgconsistency.anomalies.new")
+	assert.EqualValues(t, 2, n.Int())
 }

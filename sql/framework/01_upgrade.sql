@@ -281,7 +281,8 @@ DROP FUNCTION IF EXISTS pgconsistency._register_row(text, text, text, text, text
 -- ---------------------------------------------------------------------------
 -- From 0.5.0 to 0.6.0: which deploy broke it. Each anomaly records the
 -- deployment current when it appeared and the change that caused it (see
--- 02_tables.sql). Nullable columns without a default: adding them rewrites
+-- 02_tables.sql); each log cursor, where its consumer is in the finished
+-- refresh requests. The index anomaly_first_seen is created by 02_tables.sql. Nullable columns without a default: adding them rewrites
 -- nothing. The anomalies open before the upgrade have them NULL (unknown).
 DO $do$
 DECLARE
@@ -308,5 +309,8 @@ BEGIN
     LOOP
         PERFORM pgconsistency._install_column('pgconsistency.refresh_state', c.col, c.type);
     END LOOP;
+    -- Each log consumer's cursor in the finished refresh requests
+    -- (finished_requests_for_log): NULL until it first reads them.
+    PERFORM pgconsistency._install_column('pgconsistency.log_cursor', 'last_request_id', 'bigint');
 END
 $do$;

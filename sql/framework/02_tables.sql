@@ -257,6 +257,11 @@ SELECT pgconsistency._install_index('anomaly_acknowledged_until',
   'CREATE INDEX anomaly_acknowledged_until ON pgconsistency.anomaly (acknowledged_until) WHERE acknowledged_until IS NOT NULL');
 SELECT pgconsistency._install_index('anomaly_resolved',
   'CREATE INDEX anomaly_resolved ON pgconsistency.anomaly (invariant, resolved_at) WHERE resolved_at IS NOT NULL');
+-- Since 0.6.0: finished_requests_for_log counts the anomalies a requested
+-- refresh found (first seen between its claim and its end) in the rows it
+-- counts, not in the whole table.
+SELECT pgconsistency._install_index('anomaly_first_seen',
+  'CREATE INDEX anomaly_first_seen ON pgconsistency.anomaly (first_seen_at)');
 SELECT pgconsistency._install_comment('pgconsistency.anomaly',
   'Anomalies by invariant and key: first seen, last seen, resolved, acknowledged');
 DO $do$
@@ -281,11 +286,15 @@ $do$;
 -- owner: the role that created the cursor; only it (or a role with the
 -- privileges of pgconsistency's owner) reads and moves it. NULL for cursors
 -- made before 0.2.0: the next role to use it becomes its owner.
+-- last_request_id (0.6.0): where the consumer is in the refresh requests
+-- whose refresh finished (finished_requests_for_log); NULL until the
+-- consumer first asks for them.
 CREATE TABLE IF NOT EXISTS pgconsistency.log_cursor (
     consumer   text        PRIMARY KEY,
     last_seq   bigint      NOT NULL,
     updated_at timestamptz NOT NULL,
-    owner      text
+    owner      text,
+    last_request_id bigint
 );
 SELECT pgconsistency._install_comment('pgconsistency.log_cursor',
   'Last anomaly seq delivered to each log consumer');

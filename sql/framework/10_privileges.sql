@@ -24,14 +24,17 @@ GRANT EXECUTE ON FUNCTION pgconsistency._deprecated_column(text, text, anyelemen
 -- to what its roles run get their grants now, so that a pg_cron job or a
 -- collector running as one of them keeps working before roles.sql is re-run:
 -- 0.2.0 added refresh_plan() to the refresh loop; 0.6.0
--- new_anomalies_with_origin_for_log() to the receiver's logs.
+-- new_anomalies_with_origin_for_log(), finished_requests_for_log() and
+-- advance_request_log_cursor() to the receiver's logs.
 DO $do$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgconsistency_refresher') THEN
         GRANT EXECUTE ON FUNCTION pgconsistency.refresh_plan(text, boolean) TO pgconsistency_refresher; -- 0.2.0
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgconsistency_reader') THEN
-        GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_with_origin_for_log(text, integer) TO pgconsistency_reader; -- 0.6.0
+        GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_with_origin_for_log(text, integer),
+                                  pgconsistency.finished_requests_for_log(text, integer),
+                                  pgconsistency.advance_request_log_cursor(text, bigint) TO pgconsistency_reader; -- 0.6.0
     END IF;
 END
 $do$;
