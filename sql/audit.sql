@@ -419,52 +419,44 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.audit_restore(bigint) IS
   'Re-insert the row removed by the DELETE recorded in pgconsistency.audit_log row audit_id; returns it';
 
--- _record_anomaly_causes (0.6.0): called by refresh_invariant, in the
--- refresh's transaction, after new anomalies appeared (those of invariant
--- with a seq above after_seq): records on each the change that caused it,
--- the last audit_log row of its key in the audited tables the invariant
--- reads, before it was first seen. One index lookup per new anomaly
--- (audit_log_row_key: row_key, changed_at), so a mass incident costs
--- O(new anomalies), nothing when the invariant reads no audited table.
--- Returns how many anomalies got a cause.
-CREATE OR REPLACE FUNCTION pgconsistency._record_anomaly_causes(invariant text, after_seq bigint)
-RETURNS bigint
+-- _anomaly_cause_join (0.6.0): how refresh_invariant finds the change that
+-- caused each anomaly of invariant as it appears, where this pack records
+-- a table the invariant reads: a LEFT JOIN LATERAL for the lifecycle's
+-- INSERT, over its rows d (d.key) at the refresh's start ($2), giving c.id,
+-- c.operation, c.tbl, c.txid, c.changed_at, c.db_user, c.application_name
+-- of the last audit_log row of the key in those tables before it. One
+-- index lookup per new anomaly (audit_log_row_key: row_key, changed_at),
+-- written with the anomaly (no second write of it), so a mass incident
+-- costs O(new anomalies). NULL when no table of the invariant is audited:
+-- no cause recorded.
+CREATE OR REPLACE FUNCTION pgconsistency._anomaly_cause_join(invariant text)
+RETURNS text
 LANGUAGE plpgsql
+STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     v_tables text[];
-    v_count  bigint;
 BEGIN
     SELECT pg_catalog.array_agg(t.name) INTO v_tables
       FROM pg_catalog.unnest(pgconsistency._invariant_tables(invariant)) AS t(name)
      WHERE EXISTS (SELECT 1 FROM pgconsistency.audited_table a
                     WHERE pg_catalog.format('%I.%I', a.table_schema, a.table_name) = t.name);
     IF v_tables IS NULL THEN
-        RETURN 0; -- no table of the invariant is audited: no cause recorded
+        RETURN NULL;
     END IF;
-    UPDATE pgconsistency.anomaly a
-       SET cause_audit_id = c.id, cause_operation = c.operation,
-           cause_table = pg_catalog.format('%I.%I', c.table_schema, c.table_name),
-           cause_txid = c.txid, cause_changed_at = c.changed_at, cause_db_user = c.db_user,
-           cause_application_name = c.application_name
-      FROM (SELECT n.key, l.*
-              FROM pgconsistency.anomaly n
-             CROSS JOIN LATERAL (
-                   SELECT l.id, l.operation, l.table_schema, l.table_name, l.txid, l.changed_at, l.db_user, l.application_name
-                     FROM pgconsistency.audit_log l
-                    WHERE l.row_key = n.key AND l.changed_at <= n.first_seen_at
-                      AND pg_catalog.format('%I.%I', l.table_schema, l.table_name) = ANY (v_tables)
-                    ORDER BY l.changed_at DESC, l.id DESC
-                    LIMIT 1) l
-             WHERE n.invariant = _record_anomaly_causes.invariant AND n.seq > after_seq) c
-     WHERE a.invariant = _record_anomaly_causes.invariant AND a.key = c.key;
-    GET DIAGNOSTICS v_count = ROW_COUNT;
-    RETURN v_count;
+    RETURN pg_catalog.format($sql$LEFT JOIN LATERAL (
+        SELECT l.id, l.operation, pg_catalog.format('%%I.%%I', l.table_schema, l.table_name) AS tbl, l.txid,
+               l.changed_at, l.db_user, l.application_name
+          FROM pgconsistency.audit_log l
+         WHERE l.row_key = d.key AND l.changed_at <= $2
+           AND pg_catalog.format('%%I.%%I', l.table_schema, l.table_name) = ANY (%L::text[])
+         ORDER BY l.changed_at DESC, l.id DESC
+         LIMIT 1) c ON true$sql$, v_tables);
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency._record_anomaly_causes(text, bigint) IS
-  'Internal: record on the new anomalies of an invariant the audited change that caused them (called by refresh_invariant)';
+COMMENT ON FUNCTION pgconsistency._anomaly_cause_join(text) IS
+  'Internal: the join refresh_invariant uses to record on new anomalies the audited change that caused them';
 
 -- As in the framework (sql/framework/10_privileges.sql): nothing in the
 -- schema is executable by PUBLIC. A DBA grants audit_history to whoever
@@ -472,7 +464,7 @@ COMMENT ON FUNCTION pgconsistency._record_anomaly_causes(text, bigint) IS
 REVOKE EXECUTE ON FUNCTION pgconsistency._drop_audit_triggers(regclass), pgconsistency.enable_audit(regclass, text),
        pgconsistency.disable_audit(regclass), pgconsistency.enable_dataset_audit(text),
        pgconsistency.audit_history(text, timestamptz, text), pgconsistency.audit_restore(bigint),
-       pgconsistency._invariant_tables(text), pgconsistency._record_anomaly_causes(text, bigint) FROM PUBLIC;
+       pgconsistency._invariant_tables(text), pgconsistency._anomaly_cause_join(text) FROM PUBLIC;
 
 \o
 COMMIT;

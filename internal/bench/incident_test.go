@@ -4,8 +4,9 @@ package bench
 // part of the data, before autovacuum has analysed anything (DESIGN.md,
 // known pitfalls: the planner still sees the old statistics).
 //
-// At each scale, on the bench data (generate.sql) and on two schema variants
-// (the bench schema as is, and without the optional unique indexes):
+// At each scale, on the bench data (generate.sql) and on three schema variants
+// (the bench schema as is, without the optional unique indexes, and with
+// the audit pack on the dataset tables, whose causes are checked too):
 //
 //  1. CALL pgconsistency.refresh(force => true) populates the views, VACUUM
 //     (ANALYZE) stands for the autovacuum of a database that has been running
@@ -63,6 +64,12 @@ const (
 type schemaVariant struct {
 	name string
 	ddl  string // run after generate.sql, before sql/install.sql
+	// run after sql/install.sql: more packs (files), then setup
+	packs []string
+	setup string
+	// causes: the first refresh after the incident records the DELETE as
+	// the cause of each anomaly it made
+	causes bool
 }
 
 var schemaVariants = []schemaVariant{
@@ -74,6 +81,11 @@ var schemaVariants = []schemaVariant{
 		DROP INDEX public.idx_dataset_references, public.idx_dataset_statistics, public.idx_dataset_dependencies,
 		           public.idx_dataset_key_blocks_by_hash, public.idx_dataset_data_blocks_by_hash,
 		           public.idx_dataset_entries_owner_id_dataset_name`},
+	// The audit pack on the dataset tables (0.6.0): the incident's DELETEs
+	// write an audit_log row each, and the first refresh after it looks up
+	// the cause of every new anomaly there.
+	{name: "with the audit pack on the dataset tables", packs: []string{"sql/audit.sql"},
+		setup: "SELECT pgconsistency.enable_dataset_audit()", causes: true},
 }
 
 // incidentResult is what one scale on one schema variant measured.
@@ -223,6 +235,12 @@ func runIncident(tb testing.TB, srv *pgtest.Server, template string, index, n in
 		srv.Psql(tb, db, "-c", v.ddl)
 	}
 	srv.PsqlFile(tb, db, fixture.Path("sql/install.sql"))
+	for _, p := range v.packs {
+		srv.PsqlFile(tb, db, fixture.Path(p))
+	}
+	if v.setup != "" {
+		srv.Psql(tb, db, "-c", v.setup)
+	}
 
 	ctx := tb.Context()
 	conn, err := pgx.Connect(ctx, srv.DSN(db))
@@ -316,6 +334,9 @@ func runIncident(tb testing.TB, srv *pgtest.Server, template string, index, n in
 		}
 		r.after = append(r.after, d)
 		check(r.want, when)
+		if v.causes && i == 0 {
+			checkCauses(tb, conn, r)
+		}
 		progress(tb, "mass incident, %d datasets, schema %s: %s: %s (%.2f× clean)", n, v.name, when, ms(d), r.ratio(i))
 	}
 
@@ -332,6 +353,22 @@ func runIncident(tb testing.TB, srv *pgtest.Server, template string, index, n in
 		tb.Fatalf("autovacuum processed %s during the mass incident", strings.Join(analysed, ", "))
 	}
 	return r
+}
+
+// checkCauses records as problems the anomalies of the incident whose
+// cause (the DELETE, from the audit pack) was not recorded: every dataset
+// that lost its statistics or its Seed.
+func checkCauses(tb testing.TB, conn *pgx.Conn, r *incidentResult) {
+	var statistics, seed int64
+	must(tb, conn.QueryRow(tb.Context(), `
+		SELECT count(*) FILTER (WHERE a.invariant = 'dataset_statistics_missing' AND a.cause_table = 'public.dataset_statistics'),
+		       count(*) FILTER (WHERE a.invariant = 'dataset_seed_missing' AND a.cause_table = 'public.dataset_key_blocks')
+		  FROM pgconsistency.anomaly a
+		 WHERE a.resolved_at IS NULL AND a.cause_operation = 'DELETE'`).Scan(&statistics, &seed))
+	if statistics != r.statisticsDatasets || seed != r.seedDatasets {
+		r.problems = append(r.problems, fmt.Sprintf("causes recorded: %d statistics and %d Seed DELETEs, want %d and %d",
+			statistics, seed, r.statisticsDatasets, r.seedDatasets))
+	}
 }
 
 // incidentRefresh runs one forced refresh of every invariant. The session's

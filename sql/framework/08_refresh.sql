@@ -76,6 +76,8 @@ DECLARE
     v_deployment pgconsistency.deployment%ROWTYPE;
     v_causes   bigint; -- NULL: no cause looked for (no audit pack)
     v_cause    pgconsistency.anomaly%ROWTYPE;
+    v_cause_join text;
+    v_audited  boolean := false; -- the audit pack is installed
     v_request_reason text;
     v_seq_floor bigint;
     v_status   text := 'succeeded';
@@ -215,6 +217,16 @@ BEGIN
             -- Under that lock, every seq this refresh takes is above it.
             SELECT pg_catalog.max(a.seq) INTO v_seq_floor FROM pgconsistency.anomaly a;
 
+            -- The change that caused each new anomaly, where the audit pack
+            -- (sql/audit.sql, optional) records a table the invariant reads:
+            -- its join gives c.* for each appearing row, written with it.
+            -- Without it, c.* are NULL. (Before the planner settings below:
+            -- the catalog queries behind it plan badly without nested loops.)
+            IF pg_catalog.to_regprocedure('pgconsistency._anomaly_cause_join(text)') IS NOT NULL THEN
+                EXECUTE 'SELECT pgconsistency._anomaly_cause_join($1)' INTO v_cause_join USING inv.name;
+                v_audited := true;
+            END IF;
+
             -- The lifecycle joins the rows with pgconsistency.anomaly, whose
             -- statistics a mass incident has just made wrong (100,000 anomalies
             -- inserted by the previous refresh, not analysed yet), as are the
@@ -227,13 +239,18 @@ BEGIN
                      SELECT k FROM pg_catalog.jsonb_object_keys(coalesce(inv.settings -> 'incremental', '{}')) AS k) AS e(key)
                JOIN pg_catalog.pg_settings s ON s.name = e.key;
             PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
+            -- No JIT: the nested loop the cause join needs costs 1e10 once
+            -- nested loops are off, far above jit_above_cost, and compiling
+            -- the statement then took 0.6 s of a 3.4 s lifecycle (100,000
+            -- new anomalies), for nothing.
+            PERFORM pg_catalog.set_config('jit', 'off', true);
 
             -- O(changes) writes: an anomaly appears (new, or back again), is
             -- resolved (open, but not in the rows), or its details changed.
             -- Nothing for one that persists. An incremental refresh compares
             -- its keys only ($3). A reconcile counts what differed for keys
             -- that were not pending ($5): what the incremental refreshes missed.
-            EXECUTE $q$
+            EXECUTE pg_catalog.replace($q$
                 WITH o AS (
                     SELECT a.key, a.details FROM pgconsistency.anomaly a
                      WHERE a.invariant = $1 AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3))),
@@ -244,10 +261,14 @@ BEGIN
                 appeared AS (
                     INSERT INTO pgconsistency.anomaly AS a (invariant, key, seq, first_seen_at, last_seen_at, details,
                                                             deployment_id, deploy_marker, deployed_at,
-                                                            deployed_since_previous_refresh, refresh_reason)
+                                                            deployed_since_previous_refresh, refresh_reason,
+                                                            cause_audit_id, cause_operation, cause_table, cause_txid,
+                                                            cause_changed_at, cause_db_user, cause_application_name)
                     SELECT $1, d.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, d.details,
-                           $6, $7, $8, $9, $10
-                      FROM d WHERE d.present AND NOT d.was_open
+                           $6, $7, $8, $9, $10,
+                           c.id, c.operation, c.tbl, c.txid, c.changed_at, c.db_user, c.application_name
+                      FROM d /*cause join*/
+                     WHERE d.present AND NOT d.was_open
                      ORDER BY d.key
                     ON CONFLICT ON CONSTRAINT anomaly_pkey DO UPDATE
                        SET seq = EXCLUDED.seq, first_seen_at = EXCLUDED.first_seen_at,
@@ -257,9 +278,11 @@ BEGIN
                            deployed_at = EXCLUDED.deployed_at,
                            deployed_since_previous_refresh = EXCLUDED.deployed_since_previous_refresh,
                            refresh_reason = EXCLUDED.refresh_reason,
-                           cause_audit_id = NULL, cause_operation = NULL, cause_table = NULL, cause_txid = NULL,
-                           cause_changed_at = NULL, cause_db_user = NULL, cause_application_name = NULL
-                    RETURNING 1),
+                           cause_audit_id = EXCLUDED.cause_audit_id, cause_operation = EXCLUDED.cause_operation,
+                           cause_table = EXCLUDED.cause_table, cause_txid = EXCLUDED.cause_txid,
+                           cause_changed_at = EXCLUDED.cause_changed_at, cause_db_user = EXCLUDED.cause_db_user,
+                           cause_application_name = EXCLUDED.cause_application_name
+                    RETURNING a.cause_audit_id),
                 resolved AS (
                     UPDATE pgconsistency.anomaly a SET resolved_at = $2, last_seen_at = coalesce($4, a.last_seen_at)
                       FROM d
@@ -271,31 +294,30 @@ BEGIN
                       FROM d
                      WHERE a.invariant = $1 AND a.key = d.key AND d.present AND d.was_open
                        AND a.resolved_at IS NULL AND ($3::text[] IS NULL OR a.key = ANY ($3)))
-                SELECT (SELECT count(*) FROM appeared), (SELECT count(*) FROM resolved),
+                SELECT (SELECT count(*) FROM appeared), (SELECT count(appeared.cause_audit_id) FROM appeared),
+                       (SELECT count(*) FROM resolved),
                        (SELECT count(*) FROM d
                          WHERE $5::text[] IS NOT NULL
                            AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS p(key) WHERE p.key = d.key))
-            $q$
-            INTO v_new, v_resolved, v_healed
+            $q$, '/*cause join*/', coalesce(v_cause_join, $j$LEFT JOIN LATERAL (
+                SELECT NULL::bigint AS id, NULL::text AS operation, NULL::text AS tbl, NULL::bigint AS txid,
+                       NULL::timestamptz AS changed_at, NULL::text AS db_user, NULL::text AS application_name) c ON true$j$))
+            INTO v_new, v_causes, v_resolved, v_healed
             USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
                   CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END,
                   v_deployment.id, v_deployment.marker, v_deployment.changed_at,
                   CASE WHEN v_deployment.id IS NOT NULL
                        THEN v_deployment.changed_at > coalesce(v_prev_clean_started, '-infinity') END,
                   v_request_reason;
-            -- The change that caused each new anomaly, where the audit pack
-            -- (sql/audit.sql, optional) records the tables the invariant
-            -- reads; the latest of them goes to the status (by anomaly_seq_idx:
+            -- The latest of the causes goes to the status (by anomaly_seq_idx:
             -- the new anomalies only).
-            IF v_new > 0 AND pg_catalog.to_regprocedure('pgconsistency._record_anomaly_causes(text,bigint)') IS NOT NULL THEN
-                EXECUTE 'SELECT pgconsistency._record_anomaly_causes($1, $2)' INTO v_causes
-                    USING inv.name, coalesce(v_seq_floor, 0);
-                IF v_causes > 0 THEN
-                    SELECT a.* INTO v_cause FROM pgconsistency.anomaly a
-                     WHERE a.seq > coalesce(v_seq_floor, 0) AND a.invariant = inv.name AND a.cause_audit_id IS NOT NULL
-                     ORDER BY a.cause_changed_at DESC, a.cause_audit_id DESC
-                     LIMIT 1;
-                END IF;
+            IF NOT v_audited THEN
+                v_causes := NULL; -- no cause looked for
+            ELSIF v_causes > 0 THEN
+                SELECT a.* INTO v_cause FROM pgconsistency.anomaly a
+                 WHERE a.seq > coalesce(v_seq_floor, 0) AND a.invariant = inv.name AND a.cause_audit_id IS NOT NULL
+                 ORDER BY a.cause_changed_at DESC, a.cause_audit_id DESC
+                 LIMIT 1;
             END IF;
         END IF;
         SELECT c.unacknowledged, c.acknowledged INTO v_total, v_acked FROM pgconsistency._open_counts(inv.name) c;
