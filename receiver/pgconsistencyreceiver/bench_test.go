@@ -90,3 +90,36 @@ func benchConfig(b *testing.B) *Config {
 	}
 	return cfg
 }
+
+// BenchmarkStatusShapes measures the status query of each release shape the
+// receiver knows, newest first, on the same database and connection: what
+// each release's columns cost a scrape (0.6.0 added the deploy marker value
+// and where the new anomalies came from). Run with -count to alternate them.
+func BenchmarkStatusShapes(b *testing.B) {
+	cfg := benchConfig(b)
+	c, err := newPgxClient(b.Context(), cfg)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.close()
+	pc := c.(*pgxClient)
+	conn, err := pc.pool.Acquire(b.Context())
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer conn.Release()
+	for _, sh := range []struct {
+		name  string
+		shape statusShape
+	}{{"0.6.0", shape060}, {"0.5.0", shape050}} {
+		b.Run(sh.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for b.Loop() {
+				rows, err := pc.readStatusOn(b.Context(), conn, statusQueries[sh.shape])
+				if err != nil || len(rows) == 0 {
+					b.Fatalf("%d rows: %v", len(rows), err)
+				}
+			}
+		})
+	}
+}
