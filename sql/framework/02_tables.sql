@@ -228,8 +228,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     -- latest deploy marker value seen, and when it changed), whether that
     -- deployment came after the invariant's previous successful refresh
     -- started (false: no deploy since the last clean refresh), and the
-    -- reason of the refresh
-    -- request that led to that refresh, if any.
+    -- reason of the refresh request that led to that refresh, if any.
     deployment_id   bigint,
     deploy_marker   text,
     deployed_at     timestamptz,
