@@ -159,7 +159,7 @@ func TestIntegrationLogsRefusedBatchIsNotLost(t *testing.T) {
 	time.Sleep(time.Second)
 	byKey, _, _ := records(&sink.LogsSink)
 	assert.Equal(t, map[string]int{fixture.DatasetID(12): 1}, byKey)
-	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts at the clean deploy's record were refused")
+	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts were refused")
 }
 
 // TestIntegrationLogsDeployAndCause: on SQL 0.6.0 each record carries the
@@ -307,7 +307,7 @@ func TestIntegrationLogsRefreshFinished(t *testing.T) {
 		return len(eventRecords(&sink.LogsSink, "pgconsistency.refresh.finished")) >= 2
 	}, 20*time.Second, 50*time.Millisecond)
 	time.Sleep(time.Second) // more intervals: nothing more may come
-	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts were refused")
+	assert.Less(t, sink.refusals.Load(), int32(0), "the first attempts at the clean deploy's record were refused")
 	finished := eventRecords(&sink.LogsSink, "pgconsistency.refresh.finished")
 	require.Len(t, finished, 2, "one record per request, once")
 	assert.Len(t, eventRecords(&sink.LogsSink, "pgconsistency.anomaly.new"), 1, "the anomaly's record, once")
