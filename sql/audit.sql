@@ -434,6 +434,14 @@ RETURNS text
 LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
+-- refresh_invariant calls it under the invariant's planner settings (the
+-- dataset pack's turn nested loops off): the catalog queries of
+-- _invariant_tables then cost 1e10 and were JIT-compiled, 1 s per refresh
+-- instead of 6 ms. Its own settings, whatever the caller's:
+SET enable_nestloop = on
+SET enable_hashjoin = on
+SET enable_mergejoin = on
+SET jit = off
 AS $fn$
 DECLARE
     v_tables text[];
