@@ -291,8 +291,7 @@ BEGIN
     IF pg_catalog.to_regclass('pgconsistency.anomaly') IS NULL THEN
         RETURN; -- a fresh install
     END IF;
-    FOR c IN SELECT * FROM (VALUES ('deployment_id', 'bigint'), ('deploy_marker', 'text'), ('deployed_at', 'timestamptz'),
-                                   ('deployed_since_previous_refresh', 'boolean'), ('refresh_reason', 'text'),
+    FOR c IN SELECT * FROM (VALUES ('deployment_id', 'bigint'), ('deployed_since_previous_refresh', 'boolean'), ('refresh_reason', 'text'),
                                    ('cause_audit_id', 'bigint'), ('cause_operation', 'text'), ('cause_table', 'text'),
                                    ('cause_txid', 'bigint'), ('cause_changed_at', 'timestamptz'),
                                    ('cause_db_user', 'text'), ('cause_application_name', 'text')) AS v(col, type)

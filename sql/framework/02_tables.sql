@@ -166,7 +166,8 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
     last_healed_at           timestamptz,
     -- Where the new anomalies of the latest successful refresh came from
     -- (0.6.0); NULL when it found none. The deployment they appeared after
-    -- (pgconsistency.deployment) and whether it came after the previous
+    -- (pgconsistency.deployment; its marker and time copied: the status view
+    -- reads the state rows only) and whether it came after the previous
     -- successful refresh started (false: no deploy since the last clean
     -- refresh); how many of them have a recorded cause (audit pack), and
     -- the latest of those causes (the audit_log row changed last). The
@@ -225,13 +226,12 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     ack_until       timestamptz GENERATED ALWAYS AS (acknowledged_until) STORED,
     -- Where it came from (0.6.0), written when it appears: the deployment
     -- current at the refresh that found it (pgconsistency.deployment: the
-    -- latest deploy marker value seen, and when it changed), whether that
+    -- latest deploy marker value seen, and when it changed; anomaly_origin
+    -- shows them), whether that
     -- deployment came after the invariant's previous successful refresh
     -- started (false: no deploy since the last clean refresh), and the
     -- reason of the refresh request that led to that refresh, if any.
     deployment_id   bigint,
-    deploy_marker   text,
-    deployed_at     timestamptz,
     deployed_since_previous_refresh boolean,
     refresh_reason  text,
     -- The change that caused it (0.6.0), when the audit pack (sql/audit.sql)

@@ -95,12 +95,13 @@ AS $fn$
 BEGIN
     RETURN QUERY
         SELECT l.seq, l.invariant, l.severity, l.key, l.details, l.first_seen_at,
-               a.deploy_marker, a.deployed_at, a.deployed_since_previous_refresh, a.refresh_reason,
+               d.marker, d.changed_at, a.deployed_since_previous_refresh, a.refresh_reason,
                a.cause_audit_id, a.cause_operation, a.cause_table, a.cause_txid, a.cause_changed_at,
                a.cause_db_user, a.cause_application_name
           FROM pgconsistency.new_anomalies_for_log(new_anomalies_with_origin_for_log.consumer,
                                                    new_anomalies_with_origin_for_log.max_rows) l
           JOIN pgconsistency.anomaly a ON a.seq = l.seq AND a.invariant = l.invariant AND a.key = l.key
+          LEFT JOIN pgconsistency.deployment d ON d.id = a.deployment_id
          ORDER BY l.seq;
 END
 $fn$;

@@ -79,7 +79,6 @@ DECLARE
     v_cause_join text;
     v_audited  boolean := false; -- the audit pack is installed
     v_request_reason text;
-    v_seq_floor bigint;
     v_status   text := 'succeeded';
     v_error    text;
     v_hint     text;
@@ -214,8 +213,6 @@ BEGIN
             -- running at the same time (nextval alone does not order commits).
             -- Concurrent refreshes queue here for the lifecycle step only.
             PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.anomaly_seq'), 0);
-            -- Under that lock, every seq this refresh takes is above it.
-            SELECT pg_catalog.max(a.seq) INTO v_seq_floor FROM pgconsistency.anomaly a;
 
             -- The change that caused each new anomaly, where the audit pack
             -- (sql/audit.sql, optional) records a table the invariant reads:
@@ -260,12 +257,11 @@ BEGIN
                      WHERE r.key IS NULL OR o.key IS NULL OR r.details IS DISTINCT FROM o.details),
                 appeared AS (
                     INSERT INTO pgconsistency.anomaly AS a (invariant, key, seq, first_seen_at, last_seen_at, details,
-                                                            deployment_id, deploy_marker, deployed_at,
-                                                            deployed_since_previous_refresh, refresh_reason,
+                                                            deployment_id, deployed_since_previous_refresh, refresh_reason,
                                                             cause_audit_id, cause_operation, cause_table, cause_txid,
                                                             cause_changed_at, cause_db_user, cause_application_name)
                     SELECT $1, d.key, pg_catalog.nextval('pgconsistency.anomaly_seq'), $2, $2, d.details,
-                           $6, $7, $8, $9, $10,
+                           $6, $7, $8,
                            c.id, c.operation, c.tbl, c.txid, c.changed_at, c.db_user, c.application_name
                       FROM d /*cause join*/
                      WHERE d.present AND NOT d.was_open
@@ -274,15 +270,15 @@ BEGIN
                        SET seq = EXCLUDED.seq, first_seen_at = EXCLUDED.first_seen_at,
                            last_seen_at = EXCLUDED.last_seen_at, resolved_at = NULL, details = EXCLUDED.details,
                            acknowledged_at = NULL, acknowledged_by = NULL, acknowledged_reason = NULL, acknowledged_until = NULL,
-                           deployment_id = EXCLUDED.deployment_id, deploy_marker = EXCLUDED.deploy_marker,
-                           deployed_at = EXCLUDED.deployed_at,
+                           deployment_id = EXCLUDED.deployment_id,
                            deployed_since_previous_refresh = EXCLUDED.deployed_since_previous_refresh,
                            refresh_reason = EXCLUDED.refresh_reason,
                            cause_audit_id = EXCLUDED.cause_audit_id, cause_operation = EXCLUDED.cause_operation,
                            cause_table = EXCLUDED.cause_table, cause_txid = EXCLUDED.cause_txid,
                            cause_changed_at = EXCLUDED.cause_changed_at, cause_db_user = EXCLUDED.cause_db_user,
                            cause_application_name = EXCLUDED.cause_application_name
-                    RETURNING a.cause_audit_id),
+                    RETURNING a.cause_audit_id, a.cause_operation, a.cause_table, a.cause_txid, a.cause_changed_at,
+                              a.cause_db_user, a.cause_application_name),
                 resolved AS (
                     UPDATE pgconsistency.anomaly a SET resolved_at = $2, last_seen_at = coalesce($4, a.last_seen_at)
                       FROM d
@@ -298,26 +294,27 @@ BEGIN
                        (SELECT count(*) FROM resolved),
                        (SELECT count(*) FROM d
                          WHERE $5::text[] IS NOT NULL
-                           AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS p(key) WHERE p.key = d.key))
+                           AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS p(key) WHERE p.key = d.key)),
+                       -- the latest of the causes, for the status
+                       latest.*
+                  FROM (SELECT 1) one
+                  LEFT JOIN LATERAL (SELECT * FROM appeared WHERE appeared.cause_audit_id IS NOT NULL
+                                      ORDER BY appeared.cause_changed_at DESC, appeared.cause_audit_id DESC
+                                      LIMIT 1) latest ON true
             $q$, '/*cause join*/', coalesce(v_cause_join, $j$LEFT JOIN LATERAL (
                 SELECT NULL::bigint AS id, NULL::text AS operation, NULL::text AS tbl, NULL::bigint AS txid,
                        NULL::timestamptz AS changed_at, NULL::text AS db_user, NULL::text AS application_name) c ON true$j$))
-            INTO v_new, v_causes, v_resolved, v_healed
+            INTO v_new, v_causes, v_resolved, v_healed, v_cause.cause_audit_id, v_cause.cause_operation,
+                 v_cause.cause_table, v_cause.cause_txid, v_cause.cause_changed_at, v_cause.cause_db_user,
+                 v_cause.cause_application_name
             USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
                   CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END,
-                  v_deployment.id, v_deployment.marker, v_deployment.changed_at,
+                  v_deployment.id,
                   CASE WHEN v_deployment.id IS NOT NULL
                        THEN v_deployment.changed_at > coalesce(v_prev_clean_started, '-infinity') END,
                   v_request_reason;
-            -- The latest of the causes goes to the status (by anomaly_seq_idx:
-            -- the new anomalies only).
             IF NOT v_audited THEN
                 v_causes := NULL; -- no cause looked for
-            ELSIF v_causes > 0 THEN
-                SELECT a.* INTO v_cause FROM pgconsistency.anomaly a
-                 WHERE a.seq > coalesce(v_seq_floor, 0) AND a.invariant = inv.name AND a.cause_audit_id IS NOT NULL
-                 ORDER BY a.cause_changed_at DESC, a.cause_audit_id DESC
-                 LIMIT 1;
             END IF;
         END IF;
         SELECT c.unacknowledged, c.acknowledged INTO v_total, v_acked FROM pgconsistency._open_counts(inv.name) c;

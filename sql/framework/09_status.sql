@@ -142,12 +142,13 @@ SELECT pgconsistency._install_view('pgconsistency.anomaly_origin', $v$
 SELECT a.invariant, a.key, a.first_seen_at,
        (s.last_run_outcome = 'succeeded' AND a.first_seen_at = s.last_started_at) AS new,
        a.acknowledged_at IS NOT NULL AS acknowledged,
-       a.deployment_id, a.deploy_marker, a.deployed_at, a.deployed_since_previous_refresh, a.refresh_reason,
+       a.deployment_id, d.marker AS deploy_marker, d.changed_at AS deployed_at, a.deployed_since_previous_refresh,
+       a.refresh_reason,
        CASE WHEN a.deployment_id IS NULL THEN 'no deployment recorded'
             WHEN a.deployed_since_previous_refresh THEN
-                 pg_catalog.format('after deploy %s (%s)', coalesce(a.deploy_marker, 'NULL'), a.deployed_at)
+                 pg_catalog.format('after deploy %s (%s)', coalesce(d.marker, 'NULL'), d.changed_at)
             ELSE pg_catalog.format('no deploy since the last clean refresh (latest deploy: %s, %s)',
-                                   coalesce(a.deploy_marker, 'NULL'), a.deployed_at) END AS deploy,
+                                   coalesce(d.marker, 'NULL'), d.changed_at) END AS deploy,
        a.cause_audit_id, a.cause_operation, a.cause_table, a.cause_txid, a.cause_changed_at,
        a.cause_db_user, a.cause_application_name,
        CASE WHEN a.cause_audit_id IS NULL THEN 'no cause recorded'
@@ -159,6 +160,7 @@ SELECT a.invariant, a.key, a.first_seen_at,
             THEN pg_catalog.format('SELECT pgconsistency.audit_restore(%s)', a.cause_audit_id) END AS restore
   FROM pgconsistency.anomaly a
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = a.invariant
+  LEFT JOIN pgconsistency.deployment d ON d.id = a.deployment_id
  WHERE a.resolved_at IS NULL
 $v$, 'Open anomalies with the deployment they appeared after and the change that caused them (audit pack)');
 
