@@ -76,6 +76,7 @@ DECLARE
     v_deployment pgconsistency.deployment%ROWTYPE;
     v_causes   bigint; -- NULL: no cause looked for (no audit pack)
     v_cause    pgconsistency.anomaly%ROWTYPE;
+    v_latest_cause jsonb;
     v_cause_join text;
     v_audited  boolean := false; -- the audit pack is installed
     v_request_reason text;
@@ -295,18 +296,16 @@ BEGIN
                        (SELECT count(*) FROM d
                          WHERE $5::text[] IS NOT NULL
                            AND NOT EXISTS (SELECT 1 FROM pg_catalog.unnest($5::text[]) AS p(key) WHERE p.key = d.key)),
-                       -- the latest of the causes, for the status
-                       latest.*
-                  FROM (SELECT 1) one
-                  LEFT JOIN LATERAL (SELECT * FROM appeared WHERE appeared.cause_audit_id IS NOT NULL
-                                      ORDER BY appeared.cause_changed_at DESC, appeared.cause_audit_id DESC
-                                      LIMIT 1) latest ON true
+                       -- the latest of the causes, for the status (a subquery:
+                       -- a lateral join would be a nested loop)
+                       (SELECT pg_catalog.to_jsonb(latest)
+                          FROM (SELECT * FROM appeared WHERE appeared.cause_audit_id IS NOT NULL
+                                 ORDER BY appeared.cause_changed_at DESC, appeared.cause_audit_id DESC
+                                 LIMIT 1) latest)
             $q$, '/*cause join*/', coalesce(v_cause_join, $j$LEFT JOIN LATERAL (
                 SELECT NULL::bigint AS id, NULL::text AS operation, NULL::text AS tbl, NULL::bigint AS txid,
                        NULL::timestamptz AS changed_at, NULL::text AS db_user, NULL::text AS application_name) c ON true$j$))
-            INTO v_new, v_causes, v_resolved, v_healed, v_cause.cause_audit_id, v_cause.cause_operation,
-                 v_cause.cause_table, v_cause.cause_txid, v_cause.cause_changed_at, v_cause.cause_db_user,
-                 v_cause.cause_application_name
+            INTO v_new, v_causes, v_resolved, v_healed, v_latest_cause
             USING inv.name, v_started, CASE WHEN v_kind = 'incremental' THEN coalesce(v_keys, '{}') END, v_prev_seen,
                   CASE WHEN v_kind = 'reconcile' AND NOT v_fresh_capture THEN coalesce(v_keys, '{}') END,
                   v_deployment.id,
@@ -316,6 +315,7 @@ BEGIN
             IF NOT v_audited THEN
                 v_causes := NULL; -- no cause looked for
             END IF;
+            v_cause := pg_catalog.jsonb_populate_record(NULL::pgconsistency.anomaly, v_latest_cause);
         END IF;
         SELECT c.unacknowledged, c.acknowledged INTO v_total, v_acked FROM pgconsistency._open_counts(inv.name) c;
         IF v_kind = 'reconcile' THEN
