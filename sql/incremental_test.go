@@ -53,11 +53,29 @@ func TestDifferential(t *testing.T) {
 	}
 	t.Logf("seed %d (replay: %s)", seed, replayCommand(seed))
 	s := pgtest.Start(t)
-	t.Run("Rounds", func(t *testing.T) { testDifferentialRounds(t, s, seed) })
-	t.Run("WriterCommitsDuringRefresh", func(t *testing.T) { testWriterCommitsDuringRefresh(t, s, seed) })
+	t.Run("Rounds", func(t *testing.T) { testDifferentialRounds(t, s, seed, "trigger") })
+	t.Run("WriterCommitsDuringRefresh", func(t *testing.T) { testWriterCommitsDuringRefresh(t, s, seed, "trigger") })
 	t.Run("OwnerDeletedWhileADatasetMovesToIt", func(t *testing.T) { testOwnerDeletedWhileADatasetMovesToIt(t, s) })
 	t.Run("OwnerCreatedWhileADatasetMovesToIt", func(t *testing.T) { testOwnerCreatedWhileADatasetMovesToIt(t, s) })
 }
+
+// TestDifferentialWAL: the same rounds, oracle and checks, with the WAL
+// capture (set_capture('wal')) instead of the triggers: the keys come from
+// the slot, read by each refresh's plan.
+func TestDifferentialWAL(t *testing.T) {
+	seed := *differentialSeed
+	if seed == 0 {
+		seed = time.Now().UnixNano()
+	}
+	t.Logf("seed %d (replay: %s)", seed, replayCommand(seed))
+	s := pgtest.Start(t, walCapture...)
+	t.Run("Rounds", func(t *testing.T) { testDifferentialRounds(t, s, seed, "wal") })
+	t.Run("WriterCommitsDuringRefresh", func(t *testing.T) { testWriterCommitsDuringRefresh(t, s, seed, "wal") })
+}
+
+// walCapture are the server settings the WAL capture needs: logical
+// decoding, and a bound on the WAL a slot keeps.
+var walCapture = []pgtest.Option{pgtest.WithSetting("wal_level", "logical"), pgtest.WithSetting("max_slot_wal_keep_size", "1GB")}
 
 func replayCommand(seed int64) string {
 	cmd := fmt.Sprintf("go test ./sql -run TestDifferential -args -differential.seed=%d", seed)
@@ -151,12 +169,13 @@ type diffEnv struct {
 	readers    map[string][]string // table → invariants that read it (their key mapping)
 	known      map[string]bool     // every dataset id ever seen
 	round      int
+	capture    string // 'trigger' or 'wal' (pgconsistency.set_capture)
 }
 
-func newDiffEnv(t *testing.T, s *pgtest.Server, seed int64) *diffEnv {
+func newDiffEnv(t *testing.T, s *pgtest.Server, seed int64, capture string) *diffEnv {
 	db := fixture.NewCurrentDatabase(t, s, fixture.CurrentInvariants...)
 	e := &diffEnv{t: t, seed: seed, db: db, conn: s.Conn(t, db), queries: map[string]string{},
-		readers: map[string][]string{}, known: map[string]bool{}, round: -1}
+		readers: map[string][]string{}, known: map[string]bool{}, round: -1, capture: capture}
 	for i := range e.writers {
 		e.writers[i] = s.Conn(t, db)
 	}
@@ -195,7 +214,26 @@ func newDiffEnv(t *testing.T, s *pgtest.Server, seed int64) *diffEnv {
 		_, err := e.conn.Exec(ctx, "SELECT pgconsistency.set_refresh_mode($1, 'incremental')", inv)
 		require.NoError(t, err, inv)
 	}
+	if capture == "wal" {
+		useWALCapture(t, e.conn)
+	}
 	return e
+}
+
+// useWALCapture switches the database to the WAL capture, after giving the
+// tables that need one the replica identity wal_capture_tables() says.
+func useWALCapture(t *testing.T, conn *pgx.Conn) {
+	t.Helper()
+	rows, err := conn.Query(t.Context(), "SELECT fix FROM pgconsistency.wal_capture_tables() WHERE fix IS NOT NULL")
+	require.NoError(t, err)
+	fixes, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	for _, fix := range fixes {
+		_, err := conn.Exec(t.Context(), fix)
+		require.NoError(t, err, fix)
+	}
+	_, err = conn.Exec(t.Context(), "SELECT pgconsistency.set_capture('wal')")
+	require.NoError(t, err)
 }
 
 // refresh runs CALL pgconsistency.refresh(force => true) and requires that
@@ -352,6 +390,11 @@ type diffPending struct {
 // with no writer running, it is exactly what an incremental refresh
 // re-checks (status.rechecked_keys).
 func (e *diffEnv) pending(ctx context.Context) map[string]diffPending {
+	if e.capture == "wal" {
+		// What the refresh's plan will read first: the keys in the slot.
+		_, err := e.conn.Exec(ctx, "SELECT pgconsistency.capture_wal()")
+		require.NoError(e.t, err)
+	}
 	// Keys captured for a source without a lookup, and keys already pending.
 	rows, err := e.conn.Query(ctx, `
 		SELECT i.name, i.incremental_max_keys, x.key
@@ -1004,10 +1047,10 @@ func (e *diffEnv) requireBothKinds(ctx context.Context) {
 // incremental for every invariant except those that read a truncated
 // table, which reconcile; then every invariant's snapshot must equal its
 // query run whole.
-func testDifferentialRounds(t *testing.T, s *pgtest.Server, seed int64) {
+func testDifferentialRounds(t *testing.T, s *pgtest.Server, seed int64, capture string) {
 	ctx := t.Context()
 	started := time.Now()
-	e := newDiffEnv(t, s, seed)
+	e := newDiffEnv(t, s, seed, capture)
 	// One invariant with a small incremental_max_keys: the bulk writes go
 	// past it now and then, and that refresh must be a reconcile.
 	exec(t, e.conn, "UPDATE pgconsistency.invariant SET incremental_max_keys = 40 WHERE name = 'dataset_ref_name_unknown'")
@@ -1108,10 +1151,10 @@ func testDifferentialRounds(t *testing.T, s *pgtest.Server, seed int64) {
 // its own at the same time. What they wrote need not be in that refresh's
 // snapshot, but it must be in the next one's: after one more refresh,
 // with no writer, every snapshot equals its query run whole.
-func testWriterCommitsDuringRefresh(t *testing.T, s *pgtest.Server, seed int64) {
+func testWriterCommitsDuringRefresh(t *testing.T, s *pgtest.Server, seed int64, capture string) {
 	ctx := t.Context()
 	started := time.Now()
-	e := newDiffEnv(t, s, seed^0x5eed)
+	e := newDiffEnv(t, s, seed^0x5eed, capture)
 	e.refresh(ctx, e.conn)
 	e.requireSame(ctx, "the reconcile after the switch", nil)
 	monitor := s.Conn(t, e.db)

@@ -36,6 +36,7 @@ BEGIN;
 \ir framework/05_acknowledgements.sql
 \ir framework/06_log.sql
 \ir framework/07_capture.sql
+\ir framework/07_wal_capture.sql
 \ir framework/08_refresh.sql
 \ir framework/09_status.sql
 \ir framework/10_privileges.sql

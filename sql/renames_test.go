@@ -11,7 +11,7 @@ import (
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
 )
 
-// TestRenamedNames: the names 0.4.0 renamed still work until 0.7.0 on a
+// TestRenamedNames: the names 0.4.0 renamed still work until 0.8.0 on a
 // fresh install. The status view's old columns hold what the new ones hold
 // and reading them raises a deprecation NOTICE, once per session and
 // column, naming the new column; a query that does not read them raises
@@ -49,8 +49,8 @@ func TestRenamedNames(t *testing.T) {
 		assert.Zero(t, differ, "rows whose old columns differ from the new ones")
 	}
 	assert.Equal(t, []string{
-		`NOTICE: pgconsistency: pgconsistency.status.last_status is deprecated and will be removed in 0.7.0; read last_run_outcome instead`,
-		`NOTICE: pgconsistency: pgconsistency.status.refresh_duration_seconds is deprecated and will be removed in 0.7.0; read snapshot_duration_seconds instead`,
+		`NOTICE: pgconsistency: pgconsistency.status.last_status is deprecated and will be removed in 0.8.0; read last_run_outcome instead`,
+		`NOTICE: pgconsistency: pgconsistency.status.refresh_duration_seconds is deprecated and will be removed in 0.8.0; read snapshot_duration_seconds instead`,
 	}, deprecations(), "one notice per old column and session, whatever the rows and the queries")
 
 	var acked, same int

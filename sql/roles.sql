@@ -98,9 +98,11 @@ GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_for_log(text, integer),
 GRANT SELECT ON pgconsistency.invariant TO pgconsistency_refresher;
 GRANT EXECUTE ON PROCEDURE pgconsistency.refresh(text, boolean) TO pgconsistency_refresher;
 GRANT EXECUTE ON FUNCTION pgconsistency.refresh_plan(text, boolean),
+                          pgconsistency.refresh_changes_plan(),
                           pgconsistency.refresh_invariant(text, boolean),
                           pgconsistency.claim_refresh_request(),
                           pgconsistency.expire_acknowledgements(),
                           pgconsistency.request_refresh(interval, text),
-                          pgconsistency.observe_deploy_marker(text, interval)
+                          pgconsistency.observe_deploy_marker(text, interval),
+                          pgconsistency.capture_wal(integer)
    TO pgconsistency_refresher;

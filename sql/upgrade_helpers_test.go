@@ -181,6 +181,9 @@ func readRefreshStatus(t *testing.T, conn *pgx.Conn, invariant string) refreshSt
 func refreshAs(t *testing.T, conn *pgx.Conn, invariant string) {
 	t.Helper()
 	var outcome string
+	// The two steps of a refresh loop: the plan (which, since 0.7.0, moves
+	// the captured keys to the invariants), then the refresh.
+	exec(t, conn, "SELECT count(*) FROM pgconsistency.refresh_plan($1)", invariant)
 	require.NoError(t, conn.QueryRow(t.Context(), "SELECT pgconsistency.refresh_invariant($1, true)", invariant).Scan(&outcome))
 	require.Equal(t, "succeeded", outcome, "refresh_invariant(%s)", invariant)
 }
@@ -356,17 +359,22 @@ func newIn050(t *testing.T, admin *pgx.Conn, u used, rel fromRelease, upgrade fu
 
 // newIn060 checks the deployment history an upgrade starts with, and that a
 // new anomaly after the upgrade is attributed to the latest deployment.
-func newIn060(t *testing.T, admin *pgx.Conn, u used) {
+func newIn060(t *testing.T, admin *pgx.Conn, u used, rel fromRelease) {
 	var markers []string
 	rows, err := admin.Query(t.Context(), "SELECT coalesce(marker, 'NULL') FROM pgconsistency.deployment ORDER BY id")
 	require.NoError(t, err)
 	markers, err = pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	assert.Equal(t, []string{"v42"}, markers, "the marker the install had")
-	var unknown int
-	require.NoError(t, admin.QueryRow(t.Context(), `SELECT count(*) FROM pgconsistency.anomaly_origin
-		WHERE deploy = 'no deployment recorded' AND cause = 'no cause recorded'`).Scan(&unknown))
-	assert.Positive(t, unknown, "anomalies open before the upgrade: deployment unknown")
+	if rel.atLeast("0.6.0") {
+		// 0.6.0 recorded every marker it saw: the history is kept.
+		assert.Equal(t, []string{"v41", "v42"}, markers, "the deployments 0.6.0 recorded")
+	} else {
+		assert.Equal(t, []string{"v42"}, markers, "the marker the install had")
+		var unknown int
+		require.NoError(t, admin.QueryRow(t.Context(), `SELECT count(*) FROM pgconsistency.anomaly_origin
+			WHERE deploy = 'no deployment recorded' AND cause = 'no cause recorded'`).Scan(&unknown))
+		assert.Positive(t, unknown, "anomalies open before the upgrade: deployment unknown")
+	}
 	summary := func() (n int64) {
 		require.NoError(t, admin.QueryRow(t.Context(), `SELECT new_anomalies FROM pgconsistency.deployment_summary
 			WHERE deploy_marker = 'v42' AND invariant = 'dataset_head_ref_missing'`).Scan(&n))
@@ -444,4 +452,29 @@ func newIn060(t *testing.T, admin *pgx.Conn, u used) {
 	require.Len(t, ids, 1)
 	exec(t, u.reader, "SELECT pgconsistency.advance_request_log_cursor($1, $2)", consumer, ids[0])
 	assert.Empty(t, finished(), "delivered once")
+}
+
+// newIn070 checks what 0.7.0 adds to an upgraded install: the trigger
+// capture as before (the WAL capture is opt-in, refused with its fix on a
+// server without logical decoding), incremental_period, the capture's
+// status columns, and the refresher's grant of the changes plan.
+func newIn070(t *testing.T, admin *pgx.Conn, u used) {
+	var method string
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT method FROM pgconsistency.capture").Scan(&method))
+	assert.Equal(t, "trigger", method, "an upgrade keeps the trigger capture")
+	var periods []string
+	rows, err := admin.Query(t.Context(), "SELECT DISTINCT incremental_period::text FROM pgconsistency.invariant")
+	require.NoError(t, err)
+	periods, err = pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	assert.Equal(t, []string{"00:00:02"}, periods, "incremental_period, its default for every invariant")
+	var capture, slot *string
+	require.NoError(t, u.reader.QueryRow(t.Context(),
+		"SELECT capture, capture_slot_status FROM pgconsistency.status WHERE invariant = 'dataset_seed_missing'").Scan(&capture, &slot),
+		"the reader reads the capture's columns")
+	assert.Nil(t, slot, "no slot with the trigger capture")
+	_, err = u.refresher.Exec(t.Context(), "SELECT count(*) FROM pgconsistency.refresh_changes_plan()")
+	require.NoError(t, err, "the refresher runs the changes plan after an upgrade")
+	_, err = admin.Exec(t.Context(), "SELECT pgconsistency.set_capture('wal')")
+	require.ErrorContains(t, err, "wal_level = logical", "the WAL capture needs logical decoding, and says so")
 }

@@ -44,6 +44,8 @@ var (
 	release040 = fromRelease{version: "0.4.0", dir: "testdata/sql/0.4.0", datasetInvariants: fixture.Invariants[:9]}
 	// 0.5.0 added owners, and no invariant.
 	release050 = fromRelease{version: "0.5.0", dir: "testdata/sql/0.5.0", datasetInvariants: fixture.Invariants[:9]}
+	// 0.6.0 added deploys and causes, and no invariant.
+	release060 = fromRelease{version: "0.6.0", dir: "testdata/sql/0.6.0", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -72,7 +74,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.6.0"
+const currentRelease = "0.7.0"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -117,6 +119,11 @@ func TestUpgradeFrom040(t *testing.T) {
 func TestUpgradeFrom050(t *testing.T) {
 	t.Parallel() // a server of its own
 	testUpgrade(t, release050)
+}
+
+func TestUpgradeFrom060(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release060)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -399,7 +406,7 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// changes data.
 	// 0.4.0 renamed columns: the new names hold what the old ones held
 	// before the upgrade, and the old ones (read by captureState, so by
-	// StateKept above) still read the same until 0.7.0.
+	// StateKept above) still read the same until 0.8.0.
 	t.Run("NewIn040", func(t *testing.T) {
 		acked := 0
 		for k, a := range before.Anomalies {
@@ -438,7 +445,12 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// starts the deployment history; the anomalies open before the upgrade
 	// have no deployment (unknown); one that appears now has the latest.
 	t.Run("NewIn060", func(t *testing.T) {
-		newIn060(t, admin, u)
+		newIn060(t, admin, u, rel)
+	})
+
+	// 0.7.0: the WAL capture (opt-in) and the changes refreshed within seconds.
+	t.Run("NewIn070", func(t *testing.T) {
+		newIn070(t, admin, u)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

@@ -633,6 +633,18 @@ func (s *Server) StartAgain(tb testing.TB) {
 	}
 }
 
+// Promote makes a standby of StartStandby a primary (`pg_ctl promote`), as
+// a failover does, and waits until it accepts writes. What the old primary
+// had that a standby does not copy (its replication slots, the contents of
+// its unlogged tables) is not there.
+func (s *Server) Promote(tb testing.TB) {
+	tb.Helper()
+	s.needCluster(tb)
+	if out, err := s.command("pg_ctl", "promote", "-D", s.dataDir(), "-w", "-t", pgCtlTimeout).CombinedOutput(); err != nil {
+		tb.Fatalf("pgtest: pg_ctl promote of the standby in %s: %v\n%s", s.dir, err, out)
+	}
+}
+
 func (s *Server) needCluster(tb testing.TB) {
 	tb.Helper()
 	if s.external {

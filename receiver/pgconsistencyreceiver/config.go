@@ -86,7 +86,7 @@ type RefreshConfig struct {
 	// deploy marker. 0 (the default) turns the scheduler off.
 	PollInterval time.Duration `mapstructure:"poll_interval"`
 	// Schedule is the name of PollInterval before 0.4.0, still read (with a
-	// deprecation warning) until 0.7.0.
+	// deprecation warning) until 0.8.0.
 	//
 	// Deprecated: use PollInterval.
 	Schedule time.Duration `mapstructure:"schedule"`
@@ -123,7 +123,7 @@ type LogsConfig struct {
 	MaxRecordsPerInterval int `mapstructure:"max_records_per_interval"`
 	// MaxRecordsPerScrape is the name of MaxRecordsPerInterval before 0.4.0
 	// (the logs receiver does not scrape), still read (with a deprecation
-	// warning) until 0.7.0; 0 when not set.
+	// warning) until 0.8.0; 0 when not set.
 	//
 	// Deprecated: use MaxRecordsPerInterval.
 	MaxRecordsPerScrape int `mapstructure:"max_records_per_scrape"`
@@ -360,10 +360,10 @@ func (cfg *Config) deprecations() []string {
 		out = append(out, `"schema" is deprecated and will be removed: pgconsistency is always in schema pgconsistency; remove the key`)
 	}
 	if cfg.Refresh.Schedule != 0 {
-		out = append(out, `"refresh::schedule" is deprecated and will be removed in 0.7.0: rename it to "refresh::poll_interval" (same value)`)
+		out = append(out, `"refresh::schedule" is deprecated and will be removed in 0.8.0: rename it to "refresh::poll_interval" (same value)`)
 	}
 	if cfg.Logs.MaxRecordsPerScrape != 0 {
-		out = append(out, `"logs::max_records_per_scrape" is deprecated and will be removed in 0.7.0: rename it to "logs::max_records_per_interval" (same value)`)
+		out = append(out, `"logs::max_records_per_scrape" is deprecated and will be removed in 0.8.0: rename it to "logs::max_records_per_interval" (same value)`)
 	}
 	return out
 }

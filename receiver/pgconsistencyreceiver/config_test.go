@@ -330,7 +330,7 @@ func TestDeprecatedSchemaWarns(t *testing.T) {
 }
 
 // TestRenamedKeys: the names of refresh::poll_interval and
-// logs::max_records_per_interval before 0.4.0 still work until 0.7.0, with
+// logs::max_records_per_interval before 0.4.0 still work until 0.8.0, with
 // a deprecation warning each; both names at once is an error naming both;
 // a wrong value under the old name is reported under the old name.
 func TestRenamedKeys(t *testing.T) {
@@ -340,8 +340,8 @@ func TestRenamedKeys(t *testing.T) {
 		assert.Equal(t, 30*time.Second, cfg.Refresh.interval())
 		assert.Equal(t, 20, cfg.Logs.maxRecords())
 		assert.Equal(t, []string{
-			`"refresh::schedule" is deprecated and will be removed in 0.7.0: rename it to "refresh::poll_interval" (same value)`,
-			`"logs::max_records_per_scrape" is deprecated and will be removed in 0.7.0: rename it to "logs::max_records_per_interval" (same value)`,
+			`"refresh::schedule" is deprecated and will be removed in 0.8.0: rename it to "refresh::poll_interval" (same value)`,
+			`"logs::max_records_per_scrape" is deprecated and will be removed in 0.8.0: rename it to "logs::max_records_per_interval" (same value)`,
 		}, cfg.deprecations())
 
 		core, logs := observer.New(zapcore.WarnLevel)

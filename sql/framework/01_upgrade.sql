@@ -209,7 +209,7 @@ COMMENT ON FUNCTION pgconsistency._upgrade_defined_views() IS
 -- ---------------------------------------------------------------------------
 -- From 0.3.0 to 0.4.0: one word per concept. Columns are renamed in place
 -- (what depends on them follows); the names users read before keep working
--- until 0.7.0: the status view's as columns that raise a NOTICE
+-- until 0.8.0: the status view's as columns that raise a NOTICE
 -- (09_status.sql), the anomaly table's as read-only generated columns
 -- (adding them rewrites pgconsistency.anomaly once, with the installer's
 -- bounded lock waits).
@@ -311,5 +311,23 @@ BEGIN
     -- Each log consumer's cursor in the finished refresh requests
     -- (finished_requests_for_log): NULL until it first reads them.
     PERFORM pgconsistency._install_column('pgconsistency.log_cursor', 'last_request_id', 'bigint');
+END
+$do$;
+
+-- ---------------------------------------------------------------------------
+-- From 0.6.0 to 0.7.0: the WAL capture and changes refreshed within
+-- seconds. pgconsistency.capture is created by 02_tables.sql (trigger
+-- capture, as before). Each invariant gets incremental_period (how often at
+-- most the changes to its tables are refreshed; constant default: adding it
+-- rewrites nothing); refresh_state, the index hint of the latest
+-- incremental refresh.
+DO $do$
+BEGIN
+    IF pg_catalog.to_regclass('pgconsistency.invariant') IS NULL THEN
+        RETURN; -- a fresh install
+    END IF;
+    PERFORM pgconsistency._install_column('pgconsistency.invariant', 'incremental_period',
+      $$interval NOT NULL DEFAULT '2 seconds' CONSTRAINT invariant_incremental_period_positive CHECK (incremental_period > interval '0')$$);
+    PERFORM pgconsistency._install_column('pgconsistency.refresh_state', 'incremental_index_hint', 'text');
 END
 $do$;

@@ -92,6 +92,11 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
                                   CONSTRAINT invariant_full_refresh_period_positive CHECK (full_refresh_period > interval '0'),
     incremental_max_keys bigint   NOT NULL DEFAULT 20000
                                   CONSTRAINT invariant_incremental_max_keys_positive CHECK (incremental_max_keys > 0),
+    -- In incremental mode, the changes to its tables are refreshed as soon
+    -- as a refresh loop sees them (refresh_changes_plan), at most once per
+    -- incremental_period (0.7.0): writes in between are taken together.
+    incremental_period   interval NOT NULL DEFAULT '2 seconds'
+                                  CONSTRAINT invariant_incremental_period_positive CHECK (incremental_period > interval '0'),
     -- Who answers for the invariant's alerts (0.5.0): owner is a team (or
     -- person) name, the label Alertmanager routes on; runbook_url the page
     -- its anomaly alerts link to. NULL: unset (the alerts then carry the
@@ -184,7 +189,12 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
     new_cause_txid           bigint,
     new_cause_changed_at     timestamptz,
     new_cause_db_user        text,
-    new_cause_application_name text
+    new_cause_application_name text,
+    -- The indexes that would make the latest incremental refresh cheap
+    -- (0.7.0): CREATE INDEX statements for the tables it reads whose key has
+    -- no index (it then ran as a hash join over those tables, not as lookups
+    -- by key); NULL when every key has one.
+    incremental_index_hint   text
 );
 SELECT pgconsistency._install_comment('pgconsistency.refresh_state',
   'Outcome of the latest refresh of each invariant; written by pgconsistency.refresh()');
@@ -221,7 +231,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     acknowledged_reason text,
     acknowledged_until  timestamptz,
     -- The names of acknowledged_reason and acknowledged_until before 0.4.0,
-    -- read-only, until 0.7.0 (deprecated).
+    -- read-only, until 0.8.0 (deprecated).
     ack_reason      text        GENERATED ALWAYS AS (acknowledged_reason) STORED,
     ack_until       timestamptz GENERATED ALWAYS AS (acknowledged_until) STORED,
     -- Where it came from (0.6.0), written when it appears: the deployment
@@ -269,8 +279,8 @@ DECLARE
 BEGIN
     -- only when it differs: a COMMENT locks the relation
     FOR c IN SELECT v.col, v.comment
-               FROM (VALUES ('ack_reason', 'Deprecated (removed in 0.7.0), read-only: acknowledged_reason under its name before 0.4.0'),
-                 ('ack_until', 'Deprecated (removed in 0.7.0), read-only: acknowledged_until under its name before 0.4.0')) AS v(col, comment)
+               FROM (VALUES ('ack_reason', 'Deprecated (removed in 0.8.0), read-only: acknowledged_reason under its name before 0.4.0'),
+                 ('ack_until', 'Deprecated (removed in 0.8.0), read-only: acknowledged_until under its name before 0.4.0')) AS v(col, comment)
               WHERE pg_catalog.col_description('pgconsistency.anomaly'::regclass,
                         (SELECT a.attnum FROM pg_catalog.pg_attribute a
                           WHERE a.attrelid = 'pgconsistency.anomaly'::regclass AND a.attname = v.col)) IS DISTINCT FROM v.comment
@@ -369,6 +379,35 @@ CREATE TABLE IF NOT EXISTS pgconsistency.capture_gap (
 );
 SELECT pgconsistency._install_comment('pgconsistency.capture_gap',
   'Writes the capture could not record (TRUNCATE); the next refresh reconciles what they touched');
+-- How the writes to the tables of the invariants in incremental mode are
+-- captured, for the whole database (0.7.0): 'trigger', capture triggers in
+-- the writers' own transactions (the default, which works everywhere), or
+-- 'wal', the refresh loop reads the keys of changed rows from the WAL by
+-- logical decoding through a replication slot (nothing in the writers'
+-- transactions; set_capture, capture_wal in 07_wal_capture.sql). One row.
+CREATE TABLE IF NOT EXISTS pgconsistency.capture (
+    singleton        boolean     PRIMARY KEY DEFAULT true CONSTRAINT capture_one_row CHECK (singleton),
+    method           text        NOT NULL DEFAULT 'trigger' CONSTRAINT capture_method_valid CHECK (method IN ('trigger', 'wal')),
+    -- The logical replication slot of the WAL capture (slot names are the
+    -- server's, not the database's: one per database).
+    slot_name        text,
+    -- The keys of every change the WAL holds before this position are in
+    -- captured_key (committed): the next read moves the slot here, never
+    -- further. NULL: nothing read since the slot was created.
+    wal_position     pg_lsn,
+    read_at          timestamptz,
+    read_changes     bigint,
+    slot_created_at  timestamptz,
+    -- Why the slot was last created again (dropped, invalidated, missing
+    -- after a failover), and when: each time a reconcile of every
+    -- invariant in incremental mode.
+    slot_lost_reason text,
+    slot_lost_at     timestamptz
+);
+INSERT INTO pgconsistency.capture (singleton)
+SELECT true WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.capture);
+SELECT pgconsistency._install_comment('pgconsistency.capture',
+  'How writes are captured for incremental refresh (trigger or wal), and the state of the WAL capture''s slot');
 -- One row per invariant in incremental mode: since when its keys are
 -- captured, and why its next refresh must be a full one (a reconcile)
 -- rather than an incremental one: NULL when nothing says so.

@@ -94,6 +94,8 @@ BEGIN
             SELECT c.relation::regclass AS rel, c.id, c.key_expression
               FROM pgconsistency.capture_source c
              WHERE pg_catalog.to_regclass(c.relation) IS NOT NULL
+               -- with the WAL capture (07_wal_capture.sql), no triggers
+               AND (SELECT m.method FROM pgconsistency.capture m) = 'trigger'
                AND EXISTS (SELECT 1 FROM pgconsistency.invariant_key_source s
                              JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
                             WHERE s.relation = c.relation AND s.key_expression = c.key_expression)),
@@ -200,7 +202,8 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    v_old text;
+    v_old  text;
+    v_hint text;
 BEGIN
     SELECT i.refresh_mode INTO v_old FROM pgconsistency.invariant i WHERE i.name = set_refresh_mode.invariant FOR UPDATE;
     IF NOT FOUND THEN
@@ -212,6 +215,11 @@ BEGIN
     END IF;
     IF mode = 'incremental' THEN
         PERFORM pgconsistency._check_incremental(invariant);
+        v_hint := pgconsistency._incremental_index_hint(invariant);
+        IF v_hint IS NOT NULL THEN
+            RAISE NOTICE 'pgconsistency: some tables % reads have no index on its key: its incremental refreshes read them whole, joining the changed keys by hash, and cost about as much as a full one', invariant
+                USING HINT = 'Lookups by key need: ' || v_hint;
+        END IF;
         INSERT INTO pgconsistency.capture_state (invariant, since, reconcile_reason)
         VALUES (invariant, pg_catalog.clock_timestamp(), pgconsistency._reconcile_reason_started())
         ON CONFLICT ON CONSTRAINT capture_state_pkey DO NOTHING;
@@ -324,6 +332,22 @@ BEGIN
     IF v_reason IS NOT NULL THEN
         RETURN v_reason;
     END IF;
+    IF (SELECT m.method FROM pgconsistency.capture m) = 'wal' THEN
+        -- The WAL capture: its slot must be readable (capture_wal creates
+        -- a lost one again and records the reconcile), and the WAL must
+        -- hold the key columns of the rows deleted from the tables read.
+        SELECT coalesce(pgconsistency._wal_slot_problem(m.slot_name), t.problem) INTO v_reason
+          FROM pgconsistency.capture m
+          LEFT JOIN LATERAL (
+              SELECT pg_catalog.format('the WAL does not hold the key columns of the rows deleted from %s (run %s)', w.relation, w.fix) AS problem
+                FROM pgconsistency.wal_capture_tables() w
+                JOIN pgconsistency.invariant_key_source s ON pg_catalog.to_regclass(s.relation)::text = w.relation
+               WHERE s.invariant = _reconcile_reason.invariant AND w.fix IS NOT NULL
+               ORDER BY w.relation LIMIT 1) t ON true;
+        IF v_reason IS NOT NULL THEN
+            RETURN v_reason;
+        END IF;
+    END IF;
     SELECT pg_catalog.format('capture trigger %s on %s is %s', w.name, s.relation,
                              CASE WHEN pg_catalog.to_regclass(s.relation) IS NULL THEN 'gone with its table'
                                   WHEN g.tgenabled IS NULL THEN 'missing' ELSE 'not ENABLE ALWAYS' END)
@@ -333,6 +357,7 @@ BEGIN
                         ('pgconsistency_capture_delete'), ('pgconsistency_capture_truncate')) AS w(name)
       LEFT JOIN pg_catalog.pg_trigger g ON g.tgrelid = pg_catalog.to_regclass(s.relation) AND g.tgname = w.name
      WHERE s.invariant = _reconcile_reason.invariant AND g.tgenabled IS DISTINCT FROM 'A'
+       AND (SELECT m.method FROM pgconsistency.capture m) = 'trigger'
      ORDER BY s.relation, w.name
      LIMIT 1;
     IF v_reason IS NOT NULL THEN

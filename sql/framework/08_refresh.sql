@@ -80,6 +80,7 @@ DECLARE
     v_cause_join text;
     v_audited  boolean := false; -- the audit pack is installed
     v_request_reason text;
+    v_index_hint text; -- the indexes the incremental refresh lacked
     v_status   text := 'succeeded';
     v_error    text;
     v_hint     text;
@@ -162,10 +163,10 @@ BEGIN
                                       inv.view_schema, inv.view_name);
         ELSE
             IF inv.refresh_mode = 'incremental' THEN
-                -- The keys captured since the previous refresh; a full
+                -- The keys captured until the refresh plan (which moved
+                -- them here: refresh_plan, refresh_changes_plan); a full
                 -- refresh (a reconcile) when something says the capture
                 -- may have missed writes, or when too many keys changed.
-                PERFORM pgconsistency._dispatch_captured_keys();
                 v_reason := pgconsistency._reconcile_reason(inv.name);
                 WITH taken AS (DELETE FROM pgconsistency.pending_key p WHERE p.invariant = inv.name RETURNING p.key)
                 SELECT pg_catalog.array_agg(DISTINCT taken.key) INTO v_keys FROM taken;
@@ -184,8 +185,13 @@ BEGIN
                 -- invariant's incremental settings (settings->'incremental';
                 -- the dataset pack's force lookups by key: without them
                 -- PostgreSQL reads dataset_entries whole to join a few
-                -- keys), not those of its full refresh.
-                PERFORM pgconsistency._apply_refresh_settings(coalesce(inv.settings -> 'incremental', '{}'));
+                -- keys), not those of its full refresh. Unless a table's key
+                -- has no index (a schema that lost one): lookups by key would
+                -- then read that table once per key, so the server's own
+                -- planner settings, which join the keys by hash (one read).
+                v_index_hint := pgconsistency._incremental_index_hint(inv.name);
+                PERFORM pgconsistency._apply_refresh_settings(CASE WHEN v_index_hint IS NULL
+                                                                   THEN coalesce(inv.settings -> 'incremental', '{}') ELSE '{}' END);
                 v_rechecked := coalesce(pg_catalog.cardinality(v_keys), 0);
                 IF v_rechecked > 0 THEN
                     EXECUTE pg_catalog.format('INSERT INTO pg_temp.pgconsistency_result
@@ -389,7 +395,7 @@ BEGIN
                 rechecked_keys, healed_anomalies, last_healed_at,
                 new_deployment_id, new_deploy_marker, new_deployed_at, new_deployed_since_previous_refresh,
                 new_causes, new_cause_audit_id, new_cause_operation, new_cause_table, new_cause_txid,
-                new_cause_changed_at, new_cause_db_user, new_cause_application_name)
+                new_cause_changed_at, new_cause_db_user, new_cause_application_name, incremental_index_hint)
         VALUES (inv.name, 'succeeded', v_started, v_finished,
                 EXTRACT(epoch FROM v_finished - v_started)::double precision, NULL,
                 v_finished, EXTRACT(epoch FROM v_finished - v_started)::double precision,
@@ -403,7 +409,7 @@ BEGIN
                      THEN v_deployment.changed_at > coalesce(v_prev_clean_started, '-infinity') END,
                 CASE WHEN v_new > 0 THEN v_causes END, v_cause.cause_audit_id, v_cause.cause_operation,
                 v_cause.cause_table, v_cause.cause_txid, v_cause.cause_changed_at, v_cause.cause_db_user,
-                v_cause.cause_application_name)
+                v_cause.cause_application_name, v_index_hint)
         ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
            SET last_run_outcome = EXCLUDED.last_run_outcome, last_started_at = EXCLUDED.last_started_at,
                last_finished_at = EXCLUDED.last_finished_at, last_duration_seconds = EXCLUDED.last_duration_seconds,
@@ -426,7 +432,10 @@ BEGIN
                new_cause_operation = EXCLUDED.new_cause_operation, new_cause_table = EXCLUDED.new_cause_table,
                new_cause_txid = EXCLUDED.new_cause_txid, new_cause_changed_at = EXCLUDED.new_cause_changed_at,
                new_cause_db_user = EXCLUDED.new_cause_db_user,
-               new_cause_application_name = EXCLUDED.new_cause_application_name;
+               new_cause_application_name = EXCLUDED.new_cause_application_name,
+               -- what the latest incremental refresh lacked stays until the next one
+               incremental_index_hint = CASE WHEN EXCLUDED.last_refresh_kind = 'incremental' THEN EXCLUDED.incremental_index_hint
+                                             ELSE s.incremental_index_hint END;
         RETURN 'succeeded';
     END IF;
 
@@ -445,6 +454,78 @@ END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.refresh_invariant(text, boolean) IS
   'Refresh one invariant in the current transaction: a step of the refresh loop of schedulers; by hand, use CALL pgconsistency.refresh() instead';
+
+-- _changed_invariants: the enabled invariants in incremental mode with
+-- something to do now: keys pending (their tables were written) or a
+-- reconcile recorded (capture_state), and whose incremental_period has
+-- passed since their latest refresh started. The others are left alone,
+-- whatever they cost: their snapshot is still exact.
+CREATE OR REPLACE FUNCTION pgconsistency._changed_invariants(at timestamptz) RETURNS TABLE (name text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT i.name
+      FROM pgconsistency.invariant i
+      JOIN pgconsistency.capture_state c ON c.invariant = i.name
+      LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+     WHERE i.enabled AND i.refresh_mode = 'incremental'
+       AND (c.reconcile_reason IS NOT NULL OR EXISTS (SELECT 1 FROM pgconsistency.pending_key p WHERE p.invariant = i.name))
+       AND pgconsistency._refresh_due(s.last_started_at, i.incremental_period, at)
+$fn$;
+COMMENT ON FUNCTION pgconsistency._changed_invariants(timestamptz) IS
+  'Internal: the invariants in incremental mode whose tables were written (or that must reconcile), due by their incremental_period';
+
+-- refresh_changes_plan: the first step of a refresh loop that refreshes
+-- changes only, within seconds of their commit (the receiver's, every
+-- refresh::changes_interval, beside its loop of refresh_plan): captures
+-- (capture_wal) and dispatches the keys written since the previous plan,
+-- then lists the invariants of _changed_invariants, each to pass to
+-- refresh_invariant(name, forced) in a transaction of its own. No request
+-- is claimed, no acknowledgement expired: that is refresh_plan's. On a
+-- standby it returns nothing.
+CREATE OR REPLACE FUNCTION pgconsistency.refresh_changes_plan()
+RETURNS TABLE (name text, forced boolean, statement_timeout_ms bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF pg_catalog.pg_is_in_recovery() THEN
+        RETURN;
+    END IF;
+    PERFORM pgconsistency.capture_wal(); -- first, as in refresh_plan
+    PERFORM pgconsistency._dispatch_captured_keys();
+    RETURN QUERY
+        SELECT i.name, true, (EXTRACT(epoch FROM i.statement_timeout) * 1000)::bigint
+          FROM pgconsistency._changed_invariants(pg_catalog.clock_timestamp()) c
+          JOIN pgconsistency.invariant i ON i.name = c.name
+         ORDER BY i.name;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.refresh_changes_plan() IS
+  'First step of a refresh loop for changes only: capture and dispatch the changed keys, list the invariants they concern';
+
+-- _incremental_index_hint: for an invariant in incremental mode, the
+-- CREATE INDEX statements of the tables it reads whose key column leads no
+-- valid index (a schema that lost one), or NULL when every key has one.
+-- Keys of several columns, or found through a lookup, are not judged.
+CREATE OR REPLACE FUNCTION pgconsistency._incremental_index_hint(invariant text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pg_catalog.string_agg(pg_catalog.format('CREATE INDEX CONCURRENTLY ON %s (%I);', k.rel, k.cols[1]), ' ' ORDER BY k.rel::text)
+      FROM (SELECT pg_catalog.to_regclass(s.relation) AS rel,
+                   pgconsistency._key_columns(pg_catalog.to_regclass(s.relation), s.key_expression) AS cols
+              FROM pgconsistency.invariant_key_source s
+             WHERE s.invariant = _incremental_index_hint.invariant AND s.key_lookup IS NULL
+               AND pg_catalog.to_regclass(s.relation) IS NOT NULL) k
+     WHERE pg_catalog.cardinality(k.cols) = 1
+       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                         JOIN pg_catalog.pg_attribute a ON a.attrelid = k.rel AND a.attname = k.cols[1]
+                        WHERE i.indrelid = k.rel AND i.indisvalid AND i.indpred IS NULL AND i.indkey[0] = a.attnum)
+$fn$;
+COMMENT ON FUNCTION pgconsistency._incremental_index_hint(text) IS
+  'Internal: CREATE INDEX statements for the tables of an invariant whose key no index leads, or NULL';
 
 -- refresh_plan: the first step of every refresh loop (CALL refresh(),
 -- pg_cron, the receiver's scheduler): on the primary, it takes a due refresh
@@ -475,16 +556,25 @@ BEGIN
         RAISE EXCEPTION 'pgconsistency: unknown invariant %', pg_catalog.quote_literal(refresh_plan.invariant)
             USING HINT = 'SELECT name FROM pgconsistency.invariant lists the registered invariants.';
     END IF;
+    -- The changes captured so far go to the invariants they concern
+    -- (first: the WAL capture may have to create its slot again, which
+    -- PostgreSQL allows only before the transaction writes).
+    PERFORM pgconsistency.capture_wal();
+    PERFORM pgconsistency._dispatch_captured_keys();
     IF refresh_plan.invariant IS NULL AND pgconsistency.claim_refresh_request() THEN
         v_force := true;
     END IF;
     PERFORM pgconsistency.expire_acknowledgements();
+    -- Due: its refresh_period passed, or (incremental mode) its tables were
+    -- written or it must reconcile, and its incremental_period passed.
     RETURN QUERY
-        SELECT i.name, v_force, (EXTRACT(epoch FROM i.statement_timeout) * 1000)::bigint
+        SELECT i.name, v_force OR c.name IS NOT NULL, (EXTRACT(epoch FROM i.statement_timeout) * 1000)::bigint
           FROM pgconsistency.invariant i
           LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+          LEFT JOIN pgconsistency._changed_invariants(v_now) c ON c.name = i.name
          WHERE CASE WHEN refresh_plan.invariant IS NOT NULL THEN i.name = refresh_plan.invariant
-                    ELSE i.enabled AND (v_force OR pgconsistency._refresh_due(s.last_started_at, i.refresh_period, v_now)) END
+                    ELSE i.enabled AND (v_force OR c.name IS NOT NULL
+                                        OR pgconsistency._refresh_due(s.last_started_at, i.refresh_period, v_now)) END
          ORDER BY i.name;
 END
 $fn$;
@@ -512,7 +602,15 @@ DECLARE
     v_names text[];
     v_force boolean;
     v_name  text;
+    v_read  bigint;
 BEGIN
+    -- The WAL capture first (nothing when it is not in use): the keys
+    -- committed so far, a transaction per read.
+    LOOP
+        v_read := pgconsistency.capture_wal();
+        COMMIT;
+        EXIT WHEN v_read IS NULL OR v_read < 100000;
+    END LOOP;
     SELECT pg_catalog.array_agg(p.name ORDER BY p.name), pg_catalog.bool_or(p.forced) INTO v_names, v_force
       FROM pgconsistency.refresh_plan(refresh.invariant, refresh.force) p;
     COMMIT; -- the claim is visible at once: the request runs once

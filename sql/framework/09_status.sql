@@ -26,7 +26,7 @@ AS $fn$
 BEGIN
     IF pg_catalog.current_setting('pgconsistency.deprecated_' || old_name, true) IS DISTINCT FROM 'noticed' THEN
         PERFORM pg_catalog.set_config('pgconsistency.deprecated_' || old_name, 'noticed', false);
-        RAISE NOTICE 'pgconsistency: pgconsistency.status.% is deprecated and will be removed in 0.7.0; read % instead', old_name, new_name;
+        RAISE NOTICE 'pgconsistency: pgconsistency.status.% is deprecated and will be removed in 0.8.0; read % instead', old_name, new_name;
     END IF;
     RETURN value;
 END
@@ -75,7 +75,7 @@ SELECT i.name                                    AS invariant,
        coalesce(s.healed_anomalies, 0)           AS healed_anomalies,
        s.last_healed_at,
        -- the names of last_run_outcome and snapshot_duration_seconds before
-       -- 0.4.0, until 0.7.0
+       -- 0.4.0, until 0.8.0
        pgconsistency._deprecated_column('last_status', 'last_run_outcome', s.last_run_outcome) AS last_status,
        pgconsistency._deprecated_column('refresh_duration_seconds', 'snapshot_duration_seconds',
                                         s.snapshot_duration_seconds) AS refresh_duration_seconds,
@@ -100,9 +100,37 @@ SELECT i.name                                    AS invariant,
        s.new_cause_txid,
        s.new_cause_changed_at,
        s.new_cause_db_user,
-       s.new_cause_application_name
+       s.new_cause_application_name,
+       -- the capture (0.7.0): how the writes of an invariant in incremental
+       -- mode are captured ('trigger' or 'wal'; NULL in full mode), the
+       -- indexes its incremental refresh lacked; and, the same on every row,
+       -- the WAL capture's slot: its state (pg_replication_slots.wal_status,
+       -- or 'missing'), the WAL it keeps from removal, the WAL written since
+       -- the capture's latest read, the bound (max_slot_wal_keep_size; NULL:
+       -- none), the latest read, and why the slot was last created again.
+       CASE WHEN i.refresh_mode = 'incremental' THEN cap.method END AS capture,
+       s.incremental_index_hint,
+       cap.slot_status                           AS capture_slot_status,
+       cap.retained_bytes                        AS capture_wal_retained_bytes,
+       cap.lag_bytes                             AS capture_wal_lag_bytes,
+       cap.bound_bytes                           AS capture_wal_bound_bytes,
+       cap.read_at                               AS capture_read_at,
+       cap.slot_lost_reason                      AS capture_slot_lost_reason,
+       cap.slot_lost_at                          AS capture_slot_lost_at
   FROM pgconsistency.invariant i
   LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+  LEFT JOIN (
+      SELECT m.method, m.read_at, m.slot_lost_reason, m.slot_lost_at,
+             CASE WHEN m.method = 'wal' THEN coalesce(r.wal_status, 'missing') END AS slot_status,
+             CASE WHEN m.method = 'wal' AND NOT pg_catalog.pg_is_in_recovery()
+                  THEN pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(), r.restart_lsn)::bigint END AS retained_bytes,
+             CASE WHEN m.method = 'wal' AND NOT pg_catalog.pg_is_in_recovery()
+                  THEN pg_catalog.pg_wal_lsn_diff(pg_catalog.pg_current_wal_lsn(),
+                                                  GREATEST(m.wal_position, r.confirmed_flush_lsn))::bigint END AS lag_bytes,
+             CASE WHEN m.method = 'wal' AND pg_catalog.current_setting('max_slot_wal_keep_size') <> '-1'
+                  THEN pg_catalog.pg_size_bytes(pg_catalog.current_setting('max_slot_wal_keep_size')) END AS bound_bytes
+        FROM pgconsistency.capture m
+        LEFT JOIN pg_catalog.pg_replication_slots r ON r.slot_name = m.slot_name AND m.method = 'wal') cap ON true
 $def$;
 BEGIN
     PERFORM pgconsistency._install_view('pgconsistency.status', v_def,
@@ -118,8 +146,8 @@ BEGIN
                FROM (VALUES ('last_run_outcome', 'Outcome of the latest refresh that ran: succeeded, failed or timed_out (NULL: never ran); called last_status before 0.4.0'),
                  ('snapshot_duration_seconds', 'Duration of the refresh that made the snapshot (the latest successful one); called refresh_duration_seconds before 0.4.0'),
                  ('last_outcome', 'What happened last, a skip included: never, succeeded, failed, timed_out or skipped'),
-                 ('last_status', 'Deprecated (removed in 0.7.0): read last_run_outcome; reading it raises a NOTICE once per session'),
-                 ('refresh_duration_seconds', 'Deprecated (removed in 0.7.0): read snapshot_duration_seconds; reading it raises a NOTICE once per session'),
+                 ('last_status', 'Deprecated (removed in 0.8.0): read last_run_outcome; reading it raises a NOTICE once per session'),
+                 ('refresh_duration_seconds', 'Deprecated (removed in 0.8.0): read snapshot_duration_seconds; reading it raises a NOTICE once per session'),
                  ('owner', 'Who answers for the invariant''s alerts (Alertmanager routes on it); NULL: unset. pgconsistency.set_owner() changes it'),
                  ('runbook_url', 'The runbook the invariant''s anomaly alerts link to; NULL: unset (the generic runbook)')) AS v(col, comment)
               WHERE pg_catalog.col_description('pgconsistency.status'::regclass,
