@@ -26,10 +26,12 @@ import (
 // cursor per receiver (its component id), one position for each kind:
 // records are read after it, at most logs::max_records_per_interval per
 // collection interval (both kinds together, the anomalies first), and the
-// cursor moves only once the pipeline took them. So each record is emitted
-// once, across restarts too; a pipeline that refuses a batch gets it again at
-// the next interval. It does not use the scraper controller, which cannot
-// tell a scraper whether its data was consumed.
+// cursor moves only once ConsumeLogs returned nil. So each record is
+// delivered at least once, across restarts too, as long as nothing in the
+// pipeline acknowledges before delivery (README, "Delivery"); a pipeline
+// that refuses a batch gets it again at the next interval, never skipped.
+// It does not use the scraper controller, which cannot tell a scraper
+// whether its data was consumed.
 type logsReceiver struct {
 	cfg      *Config
 	logger   *zap.Logger
