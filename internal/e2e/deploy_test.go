@@ -32,11 +32,12 @@ receivers:
 exporters:
   otlphttp/logs:
     endpoint: ${env:PGCONSISTENCY_LOGS_OTLP_ENDPOINT}
+    sending_queue: {enabled: false} # as config/collector-logs.yaml: nothing acknowledged before delivery
 service:
   pipelines:
     logs:
       receivers: [pgconsistency]
-      processors: [memory_limiter, batch]
+      processors: [memory_limiter]
       exporters: [otlphttp/logs]
 `
 

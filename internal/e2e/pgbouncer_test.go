@@ -140,6 +140,7 @@ exporters:
       enabled: true
   otlphttp/logs:
     endpoint: ${env:PGCONSISTENCY_LOGS_OTLP_ENDPOINT}
+    sending_queue: {enabled: false} # as config/collector-logs.yaml: nothing acknowledged before delivery
     retry_on_failure:
       enabled: false
 service:

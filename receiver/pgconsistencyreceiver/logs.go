@@ -12,6 +12,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"go.opentelemetry.io/collector/component"
 	"go.opentelemetry.io/collector/consumer"
+	"go.opentelemetry.io/collector/consumer/consumererror"
 	"go.opentelemetry.io/collector/pdata/pcommon"
 	"go.opentelemetry.io/collector/pdata/plog"
 	"go.opentelemetry.io/collector/receiver"
@@ -25,10 +26,12 @@ import (
 // cursor per receiver (its component id), one position for each kind:
 // records are read after it, at most logs::max_records_per_interval per
 // collection interval (both kinds together, the anomalies first), and the
-// cursor moves only once the pipeline took them. So each record is emitted
-// once, across restarts too; a pipeline that refuses a batch gets it again at
-// the next interval. It does not use the scraper controller, which cannot
-// tell a scraper whether its data was consumed.
+// cursor moves only once ConsumeLogs returned nil. So each record is
+// delivered at least once, across restarts too, as long as nothing in the
+// pipeline acknowledges before delivery (README, "Delivery"); a pipeline
+// that refuses a batch gets it again at the next interval, never skipped.
+// It does not use the scraper controller, which cannot tell a scraper
+// whether its data was consumed.
 type logsReceiver struct {
 	cfg      *Config
 	logger   *zap.Logger
@@ -239,8 +242,14 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 		r.lb.AppendLogRecord(finishedRecord(f, now))
 	}
 	if err := r.next.ConsumeLogs(ctx, r.lb.Emit(metadata.WithLogsResource(r.resource))); err != nil {
-		return fmt.Errorf("the logs pipeline refused %d new anomaly and %d finished refresh records (kept for the next interval): %w",
-			len(batch), len(finished), err)
+		// The cursor stays: the same records (and any newer ones, up to
+		// max_records_per_interval) are read and sent again at the next
+		// interval, whatever the error. A permanent one (an HTTP 400 from
+		// an OTLP backend) is no reason to skip them: nothing here can tell
+		// a bad record from a misconfigured backend, and skipping would
+		// lose every record of the latter.
+		return fmt.Errorf("the logs pipeline refused %s (kept: sent again at the next interval)%s: %w",
+			refusedRecords(batch, finished), permanentHint(err), err)
 	}
 	return inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
 		if len(batch) > 0 {
@@ -255,6 +264,30 @@ func (r *logsReceiver) pass(ctx context.Context) error {
 		}
 		return nil
 	})
+}
+
+// refusedRecords names the records of a refused batch by their ids.
+func refusedRecords(batch []newAnomaly, finished []finishedRequest) string {
+	var parts []string
+	if len(batch) > 0 {
+		parts = append(parts, fmt.Sprintf("%d new anomaly records (pgconsistency.anomaly.seq %d to %d)",
+			len(batch), batch[0].seq, batch[len(batch)-1].seq))
+	}
+	if len(finished) > 0 {
+		parts = append(parts, fmt.Sprintf("%d finished refresh records (pgconsistency.refresh.request_id %d to %d)",
+			len(finished), finished[0].id, finished[len(finished)-1].id))
+	}
+	return strings.Join(parts, " and ")
+}
+
+// permanentHint says what to do when the pipeline says it will never take
+// the batch: until it does, no later record is sent.
+func permanentHint(err error) string {
+	if !consumererror.IsPermanent(err) {
+		return ""
+	}
+	return "; the error is permanent, so no later record goes out until the backend takes these: fix what it " +
+		"refuses, or skip them on purpose with SELECT pgconsistency.advance_log_cursor(<receiver id>, <last seq>)"
 }
 
 // readFinished reads at most maxRows refresh requests that finished since

@@ -12,6 +12,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"go.opentelemetry.io/collector/component"
 	"go.opentelemetry.io/collector/consumer"
+	"go.opentelemetry.io/collector/consumer/consumererror"
 	"go.opentelemetry.io/collector/consumer/consumertest"
 	"go.opentelemetry.io/collector/pdata/plog"
 	"go.opentelemetry.io/collector/receiver"
@@ -424,4 +425,19 @@ func TestIntegrationLogsRefreshFinishedWithinTheCap(t *testing.T) {
 	assert.Equal(t, "pgconsistency.refresh.finished", all[2].EventName(), "after the new anomalies")
 	n, _ := all[2].Attributes().Get("pgconsistency.anomalies.new")
 	assert.EqualValues(t, 2, n.Int())
+}
+
+// The error of a refused batch names its records by id and, when the
+// pipeline says it will never take them, what stops and how to skip them.
+func TestRefusedBatchError(t *testing.T) {
+	batch := []newAnomaly{{seq: 7}, {seq: 9}}
+	finished := []finishedRequest{{id: 3}}
+	assert.Equal(t, "2 new anomaly records (pgconsistency.anomaly.seq 7 to 9) and "+
+		"1 finished refresh records (pgconsistency.refresh.request_id 3 to 3)", refusedRecords(batch, finished))
+	assert.Equal(t, "1 finished refresh records (pgconsistency.refresh.request_id 3 to 3)", refusedRecords(nil, finished))
+	assert.Empty(t, permanentHint(errors.New("queue full")))
+	// as the otlphttp exporter returns an HTTP 400, through a fan-out
+	permanent := errors.Join(consumererror.NewPermanent(errors.New("HTTP 400")), nil)
+	assert.Contains(t, permanentHint(permanent), "no later record goes out")
+	assert.Contains(t, permanentHint(permanent), "pgconsistency.advance_log_cursor(")
 }
