@@ -59,6 +59,18 @@ type invariantStatus struct {
 	NewCauseTable           string     `db:"new_cause_table"`
 	NewCauseDBUser          string     `db:"new_cause_db_user"`
 	NewCauseApplicationName string     `db:"new_cause_application_name"`
+	// The capture (0.7.0 and later). Capture is how the invariant's writes
+	// are captured, trigger or wal, "" in full mode. The rest is the same
+	// on every row: the WAL capture's slot, CaptureSlotStatus "" unless the
+	// database uses the WAL capture, the byte counts nil when unknown (a
+	// standby; no slot; the bound nil when unbounded). CaptureReported is
+	// false with older SQL, which has no capture to report.
+	Capture                 string `db:"capture"`
+	CaptureSlotStatus       string `db:"capture_slot_status"`
+	CaptureWALRetainedBytes *int64 `db:"capture_wal_retained_bytes"`
+	CaptureWALLagBytes      *int64 `db:"capture_wal_lag_bytes"`
+	CaptureWALBoundBytes    *int64 `db:"capture_wal_bound_bytes"`
+	CaptureReported         bool   `db:"capture_reported"`
 }
 
 // client is what the scraper needs from the database; tests use a fake.
@@ -85,35 +97,39 @@ const schema = "pgconsistency"
 // shape the database has, and reports what an older release cannot tell as
 // the older release behaves: no version (0.1.0), every refresh full and
 // nothing healed (before 0.3.0), no owner nor runbook (before 0.5.0), no
-// deploy marker value (before 0.6.0).
+// deploy marker value (before 0.6.0), no capture (before 0.7.0).
 type statusShape int32
 
 const (
-	shape060 statusShape = iota // deploy_marker, new_deploy_marker, new_cause_*
+	shape070 statusShape = iota // capture, capture_slot_status, capture_wal_*
+	shape060                    // deploy_marker, new_deploy_marker, new_cause_*
 	shape050                    // owner, runbook_url
 	shape030                    // refresh_mode, healed_anomalies
 	shape020                    // version
 	shape010                    // the first release
 	shapeCount
 
-	shapeNewest = shape060
+	shapeNewest = shape070
 )
 
 // statusQueries are indexed by statusShape, newest first.
 var statusQueries = [shapeCount]string{
+	shape070: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies, " +
+		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url, coalesce(deploy_marker, '') AS deploy_marker, " +
+		newOriginColumns + ", " + captureColumns + " FROM " + schema + ".status WHERE enabled",
 	shape060: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies, " +
 		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url, coalesce(deploy_marker, '') AS deploy_marker, " +
-		newOriginColumns + " FROM " + schema + ".status WHERE enabled",
+		newOriginColumns + noCapture + " FROM " + schema + ".status WHERE enabled",
 	shape050: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies, " +
-		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url" + noDeployMarker + noNewOrigin + " FROM " + schema + ".status WHERE enabled",
-	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + " FROM " + schema + ".status WHERE enabled",
-	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + " FROM " +
+		"coalesce(owner, '') AS owner, coalesce(runbook_url, '') AS runbook_url" + noDeployMarker + noNewOrigin + noCapture + " FROM " + schema + ".status WHERE enabled",
+	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + noCapture + " FROM " + schema + ".status WHERE enabled",
+	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + noCapture + " FROM " +
 		schema + ".status WHERE enabled",
 	// 0.1.0 has no version: the column says whether pgconsistency.version()
 	// exists all the same, i.e. whether install.sql has upgraded the SQL
 	// since this shape was chosen (see queryStatus).
 	shape010: "SELECT " + statusColumns + ", CASE WHEN pg_catalog.to_regprocedure('" + schema + ".version()') IS NULL " +
-		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + " FROM " +
+		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + noCapture + " FROM " +
 		schema + ".status WHERE enabled",
 }
 
@@ -135,6 +151,15 @@ const newOriginColumns = `coalesce(new_deploy_marker, '') AS new_deploy_marker,
 // noNewOrigin stands for them with SQL older than 0.6.0: none known.
 const noNewOrigin = `, '' AS new_deploy_marker, NULL::timestamptz AS new_deployed_at, NULL::timestamptz AS new_cause_changed_at,
 	'' AS new_cause_operation, '' AS new_cause_table, '' AS new_cause_db_user, '' AS new_cause_application_name`
+
+// captureColumns are the capture of each invariant and the WAL capture's
+// slot (0.7.0).
+const captureColumns = `coalesce(capture, '') AS capture, coalesce(capture_slot_status, '') AS capture_slot_status,
+	capture_wal_retained_bytes, capture_wal_lag_bytes, capture_wal_bound_bytes, true AS capture_reported`
+
+// noCapture stands for them with SQL older than 0.7.0: no capture to report.
+const noCapture = `, '' AS capture, '' AS capture_slot_status, NULL::bigint AS capture_wal_retained_bytes,
+	NULL::bigint AS capture_wal_lag_bytes, NULL::bigint AS capture_wal_bound_bytes, false AS capture_reported`
 
 // upgradedFrom010 is the version the 0.1.0 shape reads once the SQL has
 // been upgraded; never reported.

@@ -290,6 +290,42 @@ func (s *pgScraper) recordStatus(now pcommon.Timestamp, rows []invariantStatus) 
 		if v := rows[0].Version; v != "" {
 			s.mb.RecordPgconsistencyVersionDataPoint(now, 1, v)
 		}
+		if rows[0].CaptureReported {
+			s.recordCapture(now, rows)
+		}
+	}
+}
+
+// recordCapture records which capture the invariants in incremental mode
+// use, every capture with its count (0 included), and, when the database
+// uses the WAL capture, its slot: what the slot keeps, how far the capture's
+// latest read is behind, and the bound. SQL 0.7.0 and later only.
+func (s *pgScraper) recordCapture(now pcommon.Timestamp, rows []invariantStatus) {
+	counts := map[string]int64{}
+	for i := range rows {
+		counts[rows[i].Capture]++
+	}
+	for name, capture := range metadata.MapAttributeCapture {
+		s.mb.RecordPgconsistencyCaptureInvariantsDataPoint(now, counts[name], capture)
+	}
+	slot := &rows[0]
+	if slot.CaptureSlotStatus == "" {
+		return // trigger capture: no slot
+	}
+	switch {
+	case slot.CaptureWALRetainedBytes != nil:
+		s.mb.RecordPgconsistencyCaptureWalRetainedDataPoint(now, *slot.CaptureWALRetainedBytes)
+	case slot.CaptureSlotStatus == "missing" || slot.CaptureSlotStatus == "lost":
+		// Dropped, lost in a failover, or invalidated: it keeps nothing
+		// until the next read creates it again (and every invariant in
+		// incremental mode reconciles).
+		s.mb.RecordPgconsistencyCaptureWalRetainedDataPoint(now, 0)
+	}
+	if slot.CaptureWALLagBytes != nil {
+		s.mb.RecordPgconsistencyCaptureWalLagDataPoint(now, *slot.CaptureWALLagBytes)
+	}
+	if slot.CaptureWALBoundBytes != nil {
+		s.mb.RecordPgconsistencyCaptureWalBoundDataPoint(now, *slot.CaptureWALBoundBytes)
 	}
 }
 

@@ -97,11 +97,18 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 		f.rows[i].PendingRequests = 1
 		f.rows[i].DeployMarkerChangedAt = &deployed
 		f.rows[i].DeployMarker = "v1.4.2"
-		f.rows[i].Version = "0.5.0"
+		f.rows[i].Version = "0.7.0"
 		if f.rows[i].RefreshMode == "" {
 			f.rows[i].RefreshMode = "full"
 		}
+		// the WAL capture, its slot a little behind
+		f.rows[i].CaptureReported = true
+		f.rows[i].CaptureSlotStatus = "reserved"
+		f.rows[i].CaptureWALRetainedBytes = ptr(int64(3 << 20))
+		f.rows[i].CaptureWALLagBytes = ptr(int64(1 << 20))
+		f.rows[i].CaptureWALBoundBytes = ptr(int64(10 << 30))
 	}
+	f.rows[0].Capture = "wal" // the one invariant in incremental mode
 	s := startFake(t, f)
 	require.NoError(t, compareGolden(t, "expected.yaml", s))
 }
@@ -140,4 +147,103 @@ func TestStartFailsOnBadTLSFiles(t *testing.T) {
 	cfg.TLS.InsecureSkipVerify = false
 	_, err := newPgxClient(context.Background(), cfg)
 	require.ErrorContains(t, err, `loading "tls" settings`)
+}
+
+// scrapeValues scrapes once and returns each gauge's values by their
+// attributes ("" when a data point has none; "capture=wal" and the like).
+func scrapeValues(t *testing.T, s *pgScraper) map[string]map[string]int64 {
+	t.Helper()
+	md, err := s.scrape(context.Background())
+	require.NoError(t, err)
+	out := map[string]map[string]int64{}
+	rms := md.ResourceMetrics()
+	for i := 0; i < rms.Len(); i++ {
+		sms := rms.At(i).ScopeMetrics()
+		for j := 0; j < sms.Len(); j++ {
+			ms := sms.At(j).Metrics()
+			for k := 0; k < ms.Len(); k++ {
+				m := ms.At(k)
+				if out[m.Name()] == nil {
+					out[m.Name()] = map[string]int64{}
+				}
+				dps := m.Gauge().DataPoints()
+				for d := 0; d < dps.Len(); d++ {
+					key := ""
+					if c, ok := dps.At(d).Attributes().Get("capture"); ok {
+						key = "capture=" + c.Str()
+					} else if inv, ok := dps.At(d).Attributes().Get("invariant"); ok {
+						key = inv.Str()
+					}
+					out[m.Name()][key] = dps.At(d).IntValue()
+				}
+			}
+		}
+	}
+	return out
+}
+
+// captureRows are status rows of SQL 0.7.0: two invariants in incremental
+// mode with capture, one in full mode.
+func captureRows(capture string, slot func(*invariantStatus)) []invariantStatus {
+	rows := []invariantStatus{
+		{Invariant: "dataset_seed_missing", Severity: "critical", LastOutcome: "succeeded", RefreshMode: "incremental", Capture: capture},
+		{Invariant: "dataset_chain_gap", Severity: "critical", LastOutcome: "succeeded", RefreshMode: "incremental", Capture: capture},
+		{Invariant: "dataset_owner_missing", Severity: "warning", LastOutcome: "succeeded", RefreshMode: "full"},
+	}
+	for i := range rows {
+		rows[i].Version = "0.7.0"
+		rows[i].CaptureReported = true
+		if slot != nil {
+			slot(&rows[i])
+		}
+	}
+	return rows
+}
+
+func TestScrapeTriggerCaptureReportsZeroWALInvariants(t *testing.T) {
+	got := scrapeValues(t, startFake(t, &fakeClient{rows: captureRows("trigger", nil)}))
+	assert.Equal(t, map[string]int64{"capture=trigger": 2, "capture=wal": 0}, got["pgconsistency.capture.invariants"])
+	for _, name := range []string{"pgconsistency.capture.wal.retained", "pgconsistency.capture.wal.lag", "pgconsistency.capture.wal.bound"} {
+		assert.NotContains(t, got, name, "no slot with the trigger capture")
+	}
+}
+
+func TestScrapeWALCaptureReportsItsSlot(t *testing.T) {
+	got := scrapeValues(t, startFake(t, &fakeClient{rows: captureRows("wal", func(r *invariantStatus) {
+		r.CaptureSlotStatus = "extended"
+		r.CaptureWALRetainedBytes = ptr(int64(600 << 20))
+		r.CaptureWALLagBytes = ptr(int64(500 << 20))
+		r.CaptureWALBoundBytes = ptr(int64(1 << 30))
+	})}))
+	assert.Equal(t, map[string]int64{"capture=trigger": 0, "capture=wal": 2}, got["pgconsistency.capture.invariants"])
+	assert.Equal(t, map[string]int64{"": 600 << 20}, got["pgconsistency.capture.wal.retained"])
+	assert.Equal(t, map[string]int64{"": 500 << 20}, got["pgconsistency.capture.wal.lag"])
+	assert.Equal(t, map[string]int64{"": 1 << 30}, got["pgconsistency.capture.wal.bound"])
+}
+
+// An unbounded slot has no bound series; a missing (dropped, or lost in a
+// failover) slot keeps nothing: 0, not absent.
+func TestScrapeWALCaptureUnboundedAndMissingSlot(t *testing.T) {
+	got := scrapeValues(t, startFake(t, &fakeClient{rows: captureRows("wal", func(r *invariantStatus) {
+		r.CaptureSlotStatus = "missing"
+		r.CaptureWALLagBytes = ptr(int64(4096))
+	})}))
+	assert.Equal(t, map[string]int64{"": 0}, got["pgconsistency.capture.wal.retained"])
+	assert.Equal(t, map[string]int64{"": 4096}, got["pgconsistency.capture.wal.lag"])
+	assert.NotContains(t, got, "pgconsistency.capture.wal.bound")
+}
+
+// SQL older than 0.7.0 has no capture to report: no capture series at all
+// (not a trigger count of 0, which would say "nothing").
+func TestScrapeOlderSQLReportsNoCapture(t *testing.T) {
+	rows := captureRows("", nil)
+	for i := range rows {
+		rows[i].Version = "0.6.0"
+		rows[i].CaptureReported = false
+	}
+	got := scrapeValues(t, startFake(t, &fakeClient{rows: rows}))
+	require.Contains(t, got, "pgconsistency.anomalies")
+	for name := range got {
+		assert.NotContains(t, name, "pgconsistency.capture", "SQL 0.6.0")
+	}
 }

@@ -201,6 +201,86 @@ func (ms *PgconsistencyAnomaliesResolvedMetricConfig) Unmarshal(parser *confmap.
 	return nil
 }
 
+// PgconsistencyCaptureInvariantsMetricConfig provides config for the pgconsistency.capture.invariants metric.
+type PgconsistencyCaptureInvariantsMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyCaptureInvariantsMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+// PgconsistencyCaptureWalBoundMetricConfig provides config for the pgconsistency.capture.wal.bound metric.
+type PgconsistencyCaptureWalBoundMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyCaptureWalBoundMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+// PgconsistencyCaptureWalLagMetricConfig provides config for the pgconsistency.capture.wal.lag metric.
+type PgconsistencyCaptureWalLagMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyCaptureWalLagMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
+// PgconsistencyCaptureWalRetainedMetricConfig provides config for the pgconsistency.capture.wal.retained metric.
+type PgconsistencyCaptureWalRetainedMetricConfig struct {
+	Enabled          bool `mapstructure:"enabled"`
+	enabledSetByUser bool
+}
+
+func (ms *PgconsistencyCaptureWalRetainedMetricConfig) Unmarshal(parser *confmap.Conf) error {
+	if parser == nil {
+		return nil
+	}
+
+	err := parser.Unmarshal(ms)
+	if err != nil {
+		return err
+	}
+
+	ms.enabledSetByUser = parser.IsSet("enabled")
+	return nil
+}
+
 // PgconsistencyDeployMarkerTimestampMetricAttributeKey specifies the key of an attribute for the pgconsistency.deploy_marker.timestamp metric.
 type PgconsistencyDeployMarkerTimestampMetricAttributeKey string
 
@@ -457,6 +537,10 @@ type MetricsConfig struct {
 	PgconsistencyAnomaliesNewCauseTimestamp  PgconsistencyAnomaliesNewCauseTimestampMetricConfig  `mapstructure:"pgconsistency.anomalies.new.cause.timestamp"`
 	PgconsistencyAnomaliesNewDeployTimestamp PgconsistencyAnomaliesNewDeployTimestampMetricConfig `mapstructure:"pgconsistency.anomalies.new.deploy.timestamp"`
 	PgconsistencyAnomaliesResolved           PgconsistencyAnomaliesResolvedMetricConfig           `mapstructure:"pgconsistency.anomalies.resolved"`
+	PgconsistencyCaptureInvariants           PgconsistencyCaptureInvariantsMetricConfig           `mapstructure:"pgconsistency.capture.invariants"`
+	PgconsistencyCaptureWalBound             PgconsistencyCaptureWalBoundMetricConfig             `mapstructure:"pgconsistency.capture.wal.bound"`
+	PgconsistencyCaptureWalLag               PgconsistencyCaptureWalLagMetricConfig               `mapstructure:"pgconsistency.capture.wal.lag"`
+	PgconsistencyCaptureWalRetained          PgconsistencyCaptureWalRetainedMetricConfig          `mapstructure:"pgconsistency.capture.wal.retained"`
 	PgconsistencyDeployMarkerTimestamp       PgconsistencyDeployMarkerTimestampMetricConfig       `mapstructure:"pgconsistency.deploy_marker.timestamp"`
 	PgconsistencyReconcileHealed             PgconsistencyReconcileHealedMetricConfig             `mapstructure:"pgconsistency.reconcile.healed"`
 	PgconsistencyRefreshDuration             PgconsistencyRefreshDurationMetricConfig             `mapstructure:"pgconsistency.refresh.duration"`
@@ -492,6 +576,18 @@ func DefaultMetricsConfig() MetricsConfig {
 			EnabledAttributes:   []PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKey{PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyInvariant, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyMarker, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyOwner, PgconsistencyAnomaliesNewDeployTimestampMetricAttributeKeyRunbookURL},
 		},
 		PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyCaptureInvariants: PgconsistencyCaptureInvariantsMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyCaptureWalBound: PgconsistencyCaptureWalBoundMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyCaptureWalLag: PgconsistencyCaptureWalLagMetricConfig{
+			Enabled: true,
+		},
+		PgconsistencyCaptureWalRetained: PgconsistencyCaptureWalRetainedMetricConfig{
 			Enabled: true,
 		},
 		PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{

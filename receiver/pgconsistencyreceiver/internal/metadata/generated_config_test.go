@@ -48,6 +48,18 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
 						Enabled: true,
 					},
+					PgconsistencyCaptureInvariants: PgconsistencyCaptureInvariantsMetricConfig{
+						Enabled: true,
+					},
+					PgconsistencyCaptureWalBound: PgconsistencyCaptureWalBoundMetricConfig{
+						Enabled: true,
+					},
+					PgconsistencyCaptureWalLag: PgconsistencyCaptureWalLagMetricConfig{
+						Enabled: true,
+					},
+					PgconsistencyCaptureWalRetained: PgconsistencyCaptureWalRetainedMetricConfig{
+						Enabled: true,
+					},
 					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
 						Enabled:             true,
 						AggregationStrategy: AggregationStrategyAvg,
@@ -117,6 +129,18 @@ func TestMetricsBuilderConfig(t *testing.T) {
 					PgconsistencyAnomaliesResolved: PgconsistencyAnomaliesResolvedMetricConfig{
 						Enabled: false,
 					},
+					PgconsistencyCaptureInvariants: PgconsistencyCaptureInvariantsMetricConfig{
+						Enabled: false,
+					},
+					PgconsistencyCaptureWalBound: PgconsistencyCaptureWalBoundMetricConfig{
+						Enabled: false,
+					},
+					PgconsistencyCaptureWalLag: PgconsistencyCaptureWalLagMetricConfig{
+						Enabled: false,
+					},
+					PgconsistencyCaptureWalRetained: PgconsistencyCaptureWalRetainedMetricConfig{
+						Enabled: false,
+					},
 					PgconsistencyDeployMarkerTimestamp: PgconsistencyDeployMarkerTimestampMetricConfig{
 						Enabled:             false,
 						AggregationStrategy: AggregationStrategyAvg,
@@ -164,7 +188,7 @@ func TestMetricsBuilderConfig(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := loadMetricsBuilderConfig(t, tt.name)
-			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesNewCauseTimestampMetricConfig{}, PgconsistencyAnomaliesNewDeployTimestampMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyReconcileHealedMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshModeMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, PgconsistencyVersionMetricConfig{}, ResourceAttributeConfig{}))
+			diff := cmp.Diff(tt.want, cfg, cmpopts.IgnoreUnexported(PgconsistencyAnomaliesMetricConfig{}, PgconsistencyAnomaliesAcknowledgedMetricConfig{}, PgconsistencyAnomaliesNewMetricConfig{}, PgconsistencyAnomaliesNewCauseTimestampMetricConfig{}, PgconsistencyAnomaliesNewDeployTimestampMetricConfig{}, PgconsistencyAnomaliesResolvedMetricConfig{}, PgconsistencyCaptureInvariantsMetricConfig{}, PgconsistencyCaptureWalBoundMetricConfig{}, PgconsistencyCaptureWalLagMetricConfig{}, PgconsistencyCaptureWalRetainedMetricConfig{}, PgconsistencyDeployMarkerTimestampMetricConfig{}, PgconsistencyReconcileHealedMetricConfig{}, PgconsistencyRefreshDurationMetricConfig{}, PgconsistencyRefreshFailuresMetricConfig{}, PgconsistencyRefreshModeMetricConfig{}, PgconsistencyRefreshOutcomeMetricConfig{}, PgconsistencyRefreshPeriodMetricConfig{}, PgconsistencyRefreshRequestsPendingMetricConfig{}, PgconsistencySnapshotTimestampMetricConfig{}, PgconsistencyUpMetricConfig{}, PgconsistencyVersionMetricConfig{}, ResourceAttributeConfig{}))
 			require.Emptyf(t, diff, "Config mismatch (-expected +actual):\n%s", diff)
 		})
 	}

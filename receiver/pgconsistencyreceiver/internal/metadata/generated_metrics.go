@@ -19,6 +19,32 @@ const (
 	AggregationStrategyMax = "max"
 )
 
+// AttributeCapture specifies the value capture attribute.
+type AttributeCapture int
+
+const (
+	_ AttributeCapture = iota
+	AttributeCaptureTrigger
+	AttributeCaptureWal
+)
+
+// String returns the string representation of the AttributeCapture.
+func (av AttributeCapture) String() string {
+	switch av {
+	case AttributeCaptureTrigger:
+		return "trigger"
+	case AttributeCaptureWal:
+		return "wal"
+	}
+	return ""
+}
+
+// MapAttributeCapture is a helper map of string to AttributeCapture attribute value.
+var MapAttributeCapture = map[string]AttributeCapture{
+	"trigger": AttributeCaptureTrigger,
+	"wal":     AttributeCaptureWal,
+}
+
 // AttributeMode specifies the value mode attribute.
 type AttributeMode int
 
@@ -108,6 +134,19 @@ var MetricsInfo = metricsInfo{
 		Name:       "pgconsistency.anomalies.resolved",
 		Attributes: []string{"invariant", "severity", "owner", "runbook_url"},
 	},
+	PgconsistencyCaptureInvariants: metricInfo{
+		Name:       "pgconsistency.capture.invariants",
+		Attributes: []string{"capture"},
+	},
+	PgconsistencyCaptureWalBound: metricInfo{
+		Name: "pgconsistency.capture.wal.bound",
+	},
+	PgconsistencyCaptureWalLag: metricInfo{
+		Name: "pgconsistency.capture.wal.lag",
+	},
+	PgconsistencyCaptureWalRetained: metricInfo{
+		Name: "pgconsistency.capture.wal.retained",
+	},
 	PgconsistencyDeployMarkerTimestamp: metricInfo{
 		Name:       "pgconsistency.deploy_marker.timestamp",
 		Attributes: []string{"marker"},
@@ -159,6 +198,10 @@ type metricsInfo struct {
 	PgconsistencyAnomaliesNewCauseTimestamp  metricInfo
 	PgconsistencyAnomaliesNewDeployTimestamp metricInfo
 	PgconsistencyAnomaliesResolved           metricInfo
+	PgconsistencyCaptureInvariants           metricInfo
+	PgconsistencyCaptureWalBound             metricInfo
+	PgconsistencyCaptureWalLag               metricInfo
+	PgconsistencyCaptureWalRetained          metricInfo
 	PgconsistencyDeployMarkerTimestamp       metricInfo
 	PgconsistencyReconcileHealed             metricInfo
 	PgconsistencyRefreshDuration             metricInfo
@@ -614,6 +657,208 @@ func (m *metricPgconsistencyAnomaliesResolved) emit(metrics pmetric.MetricSlice)
 
 func newMetricPgconsistencyAnomaliesResolved(cfg PgconsistencyAnomaliesResolvedMetricConfig) metricPgconsistencyAnomaliesResolved {
 	m := metricPgconsistencyAnomaliesResolved{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyCaptureInvariants struct {
+	data     pmetric.Metric                             // data buffer for generated metric.
+	config   PgconsistencyCaptureInvariantsMetricConfig // metric config provided by user.
+	capacity int                                        // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.capture.invariants metric with initial data.
+func (m *metricPgconsistencyCaptureInvariants) init() {
+	m.data.SetName("pgconsistency.capture.invariants")
+	m.data.SetDescription("Enabled invariants in incremental mode whose writes each capture (trigger or wal) captures: the metric that says which capture is in use. Both values on every scrape, 0 included; absent with SQL older than 0.7.0 (trigger capture only), and while no invariant is enabled.")
+	m.data.SetUnit("{invariant}")
+	m.data.SetEmptyGauge()
+	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
+}
+
+func (m *metricPgconsistencyCaptureInvariants) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64, captureAttributeValue string) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+	dp.Attributes().PutStr("capture", captureAttributeValue)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyCaptureInvariants) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyCaptureInvariants) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyCaptureInvariants(cfg PgconsistencyCaptureInvariantsMetricConfig) metricPgconsistencyCaptureInvariants {
+	m := metricPgconsistencyCaptureInvariants{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyCaptureWalBound struct {
+	data     pmetric.Metric                           // data buffer for generated metric.
+	config   PgconsistencyCaptureWalBoundMetricConfig // metric config provided by user.
+	capacity int                                      // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.capture.wal.bound metric with initial data.
+func (m *metricPgconsistencyCaptureWalBound) init() {
+	m.data.SetName("pgconsistency.capture.wal.bound")
+	m.data.SetDescription("The bound of the WAL the capture's slot may keep (max_slot_wal_keep_size): a slot further behind is invalidated by PostgreSQL, and every invariant in incremental mode reconciles. Only when the database uses the WAL capture and the bound is set (absent: unbounded).")
+	m.data.SetUnit("By")
+	m.data.SetEmptyGauge()
+}
+
+func (m *metricPgconsistencyCaptureWalBound) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyCaptureWalBound) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyCaptureWalBound) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyCaptureWalBound(cfg PgconsistencyCaptureWalBoundMetricConfig) metricPgconsistencyCaptureWalBound {
+	m := metricPgconsistencyCaptureWalBound{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyCaptureWalLag struct {
+	data     pmetric.Metric                         // data buffer for generated metric.
+	config   PgconsistencyCaptureWalLagMetricConfig // metric config provided by user.
+	capacity int                                    // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.capture.wal.lag metric with initial data.
+func (m *metricPgconsistencyCaptureWalLag) init() {
+	m.data.SetName("pgconsistency.capture.wal.lag")
+	m.data.SetDescription("WAL written since the WAL capture's latest read of its slot. Only when the database uses the WAL capture (SQL 0.7.0), on a primary.")
+	m.data.SetUnit("By")
+	m.data.SetEmptyGauge()
+}
+
+func (m *metricPgconsistencyCaptureWalLag) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyCaptureWalLag) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyCaptureWalLag) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyCaptureWalLag(cfg PgconsistencyCaptureWalLagMetricConfig) metricPgconsistencyCaptureWalLag {
+	m := metricPgconsistencyCaptureWalLag{config: cfg}
+
+	if cfg.Enabled {
+		m.data = pmetric.NewMetric()
+		m.init()
+	}
+	return m
+}
+
+type metricPgconsistencyCaptureWalRetained struct {
+	data     pmetric.Metric                              // data buffer for generated metric.
+	config   PgconsistencyCaptureWalRetainedMetricConfig // metric config provided by user.
+	capacity int                                         // max observed number of data points added to the metric.
+}
+
+// init fills pgconsistency.capture.wal.retained metric with initial data.
+func (m *metricPgconsistencyCaptureWalRetained) init() {
+	m.data.SetName("pgconsistency.capture.wal.retained")
+	m.data.SetDescription("WAL the WAL capture's slot keeps from removal (from its restart_lsn to the current position; 0 when the slot is missing, until the next read creates it again). Only when the database uses the WAL capture (SQL 0.7.0), on a primary.")
+	m.data.SetUnit("By")
+	m.data.SetEmptyGauge()
+}
+
+func (m *metricPgconsistencyCaptureWalRetained) recordDataPoint(start pcommon.Timestamp, ts pcommon.Timestamp, val int64) {
+	if !m.config.Enabled {
+		return
+	}
+	dp := m.data.Gauge().DataPoints().AppendEmpty()
+	dp.SetStartTimestamp(start)
+	dp.SetTimestamp(ts)
+	dp.SetIntValue(val)
+}
+
+// updateCapacity saves max length of data point slices that will be used for the slice capacity.
+func (m *metricPgconsistencyCaptureWalRetained) updateCapacity() {
+	if m.data.Gauge().DataPoints().Len() > m.capacity {
+		m.capacity = m.data.Gauge().DataPoints().Len()
+	}
+}
+
+// emit appends recorded metric data to a metrics slice and prepares it for recording another set of data points.
+func (m *metricPgconsistencyCaptureWalRetained) emit(metrics pmetric.MetricSlice) {
+	if m.config.Enabled && m.data.Gauge().DataPoints().Len() > 0 {
+		m.updateCapacity()
+		m.data.MoveTo(metrics.AppendEmpty())
+		m.init()
+	}
+}
+
+func newMetricPgconsistencyCaptureWalRetained(cfg PgconsistencyCaptureWalRetainedMetricConfig) metricPgconsistencyCaptureWalRetained {
+	m := metricPgconsistencyCaptureWalRetained{config: cfg}
 
 	if cfg.Enabled {
 		m.data = pmetric.NewMetric()
@@ -1266,6 +1511,10 @@ type MetricsBuilder struct {
 	metricPgconsistencyAnomaliesNewCauseTimestamp  metricPgconsistencyAnomaliesNewCauseTimestamp
 	metricPgconsistencyAnomaliesNewDeployTimestamp metricPgconsistencyAnomaliesNewDeployTimestamp
 	metricPgconsistencyAnomaliesResolved           metricPgconsistencyAnomaliesResolved
+	metricPgconsistencyCaptureInvariants           metricPgconsistencyCaptureInvariants
+	metricPgconsistencyCaptureWalBound             metricPgconsistencyCaptureWalBound
+	metricPgconsistencyCaptureWalLag               metricPgconsistencyCaptureWalLag
+	metricPgconsistencyCaptureWalRetained          metricPgconsistencyCaptureWalRetained
 	metricPgconsistencyDeployMarkerTimestamp       metricPgconsistencyDeployMarkerTimestamp
 	metricPgconsistencyReconcileHealed             metricPgconsistencyReconcileHealed
 	metricPgconsistencyRefreshDuration             metricPgconsistencyRefreshDuration
@@ -1308,6 +1557,10 @@ func NewMetricsBuilder(mbc MetricsBuilderConfig, settings receiver.Settings, opt
 		metricPgconsistencyAnomaliesNewCauseTimestamp:  newMetricPgconsistencyAnomaliesNewCauseTimestamp(mbc.Metrics.PgconsistencyAnomaliesNewCauseTimestamp),
 		metricPgconsistencyAnomaliesNewDeployTimestamp: newMetricPgconsistencyAnomaliesNewDeployTimestamp(mbc.Metrics.PgconsistencyAnomaliesNewDeployTimestamp),
 		metricPgconsistencyAnomaliesResolved:           newMetricPgconsistencyAnomaliesResolved(mbc.Metrics.PgconsistencyAnomaliesResolved),
+		metricPgconsistencyCaptureInvariants:           newMetricPgconsistencyCaptureInvariants(mbc.Metrics.PgconsistencyCaptureInvariants),
+		metricPgconsistencyCaptureWalBound:             newMetricPgconsistencyCaptureWalBound(mbc.Metrics.PgconsistencyCaptureWalBound),
+		metricPgconsistencyCaptureWalLag:               newMetricPgconsistencyCaptureWalLag(mbc.Metrics.PgconsistencyCaptureWalLag),
+		metricPgconsistencyCaptureWalRetained:          newMetricPgconsistencyCaptureWalRetained(mbc.Metrics.PgconsistencyCaptureWalRetained),
 		metricPgconsistencyDeployMarkerTimestamp:       newMetricPgconsistencyDeployMarkerTimestamp(mbc.Metrics.PgconsistencyDeployMarkerTimestamp),
 		metricPgconsistencyReconcileHealed:             newMetricPgconsistencyReconcileHealed(mbc.Metrics.PgconsistencyReconcileHealed),
 		metricPgconsistencyRefreshDuration:             newMetricPgconsistencyRefreshDuration(mbc.Metrics.PgconsistencyRefreshDuration),
@@ -1415,6 +1668,10 @@ func (mb *MetricsBuilder) EmitForResource(options ...ResourceMetricsOption) {
 	mb.metricPgconsistencyAnomaliesNewCauseTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyAnomaliesNewDeployTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyAnomaliesResolved.emit(ils.Metrics())
+	mb.metricPgconsistencyCaptureInvariants.emit(ils.Metrics())
+	mb.metricPgconsistencyCaptureWalBound.emit(ils.Metrics())
+	mb.metricPgconsistencyCaptureWalLag.emit(ils.Metrics())
+	mb.metricPgconsistencyCaptureWalRetained.emit(ils.Metrics())
 	mb.metricPgconsistencyDeployMarkerTimestamp.emit(ils.Metrics())
 	mb.metricPgconsistencyReconcileHealed.emit(ils.Metrics())
 	mb.metricPgconsistencyRefreshDuration.emit(ils.Metrics())
@@ -1485,6 +1742,26 @@ func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesNewDeployTimestampDataPoin
 // RecordPgconsistencyAnomaliesResolvedDataPoint adds a data point to pgconsistency.anomalies.resolved metric.
 func (mb *MetricsBuilder) RecordPgconsistencyAnomaliesResolvedDataPoint(ts pcommon.Timestamp, val int64, invariantAttributeValue string, severityAttributeValue string, options ...MetricAttributeOption) {
 	mb.metricPgconsistencyAnomaliesResolved.recordDataPoint(mb.startTime, ts, val, invariantAttributeValue, severityAttributeValue, options...)
+}
+
+// RecordPgconsistencyCaptureInvariantsDataPoint adds a data point to pgconsistency.capture.invariants metric.
+func (mb *MetricsBuilder) RecordPgconsistencyCaptureInvariantsDataPoint(ts pcommon.Timestamp, val int64, captureAttributeValue AttributeCapture) {
+	mb.metricPgconsistencyCaptureInvariants.recordDataPoint(mb.startTime, ts, val, captureAttributeValue.String())
+}
+
+// RecordPgconsistencyCaptureWalBoundDataPoint adds a data point to pgconsistency.capture.wal.bound metric.
+func (mb *MetricsBuilder) RecordPgconsistencyCaptureWalBoundDataPoint(ts pcommon.Timestamp, val int64) {
+	mb.metricPgconsistencyCaptureWalBound.recordDataPoint(mb.startTime, ts, val)
+}
+
+// RecordPgconsistencyCaptureWalLagDataPoint adds a data point to pgconsistency.capture.wal.lag metric.
+func (mb *MetricsBuilder) RecordPgconsistencyCaptureWalLagDataPoint(ts pcommon.Timestamp, val int64) {
+	mb.metricPgconsistencyCaptureWalLag.recordDataPoint(mb.startTime, ts, val)
+}
+
+// RecordPgconsistencyCaptureWalRetainedDataPoint adds a data point to pgconsistency.capture.wal.retained metric.
+func (mb *MetricsBuilder) RecordPgconsistencyCaptureWalRetainedDataPoint(ts pcommon.Timestamp, val int64) {
+	mb.metricPgconsistencyCaptureWalRetained.recordDataPoint(mb.startTime, ts, val)
 }
 
 // RecordPgconsistencyDeployMarkerTimestampDataPoint adds a data point to pgconsistency.deploy_marker.timestamp metric.

@@ -104,6 +104,18 @@ func TestMetricsBuilder(t *testing.T) {
 			mb.RecordPgconsistencyAnomaliesResolvedDataPoint(ts, 1, "invariant-val", "severity-val", WithOwnerMetricAttribute("owner-val"), WithRunbookURLMetricAttribute("runbook_url-val"))
 			defaultMetricsCount++
 			allMetricsCount++
+			mb.RecordPgconsistencyCaptureInvariantsDataPoint(ts, 1, AttributeCaptureTrigger)
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyCaptureWalBoundDataPoint(ts, 1)
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyCaptureWalLagDataPoint(ts, 1)
+			defaultMetricsCount++
+			allMetricsCount++
+			mb.RecordPgconsistencyCaptureWalRetainedDataPoint(ts, 1)
+			defaultMetricsCount++
+			allMetricsCount++
 			mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 1, "marker-val")
 			if tt.name == "reaggregate_set" {
 				mb.RecordPgconsistencyDeployMarkerTimestampDataPoint(ts, 3, "marker-val-2")
@@ -389,6 +401,57 @@ func TestMetricsBuilder(t *testing.T) {
 					runbookURLAttrVal, ok := dp.Attributes().Get("runbook_url")
 					assert.True(t, ok)
 					assert.Equal(t, "runbook_url-val", runbookURLAttrVal.Str())
+				case "pgconsistency.capture.invariants":
+					assert.False(t, validatedMetrics["pgconsistency.capture.invariants"], "Found a duplicate in the metrics slice: pgconsistency.capture.invariants")
+					validatedMetrics["pgconsistency.capture.invariants"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "Enabled invariants in incremental mode whose writes each capture (trigger or wal) captures: the metric that says which capture is in use. Both values on every scrape, 0 included; absent with SQL older than 0.7.0 (trigger capture only), and while no invariant is enabled.", mi.Description())
+					assert.Equal(t, "{invariant}", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+					captureAttrVal, ok := dp.Attributes().Get("capture")
+					assert.True(t, ok)
+					assert.Equal(t, "trigger", captureAttrVal.Str())
+				case "pgconsistency.capture.wal.bound":
+					assert.False(t, validatedMetrics["pgconsistency.capture.wal.bound"], "Found a duplicate in the metrics slice: pgconsistency.capture.wal.bound")
+					validatedMetrics["pgconsistency.capture.wal.bound"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "The bound of the WAL the capture's slot may keep (max_slot_wal_keep_size): a slot further behind is invalidated by PostgreSQL, and every invariant in incremental mode reconciles. Only when the database uses the WAL capture and the bound is set (absent: unbounded).", mi.Description())
+					assert.Equal(t, "By", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+				case "pgconsistency.capture.wal.lag":
+					assert.False(t, validatedMetrics["pgconsistency.capture.wal.lag"], "Found a duplicate in the metrics slice: pgconsistency.capture.wal.lag")
+					validatedMetrics["pgconsistency.capture.wal.lag"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "WAL written since the WAL capture's latest read of its slot. Only when the database uses the WAL capture (SQL 0.7.0), on a primary.", mi.Description())
+					assert.Equal(t, "By", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
+				case "pgconsistency.capture.wal.retained":
+					assert.False(t, validatedMetrics["pgconsistency.capture.wal.retained"], "Found a duplicate in the metrics slice: pgconsistency.capture.wal.retained")
+					validatedMetrics["pgconsistency.capture.wal.retained"] = true
+					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
+					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
+					assert.Equal(t, "WAL the WAL capture's slot keeps from removal (from its restart_lsn to the current position; 0 when the slot is missing, until the next read creates it again). Only when the database uses the WAL capture (SQL 0.7.0), on a primary.", mi.Description())
+					assert.Equal(t, "By", mi.Unit())
+					dp := mi.Gauge().DataPoints().At(0)
+					assert.Equal(t, start, dp.StartTimestamp())
+					assert.Equal(t, ts, dp.Timestamp())
+					assert.Equal(t, pmetric.NumberDataPointValueTypeInt, dp.ValueType())
+					assert.Equal(t, int64(1), dp.IntValue())
 				case "pgconsistency.deploy_marker.timestamp":
 					if tt.name != "reaggregate_set" {
 						assert.False(t, validatedMetrics["pgconsistency.deploy_marker.timestamp"], "Found a duplicate in the metrics slice: pgconsistency.deploy_marker.timestamp")
