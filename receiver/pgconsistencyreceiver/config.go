@@ -26,6 +26,7 @@ const (
 	defaultDiscoveryInterval  = 5 * time.Minute
 	defaultDiscoveryDatabase  = "postgres"
 	defaultMaxConnections     = 10
+	defaultChangesInterval    = time.Second
 )
 
 // Config is the configuration of the pgconsistency receiver.
@@ -69,7 +70,8 @@ type Config struct {
 	Schema string `mapstructure:"schema"`
 
 	// Refresh makes the receiver run the refreshes itself, for servers
-	// without pg_cron. Off by default.
+	// without pg_cron (off by default), and refresh the invariants whose
+	// tables were written within seconds (on by default).
 	Refresh RefreshConfig `mapstructure:"refresh"`
 
 	// Logs configures the receiver in a logs pipeline.
@@ -93,6 +95,12 @@ type RefreshConfig struct {
 	// DeployMarker, when its query is set, requests a refresh after Delay
 	// whenever the value of the query changes.
 	DeployMarker DeployMarkerConfig `mapstructure:"deploy_marker"`
+	// ChangesInterval is how often the changes loop refreshes the
+	// invariants in incremental mode whose tables were written
+	// (pgconsistency.refresh_changes_plan(), SQL 0.7.0), on a connection and
+	// goroutine of its own, whether or not PollInterval is set. Default 1s;
+	// 0 turns it off.
+	ChangesInterval time.Duration `mapstructure:"changes_interval"`
 
 	// prevent unkeyed literal initialization
 	_ struct{}
@@ -198,7 +206,8 @@ func createDefaultConfig() *Config {
 			InsecureSkipVerify: true,
 		},
 		Refresh: RefreshConfig{
-			DeployMarker: DeployMarkerConfig{Delay: defaultDeployDelay},
+			DeployMarker:    DeployMarkerConfig{Delay: defaultDeployDelay},
+			ChangesInterval: defaultChangesInterval,
 		},
 		Logs: LogsConfig{MaxRecordsPerInterval: defaultMaxLogRecords},
 		Discovery: DiscoveryConfig{
@@ -217,12 +226,17 @@ func (cfg *Config) multiDatabase() bool {
 
 // connectionsPerDatabase is what one watched database takes of
 // max_connections: its scrape connection, plus the refresh scheduler's with
-// refresh::poll_interval.
+// refresh::poll_interval, plus the changes loop's with
+// refresh::changes_interval.
 func (cfg *Config) connectionsPerDatabase() int {
+	n := 1
 	if cfg.Refresh.interval() > 0 {
-		return 2
+		n++
 	}
-	return 1
+	if cfg.Refresh.ChangesInterval > 0 {
+		n++
+	}
+	return n
 }
 
 // maxDiscoveredDatabases is how many databases discovery may watch within
@@ -277,6 +291,10 @@ func (cfg *Config) Validate() error {
 	if r.interval() < 0 {
 		errs = append(errs, fmt.Errorf(`"%s" (%s) must be positive, e.g. 1m, or 0 to leave refreshes to pg_cron`, r.intervalKey(), r.interval()))
 	}
+	if r.ChangesInterval < 0 {
+		errs = append(errs, fmt.Errorf(`"refresh::changes_interval" (%s) must be positive, e.g. 1s, or 0 to refresh changes only `+
+			`with the other refreshes`, r.ChangesInterval))
+	}
 	if r.DeployMarker.Query != "" {
 		if r.interval() <= 0 {
 			errs = append(errs, errors.New(`"refresh::deploy_marker::query" needs "refresh::poll_interval": the scheduler is what watches the marker`))
@@ -321,10 +339,10 @@ func (cfg *Config) validateDatabases() []error {
 	} else if per := cfg.connectionsPerDatabase(); len(cfg.Databases) > 0 && len(cfg.Databases)*per > cfg.MaxConnections {
 		errs = append(errs, fmt.Errorf(`"max_connections" (%d) is too low for the %d databases of "databases": `+
 			`each takes %d (%s); raise "max_connections" to %d, or list fewer databases`,
-			cfg.MaxConnections, len(cfg.Databases), per, perDatabaseWhat(per), len(cfg.Databases)*per))
+			cfg.MaxConnections, len(cfg.Databases), per, cfg.perDatabaseWhat(), len(cfg.Databases)*per))
 	} else if cfg.Discovery.Enabled && cfg.maxDiscoveredDatabases() < 1 {
 		errs = append(errs, fmt.Errorf(`"max_connections" (%d) is too low for discovery: it needs 1 connection to list the databases `+
-			`and %d per database watched (%s); raise "max_connections" to at least %d`, cfg.MaxConnections, per, perDatabaseWhat(per), 1+per))
+			`and %d per database watched (%s); raise "max_connections" to at least %d`, cfg.MaxConnections, per, cfg.perDatabaseWhat(), 1+per))
 	}
 	d := &cfg.Discovery
 	if d.Enabled {
@@ -346,11 +364,15 @@ func (cfg *Config) validateDatabases() []error {
 }
 
 // perDatabaseWhat says what the connections of one database are for.
-func perDatabaseWhat(per int) string {
-	if per == 2 {
-		return "one to scrape, one for the refresh scheduler of refresh::poll_interval"
+func (cfg *Config) perDatabaseWhat() string {
+	what := []string{"one to scrape"}
+	if cfg.Refresh.interval() > 0 {
+		what = append(what, "one for the refresh scheduler of refresh::poll_interval")
 	}
-	return "one to scrape"
+	if cfg.Refresh.ChangesInterval > 0 {
+		what = append(what, "one for the changes loop of refresh::changes_interval, which 0 turns off")
+	}
+	return strings.Join(what, ", ")
 }
 
 // deprecations are the warnings to log at start for deprecated settings.

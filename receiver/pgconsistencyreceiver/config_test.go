@@ -80,6 +80,7 @@ func TestLoadConfig(t *testing.T) {
 		assert.Equal(t, 50, cfg.Logs.maxRecords())
 		assert.Equal(t, "SELECT max(version) FROM public.schema_migrations", cfg.Refresh.DeployMarker.Query)
 		assert.Equal(t, 15*time.Minute, cfg.Refresh.DeployMarker.Delay)
+		assert.Equal(t, 2*time.Second, cfg.Refresh.ChangesInterval)
 		assert.True(t, cfg.Metrics.PgconsistencyAnomalies.Enabled)
 		host, port, err := cfg.hostPort()
 		require.NoError(t, err)
@@ -90,6 +91,7 @@ func TestLoadConfig(t *testing.T) {
 		cfg := loadConfig(t, "minimal")
 		assert.Zero(t, cfg.Refresh.PollInterval, "the scheduler is off by default: pg_cron or the DBA's cron refreshes")
 		assert.Equal(t, 10*time.Minute, cfg.Refresh.DeployMarker.Delay)
+		assert.Equal(t, time.Second, cfg.Refresh.ChangesInterval, "the changes loop is on by default, also without the scheduler")
 		assert.Equal(t, 100, cfg.Logs.MaxRecordsPerInterval)
 		assert.Equal(t, 100, cfg.Logs.maxRecords())
 		err := confmap.Validate(loadConfig(t, "marker_without_schedule"))
@@ -98,6 +100,7 @@ func TestLoadConfig(t *testing.T) {
 			`"refresh::poll_interval" (-1m0s) must be positive`,
 			`"refresh::deploy_marker::query" needs "refresh::poll_interval"`,
 			`"refresh::deploy_marker::delay" (-5m0s) must be zero or more`,
+			`"refresh::changes_interval" (-1s) must be positive, e.g. 1s, or 0`,
 			`"logs::max_records_per_interval" (0) must be at least 1`,
 		} {
 			assert.ErrorContains(t, err, want)
@@ -377,7 +380,7 @@ func TestMultiDatabaseConfig(t *testing.T) {
 		assert.Empty(t, cfg.Database)
 		assert.True(t, cfg.multiDatabase())
 		assert.Equal(t, 10, cfg.MaxConnections, "the default bound")
-		assert.Equal(t, 2, cfg.connectionsPerDatabase(), "scrape and refresh")
+		assert.Equal(t, 3, cfg.connectionsPerDatabase(), "scrape, refresh and changes")
 		db := cfg.forDatabase("billing")
 		assert.Equal(t, "billing", db.Database)
 		assert.Empty(t, cfg.Database, "forDatabase copies")
@@ -389,8 +392,14 @@ func TestMultiDatabaseConfig(t *testing.T) {
 		assert.Equal(t, 2*time.Minute, cfg.Discovery.Interval)
 		assert.Equal(t, "postgres", cfg.Discovery.Database, "the default")
 		assert.Equal(t, []string{"postgres", "scratch"}, cfg.Discovery.Exclude)
-		assert.Equal(t, 1, cfg.connectionsPerDatabase())
-		assert.Equal(t, 4, cfg.maxDiscoveredDatabases(), "5 connections: 1 for discovery, 4 databases")
+		assert.Equal(t, 2, cfg.connectionsPerDatabase(), "scrape and changes")
+		assert.Equal(t, 2, cfg.maxDiscoveredDatabases(), "5 connections: 1 for discovery, 2 databases of 2")
+	})
+	t.Run("changes loop off", func(t *testing.T) {
+		cfg := loadConfig(t, "databases_changes_off")
+		require.NoError(t, confmap.Validate(cfg), "2 databases of 1 connection each")
+		assert.Zero(t, cfg.Refresh.ChangesInterval)
+		assert.Equal(t, 1, cfg.connectionsPerDatabase(), "scrape only")
 	})
 	t.Run("single database is unchanged", func(t *testing.T) {
 		cfg := loadConfig(t, "minimal")
@@ -407,17 +416,22 @@ func TestMultiDatabaseConfig(t *testing.T) {
 		{"databases_wrong", []string{
 			`"databases" entry 1 is empty: write the name of a database, or remove the entry`,
 			`"databases" lists "app" twice: list each database once`,
-			`"max_connections" (3) is too low for the 5 databases of "databases": each takes 1 (one to scrape); raise "max_connections" to 5, or list fewer databases`,
+			`"max_connections" (3) is too low for the 5 databases of "databases": each takes 2 (one to scrape, ` +
+				`one for the changes loop of refresh::changes_interval, which 0 turns off); raise "max_connections" to 10, or list fewer databases`,
 		}},
 		{"databases_over_bound_with_refresh", []string{
+			`"max_connections" (3) is too low for the 2 databases of "databases": each takes 3 (one to scrape, one for the refresh scheduler of refresh::poll_interval, ` +
+				`one for the changes loop of refresh::changes_interval, which 0 turns off); raise "max_connections" to 6`,
+		}},
+		{"databases_over_bound_without_changes", []string{
 			`"max_connections" (3) is too low for the 2 databases of "databases": each takes 2 (one to scrape, one for the refresh scheduler of refresh::poll_interval); raise "max_connections" to 4`,
 		}},
 		{"discovery_wrong", []string{
 			`"discovery::interval" (0s) must be positive`,
 			`"discovery::database" must be set`,
 			`"discovery::exclude" entry 0 is empty`,
-			`"max_connections" (2) is too low for discovery: it needs 1 connection to list the databases and 2 per database watched`,
-			`raise "max_connections" to at least 3`,
+			`"max_connections" (2) is too low for discovery: it needs 1 connection to list the databases and 3 per database watched`,
+			`raise "max_connections" to at least 4`,
 		}},
 		{"exclude_without_discovery", []string{`"discovery::exclude" is set but discovery is off: set "discovery::enabled: true", or remove "discovery::exclude"`}},
 		{"max_connections_zero", []string{`"max_connections" (0) must be at least 1`}},

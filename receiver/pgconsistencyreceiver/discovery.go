@@ -152,7 +152,7 @@ func (d *discovery) pass(ctx context.Context) {
 		d.lastRefused = r
 		if r != "" {
 			d.logger.Warn("pgconsistency discovery: databases with pgconsistency not watched: max_connections is reached; "+
-				"raise max_connections (each database takes "+perDatabaseWhat(d.cfg.connectionsPerDatabase())+
+				"raise max_connections (each database takes "+d.cfg.perDatabaseWhat()+
 				", and discovery one), or add databases to discovery::exclude",
 				zap.Strings("databases", refused), zap.Int("max_connections", d.cfg.MaxConnections),
 				zap.Int("databases_watched", d.cfg.maxDiscoveredDatabases()))

@@ -199,7 +199,7 @@ func TestIntegrationDiscovery(t *testing.T) {
 
 	t.Run("follows the server", func(t *testing.T) {
 		conns := srv.WatchSessions(t, "otelcol-pgconsistency")
-		const maxConnections = 4 // discovery 1 + 3 databases × (scrape 1)
+		const maxConnections = 7 // discovery 1 + 3 databases × (scrape 1 + changes loop 1)
 		sink, logs := multiReceiver(t, srv, func(cfg *Config) {
 			cfg.Discovery.Enabled = true
 			cfg.Discovery.Interval = time.Second
@@ -236,7 +236,7 @@ func TestIntegrationDiscovery(t *testing.T) {
 		sink, logs := multiReceiver(t, srv, func(cfg *Config) {
 			cfg.Discovery.Enabled = true
 			cfg.Discovery.Interval = 500 * time.Millisecond
-			cfg.MaxConnections = 2 // discovery 1 + 1 database
+			cfg.MaxConnections = 3 // discovery 1 + 1 database (scrape 1 + changes loop 1)
 		})
 		// Databases are probed in name order: the first one is watched.
 		first := min(broken, clean)
@@ -250,7 +250,7 @@ func TestIntegrationDiscovery(t *testing.T) {
 		refused := logs.FilterMessageSnippet("not watched: max_connections is reached").All()
 		require.Len(t, refused, 1, "refused databases are logged once, not at every discovery")
 		assert.Equal(t, []any{max(broken, clean)}, refused[0].ContextMap()["databases"])
-		assert.EqualValues(t, 2, refused[0].ContextMap()["max_connections"])
+		assert.EqualValues(t, 3, refused[0].ContextMap()["max_connections"])
 	})
 }
 

@@ -11,6 +11,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 )
 
 // refresher runs the refreshes from the collector, for servers without
@@ -35,33 +36,35 @@ type refresher struct {
 
 func newRefresher(cfg *Config, logger *zap.Logger) *refresher {
 	r := &refresher{cfg: cfg, logger: logger}
-	r.conn = dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-refresh", onNotice: r.logNotice}
+	r.conn = dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-refresh", onNotice: noticeLogger(logger, zapcore.InfoLevel)}
 	return r
 }
 
-// logNotice logs what refreshes say for what it is: skips and the like as
-// information (a skip is not an error), warnings (failures, and a reconcile
-// that corrected what the incremental capture had missed) as warnings, with
-// their DETAIL in the message and their HINT as a field. The severity is
-// read unlocalized: a server with lc_messages in another language says
-// WARNUNG or AVERTISSEMENT in the localized one.
-func (r *refresher) logNotice(_ *pgconn.PgConn, n *pgconn.Notice) {
-	msg := n.Message
-	if n.Detail != "" {
-		msg += " (" + n.Detail + ")"
-	}
-	var fields []zap.Field
-	if n.Hint != "" {
-		fields = append(fields, zap.String("hint", n.Hint))
-	}
-	severity := n.SeverityUnlocalized
-	if severity == "" { // servers before 9.6
-		severity = n.Severity
-	}
-	if severity == "WARNING" {
-		r.logger.Warn(msg, fields...)
-	} else {
-		r.logger.Info(msg, fields...)
+// noticeLogger logs what refreshes say for what it is: skips and the like
+// as information (a skip is not an error) at level info, warnings (failures,
+// and a reconcile that corrected what the incremental capture had missed)
+// as warnings, with their DETAIL in the message and their HINT as a field.
+// The severity is read unlocalized: a server with lc_messages in another
+// language says WARNUNG or AVERTISSEMENT in the localized one.
+func noticeLogger(logger *zap.Logger, info zapcore.Level) pgconn.NoticeHandler {
+	return func(_ *pgconn.PgConn, n *pgconn.Notice) {
+		msg := n.Message
+		if n.Detail != "" {
+			msg += " (" + n.Detail + ")"
+		}
+		var fields []zap.Field
+		if n.Hint != "" {
+			fields = append(fields, zap.String("hint", n.Hint))
+		}
+		severity := n.SeverityUnlocalized
+		if severity == "" { // servers before 9.6
+			severity = n.Severity
+		}
+		level := info
+		if severity == "WARNING" {
+			level = zapcore.WarnLevel
+		}
+		logger.Log(level, msg, fields...)
 	}
 }
 
@@ -146,7 +149,7 @@ func (r *refresher) pass(ctx context.Context) error {
 	var errs []error
 	for _, p := range plan {
 		forced = forced || p.Forced
-		outcome, err := r.refreshOne(ctx, conn, p)
+		outcome, err := refreshOne(ctx, conn, p)
 		if err != nil {
 			if ctx.Err() != nil {
 				return ctx.Err()
@@ -173,7 +176,7 @@ func (r *refresher) pass(ctx context.Context) error {
 // refreshOne refreshes one invariant in a transaction of its own, under the
 // invariant's statement_timeout. Its commit does not wait for the WAL flush:
 // a refresh lost in a crash is redone by the next one (as in CALL refresh()).
-func (r *refresher) refreshOne(ctx context.Context, conn *pgx.Conn, p plannedRefresh) (string, error) {
+func refreshOne(ctx context.Context, conn *pgx.Conn, p plannedRefresh) (string, error) {
 	var outcome string
 	err := inTransaction(ctx, conn, false, time.Duration(p.StatementTimeoutMS)*time.Millisecond, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "SELECT pg_catalog.set_config('synchronous_commit', 'off', true)"); err != nil {

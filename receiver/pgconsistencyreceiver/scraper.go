@@ -22,7 +22,8 @@ import (
 
 // pgScraper reads the status of one database ("database") or of several
 // ("databases", "discovery"), each with a client, a resource and, with
-// refresh::poll_interval, a refresh scheduler of its own.
+// refresh::poll_interval, a refresh scheduler of its own, and with
+// refresh::changes_interval (the default) a changes loop of its own.
 type pgScraper struct {
 	cfg       *Config
 	logger    *zap.Logger
@@ -42,8 +43,9 @@ type watchedDatabase struct {
 	name       string
 	client     client
 	resource   pcommon.Resource
-	refresher  *refresher // nil unless refresh::poll_interval is set
-	discovered bool       // found by discovery: dropped quietly when it goes away
+	refresher  *refresher   // nil unless refresh::poll_interval is set
+	changes    *changesLoop // nil when refresh::changes_interval is 0
+	discovered bool         // found by discovery: dropped quietly when it goes away
 }
 
 func newScraper(cfg *Config, set receiver.Settings, newClient clientFactory) *pgScraper {
@@ -111,6 +113,10 @@ func (s *pgScraper) add(ctx context.Context, name string, discovered bool) error
 		db.refresher = newRefresher(cfg, logger)
 		db.refresher.start()
 	}
+	if cfg.Refresh.ChangesInterval > 0 {
+		db.changes = newChangesLoop(cfg, logger)
+		db.changes.start()
+	}
 	s.mu.Lock()
 	s.dbs[name] = db
 	s.mu.Unlock()
@@ -136,6 +142,9 @@ func (s *pgScraper) remove(name string) bool {
 func (db *watchedDatabase) close() {
 	if db.refresher != nil {
 		db.refresher.shutdown()
+	}
+	if db.changes != nil {
+		db.changes.shutdown()
 	}
 	db.client.close()
 }
