@@ -25,7 +25,8 @@ import (
 // snapshot is what one scrape said: value per metric name and invariant
 // ("" for database-wide metrics, "invariant/outcome" for
 // pgconsistency.refresh.outcome, "invariant/mode" for
-// pgconsistency.refresh.mode), plus the resource attributes.
+// pgconsistency.refresh.mode, "/capture" for pgconsistency.capture.invariants),
+// plus the resource attributes.
 type snapshot struct {
 	values   map[string]map[string]float64
 	resource map[string]any
@@ -63,6 +64,9 @@ func lastSnapshot(sink *consumertest.MetricsSink) (snapshot, bool) {
 					}
 					if mode, ok := dp.Attributes().Get("mode"); ok {
 						key += "/" + mode.Str()
+					}
+					if capture, ok := dp.Attributes().Get("capture"); ok {
+						key += "/" + capture.Str()
 					}
 					v := dp.DoubleValue()
 					if dp.ValueType() == pmetric.NumberDataPointValueTypeInt {

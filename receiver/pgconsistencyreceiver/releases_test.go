@@ -78,6 +78,7 @@ func TestIntegrationOlderReleases(t *testing.T) {
 		{"0.2.0", shape020, "0.2.0"},
 		{"0.4.0", shape030, "0.4.0"},
 		{"0.5.0", shape050, "0.5.0"},
+		{"0.6.0", shape060, "0.6.0"},
 	} {
 		t.Run(tc.release, func(t *testing.T) {
 			// The receiver, as deployed: every metric, every scrape.
@@ -102,6 +103,9 @@ func TestIntegrationOlderReleases(t *testing.T) {
 				assert.True(t, full == 1 && incremental == 0 && ok, "refresh.mode{%s}: full %v, incremental %v", key, full, incremental)
 			}
 			assert.GreaterOrEqual(t, invariants, 8, "the release's dataset invariants")
+			for name := range snap.values {
+				assert.NotContains(t, name, "pgconsistency.capture", "no capture before 0.7.0")
+			}
 			_, hasVersion := snap.get("pgconsistency.version", "")
 			assert.Equal(t, tc.version != "", hasVersion, "pgconsistency.version present")
 
@@ -178,6 +182,13 @@ func TestIntegrationOlderReleases(t *testing.T) {
 				}
 				if _, ok := s.get("pgconsistency.version", ""); !ok {
 					return fmt.Errorf("no pgconsistency.version")
+				}
+				// 0.7.0: the capture, trigger by default
+				if v, ok := s.get("pgconsistency.capture.invariants", "/trigger"); !ok || v != 1 {
+					return fmt.Errorf("capture.invariants{trigger} = %v (present %v), want 1", v, ok)
+				}
+				if v, ok := s.get("pgconsistency.capture.invariants", "/wal"); !ok || v != 0 {
+					return fmt.Errorf("capture.invariants{wal} = %v (present %v), want 0", v, ok)
 				}
 				return nil
 			})
