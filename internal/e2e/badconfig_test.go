@@ -148,7 +148,7 @@ func TestBadConfig(t *testing.T) {
 		{name: "database and databases", fields: with([]receiverField{{"databases", "[billing]"}}),
 			want: []string{`"database", "databases" and "discovery::enabled" are exclusive`}},
 		{name: "databases over max_connections", fields: with([]receiverField{{"databases", "[app, billing, audit]"}, {"max_connections", "2"}}, "database"),
-			want: []string{`"max_connections" (2) is too low for the 3 databases of "databases"`, `raise "max_connections" to 3`}},
+			want: []string{`"max_connections" (2) is too low for the 3 databases of "databases"`, `raise "max_connections" to 6`}},
 		{name: "negative max_records_per_interval", fields: with([]receiverField{{"logs", "{max_records_per_interval: -1}"}}),
 			want: []string{`"logs::max_records_per_interval" (-1) must be at least 1`}},
 		{name: "negative refresh poll_interval", fields: with([]receiverField{{"refresh", "{poll_interval: -1m}"}}),

@@ -139,8 +139,9 @@ func TestMultipleDatabases(t *testing.T) {
 	clean := withPgconsistency(false)
 	srv.CreateDatabase(t, "") // no pgconsistency
 
-	// Discovery takes 1 connection, each database 1 (no refresh scheduler).
-	const maxConnections = 4
+	// Discovery takes 1 connection, each database 2 (scrape and the changes
+	// loop of refresh::changes_interval, on by default; no refresh scheduler).
+	const maxConnections = 7
 	conns := srv.WatchSessions(t, "otelcol-pgconsistency")
 	exporter := "127.0.0.1:" + strconv.Itoa(freePort(t))
 	config := filepath.Join(t.TempDir(), "collector.yaml")
