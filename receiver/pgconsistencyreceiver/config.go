@@ -25,7 +25,7 @@ const (
 	defaultMaxLogRecords      = 100
 	defaultDiscoveryInterval  = 5 * time.Minute
 	defaultDiscoveryDatabase  = "postgres"
-	defaultMaxConnections     = 10
+	defaultMaxConnections     = 30
 	defaultChangesInterval    = time.Second
 )
 

@@ -379,7 +379,7 @@ func TestMultiDatabaseConfig(t *testing.T) {
 		assert.Equal(t, []string{"app", "billing"}, cfg.Databases)
 		assert.Empty(t, cfg.Database)
 		assert.True(t, cfg.multiDatabase())
-		assert.Equal(t, 10, cfg.MaxConnections, "the default bound")
+		assert.Equal(t, 30, cfg.MaxConnections, "the default bound")
 		assert.Equal(t, 3, cfg.connectionsPerDatabase(), "scrape, refresh and changes")
 		db := cfg.forDatabase("billing")
 		assert.Equal(t, "billing", db.Database)
