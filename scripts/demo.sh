@@ -2,9 +2,12 @@
 # make run: the whole path on a throwaway PostgreSQL with demo data.
 #   1. a PostgreSQL cluster (with pg_cron) in a temporary directory, on a free port
 #   2. the application schema, 30 datasets and a few broken ones of every kind
-#   3. sql/install.sql, a least-privilege role for the collector, one refresh,
-#      and sql/pg_cron.sql so that due invariants refresh every minute
-#   4. the collector (config/collector-prometheus.yaml), and Prometheus if installed
+#   3. sql/install.sql, one refresh, every invariant in incremental mode with
+#      the WAL capture (logical decoding: nothing in the writers' transactions),
+#      a least-privilege role for the collector, and sql/pg_cron.sql so that
+#      due invariants refresh every minute
+#   4. the collector (config/collector-prometheus.yaml), whose changes loop
+#      refreshes what writes changed within seconds, and Prometheus if installed
 # Ctrl-C stops everything and removes the temporary directory.
 set -euo pipefail
 
@@ -58,7 +61,7 @@ preload=""
 [ -e "$("$pgbin/pg_config" --pkglibdir 2>/dev/null || echo /usr/lib/postgresql/15/lib)/pg_cron.so" ] &&
   preload="-c shared_preload_libraries=pg_cron -c cron.database_name=demo -c cron.host=$work"
 as_pg "$pgbin/pg_ctl" -D "$work/pg" -l "$work/postgres.log" -w -o \
-  "-p $pg_port -c listen_addresses=127.0.0.1 -k $work -c fsync=off $preload" start >/dev/null
+  "-p $pg_port -c listen_addresses=127.0.0.1 -k $work -c fsync=off -c wal_level=logical -c max_slot_wal_keep_size=1GB $preload" start >/dev/null
 
 psql_demo() { psql -X -q -v ON_ERROR_STOP=1 -h "$work" -p "$pg_port" -U postgres "$@"; }
 psql_demo -d postgres -c "CREATE DATABASE demo"
@@ -71,16 +74,27 @@ done
 echo "demo: installing sql/install.sql and refreshing every invariant once"
 psql_demo -d demo -f "$root/sql/install.sql" >/dev/null
 psql_demo -d demo -c "CALL pgconsistency.refresh()"
+# Incremental refresh, its keys read from the WAL (docs/sql.md, "Which
+# capture to choose"): the replica identities wal_capture_tables() asks for
+# (the demo's broken tables lost their unique indexes: FULL there), then
+# set_capture('wal') in a transaction of its own.
+echo "demo: every invariant in incremental mode, with the WAL capture"
+psql_demo -d demo -c "SELECT pgconsistency.set_refresh_mode(name, 'incremental') FROM pgconsistency.invariant" >/dev/null
+psql_demo -d demo -At -c "SELECT fix FROM pgconsistency.wal_capture_tables() WHERE fix IS NOT NULL" | psql_demo -d demo >/dev/null
+psql_demo -d demo -c "SELECT pgconsistency.set_capture('wal')" >/dev/null
+psql_demo -d demo -c "CALL pgconsistency.refresh(force => true)"
 if [ -n "$preload" ]; then
   echo "demo: scheduling refreshes with pg_cron (sql/pg_cron.sql: every minute, due invariants only)"
   psql_demo -d demo -v database=demo -f "$root/sql/pg_cron.sql" >/dev/null
 fi
 # Least privilege as shipped: the collector logs in as a member of
-# pgconsistency_reader (sql/roles.sql), which reads the status view only.
+# pgconsistency_reader (sql/roles.sql), which reads the status view only,
+# and of pgconsistency_refresher, which runs the refreshes (the receiver's
+# changes loop refreshes what writes changed within seconds).
 psql_demo -d demo -f "$root/sql/roles.sql" >/dev/null
 psql_demo -d demo <<SQL
 CREATE ROLE otel_pgconsistency LOGIN PASSWORD '$password';
-GRANT pgconsistency_reader TO otel_pgconsistency;
+GRANT pgconsistency_reader, pgconsistency_refresher TO otel_pgconsistency;
 SQL
 psql_demo -d demo -c "SELECT invariant, severity, anomalies, new_anomalies, last_run_outcome FROM pgconsistency.status ORDER BY invariant"
 
@@ -93,7 +107,7 @@ PGCONSISTENCY_DB_USER=otel_pgconsistency \
 PGCONSISTENCY_DB_PASSWORD="$password" \
 PGCONSISTENCY_DB_NAME=demo \
 PGCONSISTENCY_DB_TLS_INSECURE=true \
-PGCONSISTENCY_COLLECTION_INTERVAL=10s \
+PGCONSISTENCY_COLLECTION_INTERVAL=2s \
 PGCONSISTENCY_PROMETHEUS_ENDPOINT="127.0.0.1:$exporter_port" \
 PGCONSISTENCY_HEALTH_ENDPOINT="127.0.0.1:$health_port" \
 PGCONSISTENCY_TELEMETRY_PORT="$telemetry_port" \
@@ -127,9 +141,11 @@ cat <<EOF
   metrics:        curl -s http://127.0.0.1:$exporter_port/metrics | grep '^pgconsistency_'
   $prom_line
   database:       psql -h $work -p $pg_port -U postgres -d demo
-                  e.g. break one more dataset, refresh, and watch the gauge move:
+                  e.g. break one more dataset and watch the gauge move within seconds
+                  (no refresh to run: the WAL capture and the collector's changes loop):
                   DELETE FROM dataset_key_blocks WHERE dataset_id = fixture.dataset_id(1) AND event_type = 'Seed';
-                  CALL pgconsistency.refresh(force => true);
+                  then: curl -s http://127.0.0.1:$exporter_port/metrics | grep 'pgconsistency_anomalies{.*dataset_seed_missing'
+                  (dataset_seed_missing goes from 3 to 4)
   collector log:  $work/collector.log
 
 Press Ctrl-C to stop everything and remove $work.

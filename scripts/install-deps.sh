@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests and the demo need, when it is missing: the
-# PostgreSQL 15 server, pg_cron, psql, PgBouncer (pgtest starts one in front
+# PostgreSQL 15 server, pg_cron, wal2json (the WAL capture's decoding), psql, PgBouncer (pgtest starts one in front
 # of a test server), Prometheus (remote write receiver, promtool),
 # Alertmanager (amtool), npm (make lint installs squawk with it), rpm (the
 # packaging test lists the .rpm's files with rpm -qlp), and the
@@ -27,6 +27,10 @@ if [ -z "$pg_bindir" ] || [ ! -x "$pg_bindir/initdb" ]; then
 fi
 if ! ls ${pg_libdir:-/usr/lib/postgresql/*/lib}/pg_cron.so /usr/lib/postgresql/*/lib/pg_cron.so >/dev/null 2>&1; then
   pkgs+=(postgresql-15-cron)
+fi
+# The WAL capture's output plugin (logical decoding: set_capture('wal')).
+if ! ls ${pg_libdir:-/usr/lib/postgresql/*/lib}/wal2json.so /usr/lib/postgresql/*/lib/wal2json.so >/dev/null 2>&1; then
+  pkgs+=(postgresql-15-wal2json)
 fi
 command -v psql >/dev/null 2>&1 || pkgs+=(postgresql-client-15)
 # Debian puts pgbouncer in /usr/sbin, which may not be on a user's PATH.
