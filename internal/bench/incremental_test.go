@@ -88,6 +88,13 @@ const (
 	incGoalScale = 1000000
 )
 
+// incLostIndexGoalScale is the scale from which the incremental refresh
+// of dataset_statistics_missing on the schema without the index must not
+// cost more than its full refresh (the issue saw 9x at 200,000 datasets).
+// Below, the full check of the small table is about as cheap as the fixed
+// cost of any refresh (at 20,000: 16 ms full, 15-18 ms incremental).
+const incLostIndexGoalScale = 200000
+
 // incGoalWAL is the writers' throughput with the WAL capture, as a share of
 // the throughput with the capture off, by pgbench clients.
 var incGoalWAL = map[int]float64{1: 0.97, 2: 0.95}
@@ -304,10 +311,11 @@ func runIncremental(tb testing.TB, srv *pgtest.Server, cfg incConfig) *incResult
 			p, states := incChangesPass(tb, conn, "incremental", what)
 			p.keys = int64(len(keys))
 			incCheckCounts(tb, states, want, "after "+what)
-			if capture == "wal" {
-				for inv, s := range states {
-					if pr := r.perInvariant[inv]; slices.Contains(p.listed, inv) {
-						pr.incremental, pr.rechecked = s.anomalies, s.rechecked
+			for inv, s := range states {
+				if pr := r.perInvariant[inv]; pr != nil {
+					pr.incremental = s.anomalies // the latest round's, either capture
+					if capture == "wal" && slices.Contains(p.listed, inv) {
+						pr.rechecked = s.rechecked
 						pr.incSeconds = append(pr.incSeconds, s.seconds)
 					}
 				}
@@ -989,6 +997,9 @@ func (r *incResult) goals() []string {
 	failed = append(failed, r.writerGoals()...)
 	full := medianSeconds(r.lost.full)
 	for _, c := range r.cfg.lostIndex {
+		if r.cfg.scale < incLostIndexGoalScale {
+			break
+		}
 		if inc := medianSeconds(r.lost.incremental[c]); inc > full {
 			failed = append(failed, fmt.Sprintf("without %s, %d datasets changed: the incremental refresh of %s took %s, more than its full refresh (%s)",
 				r.lost.index, c, incLostIndexInvariant, ms(inc), ms(full)))
@@ -1019,7 +1030,7 @@ func (r *incResult) markdown() string {
 	fmt.Fprintf(&w, "| **incremental (WAL capture) / full** | **%.2f%%** (%s) |\n", 100*r.ratio(), goal)
 	fmt.Fprintf(&w, "| incremental (trigger capture) / full | %.2f%% |\n\n", 100*float64(trig)/float64(full))
 
-	fmt.Fprintf(&w, "| invariant | anomalies: expected | incremental | full | keys re-checked (last round) | incremental refresh, WAL capture (median) | full refresh (median) | ratio | incremental query alone, all keys of the last round | tables it reads whole | its plan |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
+	fmt.Fprintf(&w, "| invariant | anomalies: expected | incremental (last round) | full | keys re-checked (last round, WAL capture) | incremental refresh, WAL capture (median) | full refresh (median) | ratio | incremental query alone, all keys of the last round | tables it reads whole | its plan |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")
 	for _, inv := range fixture.CurrentInvariants {
 		p := r.perInvariant[inv]
 		is, fs := medianSeconds(p.incSeconds), medianSeconds(p.fullSeconds)
@@ -1043,10 +1054,21 @@ func (r *incResult) markdown() string {
 	for _, cl := range c.lostIndex {
 		inc := medianSeconds(l.incremental[cl])
 		fmt.Fprintf(&w, "| %d | %d | %s (%s) | %s | %.1f%% | %s |\n", cl, l.rechecked[cl], ms(inc), listSeconds(l.incremental[cl]), ms(full),
-			100*float64(inc)/float64(full), map[bool]string{true: "met", false: "**missed**"}[inc <= full])
+			100*float64(inc)/float64(full), incLostIndexVerdict(c.scale, inc, full))
 	}
 	w.WriteString("\n")
 	return w.String()
+}
+
+func incLostIndexVerdict(scale int, inc, full time.Duration) string {
+	switch {
+	case scale < incLostIndexGoalScale:
+		return fmt.Sprintf("%s (goal from %d datasets)", map[bool]string{true: "yes", false: "no"}[inc <= full], incLostIndexGoalScale)
+	case inc <= full:
+		return "met"
+	default:
+		return "**missed**"
+	}
 }
 
 func listSeconds(xs []float64) string {

@@ -48,11 +48,12 @@ type incLoopStats struct {
 	refresh   time.Duration // in refresh_invariant() of what it listed
 	refreshes int
 	keys      int64 // re-checked by those refreshes
+	changes   int64 // read from the slot by capture_wal (WAL capture)
 }
 
 func (s incLoopStats) sub(o incLoopStats) incLoopStats {
 	return incLoopStats{wall: s.wall - o.wall, passes: s.passes - o.passes, plan: s.plan - o.plan,
-		refresh: s.refresh - o.refresh, refreshes: s.refreshes - o.refreshes, keys: s.keys - o.keys}
+		refresh: s.refresh - o.refresh, refreshes: s.refreshes - o.refreshes, keys: s.keys - o.keys, changes: s.changes - o.changes}
 }
 
 // planShare and refreshShare are the loop's time in each step, as a share
@@ -106,6 +107,10 @@ func (l *incChangesLoop) pass(ctx context.Context, conn *pgx.Conn) error {
 		return fmt.Errorf("refresh_changes_plan(): %w", err)
 	}
 	plan := time.Since(start)
+	var changes int64 // what the plan's capture_wal read: 0 with the trigger capture
+	if err := conn.QueryRow(ctx, `SELECT CASE method WHEN 'wal' THEN coalesce(read_changes, 0) ELSE 0 END FROM pgconsistency.capture`).Scan(&changes); err != nil {
+		return err
+	}
 	var keys int64
 	for i, name := range names {
 		outcome, err := incRefreshOne(ctx, conn, name, forced[i])
@@ -129,6 +134,7 @@ func (l *incChangesLoop) pass(ctx context.Context, conn *pgx.Conn) error {
 	l.stats.refresh += all - plan
 	l.stats.refreshes += len(names)
 	l.stats.keys += keys
+	l.stats.changes += changes
 	return nil
 }
 
@@ -260,8 +266,8 @@ func (p incWriterPhase) loopSummary(clients []int) string {
 	var parts []string
 	for _, c := range clients {
 		s := p.loop[c]
-		parts = append(parts, fmt.Sprintf("%d client(s): %d passes, plan %s (%.1f%%), refreshes %s (%.1f%%), %d keys",
-			c, s.passes, ms(s.plan), 100*s.planShare(), ms(s.refresh), 100*s.refreshShare(), s.keys))
+		parts = append(parts, fmt.Sprintf("%d client(s): %d passes, plan %s (%.1f%%), refreshes %s (%.1f%%), %d keys, %d changes decoded",
+			c, s.passes, ms(s.plan), 100*s.planShare(), ms(s.refresh), 100*s.refreshShare(), s.keys, s.changes))
 	}
 	return strings.Join(parts, "; ")
 }
@@ -383,6 +389,9 @@ func (r *incResult) writersMarkdown() string {
 			loop := "—"
 			if s, ok := p.loop[cl]; ok {
 				loop = fmt.Sprintf("%d passes: %s / %s (%.1f%% / %.1f%%), %d keys", s.passes, ms(s.plan), ms(s.refresh), 100*s.planShare(), 100*s.refreshShare(), s.keys)
+				if p.capture == "wal" {
+					loop += fmt.Sprintf(", %d changes decoded", s.changes)
+				}
 			}
 			fmt.Fprintf(&w, " %.0f tps | %s |", p.tps[cl], loop)
 		}
