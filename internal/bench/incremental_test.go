@@ -29,9 +29,10 @@ package bench
 //     weight 4). Beside the trigger and wal phases runs what production runs:
 //     the receiver's changes loop, every -incremental.loop, timed
 //     (refresh_changes_plan, whose capture_wal decodes the WAL, and the
-//     refreshes). The phases' order and the reconcile each switch causes
-//     are out of the measured time. Then, WAL capture, an incremental
-//     refresh after more writes finds what a full one finds.
+//     refreshes). The switch to a phase's capture and the reconcile it
+//     causes come before the phase, outside the measured time. Then, WAL
+//     capture, an incremental refresh after more writes finds what a full
+//     one finds.
 //  3. A schema that lost an index: idx_dataset_statistics dropped (generate.sql
 //     makes it a plain index, the service's schema a unique one; nothing
 //     else leads with dataset_id), dataset_statistics_missing refreshed fully,
