@@ -94,9 +94,20 @@ fuzz:
 # the bench schema as is and without its optional unique indexes: the
 # refreshes right after half the datasets lost their statistics and a third
 # their Seed block, against the clean pack refresh. Then
-# BenchmarkIncremental (its own data, 1M datasets by default): incremental
-# against full refresh, and the capture's cost to the writers. Their tables
-# are appended to bench-results.md.
+# BenchmarkIncremental (its own data, 1M datasets by default, a server with
+# wal_level = logical): the incremental refresh through the changes loop
+# (refresh_changes_plan, then what it lists) against a full refresh, WAL
+# then trigger capture; the writers, capture off, trigger and wal
+# alternated in one run (pgbench of the service's two transaction shapes,
+# 1 and 2 clients, the changes loop timed beside them);
+# dataset_statistics_missing on a schema that lost dataset_statistics'
+# index. About 25 minutes at 1M on 2 cores. Its flags, in
+# INCREMENTAL_FLAGS: -incremental.scales, -incremental.changes,
+# -incremental.rounds, -incremental.fullruns, -incremental.writes (each
+# pgbench run, 5s), -incremental.writerounds (rounds of the three phases,
+# 6), -incremental.loop (the changes loop's interval, 1s),
+# -incremental.lostindex (datasets changed on the schema without the index,
+# 100,1000). Their tables are appended to bench-results.md.
 SCALE ?= 100000,1000000
 INCIDENT_SCALE ?= 200000,1000000
 BENCH_FLAGS ?=

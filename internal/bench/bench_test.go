@@ -114,16 +114,17 @@ func parseScales(tb testing.TB, name, value string) []int {
 
 // startBenchServer starts the benchmarks' cluster and prints its version.
 // fsync and full_page_writes back on (pgtest turns them off for tests):
-// the write load must pay what it pays in production.
-func startBenchServer(b *testing.B) *pgtest.Server {
-	srv := pgtest.Start(b,
+// the write load must pay what it pays in production. opts come last:
+// they add settings (BenchmarkIncremental: logical decoding) or override.
+func startBenchServer(b *testing.B, opts ...pgtest.Option) *pgtest.Server {
+	srv := pgtest.Start(b, append([]pgtest.Option{
 		pgtest.WithSetting("fsync", "on"),
 		pgtest.WithSetting("full_page_writes", "on"),
 		pgtest.WithSetting("shared_buffers", "4GB"),
 		pgtest.WithSetting("max_wal_size", "16GB"),
 		pgtest.WithSetting("checkpoint_timeout", "30min"),
 		pgtest.WithSetting("max_connections", "200"),
-	)
+	}, opts...)...)
 	fmt.Printf("PostgreSQL: %s\n\n", strings.TrimSpace(srv.Psql(b, "postgres", "-tAc", "SHOW server_version")))
 	return srv
 }

@@ -1,0 +1,422 @@
+package bench
+
+// The writers' part of BenchmarkIncremental (incremental_test.go): what
+// each capture of the changed keys costs the service's writes, capture off,
+// trigger and wal alternated in one run, with the receiver's changes loop
+// running beside the writers as it would in production.
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"regexp"
+	"runtime"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+
+	"github.com/pgconsistency/pgconsistency/internal/fixture"
+	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+)
+
+// incCaptures are the writers' phases of a round, in order: every
+// invariant in full mode (no trigger, no slot), then incremental with the
+// capture triggers, then incremental with the WAL capture.
+var incCaptures = []string{"off", "trigger", "wal"}
+
+// incWriterPhase is one phase of the writers: a capture, pgbench at each
+// client count, and what the changes loop did meanwhile.
+type incWriterPhase struct {
+	round   int
+	capture string
+	tps     map[int]float64      // by clients
+	loop    map[int]incLoopStats // by clients: the changes loop during that pgbench run
+	switchD time.Duration        // the switch to this capture and its reconcile, before the phase
+}
+
+// incLoopStats is what the changes loop did over some time.
+type incLoopStats struct {
+	wall      time.Duration // the time observed
+	passes    int
+	plan      time.Duration // in refresh_changes_plan() (capture_wal, dispatch)
+	refresh   time.Duration // in refresh_invariant() of what it listed
+	refreshes int
+	keys      int64 // re-checked by those refreshes
+	changes   int64 // read from the slot by capture_wal (WAL capture)
+}
+
+func (s incLoopStats) sub(o incLoopStats) incLoopStats {
+	return incLoopStats{wall: s.wall - o.wall, passes: s.passes - o.passes, plan: s.plan - o.plan,
+		refresh: s.refresh - o.refresh, refreshes: s.refreshes - o.refreshes, keys: s.keys - o.keys, changes: s.changes - o.changes}
+}
+
+// planShare and refreshShare are the loop's time in each step, as a share
+// of the time observed.
+func (s incLoopStats) planShare() float64    { return s.plan.Seconds() / s.wall.Seconds() }
+func (s incLoopStats) refreshShare() float64 { return s.refresh.Seconds() / s.wall.Seconds() }
+
+// incChangesLoop is the receiver's changes loop (refresh::changes_interval):
+// every interval, refresh_changes_plan() then refresh_invariant() of each
+// invariant it lists, in transactions of their own, on a connection of its
+// own; timed. stop lets the pass under way finish (a cancelled query would
+// close the connection).
+type incChangesLoop struct {
+	quit  chan struct{}
+	done  chan struct{}
+	start time.Time
+	mu    sync.Mutex
+	stats incLoopStats
+	err   error
+}
+
+func startChangesLoop(ctx context.Context, conn *pgx.Conn, interval time.Duration) *incChangesLoop {
+	l := &incChangesLoop{quit: make(chan struct{}), done: make(chan struct{}), start: time.Now()}
+	go func() {
+		defer close(l.done)
+		tick := time.NewTicker(interval)
+		defer tick.Stop()
+		for {
+			if err := l.pass(ctx, conn); err != nil {
+				l.mu.Lock()
+				l.err = err
+				l.mu.Unlock()
+				return
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-l.quit:
+				return
+			case <-tick.C:
+			}
+		}
+	}()
+	return l
+}
+
+func (l *incChangesLoop) pass(ctx context.Context, conn *pgx.Conn) error {
+	start := time.Now()
+	names, forced, err := incChangesPlan(ctx, conn)
+	if err != nil {
+		return fmt.Errorf("refresh_changes_plan(): %w", err)
+	}
+	plan := time.Since(start)
+	var changes int64 // what the plan's capture_wal read: 0 with the trigger capture
+	if err := conn.QueryRow(ctx, `SELECT CASE method WHEN 'wal' THEN coalesce(read_changes, 0) ELSE 0 END FROM pgconsistency.capture`).Scan(&changes); err != nil {
+		return err
+	}
+	var keys int64
+	for i, name := range names {
+		outcome, err := incRefreshOne(ctx, conn, name, forced[i])
+		if err != nil {
+			return fmt.Errorf("refresh_invariant(%s): %w", name, err)
+		}
+		if outcome != "succeeded" && outcome != "not_due" {
+			return fmt.Errorf("refresh_invariant(%s): %s", name, outcome)
+		}
+		var k int64
+		if err := conn.QueryRow(ctx, `SELECT coalesce(rechecked_keys, 0) FROM pgconsistency.status WHERE invariant = $1`, name).Scan(&k); err != nil {
+			return err
+		}
+		keys += k
+	}
+	all := time.Since(start)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.stats.passes++
+	l.stats.plan += plan
+	l.stats.refresh += all - plan
+	l.stats.refreshes += len(names)
+	l.stats.keys += keys
+	l.stats.changes += changes
+	return nil
+}
+
+// snapshot is what the loop did so far; wall is the time since it started.
+func (l *incChangesLoop) snapshot() incLoopStats {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	s := l.stats
+	s.wall = time.Since(l.start)
+	return s
+}
+
+// stop ends the loop once the pass under way is done, and returns its
+// error, if any.
+func (l *incChangesLoop) stop() error {
+	close(l.quit)
+	<-l.done
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.err
+}
+
+// incPgbenchResult is one pgbench run.
+type incPgbenchResult struct {
+	tps          float64
+	transactions int64
+}
+
+// incPgbench runs the service's two transaction shapes, a new complete
+// dataset (write_load.sql, weight 1) and a block appended to an existing
+// dataset of generate.sql's (append_load.sql, weight 4), with clients and
+// the given length (-T or -t), and fails on any error, a failed transaction
+// included.
+func incPgbench(tb testing.TB, srv *pgtest.Server, db string, scale, clients int, length ...string) incPgbenchResult {
+	args := append([]string{"-n", "-c", strconv.Itoa(clients), "-j", strconv.Itoa(clients)}, length...)
+	args = append(args,
+		"-f", fixture.Path("internal/bench/write_load.sql")+"@1",
+		"-f", fixture.Path("internal/bench/append_load.sql")+"@4",
+		"-D", "maxq="+strconv.Itoa(scale/1000-1),
+		"-h", srv.Host, "-p", strconv.Itoa(srv.Port), "-U", srv.User, db)
+	cmd := exec.Command(pgbenchPath(tb), args...)
+	cmd.Env = append(os.Environ(), "PGPASSWORD="+srv.Password)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		tb.Fatalf("pgbench: %v\n%s", err, out)
+	}
+	if m := regexp.MustCompile(`number of failed transactions: (\d+)`).FindSubmatch(out); m != nil && string(m[1]) != "0" {
+		tb.Fatalf("pgbench: %s failed transactions:\n%s", m[1], out)
+	}
+	tps := regexp.MustCompile(`tps = ([0-9.]+) \(without initial connection time\)`).FindSubmatch(out)
+	done := regexp.MustCompile(`number of transactions actually processed: (\d+)`).FindSubmatch(out)
+	if tps == nil || done == nil {
+		tb.Fatalf("pgbench printed no tps or transaction count:\n%s", out)
+	}
+	var r incPgbenchResult
+	r.tps, _ = strconv.ParseFloat(string(tps[1]), 64)
+	r.transactions, _ = strconv.ParseInt(string(done[1]), 10, 64)
+	if r.transactions == 0 {
+		tb.Fatalf("pgbench processed no transaction:\n%s", out)
+	}
+	return r
+}
+
+// incWriters runs the writers' phases: cfg.writeRounds rounds of the three
+// captures, round k starting at the k-th (so that each capture comes
+// first, second and third as often, and a drift in time weighs on all
+// alike). Before each phase, out of the measured time: the switch, the
+// reconcile it causes, a CHECKPOINT. During the trigger and wal phases, the
+// changes loop runs beside pgbench.
+func incWriters(tb testing.TB, srv *pgtest.Server, db string, conn *pgx.Conn, cfg incConfig) []incWriterPhase {
+	ctx := tb.Context()
+	srv.Psql(tb, db, "-c", "CREATE SEQUENCE IF NOT EXISTS public.bench_write_seq")
+	loopConn := srv.Conn(tb, db)
+	var phases []incWriterPhase
+	for round := range cfg.writeRounds {
+		for k := range incCaptures {
+			capture := incCaptures[(round+k)%len(incCaptures)]
+			p := incWriterPhase{round: round + 1, capture: capture, tps: map[int]float64{}, loop: map[int]incLoopStats{}}
+			start := time.Now()
+			incSwitchCapture(tb, conn, capture)
+			if capture != "off" {
+				// The reconcile the switch asks for, now rather than in the
+				// phase (a full refresh of the 13).
+				incRefresh(tb, conn, "reconcile", fmt.Sprintf("writers, round %d: the reconcile after the switch to the %s capture", round+1, capture))
+			}
+			p.switchD = time.Since(start)
+			_, err := conn.Exec(ctx, `CHECKPOINT`)
+			must(tb, err)
+			var loop *incChangesLoop
+			if capture != "off" {
+				loop = startChangesLoop(ctx, loopConn, cfg.loop)
+			}
+			for _, c := range cfg.clients {
+				var before incLoopStats
+				if loop != nil {
+					before = loop.snapshot()
+				}
+				r := incPgbench(tb, srv, db, cfg.scale, c, "-T", strconv.Itoa(max(1, int(cfg.writes.Seconds()))))
+				p.tps[c] = r.tps
+				if loop != nil {
+					p.loop[c] = loop.snapshot().sub(before)
+				}
+			}
+			if loop != nil {
+				if err := loop.stop(); err != nil {
+					tb.Fatalf("writers, round %d, capture %s: the changes loop: %v", round+1, capture, err)
+				}
+				// The loop re-checked keys: the capture saw the writes.
+				var keys int64
+				for _, s := range p.loop {
+					keys += s.keys
+				}
+				if keys == 0 {
+					tb.Fatalf("writers, round %d, capture %s: the changes loop re-checked no key: the capture saw none of the writes", round+1, capture)
+				}
+			}
+			phases = append(phases, p)
+			logf("incremental, scale %d: writers, round %d, capture %s: %v tps; changes loop %s",
+				cfg.scale, round+1, capture, p.tps, p.loopSummary(cfg.clients))
+		}
+	}
+	return phases
+}
+
+func (p incWriterPhase) loopSummary(clients []int) string {
+	if p.capture == "off" {
+		return "not running"
+	}
+	var parts []string
+	for _, c := range clients {
+		s := p.loop[c]
+		parts = append(parts, fmt.Sprintf("%d client(s): %d passes, plan %s (%.1f%%), refreshes %s (%.1f%%), %d keys, %d changes decoded",
+			c, s.passes, ms(s.plan), 100*s.planShare(), ms(s.refresh), 100*s.refreshShare(), s.keys, s.changes))
+	}
+	return strings.Join(parts, "; ")
+}
+
+// incAfterWriters checks exactness after the writers: WAL capture, more
+// writes, a pass of the changes loop (incremental) finds the expected
+// counts, and a full refresh in full mode the same anomalies.
+func incAfterWriters(tb testing.TB, srv *pgtest.Server, db string, conn *pgx.Conn, cfg incConfig, want map[string]int64) incPass {
+	ctx := tb.Context()
+	if incCaptureMethod(tb, conn) != "wal" || !incAllIn(tb, conn, "incremental") {
+		incSwitchCapture(tb, conn, "wal")
+		incRefresh(tb, conn, "reconcile", "the reconcile after the writers")
+	}
+	tx := incPgbench(tb, srv, db, cfg.scale, 2, "-t", "100")
+	_, err := conn.Exec(ctx, `UPDATE pgconsistency.invariant SET incremental_period = '1 millisecond'`)
+	must(tb, err)
+	p, states := incChangesPass(tb, conn, "incremental", "the pass of the changes loop after the writers (WAL capture)")
+	_, err = conn.Exec(ctx, `UPDATE pgconsistency.invariant SET incremental_period = DEFAULT`)
+	must(tb, err)
+	p.keys = 2 * tx.transactions
+	incCheckCounts(tb, states, want, "after the writers, WAL capture, incrementally")
+	for _, inv := range fixture.CurrentInvariants {
+		// Every invariant reads a table each transaction writes
+		// (dataset_entries, dataset_data_blocks or dataset_statistics).
+		if !slices.Contains(p.listed, inv) || states[inv].rechecked == 0 {
+			tb.Fatalf("after the writers, WAL capture: %s listed %t, %d keys re-checked: the capture missed the writes",
+				inv, slices.Contains(p.listed, inv), states[inv].rechecked)
+		}
+	}
+	incremental := incSnapshot(tb, conn, time.Time{})
+	incSetMode(tb, conn, "full")
+	_, states = incRefresh(tb, conn, "full", "the full refresh after the writers")
+	incCheckSame(tb, incremental, states, "the full refresh after the writers")
+	return p
+}
+
+// incAllIn says whether the 13 dataset invariants are all in mode.
+func incAllIn(tb testing.TB, conn *pgx.Conn, mode string) bool {
+	var n int
+	must(tb, conn.QueryRow(tb.Context(), `SELECT count(*) FROM pgconsistency.invariant WHERE name = ANY ($1) AND refresh_mode = $2`,
+		fixture.CurrentInvariants, mode).Scan(&n))
+	return n == len(fixture.CurrentInvariants)
+}
+
+func medianFloat(xs []float64) float64 {
+	if len(xs) == 0 {
+		return 0
+	}
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 0 {
+		return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
+	return s[len(s)/2]
+}
+
+// incWriterSummary is the medians of the writers' phases at a client count.
+type incWriterSummary struct {
+	clients                     int
+	off, trigger, wal           float64 // tps
+	walPlan, walRefresh         float64 // the changes loop's share of the wall time, wal phases
+	triggerPlan, triggerRefresh float64 // the same, trigger phases
+}
+
+func (r *incResult) writerSummaries() []incWriterSummary {
+	var out []incWriterSummary
+	for _, c := range r.cfg.clients {
+		tps := map[string][]float64{}
+		share := map[string][2][]float64{}
+		for _, p := range r.writers {
+			tps[p.capture] = append(tps[p.capture], p.tps[c])
+			if p.capture != "off" {
+				s := share[p.capture]
+				s[0] = append(s[0], p.loop[c].planShare())
+				s[1] = append(s[1], p.loop[c].refreshShare())
+				share[p.capture] = s
+			}
+		}
+		out = append(out, incWriterSummary{
+			clients: c, off: medianFloat(tps["off"]), trigger: medianFloat(tps["trigger"]), wal: medianFloat(tps["wal"]),
+			walPlan: medianFloat(share["wal"][0]), walRefresh: medianFloat(share["wal"][1]),
+			triggerPlan: medianFloat(share["trigger"][0]), triggerRefresh: medianFloat(share["trigger"][1]),
+		})
+	}
+	return out
+}
+
+// writerGoals lists the writers' goals missed: with the WAL capture, at
+// least incGoalWAL of the throughput with the capture off.
+func (r *incResult) writerGoals() []string {
+	var failed []string
+	for _, s := range r.writerSummaries() {
+		if goal, ok := incGoalWAL[s.clients]; ok && s.wal/s.off < goal {
+			failed = append(failed, fmt.Sprintf("writers, %d client(s): WAL capture %.0f tps, %.1f%% of capture off (%.0f tps), goal ≥ %.0f%%",
+				s.clients, s.wal, 100*s.wal/s.off, s.off, 100*goal))
+		}
+	}
+	return failed
+}
+
+func (r *incResult) writersMarkdown() string {
+	var w strings.Builder
+	c := r.cfg
+	fmt.Fprintf(&w, "### Writers: capture off, trigger, wal\n\n")
+	fmt.Fprintf(&w, "%d rounds of three phases, capture off (all 13 in full mode: no trigger, no slot), trigger (all 13 incremental, capture triggers) and wal (all 13 incremental, WAL capture: a slot, no trigger), round k starting at the k-th (off, trigger, wal | trigger, wal, off | wal, off, trigger | …). Before each phase, not measured: the switch, the reconcile it causes (a full refresh of the 13), a CHECKPOINT. Each phase: pgbench for %s at each of %v client(s), the service's two transaction shapes: a new complete dataset (write_load.sql, 1 in 5) and a block appended, head moved, statistics updated on an existing dataset (append_load.sql, 4 in 5). Beside the trigger and wal phases, the receiver's changes loop every %s: refresh_changes_plan() (with the WAL capture, capture_wal decodes the slot) then refresh_invariant() of each invariant it lists (incremental_period 2 s, the default). fsync %s; wal_level = logical in every phase; replica identities for the WAL capture: %s.\n\n",
+		c.writeRounds, c.writes, c.clients, c.loop, map[bool]string{true: "on", false: "off (make test: not representative)"}[c.bench], incFixesText(r.fixes))
+	fmt.Fprintf(&w, "| round | capture | switch and reconcile |")
+	for _, cl := range c.clients {
+		fmt.Fprintf(&w, " %d client(s) | changes loop: plan / refreshes (%% of the time) |", cl)
+	}
+	fmt.Fprintf(&w, "\n|---:|---|---:|")
+	for range c.clients {
+		fmt.Fprintf(&w, "---:|---|")
+	}
+	fmt.Fprintf(&w, "\n")
+	for _, p := range r.writers {
+		fmt.Fprintf(&w, "| %d | %s | %s |", p.round, p.capture, ms(p.switchD))
+		for _, cl := range c.clients {
+			loop := "—"
+			if s, ok := p.loop[cl]; ok {
+				loop = fmt.Sprintf("%d passes: %s / %s (%.1f%% / %.1f%%), %d keys", s.passes, ms(s.plan), ms(s.refresh), 100*s.planShare(), 100*s.refreshShare(), s.keys)
+				if p.capture == "wal" {
+					loop += fmt.Sprintf(", %d changes decoded", s.changes)
+				}
+			}
+			fmt.Fprintf(&w, " %.0f tps | %s |", p.tps[cl], loop)
+		}
+		fmt.Fprintf(&w, "\n")
+	}
+	fmt.Fprintf(&w, "\n| clients | off (median) | trigger (median) | wal (median) | trigger / off | **wal / off** | goal | changes loop during wal: plan / refreshes, %% of the time (median) | during trigger |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|\n")
+	for _, s := range r.writerSummaries() {
+		goal := "—"
+		if g, ok := incGoalWAL[s.clients]; ok {
+			goal = fmt.Sprintf("≥ %.0f%%: %s", 100*g, map[bool]string{true: "met", false: "**missed**"}[s.wal/s.off >= g])
+		}
+		fmt.Fprintf(&w, "| %d | %.0f tps | %.0f tps | %.0f tps | %.1f%% | **%.1f%%** | %s | %.1f%% / %.1f%% | %.1f%% / %.1f%% |\n",
+			s.clients, s.off, s.trigger, s.wal, 100*s.trigger/s.off, 100*s.wal/s.off, goal,
+			100*s.walPlan, 100*s.walRefresh, 100*s.triggerPlan, 100*s.triggerRefresh)
+	}
+	fmt.Fprintf(&w, "\nThe changes loop's share is of one core's time; the machine has %d. With the WAL capture, its plan share is mostly capture_wal decoding the slot (wal2json) and evaluating the keys: CPU the writers do not get on a machine this small. Its refresh share is the same work as with the trigger capture.\n\n", runtime.NumCPU())
+	a := r.afterWriters
+	fmt.Fprintf(&w, "Exactness after the writers: WAL capture, pgbench -t 100 at 2 clients, then one pass of the changes loop (refresh_changes_plan %s, %d invariants refreshed, %s in all): the expected counts, and the same anomalies (counts and keys) as a full refresh in full mode.\n\n",
+		ms(a.plan), len(a.listed), ms(a.total))
+	return w.String()
+}
+
+func incFixesText(fixes []string) string {
+	if len(fixes) == 0 {
+		return "none needed"
+	}
+	return "`" + strings.Join(fixes, "` `") + "`"
+}
