@@ -221,7 +221,9 @@ COMMENT ON FUNCTION pgconsistency._wal_add_tables() IS
 
 -- _wal_read_statement: the statement that reads the slot once: $1 the slot,
 -- $2 up to which WAL position, $3 how many changes at most (whole
--- transactions), $4 the tables. It writes the keys of every capture source
+-- transactions), $4 the tables, $5 the columns the key expressions read, by
+-- table oid (the rows are cut to them before jsonb_populate_record: a block's
+-- payload is never decoded). It writes the keys of every capture source
 -- (the key expressions evaluated over the decoded rows, new and old, with
 -- jsonb_populate_record: the same expressions as the triggers', nothing to
 -- keep in step) to captured_key, a TRUNCATE to capture_gap, and returns the
@@ -234,7 +236,8 @@ AS $fn$
     SELECT $q$
         WITH change AS MATERIALIZED (
             SELECT w.lsn, w.data::jsonb AS c
-              FROM pg_catalog.pg_logical_slot_peek_changes($1, $2, $3, 'format-version', '2', 'add-tables', $4) AS w),
+              FROM pg_catalog.pg_logical_slot_peek_changes($1, $2, $3, 'format-version', '2', 'add-tables', $4,
+                                                           'include-types', 'false') AS w),
         decoded AS MATERIALIZED (
             SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(change.c ->> 'schema') || '.' || pg_catalog.quote_ident(change.c ->> 'table')) AS rel,
                    change.c ->> 'action' AS action, change.c -> 'columns' AS new_columns, change.c -> 'identity' AS old_columns
@@ -245,6 +248,7 @@ AS $fn$
               FROM decoded d
              CROSS JOIN LATERAL (VALUES (d.new_columns), (d.old_columns)) AS v(columns)
              CROSS JOIN LATERAL (SELECT pg_catalog.jsonb_object_agg(x ->> 'name', x -> 'value')
+                                        FILTER (WHERE ($5 -> (d.rel::oid::text)) ? (x ->> 'name'))
                                    FROM pg_catalog.jsonb_array_elements(v.columns) AS x) AS t(tuple)
              WHERE v.columns IS NOT NULL AND t.tuple IS NOT NULL),
         keys AS (
@@ -311,6 +315,7 @@ DECLARE
     v_confirmed pg_lsn;
     v_tables   text;
     v_keys_sql text;
+    v_columns  jsonb;
     v_changes  bigint := 0;
     v_last     pg_lsn;
     v_written  bigint;
@@ -358,9 +363,16 @@ BEGIN
           INTO v_keys_sql
           FROM pgconsistency.capture_source s
          WHERE pg_catalog.to_regclass(s.relation) IS NOT NULL;
+        SELECT pg_catalog.jsonb_object_agg(k.rel::oid::text, k.cols) INTO v_columns
+          FROM (SELECT pg_catalog.to_regclass(s.relation) AS rel,
+                       pg_catalog.array_agg(DISTINCT c.col) AS cols
+                  FROM pgconsistency.capture_source s
+                 CROSS JOIN LATERAL pg_catalog.unnest(pgconsistency._key_columns(pg_catalog.to_regclass(s.relation), s.key_expression)) AS c(col)
+                 WHERE pg_catalog.to_regclass(s.relation) IS NOT NULL
+                 GROUP BY 1) k;
         EXECUTE pg_catalog.replace(pgconsistency._wal_read_statement(), '/*keys*/', v_keys_sql)
            INTO v_changes, v_last, v_written
-          USING cfg.slot_name, v_upto, max_changes, v_tables;
+          USING cfg.slot_name, v_upto, max_changes, v_tables, pg_catalog.to_jsonb(v_columns);
     END IF;
     UPDATE pgconsistency.capture
        SET wal_position = CASE WHEN v_changes >= max_changes THEN coalesce(v_last, cfg.wal_position) ELSE v_upto END,
