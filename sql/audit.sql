@@ -419,25 +419,24 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency.audit_restore(bigint) IS
   'Re-insert the row removed by the DELETE recorded in pgconsistency.audit_log row audit_id; returns it';
 
--- _anomaly_cause_join (0.6.0): how refresh_invariant finds the change that
--- caused each anomaly of invariant as it appears, where this pack records
--- a table the invariant reads: a LEFT JOIN LATERAL for the lifecycle's
--- INSERT, over its rows d (d.key) at the refresh's start ($2), giving c.id,
--- c.operation, c.tbl, c.txid, c.changed_at, c.db_user, c.application_name
--- of the last audit_log row of the key in those tables before it. One
--- index lookup per new anomaly (audit_log_row_key: row_key, changed_at),
--- written with the anomaly (no second write of it), so a mass incident
--- costs O(new anomalies). NULL when no table of the invariant is audited:
--- no cause recorded.
-CREATE OR REPLACE FUNCTION pgconsistency._anomaly_cause_join(invariant text)
-RETURNS text
+-- audit_causes (0.7.0): this pack's side of the one interface between the
+-- refresh and a pack that records changes (pgconsistency._anomaly_causes in
+-- sql/framework/08_refresh.sql; its row type pgconsistency.anomaly_cause):
+-- for the keys about to become anomalies of invariant, the last audit_log
+-- row of each key, in the tables of the invariant this pack records, before
+-- until (the refresh's start). One index lookup per key (audit_log_row_key:
+-- row_key, changed_at), so a mass incident costs O(new anomalies); none
+-- when no table of the invariant is audited: no cause recorded. Before
+-- 0.7.0 this was _anomaly_cause_join, SQL text spliced into the refresh.
+CREATE OR REPLACE FUNCTION pgconsistency.audit_causes(invariant text, keys text[], until timestamptz)
+RETURNS SETOF pgconsistency.anomaly_cause
 LANGUAGE plpgsql
 STABLE
 SET search_path = pg_catalog, pg_temp
--- refresh_invariant calls it under the invariant's planner settings (the
--- dataset pack's turn nested loops off): the catalog queries of
--- _invariant_tables then cost 1e10 and were JIT-compiled, 1 s per refresh
--- instead of 6 ms. Its own settings, whatever the caller's:
+-- The refresh calls it under the lifecycle's planner settings (nested
+-- loops off): the catalog queries of _invariant_tables then cost 1e10 and
+-- were JIT-compiled, 1 s per refresh instead of 6 ms; and the lookups are
+-- a nested loop by design. Its own settings, whatever the caller's:
 SET enable_nestloop = on
 SET enable_hashjoin = on
 SET enable_mergejoin = on
@@ -451,20 +450,25 @@ BEGIN
      WHERE EXISTS (SELECT 1 FROM pgconsistency.audited_table a
                     WHERE pg_catalog.format('%I.%I', a.table_schema, a.table_name) = t.name);
     IF v_tables IS NULL THEN
-        RETURN NULL;
+        RETURN;
     END IF;
-    RETURN pg_catalog.format($sql$LEFT JOIN LATERAL (
-        SELECT l.id, l.operation, pg_catalog.format('%%I.%%I', l.table_schema, l.table_name) AS tbl, l.txid,
-               l.changed_at, l.db_user, l.application_name
-          FROM pgconsistency.audit_log l
-         WHERE l.row_key = d.key AND l.changed_at <= $2
-           AND pg_catalog.format('%%I.%%I', l.table_schema, l.table_name) = ANY (%L::text[])
-         ORDER BY l.changed_at DESC, l.id DESC
-         LIMIT 1) c ON true$sql$, v_tables);
+    RETURN QUERY
+        SELECT k.key, c.id, c.operation, c.tbl, c.txid, c.changed_at, c.db_user, c.application_name
+          FROM pg_catalog.unnest(keys) AS k(key)
+          JOIN LATERAL (
+              SELECT l.id, l.operation, pg_catalog.format('%I.%I', l.table_schema, l.table_name) AS tbl, l.txid,
+                     l.changed_at, l.db_user, l.application_name
+                FROM pgconsistency.audit_log l
+               WHERE l.row_key = k.key AND l.changed_at <= until
+                 AND pg_catalog.format('%I.%I', l.table_schema, l.table_name) = ANY (v_tables)
+               ORDER BY l.changed_at DESC, l.id DESC
+               LIMIT 1) c ON true;
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency._anomaly_cause_join(text) IS
-  'Internal: the join refresh_invariant uses to record on new anomalies the audited change that caused them';
+COMMENT ON FUNCTION pgconsistency.audit_causes(text, text[], timestamptz) IS
+  'The audited change that caused each key about to become an anomaly of the invariant (the refresh calls it)';
+-- The text spliced into the refresh before 0.7.0.
+DROP FUNCTION IF EXISTS pgconsistency._anomaly_cause_join(text);
 
 -- As in the framework (sql/framework/10_privileges.sql): nothing in the
 -- schema is executable by PUBLIC. A DBA grants audit_history to whoever
@@ -472,7 +476,7 @@ COMMENT ON FUNCTION pgconsistency._anomaly_cause_join(text) IS
 REVOKE EXECUTE ON FUNCTION pgconsistency._drop_audit_triggers(regclass), pgconsistency.enable_audit(regclass, text),
        pgconsistency.disable_audit(regclass), pgconsistency.enable_dataset_audit(text),
        pgconsistency.audit_history(text, timestamptz, text), pgconsistency.audit_restore(bigint),
-       pgconsistency._invariant_tables(text), pgconsistency._anomaly_cause_join(text) FROM PUBLIC;
+       pgconsistency._invariant_tables(text), pgconsistency.audit_causes(text, text[], timestamptz) FROM PUBLIC;
 
 \o
 COMMIT;

@@ -38,6 +38,7 @@ BEGIN;
 \ir framework/07_capture.sql
 \ir framework/07_wal_capture.sql
 \ir framework/08_refresh.sql
+\ir framework/08_refresh_loop.sql
 \ir framework/09_status.sql
 \ir framework/10_privileges.sql
 \o

@@ -131,6 +131,29 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant_parameter (
 SELECT pgconsistency._install_comment('pgconsistency.invariant_parameter',
   'Parameters (thresholds) of invariants; change them with pgconsistency.set_parameter()');
 
+-- The cause of an anomaly (0.7.0): the one contract between the refresh
+-- and a pack that records the changes to the application's tables (the
+-- audit pack): for a key about to become an anomaly, the recorded change
+-- that caused it. The refresh asks for them through _anomaly_causes() and
+-- writes them to the anomaly's cause_* columns.
+DO $do$
+BEGIN
+    IF pg_catalog.to_regtype('pgconsistency.anomaly_cause') IS NULL THEN
+        CREATE TYPE pgconsistency.anomaly_cause AS (
+            key              text,        -- the anomaly's key
+            audit_id         bigint,      -- the pack's id of the change (audit_log.id)
+            operation        text,        -- INSERT, UPDATE, DELETE or TRUNCATE
+            tbl              text,        -- the table changed, schema-qualified
+            txid             bigint,      -- the transaction that made it
+            changed_at       timestamptz,
+            db_user          text,        -- the database user that made it
+            application_name text);       -- and its application_name
+        COMMENT ON TYPE pgconsistency.anomaly_cause IS
+          'The recorded change that caused an anomaly: what a pack that records changes gives the refresh';
+    END IF;
+END
+$do$;
+
 -- Refresh state: written only by pgconsistency.refresh(), one row per invariant
 -- that has been refreshed (or attempted) at least once.
 CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
