@@ -364,16 +364,6 @@ func (c *pgxClient) setShape(shape statusShape, version string) {
 	c.shape, c.shapeVersion = shape, version
 }
 
-// readStatus runs query as the scrape does, on a connection of the pool.
-func (c *pgxClient) readStatus(ctx context.Context, query string) ([]invariantStatus, error) {
-	conn, err := c.pool.Acquire(ctx)
-	if err != nil {
-		return nil, err
-	}
-	defer conn.Release()
-	return c.readStatusOn(ctx, conn, query)
-}
-
 // readStatusOn sends the whole transaction in one round trip: BEGIN READ
 // ONLY, its statement_timeout, the query, COMMIT (as inTransaction does,
 // which would take four). A failed transaction is rolled back so that the

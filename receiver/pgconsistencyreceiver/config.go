@@ -3,6 +3,7 @@ package pgconsistencyreceiver // import "github.com/pgconsistency/pgconsistency/
 import (
 	"errors"
 	"fmt"
+	"go.opentelemetry.io/collector/confmap"
 	"net"
 	"os"
 	"strconv"
@@ -136,14 +137,33 @@ type LogsConfig struct {
 	// Deprecated: use MaxRecordsPerInterval.
 	MaxRecordsPerScrape int `mapstructure:"max_records_per_scrape"`
 
+	intervalSet bool // max_records_per_interval was in the configuration (Unmarshal)
+
 	// prevent unkeyed literal initialization
 	_ struct{}
+}
+
+// Unmarshal notes whether max_records_per_interval was set, so that
+// setting it and its deprecated name together is refused even when it is
+// set to its default value.
+func (c *LogsConfig) Unmarshal(conf *confmap.Conf) error {
+	if err := conf.Unmarshal(c); err != nil {
+		return err
+	}
+	c.intervalSet = conf.IsSet("max_records_per_interval")
+	return nil
+}
+
+// perIntervalSet tells whether max_records_per_interval was set: read from
+// the configuration, or (a Config built in code) different from its default.
+func (c *LogsConfig) perIntervalSet() bool {
+	return c.intervalSet || c.MaxRecordsPerInterval != defaultMaxLogRecords
 }
 
 // maxRecords is the cap of log records per collection interval, whichever
 // of its two names set it.
 func (c *LogsConfig) maxRecords() int {
-	if c.MaxRecordsPerScrape != 0 && c.MaxRecordsPerInterval == defaultMaxLogRecords {
+	if c.MaxRecordsPerScrape != 0 && !c.perIntervalSet() {
 		return c.MaxRecordsPerScrape
 	}
 	return c.MaxRecordsPerInterval
@@ -151,7 +171,7 @@ func (c *LogsConfig) maxRecords() int {
 
 // maxRecordsKey is the key that set maxRecords(), for error messages.
 func (c *LogsConfig) maxRecordsKey() string {
-	if c.MaxRecordsPerScrape != 0 && c.MaxRecordsPerInterval == defaultMaxLogRecords {
+	if c.MaxRecordsPerScrape != 0 && !c.perIntervalSet() {
 		return "logs::max_records_per_scrape"
 	}
 	return "logs::max_records_per_interval"
@@ -277,7 +297,7 @@ func (cfg *Config) Validate() error {
 		errs = append(errs, fmt.Errorf(`"schema" %q is not supported: sql/install.sql installs pgconsistency into schema %q, `+
 			`the only one the receiver reads; remove "schema" (it is deprecated)`, cfg.Schema, schema))
 	}
-	if cfg.Logs.MaxRecordsPerScrape != 0 && cfg.Logs.MaxRecordsPerInterval != defaultMaxLogRecords {
+	if cfg.Logs.MaxRecordsPerScrape != 0 && cfg.Logs.perIntervalSet() {
 		errs = append(errs, errors.New(`"logs::max_records_per_scrape" and "logs::max_records_per_interval" are both set: `+
 			`"logs::max_records_per_scrape" is the deprecated name of "logs::max_records_per_interval"; keep only "logs::max_records_per_interval"`))
 	} else if n := cfg.Logs.maxRecords(); n <= 0 {

@@ -361,6 +361,11 @@ func TestRenamedKeys(t *testing.T) {
 		assert.ErrorContains(t, err, `"refresh::schedule" and "refresh::poll_interval" are both set`)
 		assert.ErrorContains(t, err, `"logs::max_records_per_scrape" and "logs::max_records_per_interval" are both set`)
 	})
+	t.Run("both names, the new one at its default", func(t *testing.T) {
+		err := confmap.Validate(loadConfig(t, "old_and_new_names_default"))
+		require.Error(t, err)
+		assert.ErrorContains(t, err, `"logs::max_records_per_scrape" and "logs::max_records_per_interval" are both set`)
+	})
 	t.Run("old names wrong", func(t *testing.T) {
 		err := confmap.Validate(loadConfig(t, "old_names_wrong"))
 		require.Error(t, err)

@@ -371,11 +371,19 @@ func TestIntegrationScrapeTransactionLimits(t *testing.T) {
 	t.Cleanup(c.close)
 	pc := c.(*pgxClient)
 
-	_, err = pc.readStatus(t.Context(), "CREATE TABLE public.scrape_wrote (i int)")
+	// readStatus runs query as the scrape runs its own, on a connection of the pool.
+	readStatus := func(query string) error {
+		conn, err := pc.pool.Acquire(t.Context())
+		require.NoError(t, err)
+		defer conn.Release()
+		_, err = pc.readStatusOn(t.Context(), conn, query)
+		return err
+	}
+	err = readStatus("CREATE TABLE public.scrape_wrote (i int)")
 	var pgErr *pgconn.PgError
 	require.ErrorAs(t, err, &pgErr)
 	assert.Equal(t, "25006", pgErr.Code, "read_only_sql_transaction: %v", err)
-	_, err = pc.readStatus(t.Context(), "SELECT pg_catalog.pg_sleep(2)")
+	err = readStatus("SELECT pg_catalog.pg_sleep(2)")
 	require.ErrorAs(t, err, &pgErr)
 	assert.Equal(t, "57014", pgErr.Code, "the scrape's statement_timeout: %v", err)
 	rows, err := pc.status(t.Context())

@@ -9,24 +9,49 @@
 -- the refresh's transaction or touches security (set_config(..., true) is
 -- transaction-local). Here, before the tables, because the CHECK constraint
 -- invariant_settings_valid of the invariant table calls it (for every role
--- that writes the table: 10_privileges.sql grants it to PUBLIC).
+-- that writes the table: 10_privileges.sql grants it to PUBLIC). A name not
+-- allowed makes it false (the constraint's error); a value the setting does
+-- not take (0.7.0: {"work_mem": "64MB; DROP TABLE accounts"}) is refused
+-- with PostgreSQL's message, when written rather than at every refresh: it
+-- is tried with set_config in a subtransaction that is then undone.
 CREATE OR REPLACE FUNCTION pgconsistency._valid_refresh_settings(settings jsonb) RETURNS boolean
-LANGUAGE sql IMMUTABLE
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT pg_catalog.jsonb_typeof(settings) = 'object'
-       AND NOT EXISTS (
-           SELECT 1 FROM pg_catalog.jsonb_each(settings - 'incremental') AS e(k, v)
-            WHERE e.k !~ '^(enable_[a-z_]+|work_mem|hash_mem_multiplier|max_parallel_workers_per_gather|random_page_cost|seq_page_cost|cpu_[a-z_]+_cost|effective_cache_size|jit|temp_buffers)$'
-               OR pg_catalog.jsonb_typeof(e.v) NOT IN ('string', 'number', 'boolean'))
-       -- 0.3.0: "incremental": the settings of incremental re-checks, the same names
-       AND (NOT settings ? 'incremental'
-            OR (pg_catalog.jsonb_typeof(settings -> 'incremental') = 'object'
-                AND NOT settings -> 'incremental' ? 'incremental'
-                AND pgconsistency._valid_refresh_settings(settings -> 'incremental')))
+DECLARE
+    e record;
+    v_error text;
+BEGIN
+    IF settings IS NULL OR pg_catalog.jsonb_typeof(settings) <> 'object' THEN
+        RETURN false;
+    END IF;
+    FOR e IN SELECT x.k, x.v FROM pg_catalog.jsonb_each(settings - 'incremental') AS x(k, v) LOOP
+        IF e.k !~ '^(enable_[a-z_]+|work_mem|hash_mem_multiplier|max_parallel_workers_per_gather|random_page_cost|seq_page_cost|cpu_[a-z_]+_cost|effective_cache_size|jit|temp_buffers)$'
+           OR pg_catalog.jsonb_typeof(e.v) NOT IN ('string', 'number', 'boolean') THEN
+            RETURN false;
+        END IF;
+        BEGIN
+            PERFORM pg_catalog.set_config(e.k, e.v #>> '{}', true);
+            RAISE SQLSTATE 'PCOK1'; -- undo it: the subtransaction rolls back
+        EXCEPTION
+            WHEN SQLSTATE 'PCOK1' THEN
+                NULL; -- taken
+            WHEN OTHERS THEN
+                GET STACKED DIAGNOSTICS v_error = MESSAGE_TEXT;
+                RAISE EXCEPTION 'pgconsistency: an invariant''s refresh setting % = % is refused: %', e.k, e.v, v_error
+                    USING ERRCODE = 'check_violation',
+                          HINT = 'A value the setting takes in SET, e.g. {"work_mem": "64MB"} or {"enable_hashjoin": "off"}.';
+        END;
+    END LOOP;
+    -- 0.3.0: "incremental": the settings of incremental re-checks, the same names
+    RETURN NOT settings ? 'incremental'
+        OR (pg_catalog.jsonb_typeof(settings -> 'incremental') = 'object'
+            AND NOT settings -> 'incremental' ? 'incremental'
+            AND pgconsistency._valid_refresh_settings(settings -> 'incremental'));
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._valid_refresh_settings(jsonb) IS
-  'Internal: whether refresh settings name only planner and memory settings (the CHECK constraint of invariant.settings)';
+  'Internal: whether refresh settings name only planner and memory settings, with values they take (the CHECK constraint of invariant.settings)';
 
 -- The registry: one row per invariant. Its anomalies are shown by a view
 -- (view_schema.view_name) with a text column "key" that identifies the

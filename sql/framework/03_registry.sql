@@ -82,7 +82,14 @@ BEGIN
     IF pg_catalog.to_regclass('pg_temp.pgconsistency_query_probe') IS NOT NULL THEN
         DROP VIEW pg_temp.pgconsistency_query_probe;
     END IF;
-    EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_query_probe AS ' || query;
+    BEGIN
+        EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_query_probe AS ' || query;
+    EXCEPTION WHEN undefined_table OR undefined_function OR undefined_object THEN
+        -- The refresh runs the query under this search_path too: a name
+        -- found by the caller's search_path would not be found then.
+        RAISE EXCEPTION '%', SQLERRM USING ERRCODE = SQLSTATE,
+            HINT = 'The query runs with search_path = pg_catalog, pg_temp: schema-qualify every table, type and function it names (public.dataset_statistics, not dataset_statistics).';
+    END;
     v_probe := pg_catalog.to_regclass('pg_temp.pgconsistency_query_probe');
     -- A column's collation, where it is not its type's (format() over
     -- names gives "C"), is kept: the view's columns are the query's.
@@ -171,16 +178,77 @@ BEGIN
             USING HINT = pg_catalog.format('CREATE UNIQUE INDEX ON %I.%I (key); REFRESH ... CONCURRENTLY needs it.',
                                            view_schema, view_name);
     END IF;
-    IF register_invariant.severity IS NULL OR register_invariant.severity NOT IN ('critical', 'warning', 'info') THEN
-        RAISE EXCEPTION 'pgconsistency: severity of invariant % is %, expected critical, warning or info',
-            name, coalesce(register_invariant.severity, 'NULL');
-    END IF;
-
+    -- (_register_row checks the severity)
     PERFORM pgconsistency._register_row(name, view_schema, view_name, severity, description, owner, runbook_url);
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.register_invariant(text, text, text, text, text, text, text) IS
   'Register (or update) an invariant whose anomalies are held by an existing materialized view';
+
+-- _define_keys: the key mapping define_invariant(keys => ...) was given,
+-- checked (each table is read by the query; each expression and lookup
+-- runs) and stored in invariant_key_source when it differs from the one
+-- stored; returns whether it changed.
+CREATE OR REPLACE FUNCTION pgconsistency._define_keys(name text, keys jsonb, relations text[]) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_keys    jsonb;
+    v_old     jsonb;
+    v_changed boolean := false;
+    e record;
+BEGIN
+    IF pg_catalog.jsonb_typeof(keys) <> 'object' THEN
+        RAISE EXCEPTION 'pgconsistency: keys of invariant % must be a JSON object from table to key expression', name
+            USING HINT = 'e.g. keys => ''{"public.orders": "r.customer_id::text"}''';
+    END IF;
+    v_keys := '{}';
+    FOR e IN SELECT k.key AS relation, k.value,
+                    CASE pg_catalog.jsonb_typeof(k.value) WHEN 'string' THEN k.value #>> '{}' ELSE k.value ->> 'capture' END AS capture,
+                    CASE pg_catalog.jsonb_typeof(k.value) WHEN 'object' THEN k.value ->> 'keys' END AS lookup
+               FROM pg_catalog.jsonb_each(keys) k LOOP
+        IF pg_catalog.to_regclass(e.relation) IS NULL OR e.capture IS NULL
+           OR (pg_catalog.jsonb_typeof(e.value) = 'object' AND (e.lookup IS NULL OR (SELECT count(*) FROM pg_catalog.jsonb_object_keys(e.value)) <> 2)) THEN
+            RAISE EXCEPTION 'pgconsistency: keys of invariant %: % is not a table, or its mapping is neither a key expression nor {"capture": ..., "keys": ...}', name, e.relation
+                USING HINT = 'e.g. keys => ''{"public.orders": "r.customer_id::text", "public.accounts": {"capture": "r.id::text", "keys": "SELECT o.customer_id::text FROM public.customers o WHERE o.account_id = ANY ($1)"}}''';
+        END IF;
+        IF NOT pg_catalog.to_regclass(e.relation)::text = ANY (coalesce(relations, '{}')) THEN
+            RAISE EXCEPTION 'pgconsistency: keys of invariant %: its query does not read %', name, e.relation
+                USING HINT = pg_catalog.format('It reads: %s.', coalesce(pg_catalog.array_to_string(relations, ', '), 'nothing'));
+        END IF;
+        BEGIN
+            EXECUTE pg_catalog.format('SELECT (%s)::text FROM %s r LIMIT 0', e.capture, pg_catalog.to_regclass(e.relation));
+            IF e.lookup IS NOT NULL THEN
+                EXECUTE pg_catalog.format('SELECT l.key FROM (%s) AS l(key) LIMIT 0', e.lookup) USING '{}'::text[];
+            END IF;
+        EXCEPTION WHEN OTHERS THEN
+            RAISE EXCEPTION 'pgconsistency: keys of invariant %: the mapping of % does not work: %', name, e.relation, SQLERRM
+                USING HINT = 'An expression over the changed row r, e.g. r.id::text; a lookup query reads the values as $1 (text[]) and returns one text column.';
+        END;
+        v_keys := v_keys || pg_catalog.jsonb_build_object(pg_catalog.to_regclass(e.relation)::text,
+            CASE WHEN e.lookup IS NULL THEN pg_catalog.to_jsonb(e.capture)
+                 ELSE pg_catalog.jsonb_build_object('capture', e.capture, 'keys', e.lookup) END);
+    END LOOP;
+    SELECT coalesce(pg_catalog.jsonb_object_agg(s.relation,
+               CASE WHEN s.key_lookup IS NULL THEN pg_catalog.to_jsonb(s.key_expression)
+                    ELSE pg_catalog.jsonb_build_object('capture', s.key_expression, 'keys', s.key_lookup) END), '{}')
+      INTO v_old
+      FROM pgconsistency.invariant_key_source s WHERE s.invariant = _define_keys.name;
+    IF v_old IS DISTINCT FROM v_keys THEN
+        DELETE FROM pgconsistency.invariant_key_source s WHERE s.invariant = _define_keys.name;
+        INSERT INTO pgconsistency.invariant_key_source (invariant, relation, key_expression, key_lookup)
+        SELECT _define_keys.name, k.key,
+               CASE pg_catalog.jsonb_typeof(k.value) WHEN 'string' THEN k.value #>> '{}' ELSE k.value ->> 'capture' END,
+               CASE pg_catalog.jsonb_typeof(k.value) WHEN 'object' THEN k.value ->> 'keys' END
+          FROM pg_catalog.jsonb_each(v_keys) k;
+        v_changed := true;
+    END IF;
+    RETURN v_changed;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._define_keys(text, jsonb, text[]) IS
+  'Internal: check and store the key mapping of define_invariant(keys => ...); whether it changed';
 
 -- define_invariant: register an invariant from its query: columns key
 -- (text, NOT NULL, once per offending entity) and any details. The
@@ -227,10 +295,7 @@ DECLARE
     v_shape   record;
     v_kind    "char";
     v_view    text;
-    v_keys    jsonb;
-    v_old     jsonb;
     v_changed boolean;
-    e record;
 BEGIN
     IF name IS NULL OR name !~ '^[a-z][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'pgconsistency: invalid invariant name %', coalesce(pg_catalog.quote_literal(name), 'NULL')
@@ -284,52 +349,8 @@ BEGIN
             OR (NOT i.settings ? 'incremental' AND define_invariant.settings ? 'incremental'));
     v_changed := FOUND;
 
-    IF keys IS NOT NULL THEN
-        IF pg_catalog.jsonb_typeof(keys) <> 'object' THEN
-            RAISE EXCEPTION 'pgconsistency: keys of invariant % must be a JSON object from table to key expression', name
-                USING HINT = 'e.g. keys => ''{"public.orders": "r.customer_id::text"}''';
-        END IF;
-        v_keys := '{}';
-        FOR e IN SELECT k.key AS relation, k.value,
-                        CASE pg_catalog.jsonb_typeof(k.value) WHEN 'string' THEN k.value #>> '{}' ELSE k.value ->> 'capture' END AS capture,
-                        CASE pg_catalog.jsonb_typeof(k.value) WHEN 'object' THEN k.value ->> 'keys' END AS lookup
-                   FROM pg_catalog.jsonb_each(keys) k LOOP
-            IF pg_catalog.to_regclass(e.relation) IS NULL OR e.capture IS NULL
-               OR (pg_catalog.jsonb_typeof(e.value) = 'object' AND (e.lookup IS NULL OR (SELECT count(*) FROM pg_catalog.jsonb_object_keys(e.value)) <> 2)) THEN
-                RAISE EXCEPTION 'pgconsistency: keys of invariant %: % is not a table, or its mapping is neither a key expression nor {"capture": ..., "keys": ...}', name, e.relation
-                    USING HINT = 'e.g. keys => ''{"public.orders": "r.customer_id::text", "public.accounts": {"capture": "r.id::text", "keys": "SELECT o.customer_id::text FROM public.customers o WHERE o.account_id = ANY ($1)"}}''';
-            END IF;
-            IF NOT pg_catalog.to_regclass(e.relation)::text = ANY (coalesce(v_shape.relations, '{}')) THEN
-                RAISE EXCEPTION 'pgconsistency: keys of invariant %: its query does not read %', name, e.relation
-                    USING HINT = pg_catalog.format('It reads: %s.', coalesce(pg_catalog.array_to_string(v_shape.relations, ', '), 'nothing'));
-            END IF;
-            BEGIN
-                EXECUTE pg_catalog.format('SELECT (%s)::text FROM %s r LIMIT 0', e.capture, pg_catalog.to_regclass(e.relation));
-                IF e.lookup IS NOT NULL THEN
-                    EXECUTE pg_catalog.format('SELECT l.key FROM (%s) AS l(key) LIMIT 0', e.lookup) USING '{}'::text[];
-                END IF;
-            EXCEPTION WHEN OTHERS THEN
-                RAISE EXCEPTION 'pgconsistency: keys of invariant %: the mapping of % does not work: %', name, e.relation, SQLERRM
-                    USING HINT = 'An expression over the changed row r, e.g. r.id::text; a lookup query reads the values as $1 (text[]) and returns one text column.';
-            END;
-            v_keys := v_keys || pg_catalog.jsonb_build_object(pg_catalog.to_regclass(e.relation)::text,
-                CASE WHEN e.lookup IS NULL THEN pg_catalog.to_jsonb(e.capture)
-                     ELSE pg_catalog.jsonb_build_object('capture', e.capture, 'keys', e.lookup) END);
-        END LOOP;
-        SELECT coalesce(pg_catalog.jsonb_object_agg(s.relation,
-                   CASE WHEN s.key_lookup IS NULL THEN pg_catalog.to_jsonb(s.key_expression)
-                        ELSE pg_catalog.jsonb_build_object('capture', s.key_expression, 'keys', s.key_lookup) END), '{}')
-          INTO v_old
-          FROM pgconsistency.invariant_key_source s WHERE s.invariant = define_invariant.name;
-        IF v_old IS DISTINCT FROM v_keys THEN
-            DELETE FROM pgconsistency.invariant_key_source s WHERE s.invariant = define_invariant.name;
-            INSERT INTO pgconsistency.invariant_key_source (invariant, relation, key_expression, key_lookup)
-            SELECT define_invariant.name, k.key,
-                   CASE pg_catalog.jsonb_typeof(k.value) WHEN 'string' THEN k.value #>> '{}' ELSE k.value ->> 'capture' END,
-                   CASE pg_catalog.jsonb_typeof(k.value) WHEN 'object' THEN k.value ->> 'keys' END
-              FROM pg_catalog.jsonb_each(v_keys) k;
-            v_changed := true;
-        END IF;
+    IF keys IS NOT NULL AND pgconsistency._define_keys(name, keys, v_shape.relations) THEN
+        v_changed := true;
     END IF;
 
     -- An invariant in incremental mode whose query or keys changed: its
@@ -490,8 +511,9 @@ COMMENT ON FUNCTION pgconsistency.requires(text, text[]) IS
 -- hold no such dependency (the framework runs their queries; their views
 -- read pgconsistency.anomaly), so there is nothing to release for them; a
 -- view of register_invariant() is not dropped either: a NOTICE names it, to
--- drop and re-create yourself. Returns the names of views it dropped (none
--- since 0.3.0; kept for the deploy scripts that call it).
+-- drop and re-create yourself. It drops nothing and returns no row (a set
+-- of names, empty: kept for the deploy scripts of before 0.3.0 that read
+-- the names of the views it then dropped).
 CREATE OR REPLACE FUNCTION pgconsistency.release_table(relation regclass) RETURNS SETOF text
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
@@ -500,7 +522,7 @@ DECLARE
     v record;
 BEGIN
     FOR v IN
-        SELECT DISTINCT i.name, i.view_schema, i.view_name, i.query_md5 IS NOT NULL AS defined
+        SELECT DISTINCT i.name, i.view_schema, i.view_name
           FROM pg_catalog.pg_depend d
           JOIN pg_catalog.pg_rewrite w ON w.oid = d.objid
           JOIN pg_catalog.pg_class c ON c.oid = w.ev_class
@@ -511,16 +533,14 @@ BEGIN
            AND d.refobjid = relation
          ORDER BY i.name
     LOOP
-        IF NOT v.defined THEN
-            RAISE NOTICE 'pgconsistency: %.% (invariant %) reads % but was not made by define_invariant: drop and re-create it yourself',
-                v.view_schema, v.view_name, v.name, relation;
-            CONTINUE;
-        END IF;
-        PERFORM pgconsistency._install_ddl(pg_catalog.format('DROP MATERIALIZED VIEW %I.%I', v.view_schema, v.view_name));
-        RETURN NEXT v.name;
+        -- Only views of register_invariant() depend on application tables
+        -- (install.sql converts the materialized views define_invariant()
+        -- made before 0.3.0): the user's own, not dropped.
+        RAISE NOTICE 'pgconsistency: %.% (invariant %) reads % but was not made by define_invariant: drop and re-create it yourself',
+            v.view_schema, v.view_name, v.name, relation;
     END LOOP;
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.release_table(regclass) IS
-  'Drop the invariant views that read a table, so that a migration can drop or rewrite it; install.sql re-creates them';
+  'Before a migration that drops or rewrites a table: name the views of register_invariant() that read it (to drop and re-create); drops nothing, returns no row';
 
