@@ -14,8 +14,10 @@
 -- every derivative dataset must be the downstream side of at least one edge
 -- in public.dataset_dependencies, and no root dataset may be.
 --
--- One materialized view per invariant, one row per offending dataset, keyed by
--- dataset_id. Each query reads each table once: NOT EXISTS becomes an anti
+-- One query per invariant (define_invariant), one row per anomaly: a dataset
+-- that breaks the invariant, keyed by dataset_id; each refresh keeps the rows
+-- as the invariant's open anomalies, shown by the view pgconsistency.<name>.
+-- Each query reads each table once: NOT EXISTS becomes an anti
 -- join, GROUP BY a single aggregate pass; nothing is correlated per row
 -- (except lookups by a unique index for the details of an anomaly).
 -- The queries do not rely on the application's unique indexes: deployments

@@ -334,11 +334,11 @@ func (e *diffEnv) compare(ctx context.Context) (problems []string, mismatched ma
 			problems = append(problems, fmt.Sprintf("%s: status says %d anomalies (+%d acknowledged), its query returns %d rows",
 				inv, st[inv].anomalies, st[inv].acknowledged, direct))
 		}
-		var open, acked int64
-		require.NoError(e.t, tx.QueryRow(ctx, "SELECT unacknowledged, acknowledged FROM pgconsistency._open_counts($1)", inv).Scan(&open, &acked))
-		if open != st[inv].anomalies || acked != st[inv].acknowledged {
+		var open, acknowledged int64
+		require.NoError(e.t, tx.QueryRow(ctx, "SELECT unacknowledged, acknowledged FROM pgconsistency._open_counts($1)", inv).Scan(&open, &acknowledged))
+		if open != st[inv].anomalies || acknowledged != st[inv].acknowledged {
 			problems = append(problems, fmt.Sprintf("%s: status says %d anomalies and %d acknowledged, the open anomalies are %d and %d",
-				inv, st[inv].anomalies, st[inv].acknowledged, open, acked))
+				inv, st[inv].anomalies, st[inv].acknowledged, open, acknowledged))
 		}
 	}
 	return problems, mismatched
@@ -497,20 +497,20 @@ func (e *diffEnv) requireKinds(ctx context.Context, truncated []string, pending 
 func (e *diffEnv) acknowledge(ctx context.Context, rng *rand.Rand, w *diffWriter) {
 	inv := e.invariants[rng.IntN(len(e.invariants))]
 	var key string
-	var acked bool
+	var acknowledged bool
 	err := e.conn.QueryRow(ctx, `SELECT a.key, a.acknowledged_at IS NOT NULL FROM pgconsistency.anomaly a
-		WHERE a.invariant = $1 AND a.resolved_at IS NULL ORDER BY a.key OFFSET $2 LIMIT 1`, inv, rng.IntN(20)).Scan(&key, &acked)
+		WHERE a.invariant = $1 AND a.resolved_at IS NULL ORDER BY a.key OFFSET $2 LIMIT 1`, inv, rng.IntN(20)).Scan(&key, &acknowledged)
 	if errors.Is(err, pgx.ErrNoRows) {
 		return
 	}
 	require.NoError(e.t, err)
-	if acked {
+	if acknowledged {
 		_, err = e.conn.Exec(ctx, "SELECT pgconsistency.unacknowledge($1, $2)", inv, key)
 	} else {
 		_, err = e.conn.Exec(ctx, "SELECT pgconsistency.acknowledge($1, $2, 'differential test')", inv, key)
 	}
 	require.NoError(e.t, err)
-	w.record(fmt.Sprintf("COMMITTED: %s acknowledgement of %s in %s", map[bool]string{true: "end the", false: "an"}[acked], diffLabel(key), inv))
+	w.record(fmt.Sprintf("COMMITTED: %s acknowledgement of %s in %s", map[bool]string{true: "end the", false: "an"}[acknowledged], diffLabel(key), inv))
 }
 
 // datasets returns the ids of the datasets that exist now, in order, and

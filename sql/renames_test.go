@@ -53,12 +53,12 @@ func TestRenamedNames(t *testing.T) {
 		`NOTICE: pgconsistency: pgconsistency.status.refresh_duration_seconds is deprecated and will be removed in 0.8.0; read snapshot_duration_seconds instead`,
 	}, deprecations(), "one notice per old column and session, whatever the rows and the queries")
 
-	var acked, same int
+	var acknowledged, same int
 	require.NoError(t, conn.QueryRow(t.Context(), `
 		SELECT count(*), count(*) FILTER (WHERE ack_reason = acknowledged_reason AND ack_until = acknowledged_until)
-		  FROM pgconsistency.anomaly WHERE acknowledged_at IS NOT NULL`).Scan(&acked, &same))
-	assert.Positive(t, acked, "acknowledged anomalies")
-	assert.Equal(t, acked, same, "ack_reason and ack_until read as acknowledged_reason and acknowledged_until")
+		  FROM pgconsistency.anomaly WHERE acknowledged_at IS NOT NULL`).Scan(&acknowledged, &same))
+	assert.Positive(t, acknowledged, "acknowledged anomalies")
+	assert.Equal(t, acknowledged, same, "ack_reason and ack_until read as acknowledged_reason and acknowledged_until")
 	_, err = conn.Exec(t.Context(), "UPDATE pgconsistency.anomaly SET ack_until = now()")
 	assert.ErrorContains(t, err, `column "ack_until" can only be updated to DEFAULT`, "the old columns are read-only")
 }

@@ -22,25 +22,29 @@
 --         GRANT SELECT (details) ON pgconsistency.anomaly TO otel_pgconsistency;
 --   pgconsistency_refresher  what refreshes: CALL pgconsistency.refresh(),
 --       request_refresh() for deploy pipelines, and what the receiver's
---       refresh scheduler (refresh::schedule) runs: refresh_plan(),
---       refresh_invariant() and observe_deploy_marker(). The refresh
---       functions are SECURITY DEFINER: the refresher need not own the views
---       nor read the application tables.
+--       scheduler (refresh::poll_interval) and changes loop
+--       (refresh::changes_interval) run: refresh_plan(),
+--       refresh_changes_plan(), refresh_invariant() and
+--       observe_deploy_marker(). The refresh functions are SECURITY DEFINER:
+--       a member of the role need not own the views nor read the application
+--       tables.
 --
 -- Neither role gets anything on the application's tables. Give them to login
 -- roles:
 --
 --   CREATE ROLE otel_pgconsistency LOGIN PASSWORD '...';
 --   GRANT pgconsistency_reader TO otel_pgconsistency;
---   -- the same collector with refresh::schedule set, where pg_cron is missing:
+--   -- the same collector with refresh::poll_interval set, where pg_cron is
+--   -- missing, or with its changes loop (refresh::changes_interval, on by
+--   -- default) refreshing invariants in incremental mode:
 --   GRANT pgconsistency_refresher TO otel_pgconsistency;
 --
 --   -- a deploy pipeline that asks for a refresh once the deployment settled,
 --   -- or the role that schedules CALL pgconsistency.refresh() in pg_cron:
 --   GRANT pgconsistency_refresher TO deployer;
 --
--- A refresher whose refresh::deploy_marker::query reads an application table
--- (e.g. schema_migrations) needs SELECT on that table too: grant it to the
+-- A collector whose refresh::deploy_marker::query reads an application table
+-- (e.g. schema_migrations) needs SELECT on that table too: grant it to its
 -- login role, not to the group role.
 --
 -- Acknowledging anomalies is an operator's decision, given to no role here:
@@ -90,7 +94,7 @@ GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_for_log(text, integer),
                           pgconsistency.advance_request_log_cursor(text, bigint)
    TO pgconsistency_reader;
 
--- The refresher. refresh() runs as its caller (a procedure that commits
+-- pgconsistency_refresher. refresh() runs as its caller (a procedure that commits
 -- cannot be SECURITY DEFINER): it calls the SECURITY DEFINER functions
 -- below; the receiver's scheduler does the same one statement at a time.
 -- SELECT on the registry and claim_refresh_request() are what schedulers of

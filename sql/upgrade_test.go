@@ -408,12 +408,12 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// before the upgrade, and the old ones (read by captureState, so by
 	// StateKept above) still read the same until 0.8.0.
 	t.Run("NewIn040", func(t *testing.T) {
-		acked := 0
+		acknowledged := 0
 		for k, a := range before.Anomalies {
 			if a.AckReason == nil && a.AckUntil == nil {
 				continue
 			}
-			acked++
+			acknowledged++
 			var reason *string
 			var until *time.Time
 			require.NoError(t, admin.QueryRow(t.Context(), `SELECT acknowledged_reason, acknowledged_until FROM pgconsistency.anomaly
@@ -421,7 +421,7 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 			assert.Equal(t, a.AckReason, reason, "acknowledged_reason of %s", k)
 			assert.Equal(t, a.AckUntil, until, "acknowledged_until of %s", k)
 		}
-		assert.Positive(t, acked, "acknowledged anomalies before the upgrade")
+		assert.Positive(t, acknowledged, "acknowledged anomalies before the upgrade")
 		var rows, differ int
 		require.NoError(t, u.reader.QueryRow(t.Context(), `
 			SELECT count(*), count(*) FILTER (WHERE last_status IS DISTINCT FROM last_run_outcome

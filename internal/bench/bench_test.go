@@ -420,7 +420,7 @@ func exporterScrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn
 		var name, def string
 		must(b, rows.Scan(&name, &def))
 		def = strings.TrimSuffix(strings.TrimSpace(def), ";")
-		fmt.Fprintf(&queries, "direct_%s:\n  query: |\n    SELECT count(*) AS anomalies FROM (\n%s\n    ) q\n  metrics:\n    - anomalies:\n        usage: GAUGE\n        description: rows violating %s\n",
+		fmt.Fprintf(&queries, "direct_%s:\n  query: |\n    SELECT count(*) AS anomalies FROM (\n%s\n    ) q\n  metrics:\n    - anomalies:\n        usage: GAUGE\n        description: anomalies of %s\n",
 			name, indent(def, "      "), name)
 	}
 	must(b, rows.Err())

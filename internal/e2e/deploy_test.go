@@ -149,7 +149,7 @@ func TestDeploy(t *testing.T) {
 		assert.Equal(t, ptr("v2"), deployMarker)
 		assert.Equal(t, ptr(true), sinceRefresh)
 		assert.Equal(t, ptr("deploy marker changed from v1 to v2"), reason, "found by the requested post-deploy refresh")
-		assert.Contains(t, *deploy, "after deploy v2")
+		assert.Contains(t, *deploy, "after deployment v2")
 		assert.Equal(t, ptr("DELETE"), operation)
 		assert.Equal(t, ptr("public.dataset_key_blocks"), table)
 		assert.Equal(t, ptr(txid), causeTxid)
@@ -171,7 +171,7 @@ func TestDeploy(t *testing.T) {
 		}, 30*time.Second, 250*time.Millisecond, "no log record of the new anomaly: %v", sink.snapshot())
 		assert.Equal(t, "v2", attrs["pgconsistency.deploy.marker"])
 		assert.Equal(t, true, attrs["pgconsistency.deploy.since_previous_refresh"])
-		assert.Contains(t, attrs["pgconsistency.deploy"], "after deploy v2")
+		assert.Contains(t, attrs["pgconsistency.deploy"], "after deployment v2")
 		assert.Equal(t, "deploy marker changed from v1 to v2", attrs["pgconsistency.refresh.reason"])
 		assert.Equal(t, "DELETE", attrs["pgconsistency.cause.operation"])
 		assert.Equal(t, "public.dataset_key_blocks", attrs["pgconsistency.cause.table"])
@@ -231,9 +231,9 @@ func TestDeploy(t *testing.T) {
 		require.Eventually(t, func() bool {
 			a, ok, err := prom.active("PgConsistencyNewAnomalies", inv)
 			deploy, cause = a.Annotations["deploy"], a.Annotations["cause"]
-			return err == nil && ok && strings.Contains(deploy, "After deploy v2 ") && strings.Contains(cause, "migrator")
+			return err == nil && ok && strings.Contains(deploy, "After deployment v2 ") && strings.Contains(cause, "migrator")
 		}, 30*time.Second, 250*time.Millisecond, "the annotations: deploy %q, cause %q", deploy, cause)
-		assert.Contains(t, deploy, "After deploy v2 (the deploy marker changed at "+deployAt.UTC().Format("2006-01-02 15:04:05"))
+		assert.Contains(t, deploy, "After deployment v2 (the deploy marker changed at "+deployAt.UTC().Format("2006-01-02 15:04:05"))
 		var dbUser string
 		require.NoError(t, conn.QueryRow(t.Context(), "SELECT db_user FROM pgconsistency.audit_log WHERE id = $1", auditID).Scan(&dbUser))
 		assert.Contains(t, cause, "DELETE on public.dataset_key_blocks at "+deletedAt.UTC().Format("2006-01-02 15:04:05"),

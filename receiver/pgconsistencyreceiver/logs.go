@@ -22,7 +22,7 @@ import (
 )
 
 // logsReceiver emits one log record per new anomaly and, on SQL 0.6.0, one
-// per requested refresh (after a deploy) that finished. The database keeps a
+// per requested refresh (after a deployment) that finished. The database keeps a
 // cursor per receiver (its component id), one position for each kind:
 // records are read after it, at most logs::max_records_per_interval per
 // collection interval (both kinds together, the anomalies first), and the
@@ -340,10 +340,10 @@ func logRecord(a newAnomaly, observed pcommon.Timestamp) plog.LogRecord {
 // Texts of the origin attributes when there is nothing to name (as in the
 // pgconsistency.anomaly_origin view).
 const (
-	noDeployment     = "no deployment recorded"
-	noDeploySince    = "no deploy since the last clean refresh"
-	noCauseRecorded  = "no cause recorded"
-	timeLayoutOrigin = time.RFC3339Nano
+	noDeployment      = "no deployment recorded"
+	noDeploymentSince = "no deployment since the last clean refresh"
+	noCauseRecorded   = "no cause recorded"
+	timeLayoutOrigin  = time.RFC3339Nano
 )
 
 // putOrigin adds the deployment and the cause of a new anomaly (SQL 0.6.0)
@@ -367,9 +367,9 @@ func putOrigin(attrs pcommon.Map, o *anomalyOrigin) {
 		since := o.deployedSincePrevious != nil && *o.deployedSincePrevious
 		attrs.PutBool("pgconsistency.deploy.since_previous_refresh", since)
 		if since {
-			attrs.PutStr("pgconsistency.deploy", fmt.Sprintf("after deploy %s (%s)", marker, at))
+			attrs.PutStr("pgconsistency.deploy", fmt.Sprintf("after deployment %s (%s)", marker, at))
 		} else {
-			attrs.PutStr("pgconsistency.deploy", fmt.Sprintf("%s (latest deploy: %s, %s)", noDeploySince, marker, at))
+			attrs.PutStr("pgconsistency.deploy", fmt.Sprintf("%s (latest deployment: %s, %s)", noDeploymentSince, marker, at))
 		}
 	}
 	if o.refreshReason != nil {
@@ -406,7 +406,7 @@ func putOrigin(attrs pcommon.Map, o *anomalyOrigin) {
 }
 
 // finishedRecord is the log record of a requested refresh that finished:
-// per invariant, how many anomalies it found, so that "the deploy was
+// per invariant, how many anomalies it found, so that "the deployment was
 // clean" is a fact. WARN when an invariant is not clean (new anomalies, a
 // failed or timed out refresh, or not refreshed), else INFO.
 func finishedRecord(f finishedRequest, observed pcommon.Timestamp) plog.LogRecord {
@@ -421,15 +421,15 @@ func finishedRecord(f finishedRequest, observed pcommon.Timestamp) plog.LogRecor
 		lr.SetSeverityNumber(plog.SeverityNumberWarn)
 	}
 	lr.SetEventName("pgconsistency.refresh.finished")
-	deploy := noDeployment
+	deployment := noDeployment
 	if f.deployedAt != nil {
 		marker := "NULL"
 		if f.deployMarker != nil {
 			marker = *f.deployMarker
 		}
-		deploy = fmt.Sprintf("after deploy %s (%s)", marker, f.deployedAt.UTC().Format(timeLayoutOrigin))
+		deployment = fmt.Sprintf("after deployment %s (%s)", marker, f.deployedAt.UTC().Format(timeLayoutOrigin))
 	}
-	lr.Body().SetStr(finishedBody(f, deploy))
+	lr.Body().SetStr(finishedBody(f, deployment))
 	attrs := lr.Attributes()
 	attrs.PutInt("pgconsistency.refresh.request_id", f.id)
 	if f.reason != nil {
@@ -438,7 +438,7 @@ func finishedRecord(f finishedRequest, observed pcommon.Timestamp) plog.LogRecor
 	attrs.PutStr("pgconsistency.refresh.claimed_at", f.claimedAt.UTC().Format(timeLayoutOrigin))
 	attrs.PutStr("pgconsistency.refresh.finished_at", f.finishedAt.UTC().Format(timeLayoutOrigin))
 	attrs.PutBool("pgconsistency.refresh.superseded", f.superseded)
-	attrs.PutStr("pgconsistency.deploy", deploy)
+	attrs.PutStr("pgconsistency.deploy", deployment)
 	if f.deployMarker != nil {
 		attrs.PutStr("pgconsistency.deploy.marker", *f.deployMarker)
 	}
@@ -464,10 +464,10 @@ func putStrings(s pcommon.Slice, values []string) {
 }
 
 // finishedBody is the record's one readable line, e.g. "requested refresh
-// finished (deploy marker changed from v1 to v2): after deploy v2
+// finished (deploy marker changed from v1 to v2): after deployment v2
 // (2026-12-02T05:00:00Z) 1 new anomaly: dataset_seed_missing 1; 12 of 13
 // invariants clean".
-func finishedBody(f finishedRequest, deploy string) string {
+func finishedBody(f finishedRequest, deployment string) string {
 	var b strings.Builder
 	b.WriteString("requested refresh finished")
 	if f.reason != nil {
@@ -476,10 +476,10 @@ func finishedBody(f finishedRequest, deploy string) string {
 	if f.superseded {
 		b.WriteString(", cut short by the next request")
 	}
-	fmt.Fprintf(&b, ": %s", deploy)
+	fmt.Fprintf(&b, ": %s", deployment)
 	if len(f.notClean) == 0 {
 		if f.deployedAt != nil {
-			b.WriteString(", the deploy was clean")
+			b.WriteString(", the deployment was clean")
 		} else {
 			b.WriteString(", clean")
 		}

@@ -211,7 +211,7 @@ func TestIntegrationLogsDeployAndCause(t *testing.T) {
 	ref := byInvariant["dataset_head_ref_missing"]
 	assert.Equal(t, "v2", ref["pgconsistency.deploy.marker"])
 	assert.Equal(t, true, ref["pgconsistency.deploy.since_previous_refresh"])
-	assert.Contains(t, ref["pgconsistency.deploy"], "after deploy v2 (")
+	assert.Contains(t, ref["pgconsistency.deploy"], "after deployment v2 (")
 	assert.Equal(t, "deploy marker changed from v1 to v2", ref["pgconsistency.refresh.reason"])
 	assert.Equal(t, "DELETE", ref["pgconsistency.cause.operation"])
 	assert.Equal(t, "public.dataset_references", ref["pgconsistency.cause.table"])
@@ -315,7 +315,7 @@ func TestIntegrationLogsRefreshFinished(t *testing.T) {
 
 	broken := finished[0]
 	assert.Equal(t, plog.SeverityNumberWarn, broken.SeverityNumber())
-	assert.Contains(t, broken.Body().Str(), "requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (")
+	assert.Contains(t, broken.Body().Str(), "requested refresh finished (deploy marker changed from v1 to v2): after deployment v2 (")
 	assert.Contains(t, broken.Body().Str(), fmt.Sprintf(") 1 new anomaly: dataset_seed_missing 1; %d of %d invariants clean", enabled-1, enabled))
 	attrs := broken.Attributes().AsRaw()
 	assert.Equal(t, "deploy marker changed from v1 to v2", attrs["pgconsistency.refresh.reason"])
@@ -335,7 +335,7 @@ func TestIntegrationLogsRefreshFinished(t *testing.T) {
 
 	clean := finished[1]
 	assert.Equal(t, plog.SeverityNumberInfo, clean.SeverityNumber())
-	assert.Contains(t, clean.Body().Str(), fmt.Sprintf("the deploy was clean: 0 new anomalies in %d invariants", enabled))
+	assert.Contains(t, clean.Body().Str(), fmt.Sprintf("the deployment was clean: 0 new anomalies in %d invariants", enabled))
 	attrs = clean.Attributes().AsRaw()
 	assert.Equal(t, "v3", attrs["pgconsistency.deploy.marker"])
 	assert.EqualValues(t, 0, attrs["pgconsistency.anomalies.new"])
@@ -363,14 +363,14 @@ func TestFinishedRecordBody(t *testing.T) {
 		sev    plog.SeverityNumber
 	}{
 		{"Clean", func(*finishedRequest) {},
-			"requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (2026-12-02T05:00:00Z), " +
-				"the deploy was clean: 0 new anomalies in 3 invariants", plog.SeverityNumberInfo},
+			"requested refresh finished (deploy marker changed from v1 to v2): after deployment v2 (2026-12-02T05:00:00Z), " +
+				"the deployment was clean: 0 new anomalies in 3 invariants", plog.SeverityNumberInfo},
 		{"NewAnomalies", func(f *finishedRequest) {
 			f.newAnomalies = 3
 			f.invariants["a"] = requestInvariant{NewAnomalies: 1, Outcome: ok}
 			f.invariants["c"] = requestInvariant{NewAnomalies: 2, Outcome: ok}
 			f.notClean = []string{"a", "c"}
-		}, "requested refresh finished (deploy marker changed from v1 to v2): after deploy v2 (2026-12-02T05:00:00Z) " +
+		}, "requested refresh finished (deploy marker changed from v1 to v2): after deployment v2 (2026-12-02T05:00:00Z) " +
 			"3 new anomalies: a 1, c 2; 1 of 3 invariants clean", plog.SeverityNumberWarn},
 		{"FailedAndNotRefreshed", func(f *finishedRequest) {
 			f.reason, f.deployMarker, f.deployedAt, f.superseded = nil, nil, nil, true

@@ -43,7 +43,7 @@ type watchedDatabase struct {
 	name       string
 	client     client
 	resource   pcommon.Resource
-	refresher  *refresher   // nil unless refresh::poll_interval is set
+	scheduler  *scheduler   // nil unless refresh::poll_interval is set
 	changes    *changesLoop // nil when refresh::changes_interval is 0
 	discovered bool         // found by discovery: dropped quietly when it goes away
 }
@@ -110,8 +110,8 @@ func (s *pgScraper) add(ctx context.Context, name string, discovered bool) error
 		discovered: discovered,
 	}
 	if cfg.Refresh.interval() > 0 {
-		db.refresher = newRefresher(cfg, logger)
-		db.refresher.start()
+		db.scheduler = newScheduler(cfg, logger)
+		db.scheduler.start()
 	}
 	if cfg.Refresh.ChangesInterval > 0 {
 		db.changes = newChangesLoop(cfg, logger)
@@ -140,8 +140,8 @@ func (s *pgScraper) remove(name string) bool {
 }
 
 func (db *watchedDatabase) close() {
-	if db.refresher != nil {
-		db.refresher.shutdown()
+	if db.scheduler != nil {
+		db.scheduler.shutdown()
 	}
 	if db.changes != nil {
 		db.changes.shutdown()

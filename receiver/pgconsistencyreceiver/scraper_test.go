@@ -73,7 +73,7 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 		{Invariant: "dataset_seed_missing", Severity: "critical", Anomalies: 3, NewAnomalies: 1,
 			ResolvedAnomalies: 2, AcknowledgedAnomalies: 5, RefreshedAt: &refreshed, LastDurationSeconds: ptr(1.5), LastOutcome: "succeeded",
 			RefreshMode: "incremental", HealedAnomalies: 2, Owner: "team-a", RunbookURL: "https://wiki.example.com/seed",
-			// its new anomaly: after deploy v1.4.2, caused by a DELETE of the migrator
+			// its new anomaly: after deployment v1.4.2, caused by a DELETE of the migrator
 			NewDeployMarker: "v1.4.2", NewDeployedAt: &deployed, NewCauseChangedAt: &changed,
 			NewCauseOperation: "DELETE", NewCauseTable: "public.dataset_key_blocks", NewCauseDBUser: "app",
 			NewCauseApplicationName: "migrator"},
@@ -82,7 +82,7 @@ func TestScrapeReportsEveryInvariant(t *testing.T) {
 		{Invariant: "dataset_head_ref_missing", Severity: "critical",
 			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.25), LastOutcome: "skipped",
 			NewDeployMarker: "v1.4.2", NewDeployedAt: &deployed, NewCauseChangedAt: &changed},
-		// new anomalies, no deploy since the last clean refresh, no cause recorded
+		// new anomalies, no deployment since the last clean refresh, no cause recorded
 		{Invariant: "dataset_chain_gap", Severity: "critical", Anomalies: 1, NewAnomalies: 1,
 			RefreshedAt: &refreshed, LastDurationSeconds: ptr(0.5), LastOutcome: "succeeded", NewDeployMarker: "v1.4.2"},
 		// never refreshed: snapshot timestamp 0, duration 0

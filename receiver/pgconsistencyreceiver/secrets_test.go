@@ -88,7 +88,7 @@ func observedReceivers(t *testing.T, cfg *Config, wantFailure string) (*observer
 	} else {
 		// Each part that connects must have logged its failure: the scrape
 		// controller, the refresh scheduler and the logs receiver.
-		for _, msg := range []string{"Error scraping metrics", "pgconsistency refresh pass failed", "reading new anomalies for the logs pipeline failed"} {
+		for _, msg := range []string{"Error scraping metrics", "pgconsistency scheduler: refresh pass failed", "reading new anomalies for the logs pipeline failed"} {
 			require.Eventually(t, func() bool {
 				for _, e := range logs.FilterMessageSnippet(msg).All() {
 					if strings.Contains(entryText(t, e), wantFailure) {

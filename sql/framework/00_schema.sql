@@ -20,16 +20,16 @@
 -- so that a role granted EXECUTE on them needs no privilege on the tables
 -- behind them, nor on the application's tables. EXECUTE is revoked from
 -- PUBLIC by 10_privileges.sql; sql/roles.sql grants what a reader (the
--- receiver) and a refresher (pg_cron, deploy pipelines) need.
+-- receiver) and a refresher role (pg_cron, deploy pipelines) need.
 
 CREATE SCHEMA IF NOT EXISTS pgconsistency;
 
 DO $do$
 BEGIN
     IF pg_catalog.obj_description((SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgconsistency'), 'pg_namespace')
-       IS DISTINCT FROM 'pgconsistency: data-consistency invariants materialized as views, their refresh state and status' THEN
+       IS DISTINCT FROM 'pgconsistency: data-consistency invariants, their anomalies, refresh state and status' THEN
         COMMENT ON SCHEMA pgconsistency IS
-          'pgconsistency: data-consistency invariants materialized as views, their refresh state and status';
+          'pgconsistency: data-consistency invariants, their anomalies, refresh state and status';
     END IF;
 END
 $do$;
@@ -149,7 +149,7 @@ COMMENT ON FUNCTION pgconsistency._install_index(text, text) IS
 -- through a temporary view: both deparsed by PostgreSQL with every name
 -- qualified) or when a materialized view of that name is there (the
 -- invariant views of releases before 0.3.0). DROP takes an ACCESS
--- EXCLUSIVE lock that would queue the readers behind it on every deploy:
+-- EXCLUSIVE lock that would queue the readers behind it on every deployment:
 -- so nothing is dropped when nothing changed, and the drop waits with the
 -- installer's bounded lock waits. The grants on the old relation are given
 -- to the new view. Returns whether it (re-)created the view.

@@ -94,7 +94,7 @@ DROP PROCEDURE IF EXISTS pgconsistency.refresh(text);
 -- log cursors (NULL for the cursors of 0.1.0: the next role to use one
 -- becomes its owner). The indexes 0.2.0 added to pgconsistency.anomaly
 -- are created by 02_tables.sql; refresh_plan(), which 0.2.0 added to the
--- refresh loop, is granted to the refresher by 10_privileges.sql.
+-- refresh loop, is granted to pgconsistency_refresher by 10_privileges.sql.
 DO $do$
 BEGIN
     IF pg_catalog.to_regclass('pgconsistency.invariant') IS NULL THEN
@@ -279,7 +279,7 @@ DROP FUNCTION IF EXISTS pgconsistency.register_invariant(text, text, text, text,
 DROP FUNCTION IF EXISTS pgconsistency._register_row(text, text, text, text, text);
 
 -- ---------------------------------------------------------------------------
--- From 0.5.0 to 0.6.0: which deploy broke it. Each anomaly records the
+-- From 0.5.0 to 0.6.0: which deployment broke it. Each anomaly records the
 -- deployment current when it appeared and the change that caused it (see
 -- 02_tables.sql); each log cursor, where its consumer is in the finished
 -- refresh requests. The index anomaly_first_seen is created by 02_tables.sql. Nullable columns without a default: adding them rewrites

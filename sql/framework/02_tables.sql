@@ -55,10 +55,11 @@ COMMENT ON FUNCTION pgconsistency._valid_refresh_settings(jsonb) IS
 
 -- The registry: one row per invariant. Its anomalies are shown by a view
 -- (view_schema.view_name) with a text column "key" that identifies the
--- offending entity: for an invariant of define_invariant(), the plain view
--- pgconsistency.<name> of its open anomalies; for one of
+-- entity each anomaly is about: for an invariant of define_invariant(), the
+-- plain view pgconsistency.<name> of its open anomalies; for one of
 -- register_invariant(), the user's materialized view (with a unique index
--- on key, so REFRESH ... CONCURRENTLY works), which each refresh refreshes.
+-- on key, so REFRESH ... CONCURRENTLY works), which each refresh refreshes:
+-- the only invariants still held by a materialized view.
 -- The view is stored by name (schema and name as text), not as regclass:
 -- define_invariant re-creates a view whose definition changed, which gives
 -- it a new OID, and the registry must survive that.
@@ -138,7 +139,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant (
     CONSTRAINT invariant_settings_valid CHECK (pgconsistency._valid_refresh_settings(settings))
 );
 SELECT pgconsistency._install_comment('pgconsistency.invariant',
-  'Registered invariants: one materialized view of violating rows each');
+  'Registered invariants: one view of its anomalies each');
 
 -- Parameters of invariants (thresholds and the like): the invariant's query
 -- reads them with pgconsistency.parameter(invariant, name), so they change
@@ -221,11 +222,11 @@ CREATE TABLE IF NOT EXISTS pgconsistency.refresh_state (
     -- (0.6.0); NULL when it found none. The deployment they appeared after
     -- (pgconsistency.deployment; its marker and time copied: the status view
     -- reads the state rows only) and whether it came after the previous
-    -- successful refresh started (false: no deploy since the last clean
+    -- successful refresh started (false: no deployment since the last clean
     -- refresh); how many of them have a recorded cause (audit pack), and
     -- the latest of those causes (the audit_log row changed last). The
     -- status view shows them; the receiver turns them into the metrics the
-    -- new-anomalies alert names the deploy and the cause from.
+    -- new-anomalies alert names the deployment and the cause from.
     new_deployment_id        bigint,
     new_deploy_marker        text,
     new_deployed_at          timestamptz,
@@ -253,8 +254,8 @@ SELECT pgconsistency._install_comment('pgconsistency.refresh_state',
 -- back is new again (new seq, new first_seen_at, acknowledgement cleared).
 -- Resolved anomalies are deleted after their invariant's resolved_retention.
 -- The open anomalies of an invariant are also its snapshot: details holds
--- the offending row as of the latest refresh, and the view
--- pgconsistency.<name> of define_invariant() reads it. A refresh writes
+-- the anomaly's row of the invariant's query as of the latest refresh, and
+-- the view pgconsistency.<name> of define_invariant() reads it. A refresh writes
 -- O(changes): rows that appear, resolve or whose details change; nothing
 -- for an anomaly that simply persists. So last_seen_at is written when an
 -- anomaly appears and when it is resolved (then: the end of the latest
@@ -272,7 +273,8 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     first_seen_at   timestamptz NOT NULL,
     last_seen_at    timestamptz NOT NULL,
     resolved_at     timestamptz,
-    -- the offending row (without key) as of the latest refresh that saw it
+    -- the anomaly's row of the invariant's query (without key) as of the
+    -- latest refresh that saw it
     details         jsonb,
     acknowledged_at timestamptz,
     acknowledged_by text,
@@ -287,7 +289,7 @@ CREATE TABLE IF NOT EXISTS pgconsistency.anomaly (
     -- latest deploy marker value seen, and when it changed; anomaly_origin
     -- shows them), whether that
     -- deployment came after the invariant's previous successful refresh
-    -- started (false: no deploy since the last clean refresh), and the
+    -- started (false: no deployment since the last clean refresh), and the
     -- reason of the refresh request that led to that refresh, if any.
     deployment_id   bigint,
     deployed_since_previous_refresh boolean,

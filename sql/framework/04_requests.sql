@@ -39,7 +39,7 @@ COMMENT ON FUNCTION pgconsistency.request_refresh(interval, text) IS
 -- claim_refresh_request: take the pending request if it is due, so that it
 -- runs exactly once however many schedulers poll. Returns whether one was
 -- claimed. Called by refresh_plan(), and by the schedulers of collectors of
--- release 0.1.0 (granted to the refresher for them by sql/roles.sql).
+-- release 0.1.0 (granted to pgconsistency_refresher for them by sql/roles.sql).
 CREATE OR REPLACE FUNCTION pgconsistency.claim_refresh_request()
 RETURNS boolean
 LANGUAGE plpgsql

@@ -11,8 +11,8 @@ CREATE OR REPLACE FUNCTION pgconsistency._open_counts(invariant text, OUT unackn
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT count(*) FILTER (WHERE NOT a.is_acked), count(*) FILTER (WHERE a.is_acked)
-      FROM (SELECT a.acknowledged_at IS NOT NULL AND (a.acknowledged_until IS NULL OR a.acknowledged_until > pg_catalog.now()) AS is_acked
+    SELECT count(*) FILTER (WHERE NOT a.is_acknowledged), count(*) FILTER (WHERE a.is_acknowledged)
+      FROM (SELECT a.acknowledged_at IS NOT NULL AND (a.acknowledged_until IS NULL OR a.acknowledged_until > pg_catalog.now()) AS is_acknowledged
               FROM pgconsistency.anomaly a
              WHERE a.invariant = _open_counts.invariant AND a.resolved_at IS NULL) a
 $fn$;

@@ -129,8 +129,8 @@ COMMENT ON FUNCTION pgconsistency.advance_log_cursor(text, bigint) IS
 
 
 -- The finished refresh requests (0.6.0): one log record per requested
--- refresh (after a deploy) once it has finished, saying per invariant how
--- many anomalies it found, so that "the deploy was clean" is a fact.
+-- refresh (after a deployment) once it has finished, saying per invariant
+-- how many anomalies it found, so that "the deployment was clean" is a fact.
 --
 -- A claimed request has finished when every invariant enabled now has a
 -- run (refresh_state) that started at or after its claim: refresh_state is

@@ -8,11 +8,11 @@
 -- How it works: a logical replication slot of this database (output plugin
 -- wal2json, format 2, filtered to the captured tables) keeps the changes;
 -- capture_wal(), the first step of every refresh loop (CALL refresh(), the
--- receiver's scheduler), reads what was committed since its previous read,
--- evaluates each table's key expressions of define_invariant(keys => ...) over
--- the decoded rows, exactly as the capture triggers do over their transition
--- tables, and writes the keys to captured_key, where the refresh takes them
--- as it takes the triggers'. The slot is moved past what was read only at
+-- receiver's scheduler and changes loop), reads what was committed since
+-- its previous read, evaluates each table's key expressions of
+-- define_invariant(keys => ...) over the decoded rows, exactly as the
+-- capture triggers do over their transition tables, and writes the keys to
+-- captured_key, where the refresh takes them as it takes the triggers'. The slot is moved past what was read only at
 -- the next read, once the keys are committed: a crash, a cancel or a killed
 -- session between reading and storing loses nothing, the changes are read
 -- again.
@@ -293,16 +293,16 @@ COMMENT ON FUNCTION pgconsistency._wal_slot_problem(text) IS
   'Internal: why the WAL capture''s slot cannot be read (missing, invalidated, not ours), or NULL';
 
 -- capture_wal: read the WAL capture's slot once, the first step of every
--- refresh loop (CALL refresh() and the receiver's scheduler call it, each in
--- a transaction of its own). Returns the changes read (whole transactions,
--- at most max_changes past the first), or NULL when the capture is not
--- 'wal', this is a standby, or another session is reading. Before reading,
--- the slot is moved to where the previous read ended, whose keys are
--- committed; the keys of this read are committed with this transaction and
--- the slot moves past them at the next read. A slot that is missing or
--- invalidated is created again, and every invariant in incremental mode
--- reconciles (a full refresh, started after the new slot exists, heals what
--- was missed and reports it).
+-- refresh loop (CALL refresh(), the receiver's scheduler and its changes
+-- loop call it, each in a transaction of its own). Returns the changes read
+-- (whole transactions, at most max_changes past the first), or NULL when the
+-- capture is not 'wal', this is a standby, or another session is reading.
+-- Before reading, the slot is moved to where the previous read ended, whose
+-- keys are committed; the keys of this read are committed with this
+-- transaction and the slot moves past them at the next read. A slot that is
+-- missing or invalidated is created again, and every invariant in
+-- incremental mode reconciles (a full refresh, started after the new slot
+-- exists, heals what was missed and reports it).
 CREATE OR REPLACE FUNCTION pgconsistency.capture_wal(max_changes integer DEFAULT 100000) RETURNS bigint
 LANGUAGE plpgsql
 SECURITY DEFINER

@@ -174,8 +174,8 @@ SELECT a.invariant, a.key, a.first_seen_at,
        a.refresh_reason,
        CASE WHEN a.deployment_id IS NULL THEN 'no deployment recorded'
             WHEN a.deployed_since_previous_refresh THEN
-                 pg_catalog.format('after deploy %s (%s)', coalesce(d.marker, 'NULL'), d.changed_at)
-            ELSE pg_catalog.format('no deploy since the last clean refresh (latest deploy: %s, %s)',
+                 pg_catalog.format('after deployment %s (%s)', coalesce(d.marker, 'NULL'), d.changed_at)
+            ELSE pg_catalog.format('no deployment since the last clean refresh (latest deployment: %s, %s)',
                                    coalesce(d.marker, 'NULL'), d.changed_at) END AS deploy,
        a.cause_audit_id, a.cause_operation, a.cause_table, a.cause_txid, a.cause_changed_at,
        a.cause_db_user, a.cause_application_name,
@@ -194,7 +194,7 @@ $v$, 'Open anomalies with the deployment they appeared after and the change that
 
 -- deployment_summary (0.6.0): for each deployment seen and each invariant,
 -- how many anomalies first appeared after it (before the next one), 0
--- included: "the deploy was clean" is a fact. Counts the anomalies still
+-- included: "the deployment was clean" is a fact. Counts the anomalies still
 -- kept: open ones and resolved ones within their invariant's
 -- resolved_retention; an anomaly that resolved and came back counts for the
 -- deployment it came back after.

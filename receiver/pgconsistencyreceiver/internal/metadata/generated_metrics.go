@@ -251,7 +251,7 @@ type metricPgconsistencyAnomalies struct {
 // init fills pgconsistency.anomalies metric with initial data.
 func (m *metricPgconsistencyAnomalies) init() {
 	m.data.SetName("pgconsistency.anomalies")
-	m.data.SetDescription("Violating rows in the latest snapshot of the invariant.")
+	m.data.SetDescription("Open anomalies in the latest snapshot of the invariant, acknowledged ones excluded.")
 	m.data.SetUnit("{anomaly}")
 	m.data.SetEmptyGauge()
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
@@ -363,7 +363,7 @@ type metricPgconsistencyAnomaliesNew struct {
 // init fills pgconsistency.anomalies.new metric with initial data.
 func (m *metricPgconsistencyAnomaliesNew) init() {
 	m.data.SetName("pgconsistency.anomalies.new")
-	m.data.SetDescription("Violating rows first seen in the latest refresh of the invariant.")
+	m.data.SetDescription("Anomalies first seen in the latest refresh of the invariant, acknowledged ones included.")
 	m.data.SetUnit("{anomaly}")
 	m.data.SetEmptyGauge()
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)
@@ -524,7 +524,7 @@ type metricPgconsistencyAnomaliesNewDeployTimestamp struct {
 // init fills pgconsistency.anomalies.new.deploy.timestamp metric with initial data.
 func (m *metricPgconsistencyAnomaliesNewDeployTimestamp) init() {
 	m.data.SetName("pgconsistency.anomalies.new.deploy.timestamp")
-	m.data.SetDescription("Unix time at which the deploy marker changed to the deployment the invariant's new anomalies appeared after (SQL 0.6.0), with its value as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deploy happened since (the alert then says so).")
+	m.data.SetDescription("Unix time of the deployment the invariant's new anomalies appeared after (when the deploy marker changed to its value; SQL 0.6.0), with the deploy marker as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deployment happened since (the alert then says so).")
 	m.data.SetUnit("s")
 	m.data.SetEmptyGauge()
 	m.data.Gauge().DataPoints().EnsureCapacity(m.capacity)

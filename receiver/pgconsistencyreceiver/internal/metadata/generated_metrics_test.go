@@ -193,7 +193,7 @@ func TestMetricsBuilder(t *testing.T) {
 					validatedMetrics["pgconsistency.anomalies"] = true
 					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
 					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
-					assert.Equal(t, "Violating rows in the latest snapshot of the invariant.", mi.Description())
+					assert.Equal(t, "Open anomalies in the latest snapshot of the invariant, acknowledged ones excluded.", mi.Description())
 					assert.Equal(t, "{anomaly}", mi.Unit())
 					dp := mi.Gauge().DataPoints().At(0)
 					assert.Equal(t, start, dp.StartTimestamp())
@@ -241,7 +241,7 @@ func TestMetricsBuilder(t *testing.T) {
 					validatedMetrics["pgconsistency.anomalies.new"] = true
 					assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
 					assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
-					assert.Equal(t, "Violating rows first seen in the latest refresh of the invariant.", mi.Description())
+					assert.Equal(t, "Anomalies first seen in the latest refresh of the invariant, acknowledged ones included.", mi.Description())
 					assert.Equal(t, "{anomaly}", mi.Unit())
 					dp := mi.Gauge().DataPoints().At(0)
 					assert.Equal(t, start, dp.StartTimestamp())
@@ -332,7 +332,7 @@ func TestMetricsBuilder(t *testing.T) {
 						validatedMetrics["pgconsistency.anomalies.new.deploy.timestamp"] = true
 						assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
 						assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
-						assert.Equal(t, "Unix time at which the deploy marker changed to the deployment the invariant's new anomalies appeared after (SQL 0.6.0), with its value as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deploy happened since (the alert then says so).", mi.Description())
+						assert.Equal(t, "Unix time of the deployment the invariant's new anomalies appeared after (when the deploy marker changed to its value; SQL 0.6.0), with the deploy marker as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deployment happened since (the alert then says so).", mi.Description())
 						assert.Equal(t, "s", mi.Unit())
 						dp := mi.Gauge().DataPoints().At(0)
 						assert.Equal(t, start, dp.StartTimestamp())
@@ -356,7 +356,7 @@ func TestMetricsBuilder(t *testing.T) {
 						validatedMetrics["pgconsistency.anomalies.new.deploy.timestamp"] = true
 						assert.Equal(t, pmetric.MetricTypeGauge, mi.Type())
 						assert.Equal(t, 1, mi.Gauge().DataPoints().Len())
-						assert.Equal(t, "Unix time at which the deploy marker changed to the deployment the invariant's new anomalies appeared after (SQL 0.6.0), with its value as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deploy happened since (the alert then says so).", mi.Description())
+						assert.Equal(t, "Unix time of the deployment the invariant's new anomalies appeared after (when the deploy marker changed to its value; SQL 0.6.0), with the deploy marker as attribute. Present while the latest refresh found new anomalies and that deployment came after the previous clean refresh; absent when no deployment happened since (the alert then says so).", mi.Description())
 						assert.Equal(t, "s", mi.Unit())
 						dp := mi.Gauge().DataPoints().At(0)
 						assert.Equal(t, start, dp.StartTimestamp())

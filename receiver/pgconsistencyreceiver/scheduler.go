@@ -14,18 +14,19 @@ import (
 	"go.uber.org/zap/zapcore"
 )
 
-// refresher runs the refreshes from the collector, for servers without
-// pg_cron: every refresh::poll_interval it watches the deploy marker, then runs
-// the refresh loop of CALL pgconsistency.refresh() as statements of its own:
-// refresh_plan() (takes a due refresh request, expires acknowledgements,
-// lists what is due), then refresh_invariant() for each invariant it listed,
-// one transaction each under the invariant's statement_timeout. It has its
+// scheduler (the receiver's refresh scheduler) runs the refreshes from the
+// collector, for servers without pg_cron: every refresh::poll_interval it
+// watches the deploy marker, then runs the refresh loop of CALL
+// pgconsistency.refresh() as statements of its own: refresh_plan() (takes a
+// due refresh request, expires acknowledgements, lists what is due), then
+// refresh_invariant() for each invariant it listed, one transaction each
+// under the invariant's statement_timeout. It has its
 // own connection and goroutine, so a refresh never delays or fails a scrape.
 // Several collectors may run it against one database: the advisory lock and
 // the due check in pgconsistency.refresh_invariant() make each invariant
 // refresh once per period. Every limit is set per transaction, so it works
 // behind a transaction-pooling proxy.
-type refresher struct {
+type scheduler struct {
 	cfg    *Config
 	logger *zap.Logger
 
@@ -34,10 +35,10 @@ type refresher struct {
 	conn   dedicatedConn // used by the loop goroutine only
 }
 
-func newRefresher(cfg *Config, logger *zap.Logger) *refresher {
-	r := &refresher{cfg: cfg, logger: logger}
-	r.conn = dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-refresh", onNotice: noticeLogger(logger, zapcore.InfoLevel)}
-	return r
+func newScheduler(cfg *Config, logger *zap.Logger) *scheduler {
+	s := &scheduler{cfg: cfg, logger: logger}
+	s.conn = dedicatedConn{cfg: cfg, appName: "otelcol-pgconsistency-refresh", onNotice: noticeLogger(logger, zapcore.InfoLevel)}
+	return s
 }
 
 // noticeLogger logs what refreshes say for what it is: skips and the like
@@ -68,32 +69,32 @@ func noticeLogger(logger *zap.Logger, info zapcore.Level) pgconn.NoticeHandler {
 	}
 }
 
-func (r *refresher) start() {
+func (s *scheduler) start() {
 	ctx, cancel := context.WithCancel(context.Background())
-	r.cancel = cancel
-	r.done = make(chan struct{})
-	go r.loop(ctx)
+	s.cancel = cancel
+	s.done = make(chan struct{})
+	go s.loop(ctx)
 }
 
 // shutdown stops the loop, cancelling a refresh in flight, and closes the
 // connection. Safe to call without start.
-func (r *refresher) shutdown() {
-	if r.cancel == nil {
+func (s *scheduler) shutdown() {
+	if s.cancel == nil {
 		return
 	}
-	r.cancel()
-	<-r.done
+	s.cancel()
+	<-s.done
 }
 
-func (r *refresher) loop(ctx context.Context) {
-	defer close(r.done)
-	defer r.conn.close()
-	ticker := time.NewTicker(r.cfg.Refresh.interval())
+func (s *scheduler) loop(ctx context.Context) {
+	defer close(s.done)
+	defer s.conn.close()
+	ticker := time.NewTicker(s.cfg.Refresh.interval())
 	defer ticker.Stop()
 	for {
-		if err := r.pass(ctx); err != nil && ctx.Err() == nil {
-			r.logger.Error("pgconsistency refresh pass failed; the next one is in "+r.cfg.Refresh.interval().String(), zap.Error(err))
-			r.conn.close() // reconnect next time: the connection may be broken
+		if err := s.pass(ctx); err != nil && ctx.Err() == nil {
+			s.logger.Error("pgconsistency scheduler: refresh pass failed; the next one is in "+s.cfg.Refresh.interval().String(), zap.Error(err))
+			s.conn.close() // reconnect next time: the connection may be broken
 		}
 		select {
 		case <-ctx.Done():
@@ -111,13 +112,13 @@ type plannedRefresh struct {
 }
 
 // pass does one round of due work.
-func (r *refresher) pass(ctx context.Context) error {
-	conn, err := r.conn.get(ctx)
+func (s *scheduler) pass(ctx context.Context) error {
+	conn, err := s.conn.get(ctx)
 	if err != nil {
 		return err
 	}
-	timeout := r.cfg.effectiveTimeout()
-	if q := r.cfg.Refresh.DeployMarker.Query; q != "" {
+	timeout := s.cfg.effectiveTimeout()
+	if q := s.cfg.Refresh.DeployMarker.Query; q != "" {
 		if err := inTransaction(ctx, conn, false, timeout, func(tx pgx.Tx) error {
 			// A standby cannot record the marker; refresh_plan() says why
 			// nothing is refreshed there.
@@ -125,7 +126,7 @@ func (r *refresher) pass(ctx context.Context) error {
 			if err := tx.QueryRow(ctx, "SELECT pg_catalog.pg_is_in_recovery()").Scan(&standby); err != nil || standby {
 				return err
 			}
-			return r.observeDeployMarker(ctx, tx, q)
+			return s.observeDeployMarker(ctx, tx, q)
 		}); err != nil {
 			return err
 		}
@@ -168,7 +169,7 @@ func (r *refresher) pass(ctx context.Context) error {
 		for outcome, names := range outcomes {
 			fields = append(fields, zap.String(outcome, strings.Join(names, ",")))
 		}
-		r.logger.Info("pgconsistency refresh pass", fields...)
+		s.logger.Info("pgconsistency scheduler: refresh pass", fields...)
 	}
 	return errors.Join(errs...)
 }
@@ -198,19 +199,19 @@ func explainRefreshError(err error) error {
 	return err
 }
 
-func (r *refresher) observeDeployMarker(ctx context.Context, tx pgx.Tx, query string) error {
+func (s *scheduler) observeDeployMarker(ctx context.Context, tx pgx.Tx, query string) error {
 	var value *string
 	if err := tx.QueryRow(ctx, "SELECT ("+query+")::text").Scan(&value); err != nil {
 		return fmt.Errorf(`running "refresh::deploy_marker::query": %w`, err)
 	}
 	var changed bool
-	delay := strconv.FormatInt(r.cfg.Refresh.DeployMarker.Delay.Milliseconds(), 10) + " milliseconds"
+	delay := strconv.FormatInt(s.cfg.Refresh.DeployMarker.Delay.Milliseconds(), 10) + " milliseconds"
 	if err := tx.QueryRow(ctx, "SELECT "+schema+".observe_deploy_marker($1, $2::interval)", value, delay).Scan(&changed); err != nil {
 		return err
 	}
 	if changed {
-		r.logger.Info("pgconsistency: deploy marker changed; refresh requested once the deployment has settled",
-			zap.Stringp("marker", value), zap.Duration("delay", r.cfg.Refresh.DeployMarker.Delay))
+		s.logger.Info("pgconsistency: deploy marker changed; refresh requested once the deployment has settled",
+			zap.Stringp("marker", value), zap.Duration("delay", s.cfg.Refresh.DeployMarker.Delay))
 	}
 	return nil
 }

@@ -245,8 +245,8 @@ func TestIntegrationSchedulerExpiresAcknowledgements(t *testing.T) {
 	refreshLog(t, conn)
 
 	sink, _ := startReceiver(t, srv, db, withSchedule(200*time.Millisecond))
-	acked := map[string]int{"dataset_seed_missing": 2}
-	waitFor(t, sink, "the acknowledged anomaly is not counted", expectCounts(acked))
+	acknowledged := map[string]int{"dataset_seed_missing": 2}
+	waitFor(t, sink, "the acknowledged anomaly is not counted", expectCounts(acknowledged))
 	start := time.Now()
 	waitFor(t, sink, "the expired acknowledgement counts again", expectCounts(map[string]int{"dataset_seed_missing": 3}))
 	t.Logf("the acknowledgement expired and the anomaly counted again %s later", time.Since(start).Round(time.Millisecond))
