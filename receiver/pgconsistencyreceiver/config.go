@@ -82,7 +82,8 @@ type Config struct {
 	_ struct{}
 }
 
-// RefreshConfig configures the receiver's refresh scheduler.
+// RefreshConfig configures the receiver's refresh scheduler (poll_interval,
+// deploy_marker) and its changes loop (changes_interval).
 type RefreshConfig struct {
 	// PollInterval is how often the receiver looks for due work: invariants
 	// whose refresh_period has passed, a due refresh request, a changed

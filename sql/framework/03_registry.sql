@@ -165,7 +165,7 @@ BEGIN
                     WHERE a.attrelid = v_oid AND a.attname = 'key' AND NOT a.attisdropped
                       AND a.atttypid = 'text'::pg_catalog.regtype) THEN
         RAISE EXCEPTION 'pgconsistency: materialized view %.% has no text column "key"', view_schema, view_name
-            USING HINT = 'Select the id of the offending entity as key, e.g. dataset_id::text AS key.';
+            USING HINT = 'Select the id of the entity the anomaly is about as key, e.g. dataset_id::text AS key.';
     END IF;
     -- REFRESH ... CONCURRENTLY needs a unique index on plain columns, no WHERE clause.
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
@@ -251,7 +251,7 @@ COMMENT ON FUNCTION pgconsistency._define_keys(text, jsonb, text[]) IS
   'Internal: check and store the key mapping of define_invariant(keys => ...); whether it changed';
 
 -- define_invariant: register an invariant from its query: columns key
--- (text, NOT NULL, once per offending entity) and any details. The
+-- (text, NOT NULL, once per entity an anomaly is about) and any details. The
 -- framework runs the query on each refresh and keeps its rows as the open
 -- anomalies of the invariant (pgconsistency.anomaly); the view
 -- pgconsistency.<name> shows them with the query's columns. Re-running with
@@ -316,7 +316,7 @@ BEGIN
     v_shape := pgconsistency._query_shape(query);
     IF NOT v_shape.has_key THEN
         RAISE EXCEPTION 'pgconsistency: the query of invariant % has no text column "key"', name
-            USING HINT = 'Select the id of the offending entity as key, e.g. dataset_id::text AS key.';
+            USING HINT = 'Select the id of the entity the anomaly is about as key, e.g. dataset_id::text AS key.';
     END IF;
 
     -- The view of its anomalies, with the query's columns.

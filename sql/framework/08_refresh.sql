@@ -425,7 +425,7 @@ BEGIN
         hint := 'A long transaction or DDL on the tables the invariant reads holds the lock; the next refresh tries again.';
     ELSIF state = '23505' AND message LIKE '%pgconsistency_result_pkey%' THEN -- unique_violation in the rows
         error := pg_catalog.format('its query returned the same key more than once (%s)', detail);
-        hint := 'Each row of an invariant is one offending entity: GROUP BY the key, or aggregate the details.';
+        hint := 'Each row of an invariant is one anomaly, about one entity: GROUP BY the key, or aggregate the details.';
     ELSIF state = '23502' AND message LIKE '%pgconsistency_result%' THEN -- not_null_violation in the rows
         error := 'its query returned a row whose key is NULL';
         hint := 'Select a NOT NULL key, or filter the rows without one.';
