@@ -84,6 +84,7 @@ var (
 	flagIncWrites      = flag.Duration("incremental.writes", 5*time.Second, "BenchmarkIncremental: duration of each pgbench run of the writers' phases (one per client count)")
 	flagIncWriteRounds = flag.Int("incremental.writerounds", 6, "BenchmarkIncremental: rounds of the writers' three phases (capture off, trigger, wal)")
 	flagIncLoop        = flag.Duration("incremental.loop", time.Second, "BenchmarkIncremental: interval of the changes loop beside the writers (the receiver's refresh::changes_interval)")
+	flagIncCaptureOnly = flag.Bool("incremental.captureonly", false, "BenchmarkIncremental: beside the writers, run only the plan of the changes loop (the capture: capture_wal's decoding and the dispatch), not the refreshes it lists: what the capture alone costs the writers")
 	flagIncLostIndex   = flag.String("incremental.lostindex", "100,1000", "BenchmarkIncremental: comma-separated numbers of changed datasets of the schema without dataset_statistics' index")
 )
 
@@ -114,6 +115,7 @@ type incConfig struct {
 	clients     []int
 	writeRounds int
 	loop        time.Duration
+	captureOnly bool // beside the writers, the loop's plan (the capture) only
 	lostIndex   []int // datasets changed per round on the schema without the index
 	bench       bool  // fsync on, figures meant to be read
 }
@@ -157,7 +159,7 @@ func BenchmarkIncremental(b *testing.B) {
 		for _, n := range scales {
 			r := runIncremental(b, srv, incConfig{
 				scale: n, changes: *flagIncChanges, rounds: *flagIncRounds, fullRuns: *flagIncFull,
-				writes: *flagIncWrites, clients: clients, writeRounds: *flagIncWriteRounds, loop: *flagIncLoop,
+				writes: *flagIncWrites, clients: clients, writeRounds: *flagIncWriteRounds, loop: *flagIncLoop, captureOnly: *flagIncCaptureOnly,
 				lostIndex: lost, bench: true,
 			})
 			fmt.Print(r.markdown())

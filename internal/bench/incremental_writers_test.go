@@ -67,16 +67,17 @@ func (s incLoopStats) refreshShare() float64 { return s.refresh.Seconds() / s.wa
 // own; timed. stop lets the pass under way finish (a cancelled query would
 // close the connection).
 type incChangesLoop struct {
-	quit  chan struct{}
-	done  chan struct{}
-	start time.Time
-	mu    sync.Mutex
-	stats incLoopStats
-	err   error
+	captureOnly bool // the plan only (capture and dispatch), no refresh
+	quit        chan struct{}
+	done        chan struct{}
+	start       time.Time
+	mu          sync.Mutex
+	stats       incLoopStats
+	err         error
 }
 
-func startChangesLoop(ctx context.Context, conn *pgx.Conn, interval time.Duration) *incChangesLoop {
-	l := &incChangesLoop{quit: make(chan struct{}), done: make(chan struct{}), start: time.Now()}
+func startChangesLoop(ctx context.Context, conn *pgx.Conn, interval time.Duration, captureOnly bool) *incChangesLoop {
+	l := &incChangesLoop{quit: make(chan struct{}), done: make(chan struct{}), start: time.Now(), captureOnly: captureOnly}
 	go func() {
 		defer close(l.done)
 		tick := time.NewTicker(interval)
@@ -112,6 +113,12 @@ func (l *incChangesLoop) pass(ctx context.Context, conn *pgx.Conn) error {
 		return err
 	}
 	var keys int64
+	if l.captureOnly {
+		names = nil // the capture alone: the keys wait in pending_key
+		if err := conn.QueryRow(ctx, `SELECT count(*) FROM pgconsistency.pending_key`).Scan(&keys); err != nil {
+			return err
+		}
+	}
 	for i, name := range names {
 		outcome, err := incRefreshOne(ctx, conn, name, forced[i])
 		if err != nil {
@@ -225,7 +232,7 @@ func incWriters(tb testing.TB, srv *pgtest.Server, db string, conn *pgx.Conn, cf
 			must(tb, err)
 			var loop *incChangesLoop
 			if capture != "off" {
-				loop = startChangesLoop(ctx, loopConn, cfg.loop)
+				loop = startChangesLoop(ctx, loopConn, cfg.loop, cfg.captureOnly)
 			}
 			for _, c := range cfg.clients {
 				var before incLoopStats
@@ -374,6 +381,9 @@ func (r *incResult) writersMarkdown() string {
 	fmt.Fprintf(&w, "### Writers: capture off, trigger, wal\n\n")
 	fmt.Fprintf(&w, "%d rounds of three phases, capture off (all 13 in full mode: no trigger, no slot), trigger (all 13 incremental, capture triggers) and wal (all 13 incremental, WAL capture: a slot, no trigger), round k starting at the k-th (off, trigger, wal | trigger, wal, off | wal, off, trigger | …). Before each phase, not measured: the switch, the reconcile it causes (a full refresh of the 13), a CHECKPOINT. Each phase: pgbench for %s at each of %v client(s), the service's two transaction shapes: a new complete dataset (write_load.sql, 1 in 5) and a block appended, head moved, statistics updated on an existing dataset (append_load.sql, 4 in 5). Beside the trigger and wal phases, the receiver's changes loop every %s: refresh_changes_plan() (with the WAL capture, capture_wal decodes the slot) then refresh_invariant() of each invariant it lists (incremental_period 2 s, the default). fsync %s; wal_level = logical in every phase; replica identities for the WAL capture: %s.\n\n",
 		c.writeRounds, c.writes, c.clients, c.loop, map[bool]string{true: "on", false: "off (make test: not representative)"}[c.bench], incFixesText(r.fixes))
+	if c.captureOnly {
+		w.WriteString("**Capture only** (-incremental.captureonly): beside the trigger and wal phases the loop runs its plan alone (refresh_changes_plan: with the WAL capture, capture_wal decodes the slot; then the dispatch), not the refreshes it lists: what the capture itself costs the writers. The keys wait in pending_key; the refresh share is 0.\n\n")
+	}
 	fmt.Fprintf(&w, "| round | capture | switch and reconcile |")
 	for _, cl := range c.clients {
 		fmt.Fprintf(&w, " %d client(s) | changes loop: plan / refreshes (%% of the time) |", cl)
