@@ -3,10 +3,13 @@
 # or registry access (make package; docs/install.md). FROM scratch, three
 # layers:
 #   1. /etc/passwd and /etc/group with the user pgconsistency (10001:10001),
-#      an empty /tmp;
+#      an empty /tmp, and the CA certificates of Debian's ca-certificates
+#      (/etc/ssl/certs/ca-certificates.crt, where Go looks first): the
+#      receiver verifies the database's certificate against them;
 #   2. the default configuration /etc/otelcol-pgconsistency/config.yaml
-#      (config/collector-prometheus.yaml) and the SQL under
-#      /usr/share/pgconsistency/sql, as in the packages;
+#      (config/collector-prometheus.yaml), the SQL under
+#      /usr/share/pgconsistency/sql and the Grafana dashboard and
+#      provisioning under /usr/share/pgconsistency/grafana, as in the packages;
 #   3. the static binary /usr/bin/otelcol-pgconsistency.
 # User 10001:10001, entrypoint the binary, command --config=<the default
 # configuration>, the Prometheus exporter and health check on 0.0.0.0.
@@ -50,6 +53,10 @@ chmod 1777 "$base/tmp"
 printf 'root:x:0:0:root:/root:/usr/sbin/nologin\npgconsistency:x:10001:10001:otelcol-pgconsistency:/nonexistent:/usr/sbin/nologin\n' > "$base/etc/passwd"
 printf 'root:x:0:\npgconsistency:x:10001:\n' > "$base/etc/group"
 chmod 0644 "$base/etc/passwd" "$base/etc/group"
+# The CA bundle of Debian's ca-certificates (install-deps.sh installs it).
+cabundle=/etc/ssl/certs/ca-certificates.crt
+[ -s "$cabundle" ] || { echo "image.sh: $cabundle is missing: apt-get install ca-certificates" >&2; exit 1; }
+install -D -m 0644 "$cabundle" "$base/etc/ssl/certs/ca-certificates.crt"
 layer base "$base"
 
 files=$work/files
@@ -57,6 +64,9 @@ install -D -m 0644 config/collector-prometheus.yaml "$files/etc/otelcol-pgconsis
 install -d "$files/usr/share/pgconsistency/sql/framework"
 install -m 0644 sql/*.sql "$files/usr/share/pgconsistency/sql/"
 install -m 0644 sql/framework/*.sql "$files/usr/share/pgconsistency/sql/framework/"
+(cd config/grafana && find . -type f | while read -r f; do
+  install -D -m 0644 "$f" "$files/usr/share/pgconsistency/grafana/${f#./}"
+done)
 layer files "$files"
 
 binary=$work/binary

@@ -40,6 +40,8 @@ fi
 command -v prometheus >/dev/null 2>&1 || pkgs+=(prometheus)
 command -v amtool >/dev/null 2>&1 || pkgs+=(prometheus-alertmanager)
 command -v curl >/dev/null 2>&1 || pkgs+=(curl)
+# The image carries Debian's CA bundle (scripts/image.sh).
+[ -s /etc/ssl/certs/ca-certificates.crt ] || pkgs+=(ca-certificates)
 command -v npm >/dev/null 2>&1 || pkgs+=(npm)
 command -v rpm >/dev/null 2>&1 || pkgs+=(rpm)
 

@@ -28,6 +28,7 @@ const (
 	sqlDir      = "/usr/share/pgconsistency/sql"
 	exampleDir  = "/usr/share/pgconsistency/config"
 	docDir      = "/usr/share/doc/otelcol-pgconsistency"
+	grafanaDir  = "/usr/share/pgconsistency/grafana"
 	serviceUser = "pgconsistency"
 	packageName = "otelcol-pgconsistency"
 	// the image's non-root user, as in scripts/image.sh
@@ -49,6 +50,18 @@ func packagedFiles(t *testing.T) map[string]string {
 		docDir + "/install.md":                "docs/install.md",
 		docDir + "/CHANGELOG.md":              "CHANGELOG.md",
 	}
+	// The Grafana dashboard and provisioning, every file of config/grafana/.
+	require.NoError(t, filepath.WalkDir(fixture.Path("config/grafana"), func(path string, d fs.DirEntry, err error) error {
+		if err != nil || d.IsDir() {
+			return err
+		}
+		rel, err := filepath.Rel(fixture.Path("config/grafana"), path)
+		if err != nil {
+			return err
+		}
+		files[grafanaDir+"/"+filepath.ToSlash(rel)] = filepath.ToSlash(filepath.Join("config/grafana", rel))
+		return nil
+	}))
 	for _, pattern := range []string{"sql/*.sql", "sql/framework/*.sql", "config/collector-*.yaml"} {
 		matches, err := filepath.Glob(fixture.Path(pattern))
 		require.NoError(t, err)

@@ -10,13 +10,17 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
+	"github.com/pgconsistency/pgconsistency/internal/pgtest"
 )
 
 // TestImage unpacks the OCI image's layers into a directory, checks its
@@ -83,9 +87,14 @@ func TestImage(t *testing.T) {
 	t.Run("Files", func(t *testing.T) {
 		files := map[string]string{binPath: "_build/otelcol-pgconsistency", configPath: "config/collector-prometheus.yaml"}
 		for dst, src := range packagedFiles(t) {
-			if strings.HasPrefix(dst, sqlDir) {
+			if strings.HasPrefix(dst, sqlDir) || strings.HasPrefix(dst, grafanaDir) {
 				files[dst] = src
 			}
+		}
+		// Debian's CA bundle, which the receiver verifies the database against.
+		bundle, err := os.ReadFile(filepath.Join(rootfs, caBundle))
+		if assert.NoError(t, err, "%s in the image", caBundle) {
+			assert.Greater(t, strings.Count(string(bundle), "BEGIN CERTIFICATE"), 100, "%s holds Debian's CA certificates", caBundle)
 		}
 		for dst, src := range files {
 			want, err := os.ReadFile(fixture.Path(src))
@@ -126,6 +135,108 @@ func TestImage(t *testing.T) {
 			assert.NoError(t, err, "%s:\n%s", cmd, out)
 		}
 	})
+}
+
+// caBundle is where the image keeps its CA certificates (Go's first place
+// to look on Linux).
+const caBundle = "/etc/ssl/certs/ca-certificates.crt"
+
+// TestImageVerifiesTLS runs the image's binary with its default
+// configuration, in a chroot as the image's user, against a PostgreSQL with
+// a certificate of a test CA: with the image's trust store (Debian's
+// bundle) the server is not trusted and nothing is read; with SSL_CERT_FILE
+// pointing at the test CA the gauges are exact.
+func TestImageVerifiesTLS(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root, to chroot into the image as its user")
+	}
+	rootfs := unpackImage(t)
+	ca := pgtest.NewTestCA(t, "pgconsistency image test CA")
+	cert, key := ca.IssueServerCert(t, "IP:127.0.0.1")
+	srv := pgtest.Start(t, pgtest.WithTLS(cert, key))
+	db := fixture.NewDatabase(t, srv, "dataset_seed_missing")
+	srv.Psql(t, db, "-c", "CALL pgconsistency.refresh()")
+	// The test CA, where the image's user can read it.
+	caInImage := "/tmp/test-ca.pem"
+	b, err := os.ReadFile(ca.CertFile)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(filepath.Join(rootfs, caInImage), b, 0o644))
+
+	run := func(t *testing.T, extraEnv ...string) (metrics string, log *strings.Builder) {
+		metrics = "127.0.0.1:" + strconv.Itoa(freePort(t))
+		cmd := exec.Command("chroot", "--userspec="+imageUser, rootfs, binPath, "--config="+configPath)
+		cmd.Env = append([]string{
+			"PGCONSISTENCY_DB_ENDPOINT=127.0.0.1:" + strconv.Itoa(srv.Port),
+			"PGCONSISTENCY_DB_USER=" + srv.User,
+			"PGCONSISTENCY_DB_PASSWORD=" + srv.Password,
+			"PGCONSISTENCY_DB_NAME=" + db,
+			"PGCONSISTENCY_COLLECTION_INTERVAL=1s",
+			"PGCONSISTENCY_PROMETHEUS_ENDPOINT=" + metrics,
+			"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(freePort(t)),
+			"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(freePort(t)),
+		}, extraEnv...)
+		log = &strings.Builder{}
+		cmd.Stdout, cmd.Stderr = log, log
+		require.NoError(t, cmd.Start())
+		t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+		return metrics, log
+	}
+	up := regexp.MustCompile(`(?m)^pgconsistency_up\{[^}]*\} (\S+)$`)
+	seed := regexp.MustCompile(`(?m)^pgconsistency_anomalies\{[^}]*invariant="dataset_seed_missing"[^}]*\} (\S+)$`)
+
+	t.Run("the image's trust store: not trusted", func(t *testing.T) {
+		metrics, log := run(t)
+		require.Eventually(t, func() bool { return strings.Contains(log.String(), "unknown authority") }, 60*time.Second, 200*time.Millisecond,
+			"the collector says the server's CA is unknown")
+		assert.Contains(t, log.String(), "tls::ca_file")
+		m := up.FindStringSubmatch(scrape(metrics))
+		if m != nil {
+			assert.Equal(t, "0", m[1], "pgconsistency_up")
+		}
+	})
+	t.Run("SSL_CERT_FILE: the test CA, exact gauges", func(t *testing.T) {
+		metrics, log := run(t, "SSL_CERT_FILE="+caInImage)
+		want := strconv.Itoa(len(fixture.Breakage["dataset_seed_missing"]))
+		var page string
+		ok := assert.Eventually(t, func() bool {
+			page = scrape(metrics)
+			u, s := up.FindStringSubmatch(page), seed.FindStringSubmatch(page)
+			return u != nil && u[1] == "1" && s != nil && s[1] == want
+		}, 60*time.Second, 250*time.Millisecond, "pgconsistency_up 1 and dataset_seed_missing %s over verified TLS", want)
+		if !ok {
+			t.Logf("last scrape:\n%s\ncollector log:\n%s", grepPrefix(page, "pgconsistency_"), log.String())
+		}
+	})
+}
+
+// unpackImage unpacks the image's layers into a directory and returns it.
+func unpackImage(t *testing.T) string {
+	t.Helper()
+	archive := artifact(t, packageName+"_%s_linux_*.oci.tar")
+	layout := t.TempDir()
+	f, err := os.Open(archive)
+	require.NoError(t, err)
+	defer f.Close()
+	require.NoError(t, untar(tar.NewReader(f), layout), archive)
+	var index struct {
+		Manifests []struct {
+			Digest string `json:"digest"`
+		} `json:"manifests"`
+	}
+	readJSON(t, filepath.Join(layout, "index.json"), &index)
+	require.Len(t, index.Manifests, 1)
+	var manifest struct {
+		Layers []struct {
+			Digest string `json:"digest"`
+		} `json:"layers"`
+	}
+	readJSON(t, blob(layout, index.Manifests[0].Digest), &manifest)
+	rootfs := t.TempDir()
+	require.NoError(t, os.Chmod(rootfs, 0o755))
+	for _, l := range manifest.Layers {
+		unpackLayer(t, blob(layout, l.Digest), rootfs)
+	}
+	return rootfs
 }
 
 func blob(layout, digest string) string {

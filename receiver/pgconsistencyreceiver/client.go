@@ -420,11 +420,14 @@ func tlsAdvice(err error) string {
 	var invalid x509.CertificateInvalidError
 	switch {
 	case errors.As(err, &unknownCA):
-		return `the server's certificate is not signed by a CA the receiver trusts: set "tls::ca_file" ` +
-			`to the certificate of the CA that issued it (or "tls::insecure_skip_verify: true" to encrypt without verifying)`
+		return `the server's certificate is signed by an unknown authority (no CA of the system's trust store): set ` +
+			`"tls::ca_file" to the certificate of the CA that issued it; managed services publish theirs (Amazon RDS and ` +
+			`Aurora: global-bundle.pem of truststore.pki.rds.amazonaws.com; Cloud SQL: the instance's server-ca.pem; ` +
+			`Azure Database for PostgreSQL: DigiCert Global Root G2 and Microsoft RSA Root Certificate Authority 2017). ` +
+			`"tls::insecure_skip_verify: true" encrypts without verifying the server`
 	case errors.As(err, &wrongHost):
-		return fmt.Sprintf(`the server's certificate is not valid for host %q: use a host of "endpoint" that the `+
-			`certificate names, or set "tls::server_name_override" to one of its names`, wrongHost.Host)
+		return fmt.Sprintf(`the server's certificate is not valid for host %q: it names %s; use one of those as the `+
+			`host of "endpoint", or set "tls::server_name_override" to one of them`, wrongHost.Host, certificateNames(wrongHost.Certificate))
 	case errors.As(err, &invalid):
 		return `the server's certificate is not valid (expired, not yet valid, or not a server certificate): ` +
 			`renew it on the server (or set "tls::insecure_skip_verify: true" to encrypt without verifying)`
@@ -433,6 +436,28 @@ func tlsAdvice(err error) string {
 			`or turn ssl on in the server`
 	}
 	return ""
+}
+
+// certificateNames lists the host names and addresses a certificate is
+// valid for, quoted, for an error message.
+func certificateNames(cert *x509.Certificate) string {
+	if cert == nil {
+		return "no name"
+	}
+	var names []string
+	for _, n := range cert.DNSNames {
+		names = append(names, strconv.Quote(n))
+	}
+	for _, ip := range cert.IPAddresses {
+		names = append(names, strconv.Quote(ip.String()))
+	}
+	if len(names) == 0 && cert.Subject.CommonName != "" {
+		names = append(names, strconv.Quote(cert.Subject.CommonName)+" (its common name only, which Go no longer matches)")
+	}
+	if len(names) == 0 {
+		return "no name"
+	}
+	return strings.Join(names, ", ")
 }
 
 func (c *pgxClient) close() {

@@ -222,9 +222,12 @@ func createDefaultConfig() *Config {
 			Endpoint:  defaultEndpoint,
 			Transport: confignet.TransportTypeTCP,
 		},
+		// TLS, the server's certificate and host name verified against the
+		// system's trust store (0.7.0; libpq's sslmode=verify-full). Plain
+		// TCP is tls::insecure, no verification tls::insecure_skip_verify.
 		TLS: configtls.ClientConfig{
 			Insecure:           false,
-			InsecureSkipVerify: true,
+			InsecureSkipVerify: false,
 		},
 		Refresh: RefreshConfig{
 			DeployMarker:    DeployMarkerConfig{Delay: defaultDeployDelay},

@@ -43,7 +43,7 @@ func TestDefaultConfig(t *testing.T) {
 	assert.Equal(t, 10*time.Second, cfg.effectiveTimeout())
 	assert.Empty(t, cfg.PasswordFile)
 	assert.False(t, cfg.TLS.Insecure, "TLS is on by default")
-	assert.True(t, cfg.TLS.InsecureSkipVerify, "like sslmode=require by default")
+	assert.False(t, cfg.TLS.InsecureSkipVerify, "the server verified by default, like sslmode=verify-full (0.7.0)")
 	// username and database have no sane default: the default config must say so.
 	err := confmap.Validate(cfg)
 	require.Error(t, err)

@@ -2,9 +2,6 @@ package pgconsistencyreceiver
 
 import (
 	"context"
-	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -17,62 +14,13 @@ import (
 	"github.com/pgconsistency/pgconsistency/receiver/pgconsistencyreceiver/internal/metadata"
 )
 
-// testCA is a throwaway certificate authority made with the openssl CLI.
-type testCA struct {
-	dir      string
-	certFile string // PEM, what tls::ca_file points at
-	keyFile  string
-}
+// newTestCA, issueServerCert and startTLSServer: pgtest's TLS helpers, by
+// the names these tests use.
+func newTestCA(t *testing.T, name string) pgtest.TestCA { return pgtest.NewTestCA(t, name) }
 
-// openssl runs the openssl CLI in dir and fails the test if it fails.
-func openssl(t *testing.T, dir string, args ...string) {
-	t.Helper()
-	cmd := exec.CommandContext(t.Context(), "openssl", args...)
-	cmd.Dir = dir
-	out, err := cmd.CombinedOutput()
-	require.NoError(t, err, "openssl %v (install it with apt-get install openssl):\n%s", args, out)
-}
-
-// newTestCA creates a self-signed CA named name in its own directory.
-func newTestCA(t *testing.T, name string) testCA {
-	t.Helper()
-	dir := t.TempDir()
-	openssl(t, dir, "req", "-x509", "-new", "-nodes",
-		"-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-		"-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN="+name,
-		"-addext", "basicConstraints=critical,CA:TRUE",
-		"-addext", "keyUsage=critical,keyCertSign,cRLSign")
-	return testCA{dir: dir, certFile: filepath.Join(dir, "ca.crt"), keyFile: filepath.Join(dir, "ca.key")}
-}
-
-// issueServerCert returns the PEM certificate and key of a server whose
-// subjectAltName is san (e.g. "IP:127.0.0.1,DNS:localhost"), signed by ca.
-func (ca testCA) issueServerCert(t *testing.T, san string) (cert, key []byte) {
-	t.Helper()
-	dir := t.TempDir()
-	require.NoError(t, os.WriteFile(filepath.Join(dir, "ext.cnf"),
-		[]byte("subjectAltName = "+san+"\nextendedKeyUsage = serverAuth\nbasicConstraints = CA:FALSE\n"), 0o600))
-	openssl(t, dir, "req", "-new", "-nodes",
-		"-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-		"-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=pgconsistency test server")
-	openssl(t, dir, "x509", "-req", "-in", "server.csr", "-CA", ca.certFile, "-CAkey", ca.keyFile,
-		"-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext.cnf")
-	cert, err := os.ReadFile(filepath.Join(dir, "server.crt"))
-	require.NoError(t, err)
-	key, err = os.ReadFile(filepath.Join(dir, "server.key"))
-	require.NoError(t, err)
-	return cert, key
-}
-
-// startTLSServer starts a cluster with ssl = on and the given certificate.
 func startTLSServer(t *testing.T, cert, key []byte) *pgtest.Server {
 	t.Helper()
-	return pgtest.Start(t,
-		pgtest.WithDataFile("server.crt", cert),
-		pgtest.WithDataFile("server.key", key),
-		pgtest.WithSetting("ssl", "on"),
-		pgtest.WithSetting("ssl_cert_file", "server.crt"),
-		pgtest.WithSetting("ssl_key_file", "server.key"))
+	return pgtest.Start(t, pgtest.WithTLS(cert, key))
 }
 
 // scrapeOnce runs one scrape with cfg, as the collector's controller would,
@@ -114,7 +62,7 @@ func verifyFull(caFile string) func(*Config) {
 func TestTLS(t *testing.T) {
 	ca := newTestCA(t, "pgconsistency test CA")
 	otherCA := newTestCA(t, "unrelated CA")
-	cert, key := ca.issueServerCert(t, "IP:127.0.0.1,DNS:localhost")
+	cert, key := ca.IssueServerCert(t, "IP:127.0.0.1,DNS:localhost")
 
 	srv := startTLSServer(t, cert, key)
 	db := fixture.NewDatabase(t, srv, "dataset_head_ref_missing", "derivative_dependencies_missing")
@@ -125,7 +73,7 @@ func TestTLS(t *testing.T) {
 	}
 
 	t.Run("verify-full with the right CA", func(t *testing.T) {
-		sink, _ := startReceiver(t, srv, db, verifyFull(ca.certFile))
+		sink, _ := startReceiver(t, srv, db, verifyFull(ca.CertFile))
 		waitFor(t, sink, "over verified TLS", expectCounts(want))
 
 		// The server says the receiver's session is encrypted; pgtest's own
@@ -146,7 +94,7 @@ func TestTLS(t *testing.T) {
 
 	t.Run("ca_file of another CA", func(t *testing.T) {
 		cfg := serverConfig(srv, db)
-		verifyFull(otherCA.certFile)(cfg)
+		verifyFull(otherCA.CertFile)(cfg)
 		up, err := scrapeOnce(t, cfg)
 		assert.EqualValues(t, 0, up, "pgconsistency.up")
 		require.Error(t, err)
@@ -155,12 +103,22 @@ func TestTLS(t *testing.T) {
 		t.Logf("error: %v", err)
 	})
 
-	t.Run("default tls: encrypted, not verified", func(t *testing.T) {
+	t.Run("default tls: verified against the system's trust store", func(t *testing.T) {
 		cfg := serverConfig(srv, db)
 		defaults := createDefaultConfig()
 		cfg.TLS = defaults.TLS
 		require.False(t, cfg.TLS.Insecure)
-		require.True(t, cfg.TLS.InsecureSkipVerify)
+		require.False(t, cfg.TLS.InsecureSkipVerify)
+		// The test CA is in no system trust store: refused, and told why.
+		up, err := scrapeOnce(t, cfg)
+		require.Error(t, err)
+		assert.ErrorContains(t, err, `set "tls::ca_file"`)
+		assert.EqualValues(t, 0, up, "pgconsistency.up")
+	})
+	t.Run("insecure_skip_verify: encrypted, not verified", func(t *testing.T) {
+		cfg := serverConfig(srv, db)
+		cfg.TLS = createDefaultConfig().TLS
+		cfg.TLS.InsecureSkipVerify = true
 		up, err := scrapeOnce(t, cfg)
 		require.NoError(t, err)
 		assert.EqualValues(t, 1, up, "pgconsistency.up")
@@ -171,16 +129,16 @@ func TestTLS(t *testing.T) {
 // host fails verification with an error that names the mismatch.
 func TestTLSWrongHostName(t *testing.T) {
 	ca := newTestCA(t, "pgconsistency test CA")
-	cert, key := ca.issueServerCert(t, "DNS:db.example")
+	cert, key := ca.IssueServerCert(t, "DNS:db.example")
 	srv := startTLSServer(t, cert, key)
 	db := fixture.NewDatabase(t, srv)
 
 	cfg := serverConfig(srv, db)
-	verifyFull(ca.certFile)(cfg)
+	verifyFull(ca.CertFile)(cfg)
 	up, err := scrapeOnce(t, cfg)
 	assert.EqualValues(t, 0, up, "pgconsistency.up")
 	require.Error(t, err)
-	assert.ErrorContains(t, err, `not valid for host "127.0.0.1"`)
+	assert.ErrorContains(t, err, `not valid for host "127.0.0.1": it names "db.example"`, "the name the certificate holds")
 	assert.ErrorContains(t, err, `"tls::server_name_override"`)
 	t.Logf("error: %v", err)
 
