@@ -115,7 +115,7 @@ type incConfig struct {
 	clients     []int
 	writeRounds int
 	loop        time.Duration
-	captureOnly bool // beside the writers, the loop's plan (the capture) only
+	captureOnly bool  // beside the writers, the loop's plan (the capture) only
 	lostIndex   []int // datasets changed per round on the schema without the index
 	bench       bool  // fsync on, figures meant to be read
 }
