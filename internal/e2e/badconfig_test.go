@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -180,10 +181,22 @@ func TestBadConfig(t *testing.T) {
 			for _, want := range tt.want {
 				assert.Contains(t, stderr.String(), want, "stdout:\n%s", stdout.String())
 			}
+			// Never a password nor a connection string, at any level.
+			output := stdout.String() + stderr.String()
+			for _, f := range tt.fields {
+				if f.key == "password" {
+					assert.NotContains(t, output, f.value, "the collector's output contains the password")
+				}
+			}
+			assert.NotRegexp(t, connectionString, output, "the collector's output contains a connection string")
 			t.Logf("refused in %s with exit status %d", took.Round(time.Millisecond), exit.ExitCode())
 		})
 	}
 }
+
+// connectionString matches a libpq connection string with credentials,
+// URL or key/value, in a log.
+var connectionString = regexp.MustCompile(`postgres(ql)?://[^\s/]*@|\bpassword\s*=`)
 
 func randomPassword(t *testing.T) string {
 	t.Helper()

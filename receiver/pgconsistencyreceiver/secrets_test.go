@@ -124,6 +124,7 @@ func assertSecretNowhere(t *testing.T, secret string, logs *observer.ObservedLog
 	for _, e := range logs.All() {
 		text := entryText(t, e)
 		assert.NotContains(t, text, secret, "the password is in a log entry")
+		assert.NotRegexp(t, `postgres(ql)?://[^\s/]*@|\bpassword\s*=`, text, "a connection string with credentials is in a log entry")
 		// configopaque.String hides a password, but only where it is typed so.
 		assert.NotContains(t, fmt.Sprintf("%+v", e.ContextMap()), secret, "the password is in a log field")
 	}
