@@ -31,7 +31,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -51,6 +50,7 @@ import (
 	"github.com/pgconsistency/pgconsistency/internal/benchkit"
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 var (
@@ -427,7 +427,7 @@ func exporterScrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn
 	dir := b.TempDir()
 	qfile := filepath.Join(dir, "queries.yaml")
 	must(b, os.WriteFile(qfile, []byte(queries.String()), 0o600))
-	port := freePort(b)
+	port := testkit.FreePort(b)
 	log, err := os.Create(filepath.Join(dir, "exporter.log"))
 	must(b, err)
 	cmd := exec.Command(bin, "--web.listen-address=127.0.0.1:"+strconv.Itoa(port), "--extend.query-path="+qfile,
@@ -615,7 +615,7 @@ func collectorCost(b *testing.B, srv *pgtest.Server, db string) collectorResult 
 	if _, err := os.Stat(bin); err != nil {
 		b.Fatal("the collector is not built: run make build (make bench does)")
 	}
-	promPort, healthPort, telemetryPort := freePort(b), freePort(b), freePort(b)
+	promPort, healthPort, telemetryPort := testkit.FreePort(b), testkit.FreePort(b), testkit.FreePort(b)
 	dir := b.TempDir()
 	log, err := os.Create(filepath.Join(dir, "collector.log"))
 	must(b, err)
@@ -788,13 +788,6 @@ func indent(s, prefix string) string {
 		lines[i] = prefix + lines[i]
 	}
 	return strings.Join(lines, "\n")
-}
-
-func freePort(b *testing.B) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	must(b, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func waitHTTP(b *testing.B, url string) {

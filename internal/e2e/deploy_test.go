@@ -15,6 +15,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // deployCollectorConfig is merged over the shipped
@@ -85,8 +86,8 @@ func TestDeploy(t *testing.T) {
 		"PGCONSISTENCY_COLLECTION_INTERVAL=1s",
 		"PGCONSISTENCY_REMOTE_WRITE_URL=" + prom.url("/api/v1/write"),
 		"PGCONSISTENCY_WAL_DIR=" + filepath.Join(dir, "wal"),
-		"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(freePort(t)),
-		"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(freePort(t)),
+		"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+		"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(testkit.FreePort(t)),
 		"PGCONSISTENCY_LOGS_OTLP_ENDPOINT=" + logsEndpoint,
 	}
 	startProcess(t, "collector", env, fixture.Path("_build/otelcol-pgconsistency"),
