@@ -29,7 +29,7 @@ RECEIVER  := receiver/pgconsistencyreceiver
 COLLECTOR := _build/otelcol-pgconsistency
 # The release version, from one place: the top release heading of CHANGELOG.md
 # ("## [0.5.0] - 2026-12-03"; an [Unreleased] heading is not one). The
-# collector's --version, pgconsistency.version() (checked by sql/upgrade_test.go)
+# collector's --version, pgconsistency.version() (checked by internal/sqltest/upgrade_test.go)
 # and the packages all say it.
 VERSION   := $(shell sed -n 's/^\#\# \[\([0-9][0-9]*\.[0-9][0-9]*\.[0-9][0-9]*[^]]*\)\].*/\1/p' CHANGELOG.md | head -n 1)
 # _build/VERSION is rewritten only when the version changes, so a CHANGELOG

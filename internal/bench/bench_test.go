@@ -1,3 +1,5 @@
+//go:build integration
+
 // Package bench is the harness of `make bench`: it generates application data
 // in the service's schema of today (testdata/current/schema.sql) at given
 // scales in a throwaway PostgreSQL cluster, installs pgconsistency with its
@@ -19,7 +21,7 @@
 // It prints Markdown tables (the ones in BENCHMARKS.md) and fails when a
 // measurement is wrong, e.g. an anomaly count other than the injected one.
 //
-//	go test -run '^$' -bench '^BenchmarkSuite$' -benchtime 1x -timeout 60m ./internal/bench \
+//	go test -tags integration -run '^$' -bench '^BenchmarkSuite$' -benchtime 1x -timeout 60m ./internal/bench \
 //	    -args -scales 100000,1000000
 package bench
 

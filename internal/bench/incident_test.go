@@ -1,3 +1,5 @@
+//go:build integration
+
 package bench
 
 // The mass incident: what the refreshes cost right after a change to a large
@@ -27,7 +29,7 @@ package bench
 // clean pack refresh. TestMassIncident (make test) runs one scale, checks
 // correctness and the statement_timeout only, and logs the timings.
 //
-//	go test -run '^$' -bench '^BenchmarkMassIncident$' -benchtime 1x -timeout 120m ./internal/bench \
+//	go test -tags integration -run '^$' -bench '^BenchmarkMassIncident$' -benchtime 1x -timeout 120m ./internal/bench \
 //	    -args -incident-scales 200000,1000000
 
 import (

@@ -1,3 +1,5 @@
+//go:build integration
+
 package bench
 
 // How long a broken dataset takes to show, end to end, with the WAL
@@ -15,7 +17,7 @@ package bench
 // reconcile (full refreshes) one after the other without pause: a reconcile
 // must not hold back the keys that arrive meanwhile.
 //
-//	go test -run '^$' -bench '^BenchmarkLatency$' -benchtime 1x -timeout 60m ./internal/bench \
+//	go test -tags integration -run '^$' -bench '^BenchmarkLatency$' -benchtime 1x -timeout 60m ./internal/bench \
 //	    -args -latency.scale 1000000 -latency.breakages 100
 //
 // Goal (asserted): p99 of both, in each phase, within 5 s.

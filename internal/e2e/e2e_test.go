@@ -1,3 +1,5 @@
+//go:build e2e
+
 // Package e2e runs the whole path with real parts: a PostgreSQL cluster with
 // the fixtures, the collector binary built from builder-config.yaml with the
 // shipped configurations, a real Prometheus receiving remote write, and the

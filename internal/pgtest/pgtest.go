@@ -1,3 +1,5 @@
+//go:build integration || e2e
+
 // Package pgtest gives tests a real, throwaway PostgreSQL server.
 //
 // Start creates a fresh cluster with initdb in its own temporary directory,

@@ -1,3 +1,5 @@
+//go:build e2e
+
 // Package soak holds the load and soak runs of the collector distribution
 // (`make soak`) and a short soak that runs with `make test`.
 //
@@ -10,7 +12,7 @@
 // otelcol_receiver_accepted_metric_points (data points; otelcol_scraper_scraped_metric_points
 // counts metrics).
 //
-//	go test -run '^$' -bench '^Benchmark(Load|Soak)$' -benchtime 1x -timeout 60m ./internal/soak \
+//	go test -tags e2e -run '^$' -bench '^Benchmark(Load|Soak)$' -benchtime 1x -timeout 60m ./internal/soak \
 //	    -args -load.duration 60s -soak.duration 10m -soak.interval 100ms
 package soak
 
