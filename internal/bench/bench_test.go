@@ -1,7 +1,7 @@
 //go:build integration
 
 // Package bench is the harness of `make bench`: it generates application data
-// in the service's schema of today (testdata/current/schema.sql) at given
+// in the service's schema of today (testdata/schema.sql) at given
 // scales in a throwaway PostgreSQL cluster, installs pgconsistency with its
 // thirteen dataset invariants, and measures, side by side in one run:
 //
@@ -70,7 +70,7 @@ var tables = []string{
 }
 
 // schema is the application schema generate.sql fills.
-const schema = "testdata/current/schema.sql"
+const schema = "testdata/schema.sql"
 
 // expectedAnomalies is what generate.sql injects at scale n: one dataset in
 // 1,000 for each dataset invariant, each an anomaly of its own invariant

@@ -76,7 +76,7 @@ type schemaVariant struct {
 
 var schemaVariants = []schemaVariant{
 	{name: "as is"},
-	// The unique indexes of testdata/current/schema.sql that are not
+	// The unique indexes of testdata/schema.sql that are not
 	// primary keys (generate.sql already creates the first two as plain
 	// indexes): a deployment may lack them, and some plans use them.
 	{name: "without the optional unique indexes", ddl: `

@@ -894,7 +894,7 @@ func incExplain(tb testing.TB, conn *pgx.Conn, inv string, keys []string) incPla
 
 // incLostIndexInvariant is the invariant measured on the schema without
 // dataset_statistics' index, and incLostIndexName that index
-// (idx_dataset_statistics: unique in testdata/current/schema.sql, plain in
+// (idx_dataset_statistics: unique in testdata/schema.sql, plain in
 // generate.sql; the only index of the table, so none is led by its key).
 const (
 	incLostIndexInvariant = "dataset_statistics_missing"

@@ -94,9 +94,9 @@ func TestDeb(t *testing.T) {
 		unit := parseUnit(t, unitPath)
 		srv := pgtest.Start(t)
 		db := srv.CreateDatabase(t, "")
-		srv.PsqlFile(t, db, fixture.Path("testdata/schema.sql"))
-		srv.PsqlFile(t, db, fixture.Path("testdata/fixtures/clean.sql"))
-		srv.PsqlFile(t, db, fixture.Path("testdata/fixtures/dataset_seed_missing.sql"))
+		srv.PsqlFile(t, db, fixture.Path("testdata/legacy/schema.sql"))
+		srv.PsqlFile(t, db, fixture.Path("testdata/legacy/fixtures/clean.sql"))
+		srv.PsqlFile(t, db, fixture.Path("testdata/legacy/fixtures/dataset_seed_missing.sql"))
 		// the SQL as the package installed it: install.sql includes framework/ relative to itself
 		srv.PsqlFile(t, db, sqlDir+"/install.sql")
 		srv.Psql(t, db, "-c", "CALL pgconsistency.refresh()")

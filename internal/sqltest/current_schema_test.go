@@ -17,7 +17,7 @@ import (
 )
 
 // TestCurrentSchema covers the dataset pack on the service's schema of today
-// (testdata/current): all thirteen invariants against fixtures that each
+// (testdata/schema.sql): all thirteen invariants against fixtures that each
 // break known datasets, the incident's whole shape, and the older schema,
 // where the invariants whose tables are missing are skipped with a NOTICE.
 func TestCurrentSchema(t *testing.T) {
@@ -151,8 +151,8 @@ func testCurrentIncident(t *testing.T, s *pgtest.Server) {
 // it skipped and why.
 func testOlderSchemaSkips(t *testing.T, s *pgtest.Server) {
 	db := s.CreateDatabase(t, "")
-	s.PsqlFile(t, db, fixture.Path("testdata/schema.sql"))
-	s.PsqlFile(t, db, fixture.Path("testdata/fixtures/clean.sql"))
+	s.PsqlFile(t, db, fixture.Path("testdata/legacy/schema.sql"))
+	s.PsqlFile(t, db, fixture.Path("testdata/legacy/fixtures/clean.sql"))
 	out, err := psqlFile(t, s, db, fixture.Path("sql/install.sql"))
 	require.NoError(t, err, out)
 	for inv, missing := range map[string]string{
@@ -178,8 +178,8 @@ func testOlderSchemaSkips(t *testing.T, s *pgtest.Server) {
 // after that migration; the other invariants keep their snapshots.
 func testMigrationAddsInvariant(t *testing.T, s *pgtest.Server) {
 	db := s.CreateDatabase(t, "")
-	s.PsqlFile(t, db, fixture.Path("testdata/current/schema.sql"))
-	s.PsqlFile(t, db, fixture.Path("testdata/current/fixtures/clean.sql"))
+	s.PsqlFile(t, db, fixture.Path("testdata/schema.sql"))
+	s.PsqlFile(t, db, fixture.Path("testdata/fixtures/clean.sql"))
 	conn := s.Conn(t, db)
 	exec(t, conn, "ALTER TABLE public.accounts RENAME TO accounts_later")
 	out, err := psqlFile(t, s, db, fixture.Path("sql/install.sql"))

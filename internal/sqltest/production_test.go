@@ -384,7 +384,7 @@ func testLogDetailsAndCursorsByRole(t *testing.T, s *pgtest.Server) {
 // loop over pgconsistency.anomaly.
 func testMassIncidentLifecycle(t *testing.T, s *pgtest.Server) {
 	db := s.CreateDatabase(t, "")
-	s.PsqlFile(t, db, fixture.Path("testdata/schema.sql"))
+	s.PsqlFile(t, db, fixture.Path("testdata/legacy/schema.sql"))
 	s.Psql(t, db, "-c", `
 		INSERT INTO public.dataset_entries (dataset_id, owner_id, owner_name, dataset_name, created_at, kind)
 		SELECT 'd' || i, 'o', 'o', 'n' || i, now(), 'root' FROM generate_series(1, 4000) i;

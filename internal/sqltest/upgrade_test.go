@@ -27,7 +27,7 @@ import (
 
 // fromRelease is an earlier release a TestUpgradeFrom… test upgrades from:
 // its SQL, kept verbatim, and the dataset invariants it creates on
-// testdata/schema.sql (the pack has grown since: fixture.Invariants).
+// testdata/legacy/schema.sql (the pack has grown since: fixture.Invariants).
 type fromRelease struct {
 	version           string
 	dir               string
@@ -37,7 +37,7 @@ type fromRelease struct {
 var (
 	release010 = fromRelease{version: "0.1.0", dir: "testdata/sql/0.1.0", datasetInvariants: fixture.Invariants[:8]}
 	// 0.2.0 added dataset_root_has_upstream; its four other new invariants
-	// need today's schema, which testdata/schema.sql is not.
+	// need today's schema, which testdata/legacy/schema.sql is not.
 	release020 = fromRelease{version: "0.2.0", dir: "testdata/sql/0.2.0", datasetInvariants: fixture.Invariants[:9]}
 	// 0.3.0 has the invariants of 0.2.0 on this schema. useRelease puts one
 	// in incremental mode: capture triggers and their generated functions.
@@ -131,10 +131,10 @@ func TestUpgradeFrom060(t *testing.T) {
 func testUpgrade(t *testing.T, rel fromRelease) {
 	s := pgtest.Start(t)
 	db := s.CreateDatabase(t, "")
-	s.PsqlFile(t, db, fixture.Path("testdata/schema.sql"))
-	s.PsqlFile(t, db, fixture.Path("testdata/fixtures/clean.sql"))
+	s.PsqlFile(t, db, fixture.Path("testdata/legacy/schema.sql"))
+	s.PsqlFile(t, db, fixture.Path("testdata/legacy/fixtures/clean.sql"))
 	for _, inv := range rel.datasetInvariants {
-		s.PsqlFile(t, db, fixture.Path(filepath.Join("testdata/fixtures", inv+".sql")))
+		s.PsqlFile(t, db, fixture.Path(filepath.Join("testdata/legacy/fixtures", inv+".sql")))
 	}
 	for _, f := range upgradeFiles {
 		s.PsqlFile(t, db, fixture.Path(filepath.Join(rel.dir, f)))

@@ -22,9 +22,9 @@ import (
 func releaseDatabase(t *testing.T, srv *pgtest.Server, release string) string {
 	t.Helper()
 	db := srv.CreateDatabase(t, "")
-	srv.PsqlFile(t, db, fixture.Path("testdata/schema.sql"))
-	srv.PsqlFile(t, db, fixture.Path("testdata/fixtures/clean.sql"))
-	srv.PsqlFile(t, db, fixture.Path("testdata/fixtures/dataset_seed_missing.sql"))
+	srv.PsqlFile(t, db, fixture.Path("testdata/legacy/schema.sql"))
+	srv.PsqlFile(t, db, fixture.Path("testdata/legacy/fixtures/clean.sql"))
+	srv.PsqlFile(t, db, fixture.Path("testdata/legacy/fixtures/dataset_seed_missing.sql"))
 	srv.PsqlFile(t, db, fixture.Path(filepath.Join("testdata/sql", release, "install.sql")))
 	_, err := srv.Conn(t, db).Exec(t.Context(), "CALL pgconsistency.refresh()")
 	require.NoError(t, err)
