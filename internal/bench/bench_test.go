@@ -644,15 +644,14 @@ func collectorCost(b *testing.B, srv *pgtest.Server, db string) collectorResult 
 	var r collectorResult
 	for time.Since(start) < *flagCollector {
 		time.Sleep(5 * time.Second)
-		resp, err := http.Get(url)
+		samples, err := testkit.Scrape(url)
 		must(b, err)
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if !strings.Contains(string(body), "pgconsistency_up{") {
+		up := testkit.Named(samples, "pgconsistency_up")
+		if len(up) == 0 {
 			logText, _ := os.ReadFile(log.Name())
 			b.Fatalf("the collector exports no pgconsistency_up:\n%s", logText)
 		}
-		r.scrapesUp = regexp.MustCompile(`(?m)^pgconsistency_up\{[^}]*\} 1$`).Match(body)
+		r.scrapesUp = slices.ContainsFunc(up, func(s testkit.Sample) bool { return s.Value == 1 })
 	}
 	r.duration = time.Since(start)
 	r.cpu = benchkit.CPU(b, cmd.Process.Pid) - cpu0
