@@ -1,6 +1,10 @@
 # pgconsistency — see README.md.
 #   make run        the demo: throwaway PostgreSQL with demo data, the collector, Prometheus
-#   make test       every test (installs what is missing on Debian, as root)
+#   make test       every test and check (installs what is missing on Debian, as root)
+#   make test-unit  the Go tests that need no PostgreSQL (go test ./..., no tags), under a minute
+#   make test-sql   the SQL tests (internal/sqltest, tag integration)
+#   make test-integration  the receiver and test helpers against real servers (tag integration)
+#   make test-e2e   the built collector, Prometheus, the packages (tag e2e)
 #   make build      the collector distribution: _build/otelcol-pgconsistency
 #   make package    the release artifacts in _build/dist: .deb, .rpm, OCI image, SBOM, checksums (docs/install.md)
 #   make test-package  make package, then its tests (internal/packaging; as root)
@@ -11,10 +15,16 @@
 #   make check-generate  fail if the mdatagen code is not what metadata.yaml generates
 
 GO        ?= go
-TOOLS     := $(CURDIR)/.tools
+# The pinned tools (builder, mdatagen, golangci-lint, squawk, nfpm, crane,
+# syft), one file per version, are kept outside the clone so that a fresh
+# clone on a machine that built them before does not build them again
+# (syft alone takes minutes). Override with TOOLS=dir.
+TOOLS     ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/pgconsistency/tools
 BUILDER_VERSION := v0.165.0
 BUILDER   := $(TOOLS)/builder-$(BUILDER_VERSION)
-MDATAGEN  := $(TOOLS)/mdatagen
+# the version pinned by internal/tools/go.mod
+MDATAGEN_VERSION := $(shell sed -n 's/^require go.opentelemetry.io\/collector\/cmd\/mdatagen \(v[^ ]*\)$$/\1/p' internal/tools/go.mod)
+MDATAGEN  := $(TOOLS)/mdatagen-$(MDATAGEN_VERSION)
 GOLANGCI_LINT_VERSION := v2.15.0
 GOLANGCI_LINT := $(TOOLS)/golangci-lint-$(GOLANGCI_LINT_VERSION)
 SQUAWK_VERSION := 2.66.0
@@ -29,7 +39,7 @@ RECEIVER  := receiver/pgconsistencyreceiver
 COLLECTOR := _build/otelcol-pgconsistency
 # The release version, from one place: the top release heading of CHANGELOG.md
 # ("## [0.5.0] - 2026-12-03"; an [Unreleased] heading is not one). The
-# collector's --version, pgconsistency.version() (checked by sql/upgrade_test.go)
+# collector's --version, pgconsistency.version() (checked by internal/sqltest/upgrade_test.go)
 # and the packages all say it.
 VERSION   := $(shell sed -n 's/^\#\# \[\([0-9][0-9]*\.[0-9][0-9]*\.[0-9][0-9]*[^]]*\)\].*/\1/p' CHANGELOG.md | head -n 1)
 # _build/VERSION is rewritten only when the version changes, so a CHANGELOG
@@ -40,7 +50,7 @@ BUILDER_CONFIG := _build/builder-config.yaml
 # what the distribution is built from: rebuilt when one of these changes
 COLLECTOR_SOURCES := $(BUILDER_CONFIG) go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
 
-.PHONY: all run test build version package test-package deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
+.PHONY: all run test test-unit test-sql test-integration test-e2e build version package test-package deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
 
 all: test
 
@@ -54,16 +64,20 @@ check-fmt:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './_build/*')); \
 	if [ -n "$$out" ]; then echo "gofmt would change:"; echo "$$out"; exit 1; fi
 
+# Untagged (what make test-unit compiles), then with every tier's tag.
 vet:
 	$(GO) vet ./...
+	$(GO) vet -tags $(TEST_TAGS) ./...
 
-# Go: golangci-lint with .golangci.yml (generated code excluded). SQL:
+# Go: golangci-lint with .golangci.yml (generated code excluded; it sets
+# the build tags, so the integration and e2e tests are linted too). SQL:
 # squawk on sql/**/*.sql through scripts/lint-sql.sh, rules in .squawk.toml.
 lint: $(GOLANGCI_LINT) $(SQUAWK)
 	$(GOLANGCI_LINT) run ./...
 	SQUAWK=$(SQUAWK) scripts/lint-sql.sh
 
 $(GOLANGCI_LINT):
+	@mkdir -p $(TOOLS)
 	GOBIN=$(TOOLS) $(GO) install github.com/golangci/golangci-lint/v2/cmd/golangci-lint@$(GOLANGCI_LINT_VERSION)
 	mv $(TOOLS)/golangci-lint $(GOLANGCI_LINT)
 
@@ -71,12 +85,39 @@ $(GOLANGCI_LINT):
 $(SQUAWK):
 	npm install --prefix $(TOOLS)/squawk-$(SQUAWK_VERSION) --no-save --no-package-lock --no-audit --no-fund squawk-cli@$(SQUAWK_VERSION)
 
-# Every test: unit, SQL and receiver integration against real PostgreSQL
-# clusters the tests start, and end to end (internal/e2e) with the built
-# collector and a real Prometheus. -p 2: two cores; each SQL, integration or
-# e2e test binary runs its own PostgreSQL.
+# The test tiers (CONTRIBUTING.md says when to run which). Tests that need
+# PostgreSQL, a built binary or Prometheus are behind a build tag:
+# integration (the SQL tests, the receiver's database tests, internal/pgtest,
+# internal/fixture, internal/bench) or e2e (internal/e2e, internal/packaging,
+# internal/soak). Each test binary starts its own PostgreSQL clusters; -p 2:
+# two cores.
+TEST_TAGS := integration,e2e
+SQL_PKGS  := ./internal/sqltest/
+E2E_PKGS  := ./internal/e2e/ ./internal/packaging/ ./internal/soak/
+# every package but the SQL tests (the unit tests of these run again: seconds)
+INTEGRATION_PKGS = $(shell $(GO) list -tags integration ./... | grep -v '/internal/sqltest$$')
+
+# No PostgreSQL, no tags, nothing installed: config, factory, metric
+# building against golden files, log record bodies, the loops against fakes,
+# the Grafana files, the test helpers.
+test-unit:
+	$(GO) test -count=1 ./...
+
+test-sql: deps
+	$(GO) test -count=1 -tags integration -timeout 30m $(SQL_PKGS)
+
+test-integration: deps
+	$(GO) test -count=1 -p 2 -tags integration -timeout 30m $(INTEGRATION_PKGS)
+
+# internal/packaging installs the .deb: as root.
+test-e2e: deps build package
+	$(GO) test -count=1 -p 2 -tags e2e -timeout 30m $(E2E_PKGS)
+
+# Every check and every tier: one go test with both tags runs the unit, SQL,
+# integration and e2e tests together (two packages at a time, as the tiers
+# one by one would not), then a short fuzz run.
 test: deps check-fmt vet lint check-generate check-alerting build package
-	$(GO) test -count=1 -p 2 -timeout 30m ./...
+	$(GO) test -count=1 -p 2 -timeout 30m -tags $(TEST_TAGS) ./...
 	$(MAKE) fuzz
 
 # A short, bounded run of each fuzz target (names, identifiers, endpoints).
@@ -125,13 +166,13 @@ bench: deps build
 	@# the tables go to bench-results.md, then to the terminal; progress and
 	@# errors go to stderr as they happen. The exit status is the first
 	@# failing go test's; each benchmark runs even if an earlier one failed.
-	$(GO) test -run '^$$' -bench '^BenchmarkSuite$$' -benchtime 1x -timeout 90m ./internal/bench \
+	$(GO) test -tags integration -run '^$$' -bench '^BenchmarkSuite$$' -benchtime 1x -timeout 90m ./internal/bench \
 		-args -scales $(SCALE) $(BENCH_FLAGS) > bench-results.md; rc=$$?; \
-	$(GO) test -run '^$$' -bench '^BenchmarkMassIncident$$' -benchtime 1x -timeout 150m ./internal/bench \
+	$(GO) test -tags integration -run '^$$' -bench '^BenchmarkMassIncident$$' -benchtime 1x -timeout 150m ./internal/bench \
 		-args -incident-scales $(INCIDENT_SCALE) $(INCIDENT_FLAGS) >> bench-results.md; rc2=$$?; \
-	$(GO) test -run '^$$' -bench '^BenchmarkIncremental$$' -benchtime 1x -timeout 120m ./internal/bench \
+	$(GO) test -tags integration -run '^$$' -bench '^BenchmarkIncremental$$' -benchtime 1x -timeout 120m ./internal/bench \
 		-args $(INCREMENTAL_FLAGS) >> bench-results.md; rc3=$$?; \
-	$(GO) test -run '^$$' -bench '^BenchmarkLatency$$' -benchtime 1x -timeout 60m ./internal/bench \
+	$(GO) test -tags integration -run '^$$' -bench '^BenchmarkLatency$$' -benchtime 1x -timeout 60m ./internal/bench \
 		-args $(LATENCY_FLAGS) >> bench-results.md; rc4=$$?; \
 	cat bench-results.md; for r in $$rc $$rc2 $$rc3 $$rc4; do if [ $$r -ne 0 ]; then exit $$r; fi; done
 
@@ -142,7 +183,7 @@ bench: deps build
 # About 15 minutes with the defaults; e.g. SOAK_FLAGS='-soak.duration 1h'.
 SOAK_FLAGS ?=
 soak: deps build
-	$(GO) test -run '^$$' -bench '^Benchmark(Load|Soak)$$' -benchtime 1x -timeout 60m ./internal/soak -args $(SOAK_FLAGS)
+	$(GO) test -tags e2e -run '^$$' -bench '^Benchmark(Load|Soak)$$' -benchtime 1x -timeout 60m ./internal/soak -args $(SOAK_FLAGS)
 
 # The alert rules and their unit tests, and the Alertmanager example and
 # its routing (by owner, then severity: scripts/test-alert-routes.sh).
@@ -203,21 +244,25 @@ package: build $(NFPM) $(CRANE) $(SYFT)
 # it against a test database, the image's binary run from its unpacked
 # layers, rpm -qlp on the .rpm.
 test-package: package
-	$(GO) test -count=1 -timeout 10m ./internal/packaging
+	$(GO) test -count=1 -tags e2e -timeout 10m ./internal/packaging
 
 $(NFPM):
+	@mkdir -p $(TOOLS)
 	GOBIN=$(TOOLS) $(GO) install github.com/goreleaser/nfpm/v2/cmd/nfpm@$(NFPM_VERSION)
 	mv $(TOOLS)/nfpm $(NFPM)
 
 $(CRANE):
+	@mkdir -p $(TOOLS)
 	GOBIN=$(TOOLS) $(GO) install github.com/google/go-containerregistry/cmd/crane@$(CRANE_VERSION)
 	mv $(TOOLS)/crane $(CRANE)
 
 $(SYFT):
+	@mkdir -p $(TOOLS)
 	GOBIN=$(TOOLS) $(GO) install github.com/anchore/syft/cmd/syft@$(SYFT_VERSION)
 	mv $(TOOLS)/syft $(SYFT)
 
 $(BUILDER):
+	@mkdir -p $(TOOLS)
 	GOBIN=$(TOOLS) $(GO) install go.opentelemetry.io/collector/cmd/builder@$(BUILDER_VERSION)
 	mv $(TOOLS)/builder $(BUILDER)
 
@@ -225,7 +270,10 @@ $(BUILDER):
 # list is served), so it is built from the pinned tools module, at v0.159.0:
 # the newest whose dependencies are all served (v0.161.0 needs an
 # internal/schemagen v0.161.0 that is not; v0.160.0 and v0.162.0+ are not).
-$(MDATAGEN): internal/tools/go.mod
+# Its file is named by that version, not rebuilt when a clone's go.mod is newer.
+$(MDATAGEN):
+	@if [ -z "$(MDATAGEN_VERSION)" ]; then echo "internal/tools/go.mod: no 'require go.opentelemetry.io/collector/cmd/mdatagen vX.Y.Z' line"; exit 1; fi
+	@mkdir -p $(TOOLS)
 	cd internal/tools && $(GO) build -o $(MDATAGEN) go.opentelemetry.io/collector/cmd/mdatagen
 
 # What mdatagen writes: internal/metadata/, generated_*_test.go, documentation.md.

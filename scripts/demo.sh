@@ -66,9 +66,9 @@ as_pg "$pgbin/pg_ctl" -D "$work/pg" -l "$work/postgres.log" -w -o \
 psql_demo() { psql -X -q -v ON_ERROR_STOP=1 -h "$work" -p "$pg_port" -U postgres "$@"; }
 psql_demo -d postgres -c "CREATE DATABASE demo"
 echo "demo: loading the service's schema of today and demo data (30 datasets, 27 broken)"
-psql_demo -d demo -f "$root/testdata/current/schema.sql"
-psql_demo -d demo -f "$root/testdata/current/fixtures/clean.sql"
-for f in "$root"/testdata/current/fixtures/*.sql; do
+psql_demo -d demo -f "$root/testdata/schema.sql"
+psql_demo -d demo -f "$root/testdata/fixtures/clean.sql"
+for f in "$root"/testdata/fixtures/*.sql; do
   case "$(basename "$f")" in clean.sql|incident.sql) ;; *) psql_demo -d demo -f "$f" ;; esac
 done
 echo "demo: installing sql/install.sql and refreshing every invariant once"

@@ -26,8 +26,8 @@
 -- prefixes below if yours live elsewhere.
 --
 -- Two shapes of the schema are supported: the one at the time of the
--- incident (testdata/schema.sql: no data blocks, text hashes) and today's
--- (testdata/current/schema.sql: dataset_data_blocks, bytea hashes, accounts).
+-- incident (testdata/legacy/schema.sql: no data blocks, text hashes) and today's
+-- (testdata/schema.sql: dataset_data_blocks, bytea hashes, accounts).
 -- An invariant whose tables are missing is skipped with a NOTICE
 -- (pgconsistency.requires); re-running install.sql after the migration that
 -- adds them creates it. The chain, head-hash and ref-name checks need

@@ -1,5 +1,5 @@
 -- pgbench script of make bench: the service's other write, on today's schema
--- (testdata/current/schema.sql), beside write_load.sql (a new dataset): a
+-- (testdata/schema.sql), beside write_load.sql (a new dataset): a
 -- block appended to an existing dataset of generate.sql, its head moved to
 -- it, its statistics updated. Run with -D maxq=<scale / 1000 - 1>.
 -- The dataset is i = q * 1000 + r with r in 14..99: never one of

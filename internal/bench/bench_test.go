@@ -1,5 +1,7 @@
+//go:build integration
+
 // Package bench is the harness of `make bench`: it generates application data
-// in the service's schema of today (testdata/current/schema.sql) at given
+// in the service's schema of today (testdata/schema.sql) at given
 // scales in a throwaway PostgreSQL cluster, installs pgconsistency with its
 // thirteen dataset invariants, and measures, side by side in one run:
 //
@@ -19,7 +21,7 @@
 // It prints Markdown tables (the ones in BENCHMARKS.md) and fails when a
 // measurement is wrong, e.g. an anomaly count other than the injected one.
 //
-//	go test -run '^$' -bench '^BenchmarkSuite$' -benchtime 1x -timeout 60m ./internal/bench \
+//	go test -tags integration -run '^$' -bench '^BenchmarkSuite$' -benchtime 1x -timeout 60m ./internal/bench \
 //	    -args -scales 100000,1000000
 package bench
 
@@ -31,7 +33,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -51,6 +52,7 @@ import (
 	"github.com/pgconsistency/pgconsistency/internal/benchkit"
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 var (
@@ -68,7 +70,7 @@ var tables = []string{
 }
 
 // schema is the application schema generate.sql fills.
-const schema = "testdata/current/schema.sql"
+const schema = "testdata/schema.sql"
 
 // expectedAnomalies is what generate.sql injects at scale n: one dataset in
 // 1,000 for each dataset invariant, each an anomaly of its own invariant
@@ -427,7 +429,7 @@ func exporterScrapes(b *testing.B, srv *pgtest.Server, db string, conn *pgx.Conn
 	dir := b.TempDir()
 	qfile := filepath.Join(dir, "queries.yaml")
 	must(b, os.WriteFile(qfile, []byte(queries.String()), 0o600))
-	port := freePort(b)
+	port := testkit.FreePort(b)
 	log, err := os.Create(filepath.Join(dir, "exporter.log"))
 	must(b, err)
 	cmd := exec.Command(bin, "--web.listen-address=127.0.0.1:"+strconv.Itoa(port), "--extend.query-path="+qfile,
@@ -615,7 +617,7 @@ func collectorCost(b *testing.B, srv *pgtest.Server, db string) collectorResult 
 	if _, err := os.Stat(bin); err != nil {
 		b.Fatal("the collector is not built: run make build (make bench does)")
 	}
-	promPort, healthPort, telemetryPort := freePort(b), freePort(b), freePort(b)
+	promPort, healthPort, telemetryPort := testkit.FreePort(b), testkit.FreePort(b), testkit.FreePort(b)
 	dir := b.TempDir()
 	log, err := os.Create(filepath.Join(dir, "collector.log"))
 	must(b, err)
@@ -642,15 +644,14 @@ func collectorCost(b *testing.B, srv *pgtest.Server, db string) collectorResult 
 	var r collectorResult
 	for time.Since(start) < *flagCollector {
 		time.Sleep(5 * time.Second)
-		resp, err := http.Get(url)
+		samples, err := testkit.Scrape(url)
 		must(b, err)
-		body, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if !strings.Contains(string(body), "pgconsistency_up{") {
+		up := testkit.Named(samples, "pgconsistency_up")
+		if len(up) == 0 {
 			logText, _ := os.ReadFile(log.Name())
 			b.Fatalf("the collector exports no pgconsistency_up:\n%s", logText)
 		}
-		r.scrapesUp = regexp.MustCompile(`(?m)^pgconsistency_up\{[^}]*\} 1$`).Match(body)
+		r.scrapesUp = slices.ContainsFunc(up, func(s testkit.Sample) bool { return s.Value == 1 })
 	}
 	r.duration = time.Since(start)
 	r.cpu = benchkit.CPU(b, cmd.Process.Pid) - cpu0
@@ -788,13 +789,6 @@ func indent(s, prefix string) string {
 		lines[i] = prefix + lines[i]
 	}
 	return strings.Join(lines, "\n")
-}
-
-func freePort(b *testing.B) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	must(b, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func waitHTTP(b *testing.B, url string) {

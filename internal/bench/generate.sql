@@ -1,7 +1,7 @@
 -- Benchmark data for pgconsistency: the application schema of
--- testdata/current/schema.sql (the service's schema today) filled at a given
+-- testdata/schema.sql (the service's schema today) filled at a given
 -- scale, with anomalies at known rates. Run with psql -v scale=N on a database
--- holding testdata/current/schema.sql.
+-- holding testdata/schema.sql.
 --
 -- Shape (per dataset i in 1..:scale), like the service writes it:
 --   * ids as in the service: 'did:odf:fed01' + 64 hex digits (77 characters);
@@ -112,7 +112,7 @@ SELECT pg_temp.did(i + 3), pg_temp.did(i)
   FROM generate_series(1, :scale) AS i
  WHERE i % 10 < 3;
 
--- Keys and indexes, as testdata/current/schema.sql has them, but for the two
+-- Keys and indexes, as testdata/schema.sql has them, but for the two
 -- unique indexes that would forbid the duplicated-* anomalies.
 ALTER TABLE public.accounts ADD PRIMARY KEY (id);
 CREATE UNIQUE INDEX idx_accounts_name ON public.accounts (LOWER(account_name));

@@ -1,3 +1,5 @@
+//go:build integration
+
 package bench
 
 // The mass incident: what the refreshes cost right after a change to a large
@@ -27,7 +29,7 @@ package bench
 // clean pack refresh. TestMassIncident (make test) runs one scale, checks
 // correctness and the statement_timeout only, and logs the timings.
 //
-//	go test -run '^$' -bench '^BenchmarkMassIncident$' -benchtime 1x -timeout 120m ./internal/bench \
+//	go test -tags integration -run '^$' -bench '^BenchmarkMassIncident$' -benchtime 1x -timeout 120m ./internal/bench \
 //	    -args -incident-scales 200000,1000000
 
 import (
@@ -74,7 +76,7 @@ type schemaVariant struct {
 
 var schemaVariants = []schemaVariant{
 	{name: "as is"},
-	// The unique indexes of testdata/current/schema.sql that are not
+	// The unique indexes of testdata/schema.sql that are not
 	// primary keys (generate.sql already creates the first two as plain
 	// indexes): a deployment may lack them, and some plans use them.
 	{name: "without the optional unique indexes", ddl: `

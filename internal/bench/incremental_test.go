@@ -1,3 +1,5 @@
+//go:build integration
+
 package bench
 
 // The incremental refresh engine (set_refresh_mode 'incremental') against
@@ -49,7 +51,7 @@ package bench
 // (make test) runs a small version and checks the correctness parts only;
 // its timings are logged, never asserted.
 //
-//	go test -run '^$' -bench '^BenchmarkIncremental$' -benchtime 1x -timeout 120m ./internal/bench \
+//	go test -tags integration -run '^$' -bench '^BenchmarkIncremental$' -benchtime 1x -timeout 120m ./internal/bench \
 //	    -args -incremental.scales 1000000
 //
 // Flags (after -args): -incremental.scales, -incremental.changes,
@@ -57,7 +59,7 @@ package bench
 // -incremental.writerounds, -incremental.loop, -clients (part 2),
 // -incremental.lostindex (part 3); e.g. a quick look at the code paths:
 //
-//	go test -run '^$' -bench '^BenchmarkIncremental$' -benchtime 1x ./internal/bench -args \
+//	go test -tags integration -run '^$' -bench '^BenchmarkIncremental$' -benchtime 1x ./internal/bench -args \
 //	    -incremental.scales 20000 -incremental.writes 3s -incremental.writerounds 2 -incremental.fullruns 1
 
 import (
@@ -894,7 +896,7 @@ func incExplain(tb testing.TB, conn *pgx.Conn, inv string, keys []string) incPla
 
 // incLostIndexInvariant is the invariant measured on the schema without
 // dataset_statistics' index, and incLostIndexName that index
-// (idx_dataset_statistics: unique in testdata/current/schema.sql, plain in
+// (idx_dataset_statistics: unique in testdata/schema.sql, plain in
 // generate.sql; the only index of the table, so none is led by its key).
 const (
 	incLostIndexInvariant = "dataset_statistics_missing"

@@ -1,3 +1,5 @@
+//go:build integration
+
 package bench
 
 // The writers' part of BenchmarkIncremental (incremental_test.go): what

@@ -1,3 +1,5 @@
+//go:build integration
+
 package bench
 
 // How long a broken dataset takes to show, end to end, with the WAL
@@ -15,7 +17,7 @@ package bench
 // reconcile (full refreshes) one after the other without pause: a reconcile
 // must not hold back the keys that arrive meanwhile.
 //
-//	go test -run '^$' -bench '^BenchmarkLatency$' -benchtime 1x -timeout 60m ./internal/bench \
+//	go test -tags integration -run '^$' -bench '^BenchmarkLatency$' -benchtime 1x -timeout 60m ./internal/bench \
 //	    -args -latency.scale 1000000 -latency.breakages 100
 //
 // Goal (asserted): p99 of both, in each phase, within 5 s.
@@ -44,6 +46,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 var (
@@ -198,20 +201,17 @@ func latBreak(b *testing.B, conn *pgx.Conn, metricsURL string, sink *logSink, na
 	return p
 }
 
-var seedMissingLine = regexp.MustCompile(`(?m)^pgconsistency_anomalies\{[^}]*invariant="dataset_seed_missing"[^}]*\} (\S+)$`)
-
+// scrapeSeedMissing is the dataset_seed_missing gauge on the collector's
+// /metrics page, -1 while the page does not show it.
 func scrapeSeedMissing(b *testing.B, url string) float64 {
-	resp, err := http.Get(url)
+	samples, err := testkit.Scrape(url)
 	must(b, err)
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	m := seedMissingLine.FindSubmatch(body)
-	if m == nil {
-		return -1
+	for _, s := range testkit.Named(samples, "pgconsistency_anomalies") {
+		if s.Labels["invariant"] == "dataset_seed_missing" {
+			return s.Value
+		}
 	}
-	v, err := strconv.ParseFloat(string(m[1]), 64)
-	must(b, err)
-	return v
+	return -1
 }
 
 // logSink is an OTLP/HTTP logs endpoint that notes when the first record of
@@ -282,7 +282,7 @@ func startLatencyCollector(b *testing.B, srv *pgtest.Server, db, logsURL string)
 	if _, err := os.Stat(bin); err != nil {
 		b.Fatal("the collector is not built: run make build (make bench does)")
 	}
-	promPort := freePort(b)
+	promPort := testkit.FreePort(b)
 	log, err := os.Create(filepath.Join(b.TempDir(), "collector.log"))
 	must(b, err)
 	cmd := exec.Command(bin, "--config", fixture.Path("config/collector-logs.yaml"))
@@ -294,8 +294,8 @@ func startLatencyCollector(b *testing.B, srv *pgtest.Server, db, logsURL string)
 		"PGCONSISTENCY_DB_TLS_INSECURE=true",
 		"PGCONSISTENCY_COLLECTION_INTERVAL=1s",
 		"PGCONSISTENCY_PROMETHEUS_ENDPOINT=127.0.0.1:"+strconv.Itoa(promPort),
-		"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:"+strconv.Itoa(freePort(b)),
-		"PGCONSISTENCY_TELEMETRY_PORT="+strconv.Itoa(freePort(b)),
+		"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:"+strconv.Itoa(testkit.FreePort(b)),
+		"PGCONSISTENCY_TELEMETRY_PORT="+strconv.Itoa(testkit.FreePort(b)),
 		"PGCONSISTENCY_LOGS_OTLP_ENDPOINT="+logsURL,
 	)
 	cmd.Stdout, cmd.Stderr = log, log

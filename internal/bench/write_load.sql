@@ -1,5 +1,5 @@
 -- pgbench script of make bench: the application's write path on today's
--- schema (testdata/current/schema.sql), one new complete dataset per
+-- schema (testdata/schema.sql), one new complete dataset per
 -- transaction, as the service writes it: its owner's account (one per 10
 -- datasets; the first of the 10 to get there creates it), the entry, the
 -- head reference (to the highest block), statistics, key blocks Seed@0 and

@@ -1,3 +1,5 @@
+//go:build integration || e2e
+
 package benchkit
 
 import (
@@ -27,7 +29,7 @@ type ScrapeResult struct {
 func BuildScrapeBenchmark(tb testing.TB) string {
 	tb.Helper()
 	bin := filepath.Join(tb.TempDir(), "receiver.test")
-	cmd := exec.Command("go", "test", "-c", "-o", bin, "./receiver/pgconsistencyreceiver/")
+	cmd := exec.Command("go", "test", "-tags", "integration", "-c", "-o", bin, "./receiver/pgconsistencyreceiver/")
 	cmd.Dir = fixture.Root()
 	if out, err := cmd.CombinedOutput(); err != nil {
 		tb.Fatalf("building the receiver's test binary for BenchmarkScrape: %v\n%s", err, out)

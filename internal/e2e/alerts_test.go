@@ -1,3 +1,5 @@
+//go:build e2e
+
 package e2e
 
 import (
@@ -24,6 +26,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // alertState is one alert instance as Prometheus's /api/v1/alerts shows it.
@@ -154,7 +157,7 @@ func startAlertmanager(t *testing.T) (string, bool) {
 			return "", false
 		}
 	}
-	addr := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	addr := "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
 	startProcess(t, "alertmanager", nil, bin,
 		"--config.file="+fixture.Path("config/alertmanager.yml"),
 		"--storage.path="+t.TempDir(),
@@ -274,8 +277,8 @@ func TestAlerts(t *testing.T) {
 		"PGCONSISTENCY_COLLECTION_INTERVAL": "1s",
 		"PGCONSISTENCY_REMOTE_WRITE_URL":    prom.url("/api/v1/write"),
 		"PGCONSISTENCY_WAL_DIR":             filepath.Join(dir, "wal"),
-		"PGCONSISTENCY_HEALTH_ENDPOINT":     "127.0.0.1:" + strconv.Itoa(freePort(t)),
-		"PGCONSISTENCY_TELEMETRY_PORT":      strconv.Itoa(freePort(t)),
+		"PGCONSISTENCY_HEALTH_ENDPOINT":     "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+		"PGCONSISTENCY_TELEMETRY_PORT":      strconv.Itoa(testkit.FreePort(t)),
 	}
 	collector := startCollector(t, "config/collector-remotewrite.yaml", env)
 	dbSelector := fmt.Sprintf(`postgresql_database_name=%q`, db)

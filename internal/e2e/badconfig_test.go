@@ -1,3 +1,5 @@
+//go:build e2e
+
 package e2e
 
 import (
@@ -21,6 +23,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // refusalTimeout is how long a refused configuration may take to stop the
@@ -234,7 +237,7 @@ func TestPasswordFileThroughCollector(t *testing.T) {
 	// with wantMetrics, once the exporter shows every invariant's count.
 	run := func(t *testing.T, fields []receiverField, env []string, wantMetrics bool) (*process, func() string) {
 		t.Helper()
-		exporter := "127.0.0.1:" + strconv.Itoa(freePort(t))
+		exporter := "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
 		config := writeFile(t, "config.yaml", collectorConfig(fields, "prometheus: {endpoint: "+exporter+"}", "debug"))
 		p := startProcess(t, "otelcol", env, bin, "--config", config)
 		output := func() string {

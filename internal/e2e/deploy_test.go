@@ -1,3 +1,5 @@
+//go:build e2e
+
 package e2e
 
 import (
@@ -15,6 +17,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // deployCollectorConfig is merged over the shipped
@@ -85,8 +88,8 @@ func TestDeploy(t *testing.T) {
 		"PGCONSISTENCY_COLLECTION_INTERVAL=1s",
 		"PGCONSISTENCY_REMOTE_WRITE_URL=" + prom.url("/api/v1/write"),
 		"PGCONSISTENCY_WAL_DIR=" + filepath.Join(dir, "wal"),
-		"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(freePort(t)),
-		"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(freePort(t)),
+		"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+		"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(testkit.FreePort(t)),
 		"PGCONSISTENCY_LOGS_OTLP_ENDPOINT=" + logsEndpoint,
 	}
 	startProcess(t, "collector", env, fixture.Path("_build/otelcol-pgconsistency"),

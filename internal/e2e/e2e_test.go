@@ -1,3 +1,5 @@
+//go:build e2e
+
 // Package e2e runs the whole path with real parts: a PostgreSQL cluster with
 // the fixtures, the collector binary built from builder-config.yaml with the
 // shipped configurations, a real Prometheus receiving remote write, and the
@@ -8,18 +10,15 @@
 package e2e
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"maps"
 	"math"
-	"net"
 	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"slices"
 	"strconv"
 	"strings"
@@ -32,17 +31,10 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 const collectionInterval = time.Second
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
 
 // process is a child process whose output goes to a file kept for failures.
 type process struct {
@@ -119,7 +111,7 @@ func startPrometheusWith(t *testing.T, config string, flags ...string) *promethe
 	dir := t.TempDir()
 	path := filepath.Join(dir, "prometheus.yml")
 	require.NoError(t, os.WriteFile(path, []byte(config), 0o644))
-	p := &prometheus{t: t, port: freePort(t), dir: dir, config: path, flags: flags}
+	p := &prometheus{t: t, port: testkit.FreePort(t), dir: dir, config: path, flags: flags}
 	p.start(bin)
 	return p
 }
@@ -211,37 +203,20 @@ func byInvariant(samples []sample) map[string]float64 {
 	return got
 }
 
-var exporterLine = regexp.MustCompile(`^(pgconsistency_\w+)\{([^}]*)\} (\S+)`)
-
 // scrapeExporter returns the pgconsistency_anomalies values of the exporter's
 // /metrics page, by invariant, and the labels of one such series.
 func scrapeExporter(endpoint string) (map[string]float64, map[string]string, error) {
-	resp, err := http.Get("http://" + endpoint + "/metrics")
+	samples, err := testkit.Scrape("http://" + endpoint + "/metrics")
 	if err != nil {
 		return nil, nil, err
 	}
-	defer resp.Body.Close()
 	got := map[string]float64{}
 	var labels map[string]string
-	sc := bufio.NewScanner(resp.Body)
-	sc.Buffer(make([]byte, 1<<20), 1<<20)
-	for sc.Scan() {
-		m := exporterLine.FindStringSubmatch(sc.Text())
-		if m == nil || m[1] != "pgconsistency_anomalies" {
-			continue
-		}
-		labels = map[string]string{}
-		for _, kv := range strings.Split(m[2], ",") {
-			k, v, _ := strings.Cut(kv, "=")
-			labels[k] = strings.Trim(v, `"`)
-		}
-		f, err := strconv.ParseFloat(m[3], 64)
-		if err != nil {
-			return nil, nil, err
-		}
-		got[labels["invariant"]] = f
+	for _, s := range testkit.Named(samples, "pgconsistency_anomalies") {
+		labels = s.Labels
+		got[labels["invariant"]] = s.Value
 	}
-	return got, labels, sc.Err()
+	return got, labels, nil
 }
 
 func TestEndToEnd(t *testing.T) {
@@ -265,15 +240,15 @@ func TestEndToEnd(t *testing.T) {
 	rwEnv := maps.Clone(dbEnv)
 	rwEnv["PGCONSISTENCY_REMOTE_WRITE_URL"] = prom.url("/api/v1/write")
 	rwEnv["PGCONSISTENCY_WAL_DIR"] = filepath.Join(t.TempDir(), "wal")
-	rwEnv["PGCONSISTENCY_HEALTH_ENDPOINT"] = "127.0.0.1:" + strconv.Itoa(freePort(t))
-	rwEnv["PGCONSISTENCY_TELEMETRY_PORT"] = strconv.Itoa(freePort(t))
+	rwEnv["PGCONSISTENCY_HEALTH_ENDPOINT"] = "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
+	rwEnv["PGCONSISTENCY_TELEMETRY_PORT"] = strconv.Itoa(testkit.FreePort(t))
 	startCollector(t, "config/collector-remotewrite.yaml", rwEnv)
 
-	exporterEndpoint := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	exporterEndpoint := "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
 	peEnv := maps.Clone(dbEnv)
 	peEnv["PGCONSISTENCY_PROMETHEUS_ENDPOINT"] = exporterEndpoint
-	peEnv["PGCONSISTENCY_HEALTH_ENDPOINT"] = "127.0.0.1:" + strconv.Itoa(freePort(t))
-	peEnv["PGCONSISTENCY_TELEMETRY_PORT"] = strconv.Itoa(freePort(t))
+	peEnv["PGCONSISTENCY_HEALTH_ENDPOINT"] = "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
+	peEnv["PGCONSISTENCY_TELEMETRY_PORT"] = strconv.Itoa(testkit.FreePort(t))
 	startCollector(t, "config/collector-prometheus.yaml", peEnv)
 
 	want := fixture.Counts[float64]()

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package e2e
 
 import (
@@ -12,6 +14,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // freshnessCollectorConfig: the receiver's scheduler every minute (the
@@ -58,7 +61,7 @@ func TestIncrementalFreshness(t *testing.T) {
 	_, err = admin.Exec(t.Context(), "CALL pgconsistency.refresh(force => true)") // the reconcile
 	require.NoError(t, err)
 
-	exporter := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	exporter := "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
 	config := filepath.Join(t.TempDir(), "collector.yaml")
 	require.NoError(t, os.WriteFile(config, []byte(freshnessCollectorConfig), 0o644))
 	startCollector(t, config, map[string]string{

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package e2e
 
 import (
@@ -22,6 +24,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // backend is an OTLP/HTTP logs endpoint that can be down (503), refuse
@@ -171,9 +174,9 @@ func newLogsDelivery(t *testing.T, overlay string) *logsDelivery {
 			"PGCONSISTENCY_DB_TLS_INSECURE=true",
 			"PGCONSISTENCY_COLLECTION_INTERVAL=" + collectionInterval.String(),
 			"PGCONSISTENCY_LOGS_OTLP_ENDPOINT=" + endpoint,
-			"PGCONSISTENCY_PROMETHEUS_ENDPOINT=127.0.0.1:" + strconv.Itoa(freePort(t)),
-			"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(freePort(t)),
-			"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(freePort(t)),
+			"PGCONSISTENCY_PROMETHEUS_ENDPOINT=127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+			"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+			"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(testkit.FreePort(t)),
 		}}
 	if overlay != "" {
 		path := filepath.Join(t.TempDir(), "overlay.yaml")

@@ -1,10 +1,10 @@
+//go:build e2e
+
 package e2e
 
 import (
 	"fmt"
-	"io"
 	"maps"
-	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
@@ -19,6 +19,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // multiDatabaseConfig is one receiver watching, by discovery, every
@@ -55,38 +56,23 @@ service:
 type byDatabase map[string]map[string]map[string]float64
 
 func scrapeByDatabase(endpoint string) (byDatabase, error) {
-	resp, err := http.Get("http://" + endpoint + "/metrics")
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
+	samples, err := testkit.Scrape("http://" + endpoint + "/metrics")
 	if err != nil {
 		return nil, err
 	}
 	out := byDatabase{}
-	for _, line := range strings.Split(string(body), "\n") {
-		m := exporterLine.FindStringSubmatch(line)
-		if m == nil {
+	for _, s := range samples {
+		if !strings.HasPrefix(s.Name, "pgconsistency_") || len(s.Labels) == 0 {
 			continue
 		}
-		labels := map[string]string{}
-		for _, kv := range strings.Split(m[2], ",") {
-			k, v, _ := strings.Cut(kv, "=")
-			labels[k] = strings.Trim(v, `"`)
-		}
-		f, err := strconv.ParseFloat(m[3], 64)
-		if err != nil {
-			return nil, err
-		}
-		db := labels["postgresql_database_name"]
+		db := s.Labels["postgresql_database_name"]
 		if out[db] == nil {
 			out[db] = map[string]map[string]float64{}
 		}
-		if out[db][m[1]] == nil {
-			out[db][m[1]] = map[string]float64{}
+		if out[db][s.Name] == nil {
+			out[db][s.Name] = map[string]float64{}
 		}
-		out[db][m[1]][labels["invariant"]] = f
+		out[db][s.Name][s.Labels["invariant"]] = s.Value
 	}
 	return out, nil
 }
@@ -143,7 +129,7 @@ func TestMultipleDatabases(t *testing.T) {
 	// loop of refresh::changes_interval, on by default; no refresh scheduler).
 	const maxConnections = 7
 	conns := srv.WatchSessions(t, "otelcol-pgconsistency")
-	exporter := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	exporter := "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
 	config := filepath.Join(t.TempDir(), "collector.yaml")
 	require.NoError(t, os.WriteFile(config, []byte(multiDatabaseConfig), 0o600))
 	collector := startCollector(t, config, map[string]string{

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package e2e
 
 import (
@@ -24,6 +26,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // logSink is an OTLP/HTTP logs endpoint: it counts the records of new
@@ -159,37 +162,22 @@ service:
 // exporterValues returns every pgconsistency_* sample of the exporter's page
 // by metric name and invariant ("" for database-wide metrics).
 func exporterValues(endpoint string) (map[string]map[string]float64, map[string]string, error) {
-	resp, err := http.Get("http://" + endpoint + "/metrics")
-	if err != nil {
-		return nil, nil, err
-	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
+	samples, err := testkit.Scrape("http://" + endpoint + "/metrics")
 	if err != nil {
 		return nil, nil, err
 	}
 	out := map[string]map[string]float64{}
 	var versionLabels map[string]string
-	for _, line := range strings.Split(string(body), "\n") {
-		m := exporterLine.FindStringSubmatch(line)
-		if m == nil {
+	for _, s := range samples {
+		if !strings.HasPrefix(s.Name, "pgconsistency_") || len(s.Labels) == 0 {
 			continue
 		}
-		labels := map[string]string{}
-		for _, kv := range strings.Split(m[2], ",") {
-			k, v, _ := strings.Cut(kv, "=")
-			labels[k] = strings.Trim(v, `"`)
+		if out[s.Name] == nil {
+			out[s.Name] = map[string]float64{}
 		}
-		f, err := strconv.ParseFloat(m[3], 64)
-		if err != nil {
-			return nil, nil, err
-		}
-		if out[m[1]] == nil {
-			out[m[1]] = map[string]float64{}
-		}
-		out[m[1]][labels["invariant"]] = f
-		if m[1] == "pgconsistency_version" {
-			versionLabels = labels
+		out[s.Name][s.Labels["invariant"]] = s.Value
+		if s.Name == "pgconsistency_version" {
+			versionLabels = s.Labels
 		}
 	}
 	return out, versionLabels, nil
@@ -257,7 +245,7 @@ func TestThroughPgBouncer(t *testing.T) {
 	t.Cleanup(func() { stopBusy(); busy.Wait() })
 
 	logs, logsEndpoint := startLogSink(t)
-	exporter := "127.0.0.1:" + strconv.Itoa(freePort(t))
+	exporter := "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
 	config := filepath.Join(t.TempDir(), "collector.yaml")
 	require.NoError(t, os.WriteFile(config, []byte(pgbouncerCollectorConfig), 0o644))
 	collector := startCollector(t, config, map[string]string{

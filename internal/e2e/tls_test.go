@@ -1,3 +1,5 @@
+//go:build e2e
+
 package e2e
 
 import (
@@ -12,6 +14,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // TestTLSVerifiedByDefault: the collector built from builder-config.yaml
@@ -35,9 +38,9 @@ func TestTLSVerifiedByDefault(t *testing.T) {
 			"PGCONSISTENCY_DB_PASSWORD":         s.Password,
 			"PGCONSISTENCY_DB_NAME":             db,
 			"PGCONSISTENCY_COLLECTION_INTERVAL": collectionInterval.String(),
-			"PGCONSISTENCY_PROMETHEUS_ENDPOINT": "127.0.0.1:" + strconv.Itoa(freePort(t)),
-			"PGCONSISTENCY_HEALTH_ENDPOINT":     "127.0.0.1:" + strconv.Itoa(freePort(t)),
-			"PGCONSISTENCY_TELEMETRY_PORT":      strconv.Itoa(freePort(t)),
+			"PGCONSISTENCY_PROMETHEUS_ENDPOINT": "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+			"PGCONSISTENCY_HEALTH_ENDPOINT":     "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+			"PGCONSISTENCY_TELEMETRY_PORT":      strconv.Itoa(testkit.FreePort(t)),
 		}
 		for k, v := range extra {
 			e[k] = v

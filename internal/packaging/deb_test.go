@@ -1,3 +1,5 @@
+//go:build e2e
+
 package packaging
 
 import (
@@ -5,13 +7,11 @@ import (
 	"bytes"
 	"context"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"os/user"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -23,6 +23,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // TestDeb installs the .deb with dpkg, checks its files and its user, runs
@@ -93,9 +94,9 @@ func TestDeb(t *testing.T) {
 		unit := parseUnit(t, unitPath)
 		srv := pgtest.Start(t)
 		db := srv.CreateDatabase(t, "")
-		srv.PsqlFile(t, db, fixture.Path("testdata/schema.sql"))
-		srv.PsqlFile(t, db, fixture.Path("testdata/fixtures/clean.sql"))
-		srv.PsqlFile(t, db, fixture.Path("testdata/fixtures/dataset_seed_missing.sql"))
+		srv.PsqlFile(t, db, fixture.Path("testdata/legacy/schema.sql"))
+		srv.PsqlFile(t, db, fixture.Path("testdata/legacy/fixtures/clean.sql"))
+		srv.PsqlFile(t, db, fixture.Path("testdata/legacy/fixtures/dataset_seed_missing.sql"))
 		// the SQL as the package installed it: install.sql includes framework/ relative to itself
 		srv.PsqlFile(t, db, sqlDir+"/install.sql")
 		srv.Psql(t, db, "-c", "CALL pgconsistency.refresh()")
@@ -103,7 +104,7 @@ func TestDeb(t *testing.T) {
 		role, password := srv.CreateLoginRole(t, db, "otel_pkg_")
 		srv.Psql(t, db, "-c", "GRANT pgconsistency_reader TO "+role)
 
-		metrics := "127.0.0.1:" + strconv.Itoa(freePort(t))
+		metrics := "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
 		// What a user does after installing: fill in the environment file.
 		setEnvironment(t, envFilePath, map[string]string{
 			"PGCONSISTENCY_DB_ENDPOINT":         "127.0.0.1:" + strconv.Itoa(srv.Port),
@@ -113,20 +114,30 @@ func TestDeb(t *testing.T) {
 			"PGCONSISTENCY_DB_TLS_INSECURE":     "true",
 			"PGCONSISTENCY_COLLECTION_INTERVAL": "1s",
 			"PGCONSISTENCY_PROMETHEUS_ENDPOINT": metrics,
-			"PGCONSISTENCY_HEALTH_ENDPOINT":     "127.0.0.1:" + strconv.Itoa(freePort(t)),
-			"PGCONSISTENCY_TELEMETRY_PORT":      strconv.Itoa(freePort(t)),
+			"PGCONSISTENCY_HEALTH_ENDPOINT":     "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+			"PGCONSISTENCY_TELEMETRY_PORT":      strconv.Itoa(testkit.FreePort(t)),
 		})
 		log := startAsUnit(t, unit)
 
 		want := len(fixture.Breakage["dataset_seed_missing"])
-		series := regexp.MustCompile(`(?m)^pgconsistency_anomalies\{[^}]*invariant="dataset_seed_missing"[^}]*\} (\S+)$`)
-		up := regexp.MustCompile(`(?m)^pgconsistency_up\{[^}]*postgresql_database_name="` + regexp.QuoteMeta(db) + `"[^}]*\} 1$`)
 		var page string
 		ok := assert.Eventually(t, func() bool {
 			page = scrape(metrics)
-			m := series.FindStringSubmatch(page)
-			return m != nil && m[1] == strconv.Itoa(want) && up.MatchString(page) &&
-				strings.Contains(page, `postgresql_database_name="`+db+`"`)
+			samples, err := testkit.ParseExposition(page)
+			if err != nil {
+				return false
+			}
+			var seedMissing, up bool
+			for _, s := range samples {
+				switch {
+				case s.Labels["postgresql_database_name"] != db:
+				case s.Name == "pgconsistency_anomalies" && s.Labels["invariant"] == "dataset_seed_missing":
+					seedMissing = s.Value == float64(want)
+				case s.Name == "pgconsistency_up":
+					up = s.Value == 1
+				}
+			}
+			return seedMissing && up
 		}, 60*time.Second, 250*time.Millisecond, "pgconsistency_anomalies{invariant=\"dataset_seed_missing\"} %d "+
 			"and pgconsistency_up 1 of database %s on http://%s/metrics", want, db, metrics)
 		if !ok {
@@ -355,12 +366,4 @@ func grepPrefix(page, prefix string) string {
 		}
 	}
 	return strings.Join(out, "\n")
-}
-
-func freePort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package packaging
 
 import (
@@ -21,6 +23,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // TestImage unpacks the OCI image's layers into a directory, checks its
@@ -163,7 +166,7 @@ func TestImageVerifiesTLS(t *testing.T) {
 	require.NoError(t, os.WriteFile(filepath.Join(rootfs, caInImage), b, 0o644))
 
 	run := func(t *testing.T, extraEnv ...string) (metrics string, log *strings.Builder) {
-		metrics = "127.0.0.1:" + strconv.Itoa(freePort(t))
+		metrics = "127.0.0.1:" + strconv.Itoa(testkit.FreePort(t))
 		cmd := exec.Command("chroot", "--userspec="+imageUser, rootfs, binPath, "--config="+configPath)
 		cmd.Env = append([]string{
 			"PGCONSISTENCY_DB_ENDPOINT=127.0.0.1:" + strconv.Itoa(srv.Port),
@@ -172,8 +175,8 @@ func TestImageVerifiesTLS(t *testing.T) {
 			"PGCONSISTENCY_DB_NAME=" + db,
 			"PGCONSISTENCY_COLLECTION_INTERVAL=1s",
 			"PGCONSISTENCY_PROMETHEUS_ENDPOINT=" + metrics,
-			"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(freePort(t)),
-			"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(freePort(t)),
+			"PGCONSISTENCY_HEALTH_ENDPOINT=127.0.0.1:" + strconv.Itoa(testkit.FreePort(t)),
+			"PGCONSISTENCY_TELEMETRY_PORT=" + strconv.Itoa(testkit.FreePort(t)),
 		}, extraEnv...)
 		log = &strings.Builder{}
 		cmd.Stdout, cmd.Stderr = log, log

@@ -1,3 +1,5 @@
+//go:build integration || e2e
+
 package pgtest
 
 import (

@@ -1,3 +1,5 @@
+//go:build integration || e2e
+
 // Package pgtest gives tests a real, throwaway PostgreSQL server.
 //
 // Start creates a fresh cluster with initdb in its own temporary directory,
@@ -109,6 +111,8 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // Environment variables read by Start.
@@ -758,7 +762,7 @@ func serverCredential() (*syscall.Credential, error) {
 func onFreePort(tb testing.TB, what, dir string, configure func(port int) error, start func() (string, error)) {
 	tb.Helper()
 	for attempt := 1; ; attempt++ {
-		port, err := freePort()
+		port, err := testkit.FindFreePort()
 		if err != nil {
 			tb.Fatalf("pgtest: finding a free port: %v", err)
 		}
@@ -774,16 +778,6 @@ func onFreePort(tb testing.TB, what, dir string, configure func(port int) error,
 		}
 		tb.Fatalf("pgtest: starting %s in %s: %v\n%s log:\n%s", what, dir, err, what, tail(log))
 	}
-}
-
-// freePort returns a TCP port on 127.0.0.1 that was free a moment ago.
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 func fileExists(path string) bool {

@@ -1,3 +1,5 @@
+//go:build e2e
+
 package soak
 
 import (
@@ -10,7 +12,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -21,6 +22,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 // appName is the application_name of the receiver's scrape connections.
@@ -98,7 +100,7 @@ func startCollector(tb testing.TB, srv *pgtest.Server, receivers []receiverConfi
 		tb.Fatalf("the collector binary %s is missing: run `make build` (make soak does)", bin)
 	}
 	dir := tb.TempDir()
-	promPort, telemetryPort := freePort(tb), freePort(tb)
+	promPort, telemetryPort := testkit.FreePort(tb), testkit.FreePort(tb)
 	cfgPath := filepath.Join(dir, "collector.yaml")
 	must(tb, os.WriteFile(cfgPath, []byte(collectorConfig(srv, receivers, interval, promPort, telemetryPort)), 0o600))
 	c := &collector{
@@ -168,61 +170,10 @@ func (c *collector) logTail() string {
 	return "collector log (end):\n" + string(data)
 }
 
-// sample is one line of a Prometheus text exposition.
-type sample struct {
-	name   string
-	labels map[string]string
-	value  float64
-}
-
-var labelPair = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"`)
-
-// parseExposition reads the samples of a Prometheus text exposition.
-func parseExposition(text string) ([]sample, error) {
-	var out []sample
-	for _, line := range strings.Split(text, "\n") {
-		line = strings.TrimSpace(line)
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		s := sample{labels: map[string]string{}}
-		var rest string
-		if i := strings.IndexByte(line, '{'); i >= 0 {
-			j := strings.LastIndexByte(line, '}')
-			if j < i {
-				return nil, fmt.Errorf("malformed sample %q", line)
-			}
-			s.name = line[:i]
-			for _, m := range labelPair.FindAllStringSubmatch(line[i+1:j], -1) {
-				s.labels[m[1]] = m[2]
-			}
-			rest = line[j+1:]
-		} else {
-			f := strings.Fields(line)
-			s.name, rest = f[0], strings.TrimPrefix(line, f[0])
-		}
-		f := strings.Fields(rest)
-		if len(f) == 0 {
-			return nil, fmt.Errorf("sample without a value: %q", line)
-		}
-		v, err := strconv.ParseFloat(f[0], 64)
-		if err != nil {
-			return nil, fmt.Errorf("sample %q: %w", line, err)
-		}
-		s.value = v
-		out = append(out, s)
-	}
-	return out, nil
-}
-
 // scrapeSamples GETs a /metrics endpoint and parses it.
-func scrapeSamples(tb testing.TB, url string) []sample {
+func scrapeSamples(tb testing.TB, url string) []testkit.Sample {
 	tb.Helper()
-	body, err := get(url)
-	if err != nil {
-		tb.Fatalf("GET %s: %v", url, err)
-	}
-	s, err := parseExposition(body)
+	s, err := testkit.Scrape(url)
 	if err != nil {
 		tb.Fatalf("GET %s: %v", url, err)
 	}
@@ -244,26 +195,6 @@ func get(url string) (string, error) {
 		return "", errors.New(resp.Status)
 	}
 	return string(body), nil
-}
-
-// named returns the samples called name.
-func named(samples []sample, name string) []sample {
-	var out []sample
-	for _, s := range samples {
-		if s.name == name {
-			out = append(out, s)
-		}
-	}
-	return out
-}
-
-// total is the sum of the samples called name (0 if there are none).
-func total(samples []sample, name string) float64 {
-	var t float64
-	for _, s := range named(samples, name) {
-		t += s.value
-	}
-	return t
 }
 
 // connections counts the receiver's scrape connections per database, over a
@@ -314,14 +245,6 @@ func waitFor(tb testing.TB, timeout time.Duration, what string, cond func() (boo
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-}
-
-func freePort(tb testing.TB) int {
-	tb.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	must(tb, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 func must(tb testing.TB, err error) {

@@ -1,3 +1,5 @@
+//go:build e2e
+
 // Package soak holds the load and soak runs of the collector distribution
 // (`make soak`) and a short soak that runs with `make test`.
 //
@@ -10,7 +12,7 @@
 // otelcol_receiver_accepted_metric_points (data points; otelcol_scraper_scraped_metric_points
 // counts metrics).
 //
-//	go test -run '^$' -bench '^Benchmark(Load|Soak)$' -benchtime 1x -timeout 60m ./internal/soak \
+//	go test -tags e2e -run '^$' -bench '^Benchmark(Load|Soak)$' -benchtime 1x -timeout 60m ./internal/soak \
 //	    -args -load.duration 60s -soak.duration 10m -soak.interval 100ms
 package soak
 
@@ -26,6 +28,7 @@ import (
 	"github.com/pgconsistency/pgconsistency/internal/benchkit"
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/testkit"
 )
 
 var (
@@ -120,14 +123,14 @@ func runSoak(tb testing.TB, p soakParams) *soakResult {
 	// Points per successful scrape: what the exporter shows of one scrape.
 	var points float64
 	for _, s := range scrapeSamples(tb, c.metrics) {
-		if strings.HasPrefix(s.name, "pgconsistency_") {
+		if strings.HasPrefix(s.Name, "pgconsistency_") {
 			points++
 		}
 	}
 	r := &soakResult{p: p, pointsPerScrape: points}
 	tel0 := scrapeSamples(tb, c.telemetry)
-	accepted0 := total(tel0, "otelcol_receiver_accepted_metric_points")
-	errored0 := total(tel0, "otelcol_scraper_errored_metric_points")
+	accepted0 := testkit.Total(tel0, "otelcol_receiver_accepted_metric_points")
+	errored0 := testkit.Total(tel0, "otelcol_scraper_errored_metric_points")
 	start := time.Now()
 	cpu0 := benchkit.CPU(tb, c.pid())
 
@@ -135,7 +138,7 @@ func runSoak(tb testing.TB, p soakParams) *soakResult {
 		tel := scrapeSamples(tb, c.telemetry)
 		s := soakSample{at: time.Since(start), conns: sumConns(connections(tb, srv))}
 		s.rssKiB, _ = benchkit.Memory(tb, c.pid())
-		s.scrapes = (total(tel, "otelcol_receiver_accepted_metric_points") - accepted0) / points
+		s.scrapes = (testkit.Total(tel, "otelcol_receiver_accepted_metric_points") - accepted0) / points
 		if s.conns > 2 {
 			tb.Fatalf("at %s: %d connections with application_name %s, want at most 2 (the pool's max): a connection leak\n%s",
 				s.at.Round(time.Second), s.conns, appName, c.logTail())
@@ -144,7 +147,7 @@ func runSoak(tb testing.TB, p soakParams) *soakResult {
 		return s
 	}
 	erroredSince := func() float64 {
-		return total(scrapeSamples(tb, c.telemetry), "otelcol_scraper_errored_metric_points") - errored0
+		return testkit.Total(scrapeSamples(tb, c.telemetry), "otelcol_scraper_errored_metric_points") - errored0
 	}
 
 	warmed, restarted := false, false
@@ -217,13 +220,13 @@ func runSoak(tb testing.TB, p soakParams) *soakResult {
 
 // upIs reports whether every pgconsistency_up sample of the exporter is want.
 func upIs(tb testing.TB, c *collector, want float64) (bool, string) {
-	up := named(scrapeSamples(tb, c.metrics), "pgconsistency_up")
+	up := testkit.Named(scrapeSamples(tb, c.metrics), "pgconsistency_up")
 	if len(up) == 0 {
 		return false, "no pgconsistency_up sample yet"
 	}
 	for _, s := range up {
-		if s.value != want {
-			return false, fmt.Sprintf("pgconsistency_up %v for database %s", s.value, s.labels["postgresql_database_name"])
+		if s.Value != want {
+			return false, fmt.Sprintf("pgconsistency_up %v for database %s", s.Value, s.Labels["postgresql_database_name"])
 		}
 	}
 	return true, ""
@@ -231,12 +234,12 @@ func upIs(tb testing.TB, c *collector, want float64) (bool, string) {
 
 // checkAnomalies requires the exporter to show the eight dataset invariants of
 // db with the counts of their anomaly fixtures.
-func checkAnomalies(tb testing.TB, samples []sample, db string) {
+func checkAnomalies(tb testing.TB, samples []testkit.Sample, db string) {
 	tb.Helper()
 	got := map[string]float64{}
-	for _, s := range named(samples, "pgconsistency_anomalies") {
-		if s.labels["postgresql_database_name"] == db {
-			got[s.labels["invariant"]] = s.value
+	for _, s := range testkit.Named(samples, "pgconsistency_anomalies") {
+		if s.Labels["postgresql_database_name"] == db {
+			got[s.Labels["invariant"]] = s.Value
 		}
 	}
 	for _, inv := range fixture.Invariants {
@@ -335,14 +338,14 @@ func loadManyInvariants(b *testing.B, srv *pgtest.Server, scrapeBin string) load
 
 	samples := scrapeSamples(b, c.metrics)
 	checkAnomalies(b, samples, db)
-	anomalies := named(samples, "pgconsistency_anomalies")
+	anomalies := testkit.Named(samples, "pgconsistency_anomalies")
 	r.series = len(anomalies)
 	if r.series != 1000 {
 		b.Fatalf("the exporter has %d pgconsistency_anomalies series, want 1000 (one per registered invariant)", r.series)
 	}
 	for _, s := range anomalies {
-		if strings.HasPrefix(s.labels["invariant"], "load_extra_") && s.value != 2 {
-			b.Fatalf("pgconsistency_anomalies{invariant=%q} = %v, want 2 (the rows of load_extra.t)", s.labels["invariant"], s.value)
+		if strings.HasPrefix(s.Labels["invariant"], "load_extra_") && s.Value != 2 {
+			b.Fatalf("pgconsistency_anomalies{invariant=%q} = %v, want 2 (the rows of load_extra.t)", s.Labels["invariant"], s.Value)
 		}
 	}
 	if ok, why := upIs(b, c, 1); !ok {
@@ -376,7 +379,7 @@ func loadManyDatabases(b *testing.B, srv *pgtest.Server) loadResult {
 	r := loadResult{what: "20 receivers, 20 databases × 8 invariants"}
 	c := startCollector(b, srv, receivers, time.Second)
 	waitFor(b, time.Minute, "pgconsistency_up 1 for all 20 databases", func() (bool, string) {
-		up := named(scrapeSamples(b, c.metrics), "pgconsistency_up")
+		up := testkit.Named(scrapeSamples(b, c.metrics), "pgconsistency_up")
 		if len(up) != n {
 			return false, fmt.Sprintf("%d pgconsistency_up series", len(up))
 		}
@@ -386,10 +389,10 @@ func loadManyDatabases(b *testing.B, srv *pgtest.Server) loadResult {
 
 	samples := scrapeSamples(b, c.metrics)
 	got := map[string]float64{}
-	for _, s := range named(samples, "pgconsistency_anomalies") {
+	for _, s := range testkit.Named(samples, "pgconsistency_anomalies") {
 		r.series++
-		if s.labels["invariant"] == "dataset_head_ref_missing" {
-			got[s.labels["postgresql_database_name"]] = s.value
+		if s.Labels["invariant"] == "dataset_head_ref_missing" {
+			got[s.Labels["postgresql_database_name"]] = s.Value
 		}
 	}
 	if len(got) != n {
@@ -423,15 +426,15 @@ func measureCollector(b *testing.B, srv *pgtest.Server, c *collector, r *loadRes
 	waitFor(b, time.Minute, "pgconsistency_up 1", func() (bool, string) { return upIs(b, c, 1) })
 	time.Sleep(5 * time.Second) // warm-up before measuring: pools connected, first exports done
 	cpu0 := benchkit.CPU(b, c.pid())
-	points0 := total(scrapeSamples(b, c.telemetry), "otelcol_receiver_accepted_metric_points")
+	points0 := testkit.Total(scrapeSamples(b, c.telemetry), "otelcol_receiver_accepted_metric_points")
 	start := time.Now()
 	time.Sleep(*flagLoadDuration) // the measured run
 	r.duration = time.Since(start)
 	tel := scrapeSamples(b, c.telemetry)
 	r.cpu = benchkit.CPU(b, c.pid()) - cpu0
 	r.rssKiB, r.hwmKiB = benchkit.Memory(b, c.pid())
-	r.pointsPerSecond = (total(tel, "otelcol_receiver_accepted_metric_points") - points0) / r.duration.Seconds()
-	if e := total(tel, "otelcol_scraper_errored_metric_points"); e != 0 {
+	r.pointsPerSecond = (testkit.Total(tel, "otelcol_receiver_accepted_metric_points") - points0) / r.duration.Seconds()
+	if e := testkit.Total(tel, "otelcol_scraper_errored_metric_points"); e != 0 {
 		b.Fatalf("%v scrape errors (points) during the load run, want none\n%s", e, c.logTail())
 	}
 	r.conns = sumConns(connections(b, srv))

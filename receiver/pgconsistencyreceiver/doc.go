@@ -1,4 +1,4 @@
-//go:generate ../../.tools/mdatagen metadata.yaml
+//go:generate make -C ../.. generate
 
 // Package pgconsistencyreceiver reads the snapshot of data-consistency
 // invariants that PostgreSQL keeps in the pgconsistency schema (see sql/ at the

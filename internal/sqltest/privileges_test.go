@@ -1,0 +1,162 @@
+//go:build integration
+
+package sqltest_test
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/pgconsistency/pgconsistency/internal/fixture"
+	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+)
+
+// privilegeModel is docs/security.md's table of who may run what, as
+// grants: function name → the roles besides its owner with EXECUTE on it.
+// Every function of the schema and the packs not named here is executable
+// by its owner alone. A new function fails TestPrivilegeModel until it is
+// placed here and in docs/security.md.
+var privilegeModel = map[string][]string{
+	// PUBLIC: pure, read nothing, write nothing (docs/security.md, "PUBLIC").
+	"version":                 {"PUBLIC"},
+	"_valid_refresh_settings": {"PUBLIC"},
+	"_deprecated_column":      {"PUBLIC"},
+	// The collector's reader.
+	"new_anomalies_for_log":             {"pgconsistency_reader"},
+	"new_anomalies_with_origin_for_log": {"pgconsistency_reader"},
+	"finished_requests_for_log":         {"pgconsistency_reader"},
+	"advance_log_cursor":                {"pgconsistency_reader"},
+	"advance_request_log_cursor":        {"pgconsistency_reader"},
+	// The refresher: pg_cron, deploy jobs, the collector's scheduler and
+	// changes loop.
+	"refresh":                 {"pgconsistency_refresher"},
+	"refresh_plan":            {"pgconsistency_refresher"},
+	"refresh_changes_plan":    {"pgconsistency_refresher"},
+	"refresh_invariant":       {"pgconsistency_refresher"},
+	"capture_wal":             {"pgconsistency_refresher"},
+	"claim_refresh_request":   {"pgconsistency_refresher"},
+	"expire_acknowledgements": {"pgconsistency_refresher"},
+	"request_refresh":         {"pgconsistency_refresher"},
+	"observe_deploy_marker":   {"pgconsistency_refresher"},
+}
+
+// relationModel: relation → the grants besides its owner's ("role:PRIVILEGE").
+var relationModel = map[string][]string{
+	"status":    {"pgconsistency_reader:SELECT"},
+	"invariant": {"pgconsistency_refresher:SELECT"},
+}
+
+// TestPrivilegeModel reads the privileges of everything installed in the
+// schema (the framework, the three packs, roles.sql, the capture triggers'
+// generated functions) from the catalog and holds them against
+// docs/security.md: every SECURITY DEFINER function pins its search_path;
+// EXECUTE and table privileges go exactly to the roles the threat model
+// says; PUBLIC reaches only the functions it lists.
+func TestPrivilegeModel(t *testing.T) {
+	t.Parallel()
+	s := pgtest.Start(t)
+	db := fixture.NewCurrentDatabase(t, s)
+	for _, f := range []string{"sql/operations.sql", "sql/audit.sql", "sql/roles.sql"} {
+		s.PsqlFile(t, db, fixture.Path(f))
+	}
+	conn := s.Conn(t, db)
+	// The generated capture functions too: one invariant in incremental mode.
+	exec(t, conn, "SELECT pgconsistency.set_refresh_mode('dataset_seed_missing', 'incremental')")
+	ctx := t.Context()
+
+	rows, err := conn.Query(ctx, `
+		SELECT p.proname, p.prosecdef, coalesce(pg_catalog.array_to_string(p.proconfig, ';'), ''),
+		       coalesce((SELECT pg_catalog.array_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END ORDER BY 1)
+		                   FROM pg_catalog.aclexplode(coalesce(p.proacl, pg_catalog.acldefault('f', p.proowner))) a
+		                  WHERE a.privilege_type = 'EXECUTE' AND a.grantee <> p.proowner), '{}')
+		  FROM pg_catalog.pg_proc p
+		 WHERE p.pronamespace = 'pgconsistency'::regnamespace
+		 ORDER BY 1`)
+	require.NoError(t, err)
+	type fn struct {
+		name     string
+		definer  bool
+		config   string
+		grantees []string
+	}
+	fns, err := pgx.CollectRows(rows, func(r pgx.CollectableRow) (fn, error) {
+		var f fn
+		return f, r.Scan(&f.name, &f.definer, &f.config, &f.grantees)
+	})
+	require.NoError(t, err)
+	require.Greater(t, len(fns), 100, "the schema's functions were read")
+
+	var problems []string
+	definers := 0
+	for _, f := range fns {
+		if f.definer {
+			definers++
+			if !strings.Contains(f.config, "search_path=pg_catalog, pg_temp") {
+				problems = append(problems, fmt.Sprintf("%s is SECURITY DEFINER without SET search_path = pg_catalog, pg_temp (it has %q)", f.name, f.config))
+			}
+		}
+		want := privilegeModel[f.name]
+		if want == nil {
+			want = []string{}
+		}
+		if !slices.Equal(want, f.grantees) {
+			problems = append(problems, fmt.Sprintf("%s: EXECUTE granted to %v, docs/security.md says %v", f.name, f.grantees, want))
+		}
+	}
+	assert.Greater(t, definers, 20, "the SECURITY DEFINER functions were seen")
+	assert.Contains(t, namesOf(fns, func(f fn) string { return f.name }), "_capture_"+captureOID(t, conn),
+		"the generated capture function is checked too")
+
+	rows, err = conn.Query(ctx, `
+		SELECT c.relname,
+		       coalesce((SELECT pg_catalog.array_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END
+		                                                      || ':' || a.privilege_type ORDER BY 1)
+		                   FROM pg_catalog.aclexplode(c.relacl) a WHERE a.grantee <> c.relowner), '{}')
+		  FROM pg_catalog.pg_class c
+		 WHERE c.relnamespace = 'pgconsistency'::regnamespace AND c.relkind IN ('r', 'v', 'm', 'S', 'p')
+		 ORDER BY 1`)
+	require.NoError(t, err)
+	for rows.Next() {
+		var name string
+		var grants []string
+		require.NoError(t, rows.Scan(&name, &grants))
+		want := relationModel[name]
+		if want == nil {
+			want = []string{}
+		}
+		if !slices.Equal(want, grants) {
+			problems = append(problems, fmt.Sprintf("relation %s: granted %v, docs/security.md says %v", name, grants, want))
+		}
+	}
+	require.NoError(t, rows.Err())
+	var schemaUsage []string
+	require.NoError(t, conn.QueryRow(ctx, `
+		SELECT coalesce(pg_catalog.array_agg(DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END ORDER BY 1), '{}')
+		  FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+		 WHERE n.nspname = 'pgconsistency' AND a.grantee <> n.nspowner AND a.privilege_type = 'USAGE'`).Scan(&schemaUsage))
+	if slices.Contains(schemaUsage, "PUBLIC") {
+		problems = append(problems, "PUBLIC has USAGE on the schema pgconsistency")
+	}
+	assert.Empty(t, problems)
+}
+
+func namesOf[T any](xs []T, name func(T) string) []string {
+	out := make([]string, 0, len(xs))
+	for _, x := range xs {
+		out = append(out, name(x))
+	}
+	return out
+}
+
+// captureOID is the oid of a table the capture triggers are on.
+func captureOID(t *testing.T, conn *pgx.Conn) string {
+	t.Helper()
+	var oid string
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT 'public.dataset_key_blocks'::regclass::oid::text").Scan(&oid))
+	return oid
+}
