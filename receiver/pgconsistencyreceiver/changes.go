@@ -141,7 +141,14 @@ func (c *changesLoop) step(ctx context.Context) time.Duration {
 		// Logged when it changes, and at most once a minute while it lasts.
 		if msg := err.Error(); msg != c.lastError || time.Since(c.lastErrorAt) >= changesMaxBackoff {
 			c.lastError, c.lastErrorAt = msg, time.Now()
-			c.logger.Error("pgconsistency changes pass failed; the next one is in "+wait.String()+
+			log := c.logger.Error
+			if c.failures == 1 && (isAdminShutdown(err) || databaseGone(err)) {
+				// The server ended the connection (a restart, a database
+				// dropped WITH (FORCE), which the scrape reports): the next
+				// pass reconnects; an error only if that goes on failing.
+				log = c.logger.Info
+			}
+			log("pgconsistency changes pass failed; the next one is in "+wait.String()+
 				" (logged again after a minute if it goes on failing)", zap.Error(err), zap.Int("consecutive_failures", c.failures))
 		}
 		return wait

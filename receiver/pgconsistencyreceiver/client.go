@@ -420,8 +420,8 @@ func tlsAdvice(err error) string {
 	var invalid x509.CertificateInvalidError
 	switch {
 	case errors.As(err, &unknownCA):
-		return `the server's certificate is signed by an unknown authority (no CA of the system's trust store): set ` +
-			`"tls::ca_file" to the certificate of the CA that issued it; managed services publish theirs (Amazon RDS and ` +
+		return `the server's certificate is signed by an unknown authority (not the CA of "tls::ca_file", nor, without it, ` +
+			`one of the system's trust store): set "tls::ca_file" to the certificate of the CA that issued it; managed services publish theirs (Amazon RDS and ` +
 			`Aurora: global-bundle.pem of truststore.pki.rds.amazonaws.com; Cloud SQL: the instance's server-ca.pem; ` +
 			`Azure Database for PostgreSQL: DigiCert Global Root G2 and Microsoft RSA Root Certificate Authority 2017). ` +
 			`"tls::insecure_skip_verify: true" encrypts without verifying the server`
