@@ -31,7 +31,7 @@ func TestRefreshSteps(t *testing.T) {
 		t.Helper()
 		tx, err := conn.Begin(ctx)
 		require.NoError(t, err)
-		defer tx.Rollback(context.Background()) //nolint:errcheck
+		defer tx.Rollback(context.Background()) //nolint:errcheck // undone whatever happened; nothing to report
 		f(tx)
 	}
 
@@ -39,7 +39,7 @@ func TestRefreshSteps(t *testing.T) {
 		holder := s.Conn(t, db)
 		hold, err := holder.Begin(ctx)
 		require.NoError(t, err)
-		defer hold.Rollback(context.Background()) //nolint:errcheck
+		defer hold.Rollback(context.Background()) //nolint:errcheck // undone whatever happened; nothing to report
 		var took bool
 		require.NoError(t, hold.QueryRow(ctx, "SELECT pgconsistency._refresh_lock('dataset_seed_missing', now())").Scan(&took))
 		require.True(t, took, "the first session takes the lock")

@@ -51,7 +51,7 @@ func TestWALCaptureRefusals(t *testing.T) {
 		exec(t, conn, "GRANT EXECUTE ON FUNCTION pgconsistency._wal_capture_problem() TO "+role)
 		tx, err := conn.Begin(t.Context())
 		require.NoError(t, err)
-		defer tx.Rollback(context.Background()) //nolint:errcheck
+		defer tx.Rollback(context.Background()) //nolint:errcheck // undone whatever happened; nothing to report
 		_, err = tx.Exec(t.Context(), "SET LOCAL ROLE "+role)
 		require.NoError(t, err)
 		var problem, fix string
