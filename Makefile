@@ -1,7 +1,7 @@
 # pgconsistency — see README.md.
 #   make run        the demo: throwaway PostgreSQL with demo data, the collector, Prometheus
 #   make test       every test and check (installs what is missing on Debian, as root)
-#   make test-unit  the Go tests that need no PostgreSQL (go test ./..., no tags), under a minute
+#   make test-unit  the Go tests that need no PostgreSQL (go test ./..., no tags): seconds, warm cache
 #   make test-sql   the SQL tests (internal/sqltest, tag integration)
 #   make test-integration  the receiver and test helpers against real servers (tag integration)
 #   make test-e2e   the built collector, Prometheus, the packages (tag e2e)
