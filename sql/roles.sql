@@ -5,7 +5,8 @@
 --   psql -v ON_ERROR_STOP=1 -d app -f sql/roles.sql
 --
 -- It creates two NOLOGIN group roles (once per cluster: roles are global)
--- and grants them, in this database, what they need and nothing else:
+-- and grants them, in this database, what they need and nothing else (and
+-- the WAL capture's role, pgconsistency_capture: at the end of this file):
 --
 --   pgconsistency_reader     what the receiver reads each scrape: SELECT on
 --       pgconsistency.status; and, for a logs pipeline, EXECUTE on
@@ -110,3 +111,54 @@ GRANT EXECUTE ON FUNCTION pgconsistency.refresh_plan(text, boolean),
                           pgconsistency.observe_deploy_marker(text, interval),
                           pgconsistency.capture_wal(integer)
    TO pgconsistency_refresher;
+
+-- pgconsistency_capture (0.7.1): the WAL capture's role, NOLOGIN with
+-- REPLICATION and nothing else. It owns the four slot functions (create,
+-- drop, advance and read the capture's slot: SECURITY DEFINER, executable
+-- only by the owner of the pgconsistency schema, whose capture_wal and
+-- set_capture call them), so that neither a login role nor the schema's
+-- owner needs REPLICATION. Creating a role with REPLICATION takes a
+-- superuser; run as another role with CREATEROLE, the role is created
+-- without it and the NOTICE says what to run (on Amazon RDS and Aurora the
+-- master user grants it rds_replication here). The owner of the schema
+-- becomes a member, so that install.sql can replace the slot functions on
+-- upgrades (on PostgreSQL 15 a member can also SET ROLE to it: the schema's
+-- owner is trusted with the WAL capture; the collector's roles are not).
+DO $do$
+DECLARE
+    v_super boolean := (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
+    v_owner name := (SELECT n.nspowner::regrole::name FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgconsistency');
+BEGIN
+    IF pg_catalog.to_regrole('pgconsistency_capture') IS NULL THEN
+        BEGIN
+            IF v_super THEN
+                CREATE ROLE pgconsistency_capture NOLOGIN REPLICATION;
+            ELSE
+                CREATE ROLE pgconsistency_capture NOLOGIN;
+            END IF;
+            COMMENT ON ROLE pgconsistency_capture IS
+              'pgconsistency: owns the WAL capture''s slot functions (REPLICATION); no login, nothing of the application tables';
+        EXCEPTION WHEN duplicate_object THEN
+            NULL; -- created meanwhile from another database of the cluster
+        END;
+    END IF;
+    IF NOT v_super THEN
+        IF pg_catalog.to_regrole('rds_replication') IS NOT NULL THEN
+            BEGIN
+                GRANT rds_replication TO pgconsistency_capture;
+            EXCEPTION WHEN insufficient_privilege THEN
+                RAISE NOTICE 'pgconsistency: could not grant rds_replication to pgconsistency_capture; the WAL capture needs it: as the master user, GRANT rds_replication TO pgconsistency_capture;';
+            END;
+        ELSIF NOT (SELECT r.rolreplication FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgconsistency_capture') THEN
+            RAISE NOTICE 'pgconsistency: the role pgconsistency_capture has no REPLICATION; the WAL capture needs it: as a superuser, ALTER ROLE pgconsistency_capture REPLICATION;';
+        END IF;
+        -- ALTER FUNCTION ... OWNER by a role that is not a superuser: the new
+        -- owner must be able to create in the schema.
+        GRANT CREATE ON SCHEMA pgconsistency TO pgconsistency_capture;
+    END IF;
+    IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = v_owner) THEN
+        EXECUTE pg_catalog.format('GRANT pgconsistency_capture TO %I', v_owner);
+    END IF;
+    PERFORM pgconsistency._give_slot_functions_to_capture_role();
+END
+$do$;

@@ -265,6 +265,7 @@ func testPublicCannotExecute(t *testing.T, s *pgtest.Server) {
 	definers, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
 	assert.Equal(t, []string{
+		"_wal_advance_slot", "_wal_create_slot", "_wal_drop_slot", "_wal_slot_changes",
 		"acknowledge", "acknowledge_all", "advance_log_cursor", "advance_request_log_cursor", "capture_wal", "claim_refresh_request",
 		"expire_acknowledgements", "finished_requests_for_log", "new_anomalies_for_log", "new_anomalies_with_origin_for_log", "observe_deploy_marker",
 		"refresh_changes_plan", "refresh_invariant", "refresh_plan", "request_refresh", "set_capture", "unacknowledge",

@@ -480,3 +480,39 @@ func newIn070(t *testing.T, admin *pgx.Conn, u used) {
 	_, err = admin.Exec(t.Context(), "SELECT pgconsistency.set_capture('wal')")
 	require.ErrorContains(t, err, "wal_level = logical", "the WAL capture needs logical decoding, and says so")
 }
+
+// newIn071: roles.sql created pgconsistency_capture (NOLOGIN REPLICATION)
+// and gave it the four slot functions, SECURITY DEFINER; the read statement
+// of the capture is built from the sources the upgraded install has.
+func newIn071(t *testing.T, admin *pgx.Conn, rel fromRelease) {
+	var login, replication bool
+	require.NoError(t, admin.QueryRow(t.Context(),
+		"SELECT rolcanlogin, rolreplication FROM pg_roles WHERE rolname = 'pgconsistency_capture'").Scan(&login, &replication))
+	assert.False(t, login, "pgconsistency_capture cannot log in")
+	assert.True(t, replication, "pgconsistency_capture has REPLICATION")
+	rows, err := admin.Query(t.Context(), `SELECT proname || ' ' || proowner::regrole::text || ' ' || prosecdef::text FROM pg_proc
+		WHERE pronamespace = 'pgconsistency'::regnamespace
+		  AND proname IN ('_wal_create_slot', '_wal_drop_slot', '_wal_advance_slot', '_wal_slot_changes') ORDER BY proname`)
+	require.NoError(t, err)
+	fns, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	assert.Equal(t, []string{
+		"_wal_advance_slot pgconsistency_capture true",
+		"_wal_create_slot pgconsistency_capture true",
+		"_wal_drop_slot pgconsistency_capture true",
+		"_wal_slot_changes pgconsistency_capture true",
+	}, fns)
+	var kind *string
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT kind FROM pgconsistency._wal_slot_check('pgconsistency_none')").Scan(&kind))
+	if assert.NotNil(t, kind) {
+		assert.Equal(t, "missing", *kind)
+	}
+	if !rel.atLeast("0.3.0") {
+		return // no invariant in incremental mode: no capture source
+	}
+	var statement *string
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_statement()").Scan(&statement))
+	if assert.NotNil(t, statement, "the read statement of the upgraded capture sources") {
+		assert.Contains(t, *statement, "pgconsistency._wal_slot_changes($1, $2, $3, $4)")
+	}
+}

@@ -48,6 +48,8 @@ var (
 	release050 = fromRelease{version: "0.5.0", dir: "testdata/sql/0.5.0", datasetInvariants: fixture.Invariants[:9]}
 	// 0.6.0 added deploys and causes, and no invariant.
 	release060 = fromRelease{version: "0.6.0", dir: "testdata/sql/0.6.0", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.0 added the WAL capture, and no invariant.
+	release070 = fromRelease{version: "0.7.0", dir: "testdata/sql/0.7.0", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -76,7 +78,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.0"
+const currentRelease = "0.7.1"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -126,6 +128,11 @@ func TestUpgradeFrom050(t *testing.T) {
 func TestUpgradeFrom060(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release060)
+}
+
+func TestUpgradeFrom070(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release070)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -453,6 +460,11 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// 0.7.0: the WAL capture (opt-in) and the changes refreshed within seconds.
 	t.Run("NewIn070", func(t *testing.T) {
 		newIn070(t, admin, u)
+	})
+
+	// 0.7.1: the WAL capture's own role, and its cheaper read.
+	t.Run("NewIn071", func(t *testing.T) {
+		newIn071(t, admin, rel)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

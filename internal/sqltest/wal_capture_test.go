@@ -6,6 +6,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/url"
+	osexec "os/exec"
 	"testing"
 	"time"
 
@@ -44,21 +46,19 @@ func TestWALCaptureRefusals(t *testing.T) {
 	exec(t, s.Conn(t, "postgres"), "SELECT pg_reload_conf()")
 
 	t.Run("RoleWithoutReplication", func(t *testing.T) {
+		// The slot functions belong to a role without REPLICATION (an
+		// install by such a role, roles.sql not run).
 		db := fixture.NewCurrentDatabase(t, s)
 		conn := s.Conn(t, db)
 		role, _ := s.CreateLoginRole(t, db, "norepl")
-		exec(t, conn, "GRANT USAGE ON SCHEMA pgconsistency TO "+role)
-		exec(t, conn, "GRANT EXECUTE ON FUNCTION pgconsistency._wal_capture_problem() TO "+role)
-		tx, err := conn.Begin(t.Context())
-		require.NoError(t, err)
-		defer tx.Rollback(context.Background()) //nolint:errcheck // undone whatever happened; nothing to report
-		_, err = tx.Exec(t.Context(), "SET LOCAL ROLE "+role)
-		require.NoError(t, err)
+		exec(t, conn, "ALTER FUNCTION pgconsistency._wal_slot_changes(text, pg_lsn, integer, text) OWNER TO "+role)
 		var problem, fix string
-		require.NoError(t, tx.QueryRow(t.Context(), "SELECT problem, fix FROM pgconsistency._wal_capture_problem()").Scan(&problem, &fix))
-		require.Contains(t, problem, "has neither REPLICATION nor SUPERUSER")
+		require.NoError(t, conn.QueryRow(t.Context(), "SELECT problem, fix FROM pgconsistency._wal_capture_problem()").Scan(&problem, &fix))
+		require.Contains(t, problem, role+", the owner of pgconsistency's slot functions, which has neither REPLICATION nor SUPERUSER")
+		require.Contains(t, fix, "Run sql/roles.sql as a superuser")
+		require.Contains(t, fix, "GRANT rds_replication TO pgconsistency_capture")
 		require.Contains(t, fix, "ALTER ROLE "+role+" REPLICATION")
-		require.Contains(t, fix, "GRANT rds_replication TO "+role)
+		exec(t, conn, "ALTER FUNCTION pgconsistency._wal_slot_changes(text, pg_lsn, integer, text) OWNER TO CURRENT_USER")
 	})
 
 	t.Run("TableWithoutReplicaIdentity", func(t *testing.T) {
@@ -98,6 +98,7 @@ func TestWALCapture(t *testing.T) {
 		})
 	}
 	runWAL("KeysAndRefresh", testWALKeysAndRefresh)
+	runWAL("KeyExpressions", testWALKeyExpressions)
 	runWAL("ReadKilledBeforeTheKeysAreStored", testWALReadKilled)
 	runWAL("SlotDropped", testWALSlotDropped)
 	runWAL("Truncate", testWALTruncate)
@@ -223,6 +224,56 @@ func testWALKeysAndRefresh(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	st = walStatus(t, conn)
 	require.NotNil(t, st.lagBytes)
 	require.NotNil(t, st.retainedBytes)
+}
+
+// testWALKeyExpressions: the decoded rows are cut to the columns a key
+// expression reads, found by name: a key of two columns, one of them
+// quoted, and an expression that reads the row whole, through inserts,
+// a key moved by an UPDATE (its old and its new key) and deletes (the old
+// row from the replica identity). The snapshots must hold exactly the keys
+// of the queries.
+func testWALKeyExpressions(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.Conn) {
+	exec(t, conn, `CREATE TABLE public."Odd Rows" ("Tenant" text NOT NULL, id integer NOT NULL, note text, PRIMARY KEY ("Tenant", id))`)
+	exec(t, conn, `CREATE TABLE public.whole_rows (id integer PRIMARY KEY, v text)`)
+	exec(t, conn, `ALTER TABLE public.whole_rows REPLICA IDENTITY FULL`)
+	exec(t, conn, `INSERT INTO public."Odd Rows" VALUES ('a', 1, 'ok'), ('a', 2, 'bad'), ('b', 1, 'bad'), ('b', 2, 'ok')`)
+	exec(t, conn, `INSERT INTO public.whole_rows VALUES (1, 'ok'), (2, 'bad'), (3, 'bad')`)
+	exec(t, conn, `SELECT pgconsistency.define_invariant('odd_rows_bad',
+		$q$SELECT o."Tenant" || '/' || o.id AS key FROM public."Odd Rows" o WHERE o.note = 'bad'$q$,
+		keys => '{"public.\"Odd Rows\"": "r.\"Tenant\" || ''/'' || r.id"}')`)
+	exec(t, conn, `SELECT pgconsistency.define_invariant('whole_rows_bad',
+		$q$SELECT w.id::text AS key FROM public.whole_rows w WHERE w.v = 'bad'$q$,
+		keys => '{"public.whole_rows": "(r).id::text"}')`)
+	for _, name := range []string{"odd_rows_bad", "whole_rows_bad"} {
+		exec(t, conn, "SELECT pgconsistency.set_refresh_mode($1, 'incremental')", name)
+	}
+	var fixes int
+	require.NoError(t, conn.QueryRow(t.Context(),
+		`SELECT count(fix) FROM pgconsistency.wal_capture_tables() WHERE relation IN ('public."Odd Rows"', 'public.whole_rows')`).Scan(&fixes))
+	require.Zero(t, fixes, "both tables' replica identities hold their key columns")
+	refreshAll(t, conn)
+	exec(t, conn, "UPDATE pgconsistency.invariant SET incremental_period = '1 millisecond'")
+
+	exec(t, conn, `INSERT INTO public."Odd Rows" VALUES ('c', 1, 'bad')`)
+	exec(t, conn, `UPDATE public."Odd Rows" SET note = 'bad' WHERE "Tenant" = 'a' AND id = 1`)
+	exec(t, conn, `UPDATE public."Odd Rows" SET "Tenant" = 'd' WHERE "Tenant" = 'b' AND id = 1`) // b/1 goes, d/1 comes
+	exec(t, conn, `DELETE FROM public."Odd Rows" WHERE "Tenant" = 'a' AND id = 2`)
+	exec(t, conn, `UPDATE public.whole_rows SET id = 4 WHERE id = 3`) // 3 goes, 4 comes
+	exec(t, conn, `DELETE FROM public.whole_rows WHERE id = 2`)
+	exec(t, conn, `UPDATE public.whole_rows SET v = 'bad' WHERE id = 1`)
+	time.Sleep(5 * time.Millisecond)
+	rows, err := conn.Query(t.Context(), "SELECT name FROM pgconsistency.refresh_changes_plan()")
+	require.NoError(t, err)
+	changed, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.Subset(t, changed, []string{"odd_rows_bad", "whole_rows_bad"})
+	for _, name := range changed {
+		exec(t, conn, "SELECT pgconsistency.refresh_invariant($1)", name)
+	}
+	requireKind(t, conn, "odd_rows_bad", "incremental")
+	requireKind(t, conn, "whole_rows_bad", "incremental")
+	require.Equal(t, []string{"a/1", "c/1", "d/1"}, viewKeys(t, conn, "odd_rows_bad"))
+	require.Equal(t, []string{"1", "4"}, viewKeys(t, conn, "whole_rows_bad"))
 }
 
 func testWALReadKilled(t *testing.T, s *pgtest.Server, db string, conn *pgx.Conn) {
@@ -475,4 +526,128 @@ func hint(err error) string {
 		return pgErr.Hint
 	}
 	return ""
+}
+
+// TestWALCaptureRole: pgconsistency installed by an owner that is not a
+// superuser and has no REPLICATION. The WAL capture is refused, naming that
+// role and sql/roles.sql; once roles.sql (run by a superuser) created
+// pgconsistency_capture and gave it the slot functions, the capture works,
+// though neither the owner nor the collector's refresher has REPLICATION
+// nor may call the slot functions themselves; a later install.sql by the
+// owner (an upgrade) keeps it so.
+func TestWALCaptureRole(t *testing.T) {
+	t.Parallel()
+	s := pgtest.Start(t, walCapture...)
+	db := s.CreateDatabase(t, "")
+	s.PsqlFile(t, db, fixture.Path("testdata/schema.sql"))
+	s.PsqlFile(t, db, fixture.Path("testdata/fixtures/clean.sql"))
+	admin := s.Conn(t, db)
+	owner, password := s.CreateLoginRole(t, db, "pgc_owner_")
+	ownerIdent := pgx.Identifier{owner}.Sanitize()
+	exec(t, admin, "GRANT CREATE ON DATABASE "+pgx.Identifier{db}.Sanitize()+" TO "+ownerIdent)
+	// The application's owner installs pgconsistency, as is common.
+	rows, err := admin.Query(t.Context(), `SELECT format('ALTER TABLE %s OWNER TO %I', oid::regclass, $1::text)
+		FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind IN ('r', 'p')`, owner)
+	require.NoError(t, err)
+	alters, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	for _, alter := range alters {
+		exec(t, admin, alter)
+	}
+	u, err := url.Parse(s.DSN(db))
+	require.NoError(t, err)
+	u.User = url.UserPassword(owner, password)
+	_ = ownerIdent
+	installAsOwner := func() {
+		out, err := osexec.Command("psql", "-X", "-v", "ON_ERROR_STOP=1", "-d", u.String(), "-f", fixture.Path("sql/install.sql")).CombinedOutput()
+		require.NoError(t, err, "install.sql as %s: %s", owner, out)
+	}
+	installAsOwner()
+	ownerConn, err := pgx.Connect(t.Context(), u.String())
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = ownerConn.Close(context.Background()) })
+	exec(t, ownerConn, "SELECT pgconsistency.set_refresh_mode(name, 'incremental') FROM pgconsistency.invariant")
+	rows, err = ownerConn.Query(t.Context(), "SELECT fix FROM pgconsistency.wal_capture_tables() WHERE fix IS NOT NULL")
+	require.NoError(t, err)
+	fixes, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	for _, fix := range fixes {
+		exec(t, ownerConn, fix)
+	}
+
+	// Refused, naming the role and the fix.
+	err = setCapture(t, ownerConn, "wal")
+	require.ErrorContains(t, err, owner+", the owner of pgconsistency's slot functions, which has neither REPLICATION nor SUPERUSER")
+	var pgErr *pgconn.PgError
+	require.ErrorAs(t, err, &pgErr)
+	require.Contains(t, pgErr.Hint, "Run sql/roles.sql as a superuser: it creates the role pgconsistency_capture (NOLOGIN REPLICATION)")
+	requireCapture(t, ownerConn, "trigger")
+
+	s.PsqlFile(t, db, fixture.Path("sql/roles.sql"))
+	var login, replication bool
+	require.NoError(t, admin.QueryRow(t.Context(),
+		"SELECT rolcanlogin, rolreplication FROM pg_roles WHERE rolname = 'pgconsistency_capture'").Scan(&login, &replication))
+	require.False(t, login, "pgconsistency_capture cannot log in")
+	require.True(t, replication, "pgconsistency_capture has REPLICATION")
+	requireSlotFunctionsOwner := func() {
+		t.Helper()
+		var owners []string
+		rows, err := admin.Query(t.Context(), `SELECT DISTINCT proowner::regrole::text FROM pg_proc
+			WHERE pronamespace = 'pgconsistency'::regnamespace
+			  AND proname IN ('_wal_create_slot', '_wal_drop_slot', '_wal_advance_slot', '_wal_slot_changes')`)
+		require.NoError(t, err)
+		owners, err = pgx.CollectRows(rows, pgx.RowTo[string])
+		require.NoError(t, err)
+		require.Equal(t, []string{"pgconsistency_capture"}, owners)
+	}
+	requireSlotFunctionsOwner()
+	// The capture role without REPLICATION: the fix names it.
+	exec(t, admin, "ALTER ROLE pgconsistency_capture NOREPLICATION")
+	err = setCapture(t, ownerConn, "wal")
+	require.ErrorContains(t, err, "pgconsistency_capture, the owner of pgconsistency's slot functions, which has neither REPLICATION nor SUPERUSER")
+	require.ErrorAs(t, err, &pgErr)
+	require.Contains(t, pgErr.Hint, "ALTER ROLE pgconsistency_capture REPLICATION;")
+	exec(t, admin, "ALTER ROLE pgconsistency_capture REPLICATION")
+	require.NoError(t, setCapture(t, ownerConn, "wal"))
+	refreshAll(t, ownerConn)
+
+	// Neither the owner nor the refresher has REPLICATION, nor may call
+	// the slot functions or PostgreSQL's directly.
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT rolreplication FROM pg_roles WHERE rolname = $1", owner).Scan(&replication))
+	require.False(t, replication, "the schema's owner has no REPLICATION")
+	_, err = ownerConn.Exec(t.Context(), "SELECT pg_create_logical_replication_slot('pgc_owner_slot', 'wal2json')")
+	require.ErrorContains(t, err, "must be superuser or replication role to use replication slots")
+	refresher, _ := loginAs(t, s, admin, db, "GRANT pgconsistency_refresher TO ROLE")
+	denied(t, refresher, "SELECT * FROM pgconsistency._wal_slot_changes('pgconsistency_x', NULL, NULL, 'public.accounts')", "function _wal_slot_changes")
+	_, err = refresher.Exec(t.Context(), "SELECT pg_logical_slot_peek_changes('pgconsistency_x', NULL, NULL)")
+	require.ErrorContains(t, err, "must be superuser or replication role to use replication slots")
+
+	// The refresher runs the changes loop: the capture reads the slot as
+	// pgconsistency_capture.
+	exec(t, admin, "UPDATE pgconsistency.invariant SET incremental_period = '1 millisecond'")
+	refreshChanges := func() {
+		t.Helper()
+		rows, err := refresher.Query(t.Context(), "SELECT name FROM pgconsistency.refresh_changes_plan()")
+		require.NoError(t, err)
+		changed, err := pgx.CollectRows(rows, pgx.RowTo[string])
+		require.NoError(t, err)
+		require.Contains(t, changed, "dataset_seed_missing")
+		for _, name := range changed {
+			exec(t, refresher, "SELECT pgconsistency.refresh_invariant($1)", name)
+		}
+	}
+	breakSeed(t, admin, 1)
+	time.Sleep(5 * time.Millisecond)
+	refreshChanges()
+	requireKind(t, admin, "dataset_seed_missing", "incremental")
+	require.EqualValues(t, 1, status(t, admin)["dataset_seed_missing"].Anomalies)
+
+	// An upgrade by the owner keeps the slot functions with the capture role.
+	installAsOwner()
+	requireSlotFunctionsOwner()
+	breakSeed(t, admin, 2)
+	time.Sleep(5 * time.Millisecond)
+	refreshChanges()
+	require.EqualValues(t, 2, status(t, admin)["dataset_seed_missing"].Anomalies)
+	requireExact(t, admin)
 }

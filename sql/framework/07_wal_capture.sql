@@ -126,8 +126,9 @@ COMMENT ON FUNCTION pgconsistency.wal_capture_tables() IS
   'Tables the WAL capture reads, their key and replica identity columns, and the statement to run where those miss some';
 
 -- _wal_capture_problem: why this database cannot use the WAL capture, with
--- the fix, or NULL: wal_level, the privilege of the role that owns
--- pgconsistency's functions (they read the slot as it), the bound on the
+-- the fix, or NULL: wal_level, the privilege of the role that owns the slot
+-- functions (they read the slot as it: pgconsistency_capture, or the role
+-- that installed pgconsistency), the bound on the
 -- WAL a slot may keep, the replica identity of the captured tables.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_capture_problem(OUT problem text, OUT fix text)
 LANGUAGE plpgsql STABLE
@@ -136,6 +137,7 @@ AS $fn$
 DECLARE
     v_tables text;
     v_fixes  text;
+    v_owner  name;
 BEGIN
     IF pg_catalog.current_setting('wal_level') <> 'logical' THEN
         problem := pg_catalog.format('the WAL capture needs wal_level = logical; this server has wal_level = %s',
@@ -145,15 +147,23 @@ BEGIN
                'PostgreSQL: the server parameter wal_level = logical. Or keep the trigger capture.';
         RETURN;
     END IF;
+    SELECT p.proowner::regrole::name INTO v_owner FROM pg_catalog.pg_proc p
+     WHERE p.oid = 'pgconsistency._wal_slot_changes(text, pg_lsn, integer, text)'::regprocedure;
     IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_roles r
-                    WHERE r.rolname = current_user
+                    WHERE r.rolname = v_owner
                       AND (r.rolsuper OR r.rolreplication
                            OR (pg_catalog.to_regrole('rds_replication') IS NOT NULL
-                               AND pg_catalog.pg_has_role(current_user, 'rds_replication', 'MEMBER')))) THEN
-        problem := pg_catalog.format('the WAL capture reads a replication slot as the role that owns pgconsistency''s functions, %I, which has neither REPLICATION nor SUPERUSER',
-                                     current_user);
-        fix := pg_catalog.format('ALTER ROLE %I REPLICATION; (Amazon RDS and Aurora: GRANT rds_replication TO %I; Cloud SQL: ALTER ROLE %I REPLICATION as cloudsqlsuperuser; Azure: ALTER ROLE %I REPLICATION as azure_pg_admin)',
-                                 current_user, current_user, current_user, current_user);
+                               AND pg_catalog.pg_has_role(v_owner, 'rds_replication', 'MEMBER')))) THEN
+        problem := pg_catalog.format('the WAL capture reads its replication slot as %I, the owner of pgconsistency''s slot functions, which has neither REPLICATION nor SUPERUSER',
+                                     v_owner);
+        IF v_owner = 'pgconsistency_capture' THEN
+            fix := 'ALTER ROLE pgconsistency_capture REPLICATION; as a superuser (Amazon RDS and Aurora: GRANT rds_replication TO pgconsistency_capture; '
+                   'Cloud SQL: as cloudsqlsuperuser; Azure: as azure_pg_admin)';
+        ELSE
+            fix := pg_catalog.format('Run sql/roles.sql as a superuser: it creates the role pgconsistency_capture (NOLOGIN REPLICATION) and gives it the slot functions, '
+                                     'so that no login role needs REPLICATION (Amazon RDS and Aurora: as the master user, then GRANT rds_replication TO pgconsistency_capture). '
+                                     'Or: ALTER ROLE %I REPLICATION;', v_owner);
+        END IF;
         RETURN;
     END IF;
     IF pg_catalog.current_setting('max_slot_wal_keep_size') = '-1' THEN
@@ -178,11 +188,21 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_capture_problem() IS
   'Internal: why the WAL capture cannot be used here, and the fix, or NULLs';
 
+-- The slot functions: the only four that call PostgreSQL's replication slot
+-- functions, which need REPLICATION. They run as their owner (SECURITY
+-- DEFINER): the role pgconsistency_capture, NOLOGIN REPLICATION, where
+-- sql/roles.sql created it (_give_slot_functions_to_capture_role), so that
+-- no login role and not even the owner of the pgconsistency schema needs
+-- REPLICATION; otherwise the role that installed pgconsistency, which then
+-- needs it (_wal_capture_problem says so). Only that owner and the owner of
+-- the schema (capture_wal and set_capture run as it) may execute them.
+
 -- _wal_create_slot: create the WAL capture's slot. PostgreSQL allows it only
 -- before the transaction wrote anything; it waits for the transactions that
 -- write at that moment to end.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_create_slot(slot_name text) RETURNS void
 LANGUAGE plpgsql
+SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
@@ -203,6 +223,89 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_create_slot(text) IS
   'Internal: create the WAL capture''s logical replication slot (wal2json)';
 
+-- _wal_drop_slot: drop the WAL capture's slot (invalidated, or the capture
+-- back to triggers). Only a wal2json slot of this database.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_drop_slot(slot_name text) RETURNS void
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
+                WHERE s.slot_name = _wal_drop_slot.slot_name AND s.database = pg_catalog.current_database()
+                  AND s.plugin = 'wal2json') THEN
+        PERFORM pg_catalog.pg_drop_replication_slot(slot_name);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_drop_slot(text) IS
+  'Internal: drop the WAL capture''s replication slot (a wal2json slot of this database only)';
+
+-- _wal_advance_slot: move the WAL capture's slot to a position whose keys
+-- are stored (committed by the previous read).
+CREATE OR REPLACE FUNCTION pgconsistency._wal_advance_slot(slot_name text, upto pg_lsn) RETURNS void
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT FROM pg_catalog.pg_replication_slot_advance(slot_name, upto)
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_advance_slot(text, pg_lsn) IS
+  'Internal: move the WAL capture''s replication slot past changes whose keys are stored';
+
+-- _wal_slot_changes: the changes the WAL capture's slot holds, committed
+-- before upto, whole transactions up to max_changes, without consuming them
+-- (peek): wal2json format 2, one row per change, only the tables given (its
+-- add-tables syntax, _wal_add_tables).
+CREATE OR REPLACE FUNCTION pgconsistency._wal_slot_changes(slot_name text, upto pg_lsn, max_changes integer, tables text)
+RETURNS TABLE (lsn pg_lsn, data text)
+LANGUAGE sql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT w.lsn, w.data
+      FROM pg_catalog.pg_logical_slot_peek_changes(slot_name, upto, max_changes, 'format-version', '2', 'add-tables', tables,
+                                                   'include-types', 'false') AS w
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_slot_changes(text, pg_lsn, integer, text) IS
+  'Internal: the changes the WAL capture''s replication slot holds for the captured tables, not consumed';
+
+-- _give_slot_functions_to_capture_role: where the role pgconsistency_capture
+-- exists and the current role may give it objects, make it the owner of the
+-- four slot functions, and let the owner of the pgconsistency schema (whose
+-- capture_wal and set_capture call them) execute them. install.sql (each
+-- run) and sql/roles.sql call it. Returns whether the capture role owns them.
+CREATE OR REPLACE FUNCTION pgconsistency._give_slot_functions_to_capture_role() RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    f       regprocedure;
+    v_owner name;
+BEGIN
+    IF pg_catalog.to_regrole('pgconsistency_capture') IS NULL THEN
+        RETURN false;
+    END IF;
+    SELECT n.nspowner::regrole::name INTO v_owner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgconsistency';
+    FOREACH f IN ARRAY ARRAY['pgconsistency._wal_create_slot(text)', 'pgconsistency._wal_drop_slot(text)',
+                             'pgconsistency._wal_advance_slot(text, pg_lsn)',
+                             'pgconsistency._wal_slot_changes(text, pg_lsn, integer, text)']::regprocedure[] LOOP
+        IF (SELECT p.proowner FROM pg_catalog.pg_proc p WHERE p.oid = f) <> 'pgconsistency_capture'::regrole THEN
+            IF NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+               AND NOT pg_catalog.pg_has_role(current_user, 'pgconsistency_capture', 'MEMBER') THEN
+                RETURN false; -- roles.sql, run by a superuser, does it
+            END IF;
+            EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO pgconsistency_capture', f);
+        END IF;
+        EXECUTE pg_catalog.format('REVOKE EXECUTE ON FUNCTION %s FROM PUBLIC', f);
+        EXECUTE pg_catalog.format('GRANT EXECUTE ON FUNCTION %s TO %I', f, v_owner);
+    END LOOP;
+    RETURN true;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._give_slot_functions_to_capture_role() IS
+  'Internal: make pgconsistency_capture (NOLOGIN REPLICATION) the owner of the four slot functions, where it exists';
+
 -- _wal_add_tables: the tables to decode, as wal2json's add-tables option
 -- (schema.table, with , . \ * and space escaped): every table an invariant
 -- in incremental mode reads. NULL: none.
@@ -219,75 +322,136 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_add_tables() IS
   'Internal: the tables the WAL capture decodes, in wal2json''s add-tables syntax';
 
--- _wal_read_statement: the statement that reads the slot once: $1 the slot,
--- $2 up to which WAL position, $3 how many changes at most (whole
--- transactions), $4 the tables, $5 the columns the key expressions read, by
--- table oid (the rows are cut to them before jsonb_populate_record: a block's
--- payload is never decoded). It writes the keys of every capture source
--- (the key expressions evaluated over the decoded rows, new and old, with
--- jsonb_populate_record: the same expressions as the triggers', nothing to
--- keep in step) to captured_key, a TRUNCATE to capture_gap, and returns the
--- changes read, the position after the last transaction read, and the keys
--- written.
-CREATE OR REPLACE FUNCTION pgconsistency._wal_read_statement() RETURNS text
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-    SELECT $q$
-        WITH change AS MATERIALIZED (
-            SELECT w.lsn, w.data::jsonb AS c
-              FROM pg_catalog.pg_logical_slot_peek_changes($1, $2, $3, 'format-version', '2', 'add-tables', $4,
-                                                           'include-types', 'false') AS w),
-        decoded AS MATERIALIZED (
-            SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(change.c ->> 'schema') || '.' || pg_catalog.quote_ident(change.c ->> 'table')) AS rel,
-                   change.c ->> 'action' AS action, change.c -> 'columns' AS new_columns, change.c -> 'identity' AS old_columns
-              FROM change
-             WHERE change.c ->> 'action' IN ('I', 'U', 'D', 'T')),
-        tuple AS MATERIALIZED (
-            SELECT d.rel, t.tuple
-              FROM decoded d
-             CROSS JOIN LATERAL (VALUES (d.new_columns), (d.old_columns)) AS v(columns)
-             CROSS JOIN LATERAL (SELECT pg_catalog.jsonb_object_agg(x ->> 'name', x -> 'value')
-                                        FILTER (WHERE ($5 -> (d.rel::oid::text)) ? (x ->> 'name'))
-                                   FROM pg_catalog.jsonb_array_elements(v.columns) AS x) AS t(tuple)
-             WHERE v.columns IS NOT NULL AND t.tuple IS NOT NULL),
-        keys AS (
-            INSERT INTO pgconsistency.captured_key (source, key)
-            SELECT DISTINCT k.source, k.key FROM (/*keys*/) AS k WHERE k.key IS NOT NULL
-            RETURNING 1),
-        gaps AS (
-            INSERT INTO pgconsistency.capture_gap (relation, reason, at)
-            SELECT DISTINCT d.rel::text, 'TRUNCATE ' || d.rel::text, pg_catalog.clock_timestamp()
-              FROM decoded d WHERE d.action = 'T' AND d.rel IS NOT NULL
-            RETURNING 1)
-        SELECT (SELECT pg_catalog.count(*) FROM change),
-               (SELECT pg_catalog.max(change.lsn) FROM change WHERE change.c ->> 'action' = 'C'),
-               (SELECT pg_catalog.count(*) FROM keys) + (SELECT pg_catalog.count(*) FROM gaps)
-    $q$
-$fn$;
-COMMENT ON FUNCTION pgconsistency._wal_read_statement() IS
-  'Internal: the statement that reads the WAL capture''s slot once, before its key expressions are filled in';
-
--- _wal_slot_problem: what is wrong with the WAL capture's slot, or NULL:
--- missing (dropped, or this server was promoted: PostgreSQL 15 slots do not
--- follow a failover), invalidated (it fell more than max_slot_wal_keep_size
--- behind), or another database's or plugin's.
-CREATE OR REPLACE FUNCTION pgconsistency._wal_slot_problem(slot_name text) RETURNS text
+-- _wal_key_select: the SELECT of one capture source's keys over the decoded
+-- rows (the CTE tuple of _wal_read_statement: schema_name, table_name, and
+-- columns, wal2json's [{"name": ..., "value": ...}, ...] of a new or an old
+-- row). The row is cut to the columns the key expression reads, each taken
+-- by a JSON path (a block's payload is never converted), then made a row of
+-- the table by jsonb_populate_record, so that the expression of
+-- define_invariant(keys => ...) is evaluated as the capture triggers
+-- evaluate it: no second mapping to keep in step. A row that holds none of
+-- those columns (an old row whose replica identity lacks them) gives no key.
+-- An expression that reads the row whole gets every column.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_key_select(source integer, relation regclass, key_expression text) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
     SELECT CASE
+             WHEN pg_catalog.cardinality(k.cols) = (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a
+                                                     WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                 pg_catalog.format(
+                     'SELECT %s AS source, (%s)::text AS key FROM tuple'
+                     ' CROSS JOIN LATERAL (SELECT pg_catalog.jsonb_object_agg(x ->> ''name'', x -> ''value'') AS o'
+                     ' FROM pg_catalog.jsonb_array_elements(tuple.columns) AS x) AS p'
+                     ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, p.o) AS r'
+                     ' WHERE tuple.schema_name = %L AND tuple.table_name = %L AND p.o IS NOT NULL',
+                     source, key_expression, relation, n.nspname, c.relname)
+             ELSE
+                 pg_catalog.format(
+                     'SELECT %s AS source, (%s)::text AS key FROM tuple'
+                     ' CROSS JOIN LATERAL (SELECT %s OFFSET 0) AS p'
+                     ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, pg_catalog.jsonb_build_object(%s)) AS r'
+                     ' WHERE tuple.schema_name = %L AND tuple.table_name = %L AND (%s)',
+                     source, key_expression,
+                     (SELECT pg_catalog.string_agg(pg_catalog.format(
+                                 'pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb) AS c%s',
+                                 pg_catalog.jsonb_build_object('n', col), i), ', ' ORDER BY i)
+                        FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
+                     relation,
+                     (SELECT pg_catalog.string_agg(pg_catalog.format('%L, p.c%s', col, i), ', ' ORDER BY i)
+                        FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
+                     n.nspname, c.relname,
+                     (SELECT pg_catalog.string_agg(pg_catalog.format('p.c%s IS NOT NULL', i), ' OR ' ORDER BY i)
+                        FROM pg_catalog.generate_series(1, pg_catalog.cardinality(k.cols)) AS i))
+           END
+      FROM pg_catalog.pg_class c
+      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+     CROSS JOIN LATERAL (SELECT pgconsistency._key_columns(relation, key_expression) AS cols) AS k
+     WHERE c.oid = relation AND pg_catalog.cardinality(k.cols) > 0
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_key_select(integer, regclass, text) IS
+  'Internal: the SELECT of a capture source''s keys over the rows the WAL capture decoded';
+
+-- _wal_read_statement: the statement that reads the slot once: $1 the slot,
+-- $2 up to which WAL position, $3 how many changes at most (whole
+-- transactions), $4 the tables (wal2json's add-tables). It writes the keys
+-- of every capture source (_wal_key_select) to captured_key, a TRUNCATE to
+-- capture_gap, and returns the changes read, the position after the last
+-- transaction read, and the keys written. NULL: no source's table exists.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_read_statement() RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pg_catalog.replace($q$
+        WITH change AS MATERIALIZED (
+            SELECT w.lsn, w.data::jsonb AS c
+              FROM pgconsistency._wal_slot_changes($1, $2, $3, $4) AS w),
+        tuple AS MATERIALIZED (
+            SELECT change.c ->> 'schema' AS schema_name, change.c ->> 'table' AS table_name, v.columns
+              FROM change
+             CROSS JOIN LATERAL (VALUES (change.c -> 'columns'), (change.c -> 'identity')) AS v(columns)
+             WHERE change.c ->> 'action' IN ('I', 'U', 'D') AND v.columns IS NOT NULL),
+        keys AS (
+            INSERT INTO pgconsistency.captured_key (source, key)
+            SELECT DISTINCT k.source, k.key COLLATE "C" FROM (/*keys*/) AS k WHERE k.key IS NOT NULL
+            RETURNING 1),
+        gaps AS (
+            INSERT INTO pgconsistency.capture_gap (relation, reason, at)
+            SELECT DISTINCT t.rel::text, 'TRUNCATE ' || t.rel::text, pg_catalog.clock_timestamp()
+              FROM change
+             CROSS JOIN LATERAL (SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(change.c ->> 'schema') || '.'
+                                                               || pg_catalog.quote_ident(change.c ->> 'table')) AS rel) AS t
+             WHERE change.c ->> 'action' = 'T' AND t.rel IS NOT NULL
+            RETURNING 1)
+        SELECT (SELECT pg_catalog.count(*) FROM change),
+               (SELECT pg_catalog.max(change.lsn) FROM change WHERE change.c ->> 'action' = 'C'),
+               (SELECT pg_catalog.count(*) FROM keys) + (SELECT pg_catalog.count(*) FROM gaps)
+    $q$, '/*keys*/', k.keys)
+      FROM (SELECT pg_catalog.string_agg(pgconsistency._wal_key_select(s.id, pg_catalog.to_regclass(s.relation), s.key_expression),
+                                         ' UNION ALL ' ORDER BY s.id) AS keys
+              FROM pgconsistency.capture_source s
+             WHERE pg_catalog.to_regclass(s.relation) IS NOT NULL) AS k
+     WHERE k.keys IS NOT NULL
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_read_statement() IS
+  'Internal: the statement that reads the WAL capture''s slot once, with every capture source''s key SELECT';
+
+-- _wal_slot_check: what is wrong with the WAL capture's slot: kind
+-- 'missing' (dropped, or this server was promoted: PostgreSQL 15 slots do
+-- not follow a failover), 'lost' (invalidated: it fell more than
+-- max_slot_wal_keep_size behind) or 'foreign' (another database's or
+-- plugin's slot of that name), and the problem in words; NULLs when none.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_slot_check(slot_name text, OUT kind text, OUT problem text)
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT CASE
+             WHEN s.slot_name IS NULL THEN 'missing'
+             WHEN s.wal_status = 'lost' THEN 'lost'
+             WHEN s.database IS DISTINCT FROM pg_catalog.current_database() OR s.plugin IS DISTINCT FROM 'wal2json' THEN 'foreign'
+           END,
+           CASE
              WHEN s.slot_name IS NULL THEN
-                 pg_catalog.format('the WAL capture''s slot %s was missing (dropped, or this server was promoted from a standby: slots do not follow a failover)', _wal_slot_problem.slot_name)
+                 pg_catalog.format('the WAL capture''s slot %s was missing (dropped, or this server was promoted from a standby: slots do not follow a failover)', _wal_slot_check.slot_name)
              WHEN s.wal_status = 'lost' THEN
                  pg_catalog.format('the WAL capture''s slot %s was invalidated: it fell more than max_slot_wal_keep_size (%s) behind, and the WAL it needed is gone',
-                                   _wal_slot_problem.slot_name, pg_catalog.current_setting('max_slot_wal_keep_size'))
+                                   _wal_slot_check.slot_name, pg_catalog.current_setting('max_slot_wal_keep_size'))
              WHEN s.database IS DISTINCT FROM pg_catalog.current_database() OR s.plugin IS DISTINCT FROM 'wal2json' THEN
                  pg_catalog.format('the replication slot %s is not the WAL capture''s of this database (database %s, plugin %s)',
-                                   _wal_slot_problem.slot_name, coalesce(s.database::text, 'none'), coalesce(s.plugin::text, 'none'))
+                                   _wal_slot_check.slot_name, coalesce(s.database::text, 'none'), coalesce(s.plugin::text, 'none'))
            END
       FROM (SELECT 1) AS one
-      LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = _wal_slot_problem.slot_name
+      LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = _wal_slot_check.slot_name
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_slot_check(text) IS
+  'Internal: what is wrong with the WAL capture''s slot (missing, lost, foreign) and why, or NULLs';
+
+-- _wal_slot_problem: _wal_slot_check's problem alone.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_slot_problem(slot_name text) RETURNS text
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT c.problem FROM pgconsistency._wal_slot_check(slot_name) AS c
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_slot_problem(text) IS
   'Internal: why the WAL capture''s slot cannot be read (missing, invalidated, not ours), or NULL';
@@ -310,12 +474,12 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     cfg        pgconsistency.capture%ROWTYPE;
+    v_kind     text;
     v_problem  text;
     v_upto     pg_lsn;
     v_confirmed pg_lsn;
     v_tables   text;
-    v_keys_sql text;
-    v_columns  jsonb;
+    v_statement text;
     v_changes  bigint := 0;
     v_last     pg_lsn;
     v_written  bigint;
@@ -329,16 +493,14 @@ BEGIN
     IF NOT pg_catalog.pg_try_advisory_xact_lock(pg_catalog.hashtext('pgconsistency.capture'), 1) THEN
         RETURN NULL;
     END IF;
-    v_problem := pgconsistency._wal_slot_problem(cfg.slot_name);
-    IF v_problem LIKE '%is not the WAL capture''s%' THEN
+    SELECT c.kind, c.problem INTO v_kind, v_problem FROM pgconsistency._wal_slot_check(cfg.slot_name) AS c;
+    IF v_kind = 'foreign' THEN
         RAISE EXCEPTION 'pgconsistency: %', v_problem
             USING HINT = 'Drop that slot if nothing uses it, or give the capture another: UPDATE pgconsistency.capture SET slot_name = ''...''; then SELECT pgconsistency.set_capture(''wal'').';
     ELSIF v_problem IS NOT NULL THEN
         -- Dropped, invalidated or missing after a failover: create it again
         -- (first: nothing may be written before), then reconcile everything.
-        IF EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = cfg.slot_name) THEN
-            PERFORM pg_catalog.pg_drop_replication_slot(cfg.slot_name);
-        END IF;
+        PERFORM pgconsistency._wal_drop_slot(cfg.slot_name); -- invalidated
         PERFORM pgconsistency._wal_create_slot(cfg.slot_name);
         UPDATE pgconsistency.capture
            SET wal_position = NULL, slot_created_at = pg_catalog.clock_timestamp(), slot_lost_reason = v_problem,
@@ -353,26 +515,13 @@ BEGIN
     v_upto := pg_catalog.pg_current_wal_flush_lsn();
     SELECT s.confirmed_flush_lsn INTO v_confirmed FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = cfg.slot_name;
     IF cfg.wal_position > v_confirmed THEN
-        PERFORM pg_catalog.pg_replication_slot_advance(cfg.slot_name, cfg.wal_position);
+        PERFORM pgconsistency._wal_advance_slot(cfg.slot_name, cfg.wal_position);
     END IF;
     v_tables := pgconsistency._wal_add_tables();
-    IF v_tables IS NOT NULL THEN
-        SELECT pg_catalog.string_agg(pg_catalog.format(
-                   'SELECT %s AS source, (%s)::text AS key FROM tuple, pg_catalog.jsonb_populate_record(NULL::%s, tuple.tuple) AS r WHERE tuple.rel = %L::regclass',
-                   s.id, s.key_expression, pg_catalog.to_regclass(s.relation), pg_catalog.to_regclass(s.relation)::oid), ' UNION ALL ' ORDER BY s.id)
-          INTO v_keys_sql
-          FROM pgconsistency.capture_source s
-         WHERE pg_catalog.to_regclass(s.relation) IS NOT NULL;
-        SELECT pg_catalog.jsonb_object_agg(k.rel::oid::text, k.cols) INTO v_columns
-          FROM (SELECT pg_catalog.to_regclass(s.relation) AS rel,
-                       pg_catalog.array_agg(DISTINCT c.col) AS cols
-                  FROM pgconsistency.capture_source s
-                 CROSS JOIN LATERAL pg_catalog.unnest(pgconsistency._key_columns(pg_catalog.to_regclass(s.relation), s.key_expression)) AS c(col)
-                 WHERE pg_catalog.to_regclass(s.relation) IS NOT NULL
-                 GROUP BY 1) k;
-        EXECUTE pg_catalog.replace(pgconsistency._wal_read_statement(), '/*keys*/', v_keys_sql)
-           INTO v_changes, v_last, v_written
-          USING cfg.slot_name, v_upto, max_changes, v_tables, pg_catalog.to_jsonb(v_columns);
+    v_statement := pgconsistency._wal_read_statement();
+    IF v_tables IS NOT NULL AND v_statement IS NOT NULL THEN
+        EXECUTE v_statement INTO v_changes, v_last, v_written
+          USING cfg.slot_name, v_upto, max_changes, v_tables;
     END IF;
     UPDATE pgconsistency.capture
        SET wal_position = CASE WHEN v_changes >= max_changes THEN coalesce(v_last, cfg.wal_position) ELSE v_upto END,
@@ -400,6 +549,7 @@ AS $fn$
 DECLARE
     cfg       pgconsistency.capture%ROWTYPE;
     v_check   record;
+    v_kind    text;
     v_problem text;
     v_reason  text := 'the capture changed to ' || method;
 BEGIN
@@ -413,15 +563,13 @@ BEGIN
         IF v_check.problem IS NOT NULL THEN
             RAISE EXCEPTION 'pgconsistency: %', v_check.problem USING HINT = v_check.fix;
         END IF;
-        v_problem := pgconsistency._wal_slot_problem(cfg.slot_name);
-        IF v_problem LIKE '%is not the WAL capture''s%' THEN
+        SELECT c.kind, c.problem INTO v_kind, v_problem FROM pgconsistency._wal_slot_check(cfg.slot_name) AS c;
+        IF v_kind = 'foreign' THEN
             RAISE EXCEPTION 'pgconsistency: %', v_problem
                 USING HINT = 'Drop that slot if nothing uses it, or give the capture another: UPDATE pgconsistency.capture SET slot_name = ''...''.';
         END IF;
         IF v_problem IS NOT NULL THEN
-            IF EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = cfg.slot_name) THEN
-                PERFORM pg_catalog.pg_drop_replication_slot(cfg.slot_name); -- invalidated
-            END IF;
+            PERFORM pgconsistency._wal_drop_slot(cfg.slot_name); -- invalidated
             PERFORM pgconsistency._wal_create_slot(cfg.slot_name); -- before anything is written
             cfg.slot_created_at := pg_catalog.clock_timestamp();
             cfg.wal_position := NULL;
@@ -438,11 +586,9 @@ BEGIN
     END IF;
     -- The triggers follow (dropped for 'wal', created for 'trigger').
     PERFORM pgconsistency._install_capture();
-    IF method = 'trigger' AND EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
-                                       WHERE s.slot_name = cfg.slot_name AND s.database = pg_catalog.current_database()
-                                         AND s.plugin = 'wal2json') THEN
+    IF method = 'trigger' THEN
         -- After the triggers exist: nothing is left uncaptured in between.
-        PERFORM pg_catalog.pg_drop_replication_slot(cfg.slot_name);
+        PERFORM pgconsistency._wal_drop_slot(cfg.slot_name);
     END IF;
     RETURN cfg.method;
 END

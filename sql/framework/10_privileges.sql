@@ -39,3 +39,12 @@ BEGIN
     END IF;
 END
 $do$;
+
+-- The slot functions belong to pgconsistency_capture where sql/roles.sql
+-- created it (0.7.1): each install keeps it so, and lets the schema's owner
+-- execute them.
+DO $do$
+BEGIN
+    PERFORM pgconsistency._give_slot_functions_to_capture_role();
+END
+$do$;
