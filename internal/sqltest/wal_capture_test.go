@@ -102,6 +102,7 @@ func TestWALCapture(t *testing.T) {
 	runWAL("ReadKilledBeforeTheKeysAreStored", testWALReadKilled)
 	runWAL("SlotDropped", testWALSlotDropped)
 	runWAL("Truncate", testWALTruncate)
+	runWAL("ReplicaIdentityLost", testWALReplicaIdentityLost)
 	runWAL("ApplicationWritesWork", testWALApplicationWrites)
 	runWAL("BackToTriggers", testWALBackToTriggers)
 	// Last: they stop the server.
@@ -340,6 +341,33 @@ func testWALTruncate(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.Conn) {
 	requireKind(t, conn, "derivative_dependencies_missing", "reconcile")
 	requireHealed(t, conn, "derivative_dependencies_missing")
 	requireKind(t, conn, "dataset_seed_missing", "incremental") // it reads no truncated table
+}
+
+// testWALReplicaIdentityLost: a captured table whose replica identity no
+// longer holds the key columns (changed after set_capture) makes the
+// invariants that read it reconcile at each refresh, saying which
+// statement restores it; the others stay incremental.
+func testWALReplicaIdentityLost(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.Conn) {
+	exec(t, conn, "ALTER TABLE public.dataset_dependencies REPLICA IDENTITY NOTHING")
+	var reason *string
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT pgconsistency._reconcile_reason('derivative_dependencies_missing')").Scan(&reason))
+	require.NotNil(t, reason)
+	require.Contains(t, *reason, "the WAL does not hold the key columns of the rows deleted from public.dataset_dependencies (run ALTER TABLE public.dataset_dependencies REPLICA IDENTITY")
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT pgconsistency._reconcile_reason('dataset_seed_missing')").Scan(&reason))
+	require.Nil(t, reason, "dataset_seed_missing reads no dataset_dependencies")
+	breakSeed(t, conn, 4)
+	refreshAll(t, conn)
+	requireExact(t, conn)
+	requireKind(t, conn, "derivative_dependencies_missing", "reconcile")
+	requireKind(t, conn, "dataset_seed_missing", "incremental")
+	rows, err := conn.Query(t.Context(), "SELECT fix FROM pgconsistency.wal_capture_tables() WHERE fix IS NOT NULL")
+	require.NoError(t, err)
+	fixes, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.Len(t, fixes, 1)
+	exec(t, conn, fixes[0])
+	refreshAll(t, conn)
+	requireKind(t, conn, "derivative_dependencies_missing", "incremental")
 }
 
 // testWALApplicationWrites: with the WAL capture on, every write of the

@@ -336,14 +336,20 @@ BEGIN
         -- The WAL capture: its slot must be readable (capture_wal creates
         -- a lost one again and records the reconcile), and the WAL must
         -- hold the key columns of the rows deleted from the tables read.
+        -- (Only this invariant's tables and key columns: every refresh
+        -- asks, so not wal_capture_tables(), which judges them all.)
         SELECT coalesce(pgconsistency._wal_slot_problem(m.slot_name), t.problem) INTO v_reason
           FROM pgconsistency.capture m
           LEFT JOIN LATERAL (
-              SELECT pg_catalog.format('the WAL does not hold the key columns of the rows deleted from %s (run %s)', w.relation, w.fix) AS problem
-                FROM pgconsistency.wal_capture_tables() w
-                JOIN pgconsistency.invariant_key_source s ON pg_catalog.to_regclass(s.relation)::text = w.relation
-               WHERE s.invariant = _reconcile_reason.invariant AND w.fix IS NOT NULL
-               ORDER BY w.relation LIMIT 1) t ON true;
+              SELECT pg_catalog.format('the WAL does not hold the key columns of the rows deleted from %s (run %s)',
+                                       k.rel, pgconsistency._replica_identity_fix(k.rel, k.cols)) AS problem
+                FROM (SELECT pg_catalog.to_regclass(s.relation) AS rel, pg_catalog.array_agg(DISTINCT c.col) AS cols
+                        FROM pgconsistency.invariant_key_source s
+                       CROSS JOIN LATERAL pg_catalog.unnest(pgconsistency._key_columns(pg_catalog.to_regclass(s.relation), s.key_expression)) AS c(col)
+                       WHERE s.invariant = _reconcile_reason.invariant AND pg_catalog.to_regclass(s.relation) IS NOT NULL
+                       GROUP BY 1) k
+               WHERE NOT k.cols <@ pgconsistency._replica_identity_columns(k.rel)
+               ORDER BY k.rel::text LIMIT 1) t ON true;
         IF v_reason IS NOT NULL THEN
             RETURN v_reason;
         END IF;
