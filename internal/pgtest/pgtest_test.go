@@ -207,6 +207,12 @@ func TestTwoServersAtOnce(t *testing.T) {
 	}
 	assert.NotEqual(t, a.Port, b.Port)
 	assert.NotEqual(t, a.dir, b.dir)
+	// Both may be copies of one template cluster (initdb): each has the
+	// password of its own all the same.
+	assert.NotEqual(t, a.Password, b.Password)
+	_, err := pgx.Connect(t.Context(), fmt.Sprintf("host=%s port=%d user=%s password=%s dbname=postgres sslmode=disable",
+		b.Host, b.Port, b.User, a.Password))
+	require.ErrorContains(t, err, "password authentication failed", "b accepts a's password")
 	a.Psql(t, "", "-c", "CREATE TABLE only_in_a ()")
 	assert.Equal(t, "t\n", a.Psql(t, "", "-tAc", "SELECT to_regclass('only_in_a') IS NOT NULL"))
 	assert.Equal(t, "t\n", b.Psql(t, "", "-tAc", "SELECT to_regclass('only_in_a') IS NULL"))
