@@ -52,8 +52,13 @@ var (
 )
 
 const (
-	// incidentTestScale is the number of datasets of TestMassIncident.
-	incidentTestScale = 200000
+	// incidentTestScale is the number of datasets of TestMassIncident: a
+	// smoke run of the harness and of the counts (20 injected anomalies
+	// per invariant; half of the datasets lose their statistics, a third
+	// their Seed), half a minute. It was 200,000 up to 0.7.1, 5 minutes of
+	// make test; a refresh that slows down with the scale (0.1.0's hang
+	// after the incident at 200,000) is BenchmarkMassIncident's to find.
+	incidentTestScale = 20000
 	// incidentRefreshes is the number of refreshes right after the incident.
 	incidentRefreshes = 3
 	// The targets of BenchmarkMassIncident, as ratios to the clean pack
@@ -179,7 +184,7 @@ func runMassIncident(b *testing.B) {
 // BenchmarkMassIncident holds them to their targets.
 func TestMassIncident(t *testing.T) {
 	if testing.Short() {
-		t.Skip("generates 200,000 datasets; BenchmarkMassIncident is the full run")
+		t.Skip("generates 20,000 datasets; BenchmarkMassIncident is the full run")
 	}
 	srv := startIncidentServer(t)
 	template := generateIncidentTemplate(t, srv, incidentTestScale)
