@@ -6,9 +6,11 @@
 package testkit
 
 import (
+	"errors"
 	"net"
 	"path/filepath"
 	"runtime"
+	"sync"
 	"testing"
 )
 
@@ -33,12 +35,33 @@ func FreePort(tb testing.TB) int {
 	return port
 }
 
-// FindFreePort is FreePort for code without a testing.TB at hand.
+// FindFreePort is FreePort for code without a testing.TB at hand. It never
+// returns a port twice in one process: the kernel may hand a port that was
+// just closed out again, and tests running in parallel would then race for
+// it (a server started on the first one may not have bound it yet).
 func FindFreePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return 0, err
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		if err := l.Close(); err != nil {
+			return 0, err
+		}
+		handedOut.Lock()
+		seen := handedOut.ports[port]
+		handedOut.ports[port] = true
+		handedOut.Unlock()
+		if !seen {
+			return port, nil
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, errors.New("no free port that was not handed out before in 100 tries")
 }
+
+// handedOut are the ports FindFreePort returned.
+var handedOut = struct {
+	sync.Mutex
+	ports map[int]bool
+}{ports: map[int]bool{}}
