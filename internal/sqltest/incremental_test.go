@@ -49,6 +49,7 @@ var (
 // OwnerCreatedWhileADatasetMovesToIt are minimal reproductions of writes the
 // capture misses (see there).
 func TestDifferential(t *testing.T) {
+	t.Parallel() // a cluster of its own
 	seed := *differentialSeed
 	if seed == 0 {
 		seed = time.Now().UnixNano()
@@ -65,6 +66,7 @@ func TestDifferential(t *testing.T) {
 // capture (set_capture('wal')) instead of the triggers: the keys come from
 // the slot, read by each refresh's plan.
 func TestDifferentialWAL(t *testing.T) {
+	t.Parallel() // a cluster of its own
 	seed := *differentialSeed
 	if seed == 0 {
 		seed = time.Now().UnixNano()

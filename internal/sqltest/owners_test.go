@@ -48,6 +48,7 @@ func ownedBy(o, runbook string) owner { return owner{Owner: o, RunbookURL: runbo
 // again only where it is unset; bad values fail naming the problem; only
 // the schema's owner may call set_owner.
 func TestOwners(t *testing.T) {
+	t.Parallel() // a cluster of its own
 	s := pgtest.Start(t)
 	db := fixture.NewDatabase(t, s)
 	conn := s.Conn(t, db)

@@ -20,6 +20,7 @@ import (
 // nothing. The anomaly table's old acknowledgement columns read the same as
 // the new ones (read-only: they are generated).
 func TestRenamedNames(t *testing.T) {
+	t.Parallel() // a cluster of its own
 	s := pgtest.Start(t)
 	db := fixture.NewDatabase(t, s, "dataset_seed_missing", "dataset_head_ref_missing")
 	conn, notices := connWithNotices(t, s, db)

@@ -30,7 +30,12 @@ type sqlTest struct {
 	test func(*testing.T, *pgtest.Server)
 }
 
+// runOnOneCluster runs tests one after the other on a cluster of their own.
+// The top-level tests of this package each have their own cluster, so they
+// run in parallel (go test's -parallel at a time): much of their time is
+// spent waiting (sleeps of slow invariants, pg_cron's next minute).
 func runOnOneCluster(t *testing.T, tests []sqlTest) {
+	t.Parallel()
 	s := pgtest.Start(t)
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) { tc.test(t, s) })
