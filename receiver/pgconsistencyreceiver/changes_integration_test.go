@@ -51,6 +51,7 @@ func walCaptureDatabase(t *testing.T, srv *pgtest.Server) (string, *pgx.Conn) {
 // through a transaction-pooling PgBouncer; the capture metrics say the WAL
 // capture is in use and what its slot keeps.
 func TestIntegrationChangesLoopWALCapture(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t, pgtest.WithSetting("wal_level", "logical"), pgtest.WithSetting("max_slot_wal_keep_size", "1GB"))
 	for _, via := range []string{"direct", "pgbouncer"} {
 		t.Run(via, func(t *testing.T) {
@@ -145,6 +146,7 @@ func TestIntegrationChangesLoopWALCapture(t *testing.T) {
 // as a role without pgconsistency_refresher, the changes loop says once, at
 // info, what to do; no error, no connection held; the scrape goes on.
 func TestIntegrationChangesLoopWhereItCannotRun(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	for name, tc := range map[string]struct {
 		setup func(t *testing.T) (string, func(*Config))

@@ -85,6 +85,10 @@ func lastSnapshot(sink *consumertest.MetricsSink) (snapshot, bool) {
 	return s, true
 }
 
+// The integration tests each start a cluster of their own and mostly wait
+// (for scrapes, schedules, servers stopping and starting): they run in
+// parallel (t.Parallel), go test's -parallel at a time.
+
 // serverConfig is a receiver configuration for database db of srv.
 func serverConfig(srv *pgtest.Server, db string) *Config {
 	cfg := createDefaultConfig()
@@ -151,6 +155,7 @@ func expectCounts(want map[string]int) func(snapshot) error {
 // TestIntegrationExactGauges: the receiver, created through its factory,
 // reports the exact counts of the fixtures, then follows a new breakage.
 func TestIntegrationExactGauges(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, fixture.Invariants...)
 	conn := srv.Conn(t, db)
@@ -238,6 +243,7 @@ func receiverOnBrokenHeads(t *testing.T) (*pgtest.Server, *consumertest.MetricsS
 // when it starts again, up is 1 and the counts are back, with no restart of
 // the receiver.
 func TestIntegrationDatabaseDownAndBack(t *testing.T) {
+	t.Parallel()
 	srv, sink, want := receiverOnBrokenHeads(t)
 	waitFor(t, sink, "before the outage", expectCounts(want))
 
@@ -262,6 +268,7 @@ func receiverConnections(t *testing.T, srv *pgtest.Server) int {
 // immediate, as in a crash) while the receiver runs, and started again: up
 // goes 0 then 1, and the receiver holds as many connections after as before.
 func TestIntegrationCrashAndRecovery(t *testing.T) {
+	t.Parallel()
 	srv, sink, want := receiverOnBrokenHeads(t)
 	waitFor(t, sink, "before the crash", expectCounts(want))
 	before := receiverConnections(t, srv)
@@ -282,6 +289,7 @@ func TestIntegrationCrashAndRecovery(t *testing.T) {
 // TestIntegrationStartsWithDatabaseDown: Start succeeds with nothing listening;
 // metrics appear once the database is there.
 func TestIntegrationStartsWithDatabaseDown(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	srv.Stop(t)
@@ -297,6 +305,7 @@ func TestIntegrationStartsWithDatabaseDown(t *testing.T) {
 // TestIntegrationSchemaNotInstalled: a database without pgconsistency gives
 // up = 0 and an error that says how to install it.
 func TestIntegrationSchemaNotInstalled(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := srv.CreateDatabase(t, "")
 	cfg := serverConfig(srv, db)
@@ -332,6 +341,7 @@ func TestIntegrationSchemaNotInstalled(t *testing.T) {
 // session, scrapes end within their timeout and report up = 0; once the lock
 // is released the next scrape succeeds.
 func TestIntegrationStatusBlockedByALock(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, "dataset_seed_missing")
 	conn := srv.Conn(t, db)
@@ -364,6 +374,7 @@ func TestIntegrationStatusBlockedByALock(t *testing.T) {
 // transaction is read only and under the scrape's statement_timeout, and a
 // failed one leaves its pooled connection usable.
 func TestIntegrationScrapeTransactionLimits(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	cfg := serverConfig(srv, db)

@@ -76,6 +76,7 @@ func cursorExists(t *testing.T, srv *pgtest.Server, db string) func() bool {
 // delivers exactly one record per new anomaly, none for old ones, none twice
 // after a restart, never more than the cap per interval.
 func TestIntegrationLogsOnePerNewAnomaly(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, "dataset_head_ref_missing") // old: 1, 2, 21
 	conn := srv.Conn(t, db)
@@ -143,6 +144,7 @@ func (f *flakyLogs) ConsumeLogs(ctx context.Context, ld plog.Logs) error {
 // TestIntegrationLogsRefusedBatchIsNotLost: a batch the pipeline refuses is
 // delivered at a later interval, once.
 func TestIntegrationLogsRefusedBatchIsNotLost(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	conn := srv.Conn(t, db)
@@ -169,6 +171,7 @@ func TestIntegrationLogsRefusedBatchIsNotLost(t *testing.T) {
 // the invariant's tables, the change that caused it; else "no cause
 // recorded".
 func TestIntegrationLogsDeployAndCause(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	srv.PsqlFile(t, db, fixture.Path("sql/audit.sql"))
@@ -232,6 +235,7 @@ func TestIntegrationLogsDeployAndCause(t *testing.T) {
 // new_anomalies_with_origin_for_log, the records come as before, without
 // the deployment and the cause.
 func TestIntegrationLogsOlderRelease(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := releaseDatabase(t, srv, "0.5.0")
 	conn := srv.Conn(t, db)
@@ -267,6 +271,7 @@ func eventRecords(sink *consumertest.LogsSink, event string) []plog.LogRecord {
 // (after a deploy) that finished is one record, once, with what it found per
 // invariant; a refused batch comes again.
 func TestIntegrationLogsRefreshFinished(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	conn := srv.Conn(t, db)
@@ -347,6 +352,7 @@ func TestIntegrationLogsRefreshFinished(t *testing.T) {
 // TestIntegrationLogsRefreshFinishedWithinTheCap: the records of finished
 // requests count in logs::max_records_per_interval, after the new anomalies.
 func TestIntegrationLogsRefreshFinishedWithinTheCap(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	conn := srv.Conn(t, db)

@@ -143,6 +143,7 @@ func newPgconsistencyDatabase(t *testing.T, srv *pgtest.Server, broken bool) str
 // database that does not exist, or lacks pgconsistency, is up = 0 with an
 // error that says what to do, and the others are unaffected.
 func TestIntegrationDatabases(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	broken := newPgconsistencyDatabase(t, srv, true)
 	clean := newPgconsistencyDatabase(t, srv, false)
@@ -194,6 +195,7 @@ func TestIntegrationDatabases(t *testing.T) {
 // error, and keeps within max_connections; beyond it, databases are refused
 // with one warning.
 func TestIntegrationDiscovery(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	broken := newPgconsistencyDatabase(t, srv, true)
 	clean := newPgconsistencyDatabase(t, srv, false)

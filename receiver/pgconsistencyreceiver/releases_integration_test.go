@@ -70,6 +70,7 @@ func failingQueries(t *testing.T, admin *pgx.Conn, db string, pc *pgxClient, fn 
 // shape again after a reconnect, and by itself after the SQL is upgraded
 // with install.sql, without a reconnect.
 func TestIntegrationOlderReleases(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	for _, tc := range []struct {
 		release string

@@ -63,6 +63,7 @@ func sessionUsers(t *testing.T, admin *pgx.Conn, applicationName string) []strin
 // TestIntegrationReaderRoleScrapes: logged in as a member of
 // pgconsistency_reader only, the metrics receiver reports the exact counts.
 func TestIntegrationReaderRoleScrapes(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := rolesDatabase(t, srv, fixture.Invariants...)
 	admin := srv.Conn(t, db)
@@ -79,6 +80,7 @@ func TestIntegrationReaderRoleScrapes(t *testing.T) {
 // pgconsistency_reader only, the logs receiver delivers one record per new
 // anomaly and moves its cursor.
 func TestIntegrationReaderRoleLogs(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := rolesDatabase(t, srv, "dataset_head_ref_missing") // old: 1, 2, 21
 	admin := srv.Conn(t, db)
@@ -126,6 +128,7 @@ func TestIntegrationReaderRoleLogs(t *testing.T) {
 // refreshes every invariant to the exact counts, and a deploy marker change
 // requests a refresh that it then runs.
 func TestIntegrationRefresherRoleSchedules(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := rolesDatabase(t, srv, fixture.Invariants...)
 	admin := srv.Conn(t, db)

@@ -63,6 +63,7 @@ func withSchedule(d time.Duration) func(*Config) {
 // TestIntegrationTwoSchedulersRefreshOncePerPeriod: two receivers with a
 // refresh schedule on one database refresh each invariant once per period.
 func TestIntegrationTwoSchedulersRefreshOncePerPeriod(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	conn := srv.Conn(t, db)
@@ -103,6 +104,7 @@ func TestIntegrationTwoSchedulersRefreshOncePerPeriod(t *testing.T) {
 // refresh far longer than the collection interval, scrapes go on and report
 // the previous snapshot.
 func TestIntegrationLongRefreshDoesNotStopScrapes(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, "dataset_seed_missing")
 	conn := srv.Conn(t, db)
@@ -137,6 +139,7 @@ func TestIntegrationLongRefreshDoesNotStopScrapes(t *testing.T) {
 // TestIntegrationDeployMarker: a change of the deploy marker leads to exactly
 // one refresh of every invariant, once the stabilization delay has passed.
 func TestIntegrationDeployMarker(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	conn := srv.Conn(t, db)
@@ -192,6 +195,7 @@ func TestIntegrationDeployMarker(t *testing.T) {
 // invariant's statement_timeout, and the outcomes (timed out, skipped,
 // succeeded) reach pgconsistency.refresh.outcome.
 func TestIntegrationRefreshOutcomeMetrics(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	conn := srv.Conn(t, db)
@@ -236,6 +240,7 @@ func TestIntegrationRefreshOutcomeMetrics(t *testing.T) {
 // acknowledgements included: an acknowledgement past its "until" stops
 // hiding its anomaly within a pass, although no invariant is due.
 func TestIntegrationSchedulerExpiresAcknowledgements(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, "dataset_seed_missing")
 	conn := srv.Conn(t, db)
@@ -260,6 +265,7 @@ func TestIntegrationSchedulerExpiresAcknowledgements(t *testing.T) {
 // level, and logs no error: a standby cannot write, and the primary's
 // refreshes replicate to it.
 func TestIntegrationSchedulerOnAStandby(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	_, err := srv.Conn(t, db).Exec(t.Context(), "CALL pgconsistency.refresh()")
@@ -291,6 +297,7 @@ func TestIntegrationSchedulerOnAStandby(t *testing.T) {
 // count, the DETAIL and the HINT, and pgconsistency.reconcile.healed says 1
 // until the next reconcile, 0 for the other invariants.
 func TestIntegrationReconcileHealed(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, "dataset_seed_missing")
 	conn := srv.Conn(t, db)

@@ -142,7 +142,8 @@ func assertSecretNowhere(t *testing.T, secret string, logs *observer.ObservedLog
 // password read from password_file or from an environment variable, a
 // database that is down), the password appears in no log entry and no error,
 // at debug level, from the scraper, the refresh scheduler or the logs
-// receiver. The right password from password_file logs in.
+// receiver. The right password from password_file logs in. Unlike the
+// other integration tests it does not run in parallel: t.Setenv forbids it.
 func TestPasswordNeverLogged(t *testing.T) {
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)

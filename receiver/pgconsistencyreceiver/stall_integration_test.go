@@ -210,6 +210,7 @@ func pollUntil(deadline time.Duration, value func() int, cond func(int) bool) in
 // interval's cadence; when the network comes back the counts return without
 // a restart, and neither goroutines nor server connections are left behind.
 func TestStallNetworkSilence(t *testing.T) {
+	t.Parallel()
 	const (
 		interval = 500 * time.Millisecond
 		timeout  = 300 * time.Millisecond

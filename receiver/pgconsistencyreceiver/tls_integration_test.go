@@ -62,6 +62,7 @@ func verifyFull(caFile string) func(*Config) {
 // certificate verified (verify-full) or not (the default, sslmode=require),
 // and the errors users meet when the TLS settings do not match the server.
 func TestTLS(t *testing.T) {
+	t.Parallel()
 	ca := newTestCA(t, "pgconsistency test CA")
 	otherCA := newTestCA(t, "unrelated CA")
 	cert, key := ca.IssueServerCert(t, "IP:127.0.0.1,DNS:localhost")
@@ -130,6 +131,7 @@ func TestTLS(t *testing.T) {
 // TestTLSWrongHostName: a certificate from the trusted CA but for another
 // host fails verification with an error that names the mismatch.
 func TestTLSWrongHostName(t *testing.T) {
+	t.Parallel()
 	ca := newTestCA(t, "pgconsistency test CA")
 	cert, key := ca.IssueServerCert(t, "DNS:db.example")
 	srv := startTLSServer(t, cert, key)
@@ -154,6 +156,7 @@ func TestTLSWrongHostName(t *testing.T) {
 // TestTLSServerWithoutTLS: the default tls settings require TLS, so a server
 // with ssl = off is an error that says how to connect over plain TCP.
 func TestTLSServerWithoutTLS(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 
