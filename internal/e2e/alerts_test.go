@@ -221,6 +221,7 @@ func alertmanagerHas(addr, alert string) bool {
 // them to the owner's receiver, and an alert resolves once its anomalies
 // are fixed or acknowledged.
 func TestAlerts(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	conn := srv.Conn(t, db)

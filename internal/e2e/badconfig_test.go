@@ -111,6 +111,7 @@ func writeFile(t *testing.T, name, content string) string {
 // exits with a non-zero status within refusalTimeout (it is not left
 // running), and its stderr names the key and says how to fix it.
 func TestBadConfig(t *testing.T) {
+	t.Parallel()
 	bin := collectorBinary(t)
 	missingSecret := filepath.Join(t.TempDir(), "no-such-secret")
 	tests := []struct {
@@ -215,6 +216,7 @@ func randomPassword(t *testing.T) string {
 // reports the failure; in every case, at debug level, its output never
 // contains the password.
 func TestPasswordFileThroughCollector(t *testing.T) {
+	t.Parallel()
 	bin := collectorBinary(t)
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, fixture.Invariants...)

@@ -55,6 +55,7 @@ service:
 // and the restore step too); the per-deploy
 // summary shows 1 for that deploy and 0 for the previous one.
 func TestDeploy(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv)
 	srv.PsqlFile(t, db, fixture.Path("sql/audit.sql"))

@@ -7,6 +7,13 @@
 //
 // It needs _build/otelcol-pgconsistency (make build) and prometheus on PATH
 // (make test installs both).
+//
+// Every test has its own cluster, processes, ports (testkit.FreePort) and
+// directories, and spends most of its time waiting (scrape and evaluation
+// intervals, alert "for" durations, refresh periods): they run in parallel
+// (t.Parallel), go test's -parallel at a time. A new test must set every
+// port and directory of the configurations it runs (the shipped ones fall
+// back to fixed defaults: 13133, 8888, ./_data).
 package e2e
 
 import (
@@ -220,6 +227,7 @@ func scrapeExporter(endpoint string) (map[string]float64, map[string]string, err
 }
 
 func TestEndToEnd(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, fixture.Invariants...)
 	srv.Psql(t, db, "-c", "CALL pgconsistency.refresh()")
@@ -332,6 +340,7 @@ func TestEndToEnd(t *testing.T) {
 // TestShippedConfigsValidate: every collector configuration in config/ is
 // accepted by the built collector, and a bad one is refused naming the key.
 func TestShippedConfigsValidate(t *testing.T) {
+	t.Parallel()
 	bin := fixture.Path("_build/otelcol-pgconsistency")
 	configs, err := filepath.Glob(fixture.Path("config/collector-*.yaml"))
 	require.NoError(t, err)

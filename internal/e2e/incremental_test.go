@@ -51,6 +51,7 @@ service:
 // bound: one schedule tick, one incremental refresh, one scrape), found by
 // an incremental refresh, not a reconcile.
 func TestIncrementalFreshness(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewCurrentDatabase(t, srv, fixture.CurrentInvariants...)
 	admin := srv.Conn(t, db)

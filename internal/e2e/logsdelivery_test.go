@@ -292,6 +292,7 @@ func (d *logsDelivery) outage() []int64 {
 // down; a batch the backend refuses with 400 comes again at the next
 // interval with the records after it.
 func TestLogsDelivery(t *testing.T) {
+	t.Parallel()
 	d := newLogsDelivery(t, "")
 	seqs := d.outage()
 
@@ -340,6 +341,7 @@ func TestLogsDelivery(t *testing.T) {
 // accepts them, the receiver moves its cursor, the export fails or the
 // collector stops), and the collector warns about it at start.
 func TestLogsDeliveryEarlyAcknowledgementLosesRecords(t *testing.T) {
+	t.Parallel()
 	for _, tc := range []struct{ name, overlay, warning string }{{
 		name: "batch processor",
 		overlay: `

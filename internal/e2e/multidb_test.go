@@ -106,6 +106,7 @@ func databasesAre(got byDatabase, want map[string]float64) string {
 // up; one dropped disappears with no repeated log line; the receiver's
 // sessions in pg_stat_activity stay within max_connections throughout.
 func TestMultipleDatabases(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	// The least-privilege role of sql/roles.sql, granted in each database
 	// that has pgconsistency.

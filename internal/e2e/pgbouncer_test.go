@@ -200,6 +200,7 @@ func exact(got map[string]map[string]float64, want map[string]float64) string {
 // pooling mode with its default settings (no ignore_startup_parameters),
 // with a pool of 2 server connections that another client keeps busy.
 func TestThroughPgBouncer(t *testing.T) {
+	t.Parallel()
 	srv := pgtest.Start(t)
 	db := fixture.NewDatabase(t, srv, fixture.Invariants...)
 	admin := srv.Conn(t, db)

@@ -25,6 +25,7 @@ import (
 // certificate for another host, or against a server without TLS, nothing is
 // read and the collector's log names the setting to change.
 func TestTLSVerifiedByDefault(t *testing.T) {
+	t.Parallel()
 	ca := pgtest.NewTestCA(t, "pgconsistency e2e CA")
 	cert, key := ca.IssueServerCert(t, "IP:127.0.0.1,DNS:localhost")
 	srv := pgtest.Start(t, pgtest.WithTLS(cert, key))
