@@ -71,8 +71,8 @@ func TestIntegrationChangesLoopWALCapture(t *testing.T) {
 				b := srv.StartPgBouncer(t, db, pgtest.WithPoolSize(2))
 				cfg.Endpoint = b.Host + ":" + strconv.Itoa(b.Port)
 			}
-			cfg.CollectionInterval = 250 * time.Millisecond
-			cfg.Timeout = 200 * time.Millisecond
+			cfg.CollectionInterval = quietInterval
+			cfg.Timeout = quietTimeout
 			cfg.Refresh.PollInterval = 0
 			cfg.Refresh.ChangesInterval = 200 * time.Millisecond
 			sink := new(consumertest.MetricsSink)
@@ -172,8 +172,8 @@ func TestIntegrationChangesLoopWhereItCannotRun(t *testing.T) {
 			set.Logger = zap.New(core)
 			cfg := serverConfig(srv, db)
 			as(cfg)
-			cfg.CollectionInterval = 250 * time.Millisecond
-			cfg.Timeout = 200 * time.Millisecond
+			cfg.CollectionInterval = quietInterval
+			cfg.Timeout = quietTimeout
 			cfg.Refresh.ChangesInterval = 100 * time.Millisecond
 			sink := new(consumertest.MetricsSink)
 			rcv, err := NewFactory().CreateMetrics(t.Context(), set, cfg, sink)

@@ -64,10 +64,14 @@ func records(sink *consumertest.LogsSink) (map[string]int, int, []plog.LogRecord
 	return byKey, largest, all
 }
 
+// cursorExists polls on one connection: a connection per poll, kept until
+// the test ends, ran the server out of connections (max_connections) when
+// the cursor took more than 5 s to appear, so it never appeared.
 func cursorExists(t *testing.T, srv *pgtest.Server, db string) func() bool {
+	conn := srv.Conn(t, db)
 	return func() bool {
 		var n int
-		err := srv.Conn(t, db).QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.log_cursor WHERE consumer = 'pgconsistency/logs-test'").Scan(&n)
+		err := conn.QueryRow(t.Context(), "SELECT count(*) FROM pgconsistency.log_cursor WHERE consumer = 'pgconsistency/logs-test'").Scan(&n)
 		return err == nil && n == 1
 	}
 }

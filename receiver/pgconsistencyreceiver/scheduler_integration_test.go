@@ -276,7 +276,8 @@ func TestIntegrationSchedulerOnAStandby(t *testing.T) {
 	set := receivertest.NewNopSettings(metadata.Type)
 	set.Logger = zap.New(core)
 	cfg := serverConfig(standby, db)
-	cfg.CollectionInterval = 250 * time.Millisecond
+	cfg.CollectionInterval = quietInterval
+	cfg.Timeout = quietTimeout
 	cfg.Refresh.PollInterval = 200 * time.Millisecond
 	cfg.Refresh.DeployMarker.Query = "SELECT 'v1'"
 	rcv, err := NewFactory().CreateMetrics(t.Context(), set, cfg, consumertest.NewNop())
@@ -338,8 +339,8 @@ func TestIntegrationReconcileHealed(t *testing.T) {
 	set := receivertest.NewNopSettings(metadata.Type)
 	set.Logger = zap.New(core)
 	cfg := serverConfig(srv, db)
-	cfg.CollectionInterval = 250 * time.Millisecond
-	cfg.Timeout = 200 * time.Millisecond
+	cfg.CollectionInterval = quietInterval
+	cfg.Timeout = quietTimeout
 	cfg.Refresh.PollInterval = 200 * time.Millisecond
 	sink := new(consumertest.MetricsSink)
 	rcv, err := NewFactory().CreateMetrics(t.Context(), set, cfg, sink)
