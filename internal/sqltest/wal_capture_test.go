@@ -585,7 +585,6 @@ func TestWALCaptureRole(t *testing.T) {
 	u, err := url.Parse(s.DSN(db))
 	require.NoError(t, err)
 	u.User = url.UserPassword(owner, password)
-	_ = ownerIdent
 	installAsOwner := func() {
 		out, err := osexec.Command("psql", "-X", "-v", "ON_ERROR_STOP=1", "-d", u.String(), "-f", fixture.Path("sql/install.sql")).CombinedOutput()
 		require.NoError(t, err, "install.sql as %s: %s", owner, out)
