@@ -76,6 +76,7 @@ type incChangesLoop struct {
 	mu          sync.Mutex
 	stats       incLoopStats
 	err         error
+	readAt      *time.Time // the WAL capture's latest read the loop counted
 }
 
 func startChangesLoop(ctx context.Context, conn *pgx.Conn, interval time.Duration, captureOnly bool) *incChangesLoop {
@@ -110,10 +111,18 @@ func (l *incChangesLoop) pass(ctx context.Context, conn *pgx.Conn) error {
 		return fmt.Errorf("refresh_changes_plan(): %w", err)
 	}
 	plan := time.Since(start)
-	var changes int64 // what the plan's capture_wal read: 0 with the trigger capture
-	if err := conn.QueryRow(ctx, `SELECT CASE method WHEN 'wal' THEN coalesce(read_changes, 0) ELSE 0 END FROM pgconsistency.capture`).Scan(&changes); err != nil {
+	// What the plan's capture_wal read: 0 with the trigger capture, and
+	// when it left the slot for a later pass (read at most once per
+	// incremental_period).
+	var changes int64
+	var readAt *time.Time
+	if err := conn.QueryRow(ctx, `SELECT CASE method WHEN 'wal' THEN coalesce(read_changes, 0) ELSE 0 END, read_at FROM pgconsistency.capture`).Scan(&changes, &readAt); err != nil {
 		return err
 	}
+	if readAt == nil || (l.readAt != nil && readAt.Equal(*l.readAt)) {
+		changes = 0
+	}
+	l.readAt = readAt
 	var keys int64
 	if l.captureOnly {
 		names = nil // the capture alone: the keys wait in pending_key

@@ -516,3 +516,22 @@ func newIn071(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 		assert.Contains(t, *statement, "pgconsistency._wal_slot_changes($1, $2, $3, $4)")
 	}
 }
+
+// newIn072: the changes loop reads the slot at most once per the shortest
+// incremental_period (_wal_read_due: due with no read yet), and the read
+// statement of the upgraded capture sources matches each change with them
+// once, and takes a text key column as its JSON string.
+func newIn072(t *testing.T, admin *pgx.Conn, rel fromRelease) {
+	var due bool
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_due(clock_timestamp())").Scan(&due))
+	assert.True(t, due, "no WAL read yet: the changes loop reads now")
+	if !rel.atLeast("0.3.0") {
+		return // no invariant in incremental mode: no capture source
+	}
+	var statement *string
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_statement()").Scan(&statement))
+	if assert.NotNil(t, statement, "the read statement of the upgraded capture sources") {
+		assert.Contains(t, *statement, "AS s(source, schema_name, table_name)", "the changes matched with the sources once")
+		assert.Contains(t, *statement, `'{"n": "dataset_id"}'::jsonb) #>> '{}' AS key`, "r.dataset_id::text taken as its JSON string")
+	}
+}

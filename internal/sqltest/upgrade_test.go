@@ -50,6 +50,8 @@ var (
 	release060 = fromRelease{version: "0.6.0", dir: "testdata/sql/0.6.0", datasetInvariants: fixture.Invariants[:9]}
 	// 0.7.0 added the WAL capture, and no invariant.
 	release070 = fromRelease{version: "0.7.0", dir: "testdata/sql/0.7.0", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.1 gave the WAL capture its own role, and no invariant.
+	release071 = fromRelease{version: "0.7.1", dir: "testdata/sql/0.7.1", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -78,7 +80,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.1"
+const currentRelease = "0.7.2"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -133,6 +135,11 @@ func TestUpgradeFrom060(t *testing.T) {
 func TestUpgradeFrom070(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release070)
+}
+
+func TestUpgradeFrom071(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release071)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -465,6 +472,11 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// 0.7.1: the WAL capture's own role, and its cheaper read.
 	t.Run("NewIn071", func(t *testing.T) {
 		newIn071(t, admin, rel)
+	})
+
+	// 0.7.2: the WAL capture's read, paced and cheaper per change.
+	t.Run("NewIn072", func(t *testing.T) {
+		newIn072(t, admin, rel)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

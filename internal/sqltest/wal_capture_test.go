@@ -208,10 +208,19 @@ func testWALKeysAndRefresh(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 		require.NoError(t, err)
 		return changed
 	}
+	readAt := func() (at time.Time) {
+		require.NoError(t, conn.QueryRow(t.Context(), "SELECT read_at FROM pgconsistency.capture").Scan(&at))
+		return at
+	}
+	before := readAt()
 	require.Empty(t, changesPlan(), "within incremental_period of their latest refresh")
+	// Nor was the slot read: at most once per the shortest
+	// incremental_period (walDatabase's refresh read it just now).
+	require.Equal(t, before, readAt(), "the changes loop read the slot within incremental_period of the previous read")
 	exec(t, conn, "UPDATE pgconsistency.invariant SET incremental_period = '1 millisecond'")
 	time.Sleep(5 * time.Millisecond)
 	changed := changesPlan()
+	require.True(t, readAt().After(before), "the slot read once incremental_period passed")
 	require.Contains(t, changed, "dataset_seed_missing")
 	require.Contains(t, changed, "dataset_statistics_missing")
 	require.NotContains(t, changed, "derivative_dependencies_missing", "none of its tables was written")
@@ -239,13 +248,19 @@ func testWALKeyExpressions(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	exec(t, conn, `ALTER TABLE public.whole_rows REPLICA IDENTITY FULL`)
 	exec(t, conn, `INSERT INTO public."Odd Rows" VALUES ('a', 1, 'ok'), ('a', 2, 'bad'), ('b', 1, 'bad'), ('b', 2, 'ok')`)
 	exec(t, conn, `INSERT INTO public.whole_rows VALUES (1, 'ok'), (2, 'bad'), (3, 'bad')`)
+	// A text column alone is taken as its JSON string: escapes undone.
+	exec(t, conn, `CREATE TABLE public.text_keys (k varchar(20) PRIMARY KEY, v text)`)
+	exec(t, conn, `INSERT INTO public.text_keys VALUES ('a"b', 'ok'), (E'c\\d', 'ok'), ('é ü', 'ok'), (E'tab\there', 'bad')`)
 	exec(t, conn, `SELECT pgconsistency.define_invariant('odd_rows_bad',
 		$q$SELECT o."Tenant" || '/' || o.id AS key FROM public."Odd Rows" o WHERE o.note = 'bad'$q$,
 		keys => '{"public.\"Odd Rows\"": "r.\"Tenant\" || ''/'' || r.id"}')`)
 	exec(t, conn, `SELECT pgconsistency.define_invariant('whole_rows_bad',
 		$q$SELECT w.id::text AS key FROM public.whole_rows w WHERE w.v = 'bad'$q$,
 		keys => '{"public.whole_rows": "(r).id::text"}')`)
-	for _, name := range []string{"odd_rows_bad", "whole_rows_bad"} {
+	exec(t, conn, `SELECT pgconsistency.define_invariant('text_keys_bad',
+		$q$SELECT k.k::text AS key FROM public.text_keys k WHERE k.v = 'bad'$q$,
+		keys => '{"public.text_keys": "r.k::text"}')`)
+	for _, name := range []string{"odd_rows_bad", "whole_rows_bad", "text_keys_bad"} {
 		exec(t, conn, "SELECT pgconsistency.set_refresh_mode($1, 'incremental')", name)
 	}
 	var fixes int
@@ -262,12 +277,14 @@ func testWALKeyExpressions(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	exec(t, conn, `UPDATE public.whole_rows SET id = 4 WHERE id = 3`) // 3 goes, 4 comes
 	exec(t, conn, `DELETE FROM public.whole_rows WHERE id = 2`)
 	exec(t, conn, `UPDATE public.whole_rows SET v = 'bad' WHERE id = 1`)
+	exec(t, conn, `UPDATE public.text_keys SET v = 'bad' WHERE v = 'ok'`)
+	exec(t, conn, `DELETE FROM public.text_keys WHERE k = E'tab\there'`)
 	time.Sleep(5 * time.Millisecond)
 	rows, err := conn.Query(t.Context(), "SELECT name FROM pgconsistency.refresh_changes_plan()")
 	require.NoError(t, err)
 	changed, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	require.Subset(t, changed, []string{"odd_rows_bad", "whole_rows_bad"})
+	require.Subset(t, changed, []string{"odd_rows_bad", "whole_rows_bad", "text_keys_bad"})
 	for _, name := range changed {
 		exec(t, conn, "SELECT pgconsistency.refresh_invariant($1)", name)
 	}
@@ -275,6 +292,8 @@ func testWALKeyExpressions(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	requireKind(t, conn, "whole_rows_bad", "incremental")
 	require.Equal(t, []string{"a/1", "c/1", "d/1"}, viewKeys(t, conn, "odd_rows_bad"))
 	require.Equal(t, []string{"1", "4"}, viewKeys(t, conn, "whole_rows_bad"))
+	requireKind(t, conn, "text_keys_bad", "incremental")
+	require.ElementsMatch(t, []string{"a\"b", "c\\d", "é ü"}, viewKeys(t, conn, "text_keys_bad"))
 }
 
 func testWALReadKilled(t *testing.T, s *pgtest.Server, db string, conn *pgx.Conn) {

@@ -323,15 +323,18 @@ COMMENT ON FUNCTION pgconsistency._wal_add_tables() IS
   'Internal: the tables the WAL capture decodes, in wal2json''s add-tables syntax';
 
 -- _wal_key_select: the SELECT of one capture source's keys over the decoded
--- rows (the CTE tuple of _wal_read_statement: schema_name, table_name, and
--- columns, wal2json's [{"name": ..., "value": ...}, ...] of a new or an old
--- row). The row is cut to the columns the key expression reads, each taken
--- by a JSON path (a block's payload is never converted), then made a row of
--- the table by jsonb_populate_record, so that the expression of
--- define_invariant(keys => ...) is evaluated as the capture triggers
--- evaluate it: no second mapping to keep in step. A row that holds none of
--- those columns (an old row whose replica identity lacks them) gives no key.
--- An expression that reads the row whole gets every column.
+-- rows (the CTE tuple of _wal_read_statement: source, the capture source the
+-- row's table has, and columns, wal2json's [{"name": ..., "value": ...}, ...]
+-- of a new or an old row). The row is cut to the columns the key expression
+-- reads, each taken by a JSON path (a block's payload is never converted),
+-- then made a row of the table by jsonb_populate_record, so that the
+-- expression of define_invariant(keys => ...) is evaluated as the capture
+-- triggers evaluate it: no second mapping to keep in step. An expression
+-- that is a text or varchar column alone (r.dataset_id::text, the common
+-- case) is that column's JSON string: no row is made (the same text, without
+-- a record per change). A row that holds none of those columns (an old row
+-- whose replica identity lacks them) gives no key. An expression that reads
+-- the row whole gets every column.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_key_select(source integer, relation regclass, key_expression text) RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -344,14 +347,22 @@ AS $fn$
                      ' CROSS JOIN LATERAL (SELECT pg_catalog.jsonb_object_agg(x ->> ''name'', x -> ''value'') AS o'
                      ' FROM pg_catalog.jsonb_array_elements(tuple.columns) AS x) AS p'
                      ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, p.o) AS r'
-                     ' WHERE tuple.schema_name = %L AND tuple.table_name = %L AND p.o IS NOT NULL',
-                     source, key_expression, relation, n.nspname, c.relname)
+                     ' WHERE tuple.source = %s AND p.o IS NOT NULL',
+                     source, key_expression, relation, source)
+             WHEN pg_catalog.cardinality(k.cols) = 1
+                  AND key_expression ~ '^\s*r\.[a-z_][a-z0-9_$]*\s*(::\s*(pg_catalog\.)?text\s*)?$'
+                  AND (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = relation AND a.attname = k.cols[1])
+                      IN ('pg_catalog.text'::regtype, 'pg_catalog.varchar'::regtype) THEN
+                 pg_catalog.format(
+                     'SELECT %s AS source, pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb) #>> ''{}'' AS key'
+                     ' FROM tuple WHERE tuple.source = %s',
+                     source, pg_catalog.jsonb_build_object('n', k.cols[1]), source)
              ELSE
                  pg_catalog.format(
                      'SELECT %s AS source, (%s)::text AS key FROM tuple'
                      ' CROSS JOIN LATERAL (SELECT %s OFFSET 0) AS p'
                      ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, pg_catalog.jsonb_build_object(%s)) AS r'
-                     ' WHERE tuple.schema_name = %L AND tuple.table_name = %L AND (%s)',
+                     ' WHERE tuple.source = %s AND (%s)',
                      source, key_expression,
                      (SELECT pg_catalog.string_agg(pg_catalog.format(
                                  'pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb) AS c%s',
@@ -360,37 +371,41 @@ AS $fn$
                      relation,
                      (SELECT pg_catalog.string_agg(pg_catalog.format('%L, p.c%s', col, i), ', ' ORDER BY i)
                         FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
-                     n.nspname, c.relname,
+                     source,
                      (SELECT pg_catalog.string_agg(pg_catalog.format('p.c%s IS NOT NULL', i), ' OR ' ORDER BY i)
                         FROM pg_catalog.generate_series(1, pg_catalog.cardinality(k.cols)) AS i))
            END
-      FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-     CROSS JOIN LATERAL (SELECT pgconsistency._key_columns(relation, key_expression) AS cols) AS k
-     WHERE c.oid = relation AND pg_catalog.cardinality(k.cols) > 0
+      FROM (SELECT pgconsistency._key_columns(relation, key_expression) AS cols) AS k
+     WHERE pg_catalog.cardinality(k.cols) > 0
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_key_select(integer, regclass, text) IS
   'Internal: the SELECT of a capture source''s keys over the rows the WAL capture decoded';
 
 -- _wal_read_statement: the statement that reads the slot once: $1 the slot,
 -- $2 up to which WAL position, $3 how many changes at most (whole
--- transactions), $4 the tables (wal2json's add-tables). It writes the keys
--- of every capture source (_wal_key_select) to captured_key, a TRUNCATE to
--- capture_gap, and returns the changes read, the position after the last
--- transaction read, and the keys written. NULL: no source's table exists.
+-- transactions), $4 the tables (wal2json's add-tables). Each change is
+-- parsed once; its table is matched with the capture sources once (a hash
+-- join with their list, not a scan of every change per source); it writes
+-- the keys of every capture source (_wal_key_select) to captured_key, a
+-- TRUNCATE to capture_gap, and returns the changes read, the position after
+-- the last transaction read, and the keys written. NULL: no source's table
+-- exists.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_read_statement() RETURNS text
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT pg_catalog.replace($q$
+    SELECT pg_catalog.replace(pg_catalog.replace($q$
         WITH change AS MATERIALIZED (
-            SELECT w.lsn, w.data::jsonb AS c
-              FROM pgconsistency._wal_slot_changes($1, $2, $3, $4) AS w),
+            SELECT w.lsn, j.c, j.c ->> 'action' AS action
+              FROM pgconsistency._wal_slot_changes($1, $2, $3, $4) AS w
+             CROSS JOIN LATERAL (SELECT w.data::jsonb AS c OFFSET 0) AS j),
         tuple AS MATERIALIZED (
-            SELECT change.c ->> 'schema' AS schema_name, change.c ->> 'table' AS table_name, v.columns
+            SELECT s.source, v.columns
               FROM change
+              JOIN (VALUES /*sources*/) AS s(source, schema_name, table_name)
+                ON s.schema_name = change.c ->> 'schema' AND s.table_name = change.c ->> 'table'
              CROSS JOIN LATERAL (VALUES (change.c -> 'columns'), (change.c -> 'identity')) AS v(columns)
-             WHERE change.c ->> 'action' IN ('I', 'U', 'D') AND v.columns IS NOT NULL),
+             WHERE change.action IN ('I', 'U', 'D') AND v.columns IS NOT NULL),
         keys AS (
             INSERT INTO pgconsistency.captured_key (source, key)
             SELECT DISTINCT k.source, k.key COLLATE "C" FROM (/*keys*/) AS k WHERE k.key IS NOT NULL
@@ -401,16 +416,18 @@ AS $fn$
               FROM change
              CROSS JOIN LATERAL (SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(change.c ->> 'schema') || '.'
                                                                || pg_catalog.quote_ident(change.c ->> 'table')) AS rel) AS t
-             WHERE change.c ->> 'action' = 'T' AND t.rel IS NOT NULL
+             WHERE change.action = 'T' AND t.rel IS NOT NULL
             RETURNING 1)
-        SELECT (SELECT pg_catalog.count(*) FROM change),
-               (SELECT pg_catalog.max(change.lsn) FROM change WHERE change.c ->> 'action' = 'C'),
-               (SELECT pg_catalog.count(*) FROM keys) + (SELECT pg_catalog.count(*) FROM gaps)
-    $q$, '/*keys*/', k.keys)
-      FROM (SELECT pg_catalog.string_agg(pgconsistency._wal_key_select(s.id, pg_catalog.to_regclass(s.relation), s.key_expression),
-                                         ' UNION ALL ' ORDER BY s.id) AS keys
-              FROM pgconsistency.capture_source s
-             WHERE pg_catalog.to_regclass(s.relation) IS NOT NULL) AS k
+        SELECT r.changes, r.last, (SELECT pg_catalog.count(*) FROM keys) + (SELECT pg_catalog.count(*) FROM gaps)
+          FROM (SELECT pg_catalog.count(*) AS changes, pg_catalog.max(change.lsn) FILTER (WHERE change.action = 'C') AS last
+                  FROM change) AS r
+    $q$, '/*keys*/', k.keys), '/*sources*/', k.sources)
+      FROM (SELECT pg_catalog.string_agg(pgconsistency._wal_key_select(s.id, s.rel, s.key_expression),
+                                         ' UNION ALL ' ORDER BY s.id) AS keys,
+                   pg_catalog.string_agg(pg_catalog.format('(%s, %L, %L)', s.id, n.nspname, c.relname), ', ' ORDER BY s.id) AS sources
+              FROM (SELECT s.id, s.key_expression, pg_catalog.to_regclass(s.relation) AS rel FROM pgconsistency.capture_source s) AS s
+              JOIN pg_catalog.pg_class c ON c.oid = s.rel
+              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace) AS k
      WHERE k.keys IS NOT NULL
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_read_statement() IS

@@ -26,6 +26,24 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._changed_invariants(timestamptz) IS
   'Internal: the invariants in incremental mode whose tables were written (or that must reconcile), due by their incremental_period';
 
+-- _wal_read_due: whether the changes loop reads the WAL capture's slot now:
+-- its previous read (capture.read_at) was at least the shortest
+-- incremental_period of the enabled invariants in incremental mode ago (by
+-- _refresh_due, a tenth early), or there was none. Always true with the
+-- trigger capture (capture_wal then reads nothing).
+CREATE OR REPLACE FUNCTION pgconsistency._wal_read_due(at timestamptz) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(pgconsistency._refresh_due(
+               (SELECT m.read_at FROM pgconsistency.capture m WHERE m.method = 'wal'),
+               (SELECT pg_catalog.min(i.incremental_period) FROM pgconsistency.invariant i
+                 WHERE i.enabled AND i.refresh_mode = 'incremental'),
+               at), true)
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_read_due(timestamptz) IS
+  'Internal: whether the changes loop reads the WAL capture''s slot now (at most once per the shortest incremental_period)';
+
 -- refresh_changes_plan: the first step of a refresh loop that refreshes
 -- changes only, within seconds of their commit (the receiver's, every
 -- refresh::changes_interval, beside its loop of refresh_plan): captures
@@ -34,6 +52,11 @@ COMMENT ON FUNCTION pgconsistency._changed_invariants(timestamptz) IS
 -- refresh_invariant(name, forced) in a transaction of its own. No request
 -- is claimed, no acknowledgement expired: that is refresh_plan's. On a
 -- standby it returns nothing.
+-- The slot is read at most once per the shortest incremental_period
+-- (_wal_read_due): no invariant can be refreshed more often, and every read
+-- has a price of its own beside the changes it decodes (PostgreSQL decodes
+-- again from the slot's restart point, which moves only when the server logs
+-- a snapshot of its transactions, every 15 s: up to 15 s of WAL per read).
 CREATE OR REPLACE FUNCTION pgconsistency.refresh_changes_plan()
 RETURNS TABLE (name text, forced boolean, statement_timeout_ms bigint)
 LANGUAGE plpgsql
@@ -44,7 +67,9 @@ BEGIN
     IF pg_catalog.pg_is_in_recovery() THEN
         RETURN;
     END IF;
-    PERFORM pgconsistency.capture_wal(); -- first, as in refresh_plan
+    IF pgconsistency._wal_read_due(pg_catalog.clock_timestamp()) THEN
+        PERFORM pgconsistency.capture_wal(); -- first, as in refresh_plan
+    END IF;
     PERFORM pgconsistency._dispatch_captured_keys();
     RETURN QUERY
         SELECT i.name, true, (EXTRACT(epoch FROM i.statement_timeout) * 1000)::bigint
