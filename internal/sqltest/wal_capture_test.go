@@ -234,6 +234,23 @@ func testWALKeysAndRefresh(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	st = walStatus(t, conn)
 	require.NotNil(t, st.lagBytes)
 	require.NotNil(t, st.retainedBytes)
+
+	// A refresh that started 0.5 s after the read whose keys it took (the
+	// plan, the refreshes listed before it) is due again at the next read,
+	// 2 s after that one, although only 1.5 s passed since it started: not
+	// one pass of the changes loop later, with its keys one read behind.
+	exec(t, conn, "UPDATE pgconsistency.invariant SET incremental_period = '2 seconds'")
+	exec(t, conn, "UPDATE pgconsistency.refresh_state SET last_started_at = clock_timestamp() - interval '1500 milliseconds'")
+	exec(t, conn, "UPDATE pgconsistency.capture SET read_at = clock_timestamp() - interval '2 seconds'")
+	breakSeed(t, conn, 3)
+	changed = changesPlan()
+	require.True(t, readAt().After(before), "read: 2 s since the previous read")
+	require.Contains(t, changed, "dataset_seed_missing", "due at the read that follows the one its refresh took")
+	for _, name := range changed {
+		exec(t, conn, "SELECT pgconsistency.refresh_invariant($1)", name)
+	}
+	require.EqualValues(t, 2, status(t, conn)["dataset_seed_missing"].Anomalies)
+	requireExact(t, conn)
 }
 
 // testWALKeyExpressions: the decoded rows are cut to the columns a key

@@ -10,7 +10,12 @@
 -- something to do now: keys pending (their tables were written) or a
 -- reconcile recorded (capture_state), and whose incremental_period has
 -- passed since their latest refresh started. The others are left alone,
--- whatever they cost: their snapshot is still exact.
+-- whatever they cost: their snapshot is still exact. With the WAL capture,
+-- keys come with the reads of the slot (_wal_read_due: one per the shortest
+-- incremental_period), and a refresh starts some time after the read whose
+-- keys it took (the plan, the refreshes listed before it): so up to half
+-- the shortest period early, lest the refresh fall one pass of the changes
+-- loop behind the read, and its keys one read behind.
 CREATE OR REPLACE FUNCTION pgconsistency._changed_invariants(at timestamptz) RETURNS TABLE (name text)
 LANGUAGE sql STABLE
 SET search_path = pg_catalog, pg_temp
@@ -19,9 +24,13 @@ AS $fn$
       FROM pgconsistency.invariant i
       JOIN pgconsistency.capture_state c ON c.invariant = i.name
       LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+     CROSS JOIN (SELECT CASE WHEN (SELECT m.method FROM pgconsistency.capture m) = 'wal' THEN
+                             (SELECT pg_catalog.min(x.incremental_period) / 2 FROM pgconsistency.invariant x
+                               WHERE x.enabled AND x.refresh_mode = 'incremental')
+                        END AS early) AS w
      WHERE i.enabled AND i.refresh_mode = 'incremental'
        AND (c.reconcile_reason IS NOT NULL OR EXISTS (SELECT 1 FROM pgconsistency.pending_key p WHERE p.invariant = i.name))
-       AND pgconsistency._refresh_due(s.last_started_at, i.incremental_period, at)
+       AND pgconsistency._refresh_due(s.last_started_at, i.incremental_period, at + coalesce(w.early, interval '0'))
 $fn$;
 COMMENT ON FUNCTION pgconsistency._changed_invariants(timestamptz) IS
   'Internal: the invariants in incremental mode whose tables were written (or that must reconcile), due by their incremental_period';
