@@ -356,21 +356,19 @@ func (r *incResult) writerSummaries() []incWriterSummary {
 	for _, c := range r.cfg.clients {
 		tps := map[string][]float64{}
 		share := map[string][2][]float64{}
+		byRound := map[int]map[string]float64{} // round -> capture -> tps
 		for _, p := range r.writers {
 			tps[p.capture] = append(tps[p.capture], p.tps[c])
+			if byRound[p.round] == nil {
+				byRound[p.round] = map[string]float64{}
+			}
+			byRound[p.round][p.capture] = p.tps[c]
 			if p.capture != "off" {
 				s := share[p.capture]
 				s[0] = append(s[0], p.loop[c].planShare())
 				s[1] = append(s[1], p.loop[c].refreshShare())
 				share[p.capture] = s
 			}
-		}
-		byRound := map[int]map[string]float64{}
-		for _, p := range r.writers {
-			if byRound[p.round] == nil {
-				byRound[p.round] = map[string]float64{}
-			}
-			byRound[p.round][p.capture] = p.tps[c]
 		}
 		var ratios []float64
 		for _, m := range byRound {

@@ -279,7 +279,7 @@ func newServer(tb testing.TB, bin string, cred *syscall.Credential, password str
 	}
 	s := &Server{
 		Host:     "127.0.0.1",
-		User:     "postgres",
+		User:     superuser,
 		Password: password,
 		dir:      dir,
 		bin:      bin,

@@ -23,9 +23,12 @@ import (
 	"github.com/jackc/pgx/v5"
 )
 
+// superuser is the name of every cluster's superuser (Server.User).
+const superuser = "postgres"
+
 // initdbArgs are initdb's options after -D and --pwfile: the same for every
 // cluster, so that one initdb can serve them all (see initdb).
-var initdbArgs = []string{"-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256",
+var initdbArgs = []string{"-U", superuser, "--auth-local=trust", "--auth-host=scram-sha-256",
 	"--encoding=UTF8", "--locale=C", "--no-sync"}
 
 // initdb fills s.dataDir() with a new cluster. initdb costs about a second

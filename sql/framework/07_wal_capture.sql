@@ -322,6 +322,19 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_add_tables() IS
   'Internal: the tables the WAL capture decodes, in wal2json''s add-tables syntax';
 
+-- _wal_column_value: the expression of a column's value (jsonb) in
+-- tuple.columns of _wal_read_statement (wal2json's [{"name": ..., "value":
+-- ...}, ...] of a row), by a JSON path: NULL where the row lacks it.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_column_value(col text) RETURNS text
+LANGUAGE sql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pg_catalog.format('pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb)',
+                             pg_catalog.jsonb_build_object('n', col))
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_column_value(text) IS
+  'Internal: the SQL expression of a column''s value in a row the WAL capture decoded';
+
 -- _wal_key_select: the SELECT of one capture source's keys over the decoded
 -- rows (the CTE tuple of _wal_read_statement: source, the capture source the
 -- row's table has, and columns, wal2json's [{"name": ..., "value": ...}, ...]
@@ -353,10 +366,8 @@ AS $fn$
                   AND key_expression ~ '^\s*r\.[a-z_][a-z0-9_$]*\s*(::\s*(pg_catalog\.)?text\s*)?$'
                   AND (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = relation AND a.attname = k.cols[1])
                       IN ('pg_catalog.text'::regtype, 'pg_catalog.varchar'::regtype) THEN
-                 pg_catalog.format(
-                     'SELECT %s AS source, pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb) #>> ''{}'' AS key'
-                     ' FROM tuple WHERE tuple.source = %s',
-                     source, pg_catalog.jsonb_build_object('n', k.cols[1]), source)
+                 pg_catalog.format('SELECT %s AS source, %s #>> ''{}'' AS key FROM tuple WHERE tuple.source = %s',
+                                   source, pgconsistency._wal_column_value(k.cols[1]), source)
              ELSE
                  pg_catalog.format(
                      'SELECT %s AS source, (%s)::text AS key FROM tuple'
@@ -364,9 +375,7 @@ AS $fn$
                      ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, pg_catalog.jsonb_build_object(%s)) AS r'
                      ' WHERE tuple.source = %s AND (%s)',
                      source, key_expression,
-                     (SELECT pg_catalog.string_agg(pg_catalog.format(
-                                 'pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb) AS c%s',
-                                 pg_catalog.jsonb_build_object('n', col), i), ', ' ORDER BY i)
+                     (SELECT pg_catalog.string_agg(pg_catalog.format('%s AS c%s', pgconsistency._wal_column_value(col), i), ', ' ORDER BY i)
                         FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
                      relation,
                      (SELECT pg_catalog.string_agg(pg_catalog.format('%L, p.c%s', col, i), ', ' ORDER BY i)

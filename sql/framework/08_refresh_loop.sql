@@ -6,6 +6,35 @@
 -- CALL pgconsistency.refresh() runs that loop; pg_cron and the receiver's
 -- scheduler run it too, the scheduler one statement at a time.
 
+-- _wal_read_period: how often the changes loop reads the WAL capture's
+-- slot: the shortest incremental_period of the enabled invariants in
+-- incremental mode. NULL with the trigger capture, or no such invariant.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_read_period() RETURNS interval
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT pg_catalog.min(i.incremental_period)
+      FROM pgconsistency.invariant i
+     WHERE i.enabled AND i.refresh_mode = 'incremental'
+       AND (SELECT m.method FROM pgconsistency.capture m) = 'wal'
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_read_period() IS
+  'Internal: how often the changes loop reads the WAL capture''s slot (the shortest incremental_period), or NULL';
+
+-- _wal_read_due: whether the changes loop reads the WAL capture's slot now:
+-- its previous read (capture.read_at) was at least _wal_read_period() ago
+-- (by _refresh_due, a tenth early), or there was none. Always true with the
+-- trigger capture (capture_wal then reads nothing).
+CREATE OR REPLACE FUNCTION pgconsistency._wal_read_due(at timestamptz) RETURNS boolean
+LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+    SELECT coalesce(pgconsistency._refresh_due(
+               (SELECT m.read_at FROM pgconsistency.capture m WHERE m.method = 'wal'), pgconsistency._wal_read_period(), at), true)
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_read_due(timestamptz) IS
+  'Internal: whether the changes loop reads the WAL capture''s slot now (at most once per the shortest incremental_period)';
+
 -- _changed_invariants: the enabled invariants in incremental mode with
 -- something to do now: keys pending (their tables were written) or a
 -- reconcile recorded (capture_state), and whose incremental_period has
@@ -24,34 +53,13 @@ AS $fn$
       FROM pgconsistency.invariant i
       JOIN pgconsistency.capture_state c ON c.invariant = i.name
       LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
-     CROSS JOIN (SELECT CASE WHEN (SELECT m.method FROM pgconsistency.capture m) = 'wal' THEN
-                             (SELECT pg_catalog.min(x.incremental_period) / 2 FROM pgconsistency.invariant x
-                               WHERE x.enabled AND x.refresh_mode = 'incremental')
-                        END AS early) AS w
+     CROSS JOIN (SELECT pgconsistency._wal_read_period() / 2 AS early) AS w
      WHERE i.enabled AND i.refresh_mode = 'incremental'
        AND (c.reconcile_reason IS NOT NULL OR EXISTS (SELECT 1 FROM pgconsistency.pending_key p WHERE p.invariant = i.name))
        AND pgconsistency._refresh_due(s.last_started_at, i.incremental_period, at + coalesce(w.early, interval '0'))
 $fn$;
 COMMENT ON FUNCTION pgconsistency._changed_invariants(timestamptz) IS
   'Internal: the invariants in incremental mode whose tables were written (or that must reconcile), due by their incremental_period';
-
--- _wal_read_due: whether the changes loop reads the WAL capture's slot now:
--- its previous read (capture.read_at) was at least the shortest
--- incremental_period of the enabled invariants in incremental mode ago (by
--- _refresh_due, a tenth early), or there was none. Always true with the
--- trigger capture (capture_wal then reads nothing).
-CREATE OR REPLACE FUNCTION pgconsistency._wal_read_due(at timestamptz) RETURNS boolean
-LANGUAGE sql STABLE
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-    SELECT coalesce(pgconsistency._refresh_due(
-               (SELECT m.read_at FROM pgconsistency.capture m WHERE m.method = 'wal'),
-               (SELECT pg_catalog.min(i.incremental_period) FROM pgconsistency.invariant i
-                 WHERE i.enabled AND i.refresh_mode = 'incremental'),
-               at), true)
-$fn$;
-COMMENT ON FUNCTION pgconsistency._wal_read_due(timestamptz) IS
-  'Internal: whether the changes loop reads the WAL capture''s slot now (at most once per the shortest incremental_period)';
 
 -- refresh_changes_plan: the first step of a refresh loop that refreshes
 -- changes only, within seconds of their commit (the receiver's, every
