@@ -535,3 +535,29 @@ func newIn072(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 		assert.Contains(t, *statement, `'{"n": "dataset_id"}'::jsonb) #>> '{}' AS key`, "r.dataset_id::text taken as its JSON string")
 	}
 }
+
+// newIn073: the functions a refresh runs for every invariant, and the
+// changes loop for every pass, are PL/pgSQL, which keeps their plans for the
+// session; as SQL functions with a SET clause, PostgreSQL planned their
+// bodies again at every call.
+func newIn073(t *testing.T, admin *pgx.Conn) {
+	rows, err := admin.Query(t.Context(), `SELECT p.proname || ' ' || l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+		WHERE p.pronamespace = 'pgconsistency'::regnamespace AND p.proname = ANY ($1) ORDER BY 1`, perCallFunctions)
+	require.NoError(t, err)
+	got, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	var want []string
+	for _, fn := range perCallFunctions {
+		want = append(want, fn+" plpgsql")
+	}
+	slices.Sort(want)
+	assert.Equal(t, want, got)
+}
+
+// perCallFunctions are the functions 0.7.3 made PL/pgSQL: called once per
+// refresh or per pass of the changes loop, from PL/pgSQL.
+var perCallFunctions = []string{
+	"_anomaly_causes_looked", "_changed_invariants", "_incremental_index_hint", "_key_columns", "_open_counts",
+	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_key_select",
+	"_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem",
+}

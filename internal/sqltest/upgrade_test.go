@@ -52,6 +52,8 @@ var (
 	release070 = fromRelease{version: "0.7.0", dir: "testdata/sql/0.7.0", datasetInvariants: fixture.Invariants[:9]}
 	// 0.7.1 gave the WAL capture its own role, and no invariant.
 	release071 = fromRelease{version: "0.7.1", dir: "testdata/sql/0.7.1", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.2 paced the WAL capture's reads, and added no invariant.
+	release072 = fromRelease{version: "0.7.2", dir: "testdata/sql/0.7.2", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -80,7 +82,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.2"
+const currentRelease = "0.7.3"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -140,6 +142,11 @@ func TestUpgradeFrom070(t *testing.T) {
 func TestUpgradeFrom071(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release071)
+}
+
+func TestUpgradeFrom072(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release072)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -477,6 +484,11 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// 0.7.2: the WAL capture's read, paced and cheaper per change.
 	t.Run("NewIn072", func(t *testing.T) {
 		newIn072(t, admin, rel)
+	})
+
+	// 0.7.3: the refresh's steps keep their plans for the session.
+	t.Run("NewIn073", func(t *testing.T) {
+		newIn073(t, admin)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

@@ -8,6 +8,12 @@
 -- Every name is schema-qualified and every function pins its search_path,
 -- because PostgreSQL 17+ runs REFRESH MATERIALIZED VIEW with a safe search_path
 -- and because callers (pg_cron, deploy tools) may have any search_path.
+-- A function that a refresh or the changes loop calls once per invariant or
+-- per pass is PL/pgSQL, even when its body is one SELECT: PostgreSQL keeps a
+-- PL/pgSQL function's plans for the session, but plans the body of an SQL
+-- function with a SET clause anew at every call (never inlined), and those
+-- plans were half of what an incremental refresh cost beside its keys (0.7.3,
+-- BENCHMARKS.md). SQL functions stay where a query calls them row by row.
 --
 -- Names: a function whose name starts with an underscore (_install_ddl) is
 -- internal to pgconsistency: its comment starts with "Internal:", and it may
@@ -41,7 +47,7 @@ $do$;
 CREATE OR REPLACE FUNCTION pgconsistency.version() RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT '0.7.2'::text $fn$;
+AS $fn$ SELECT '0.7.3'::text $fn$;
 COMMENT ON FUNCTION pgconsistency.version() IS
   'The version of the pgconsistency SQL installed (the top release of CHANGELOG.md)';
 

@@ -8,13 +8,16 @@
 -- acknowledged (an acknowledgement past its "until" no longer counts).
 -- O(open anomalies of the invariant), through the partial index.
 CREATE OR REPLACE FUNCTION pgconsistency._open_counts(invariant text, OUT unacknowledged bigint, OUT acknowledged bigint)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     SELECT count(*) FILTER (WHERE NOT a.is_acknowledged), count(*) FILTER (WHERE a.is_acknowledged)
+      INTO unacknowledged, acknowledged
       FROM (SELECT a.acknowledged_at IS NOT NULL AND (a.acknowledged_until IS NULL OR a.acknowledged_until > pg_catalog.now()) AS is_acknowledged
               FROM pgconsistency.anomaly a
-             WHERE a.invariant = _open_counts.invariant AND a.resolved_at IS NULL) a
+             WHERE a.invariant = _open_counts.invariant AND a.resolved_at IS NULL) a;
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._open_counts(text) IS
   'Internal: the open anomalies of an invariant, not acknowledged and acknowledged';

@@ -39,17 +39,20 @@ COMMENT ON FUNCTION pgconsistency._wal_slot_default_name() IS
 -- _key_columns: the columns of relation that a key expression reads (its
 -- references r.<column>); every column when it reads the row whole (r::text).
 CREATE OR REPLACE FUNCTION pgconsistency._key_columns(relation regclass, key_expression text) RETURNS text[]
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
-      FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped
-       AND (key_expression ~ '(^|[^[:alnum:]_."])r($|[^[:alnum:]_$.])'
-            OR a.attname IN (
-                SELECT CASE WHEN m[1] LIKE '"%' THEN pg_catalog.replace(pg_catalog.btrim(m[1], '"'), '""', '"')
-                            ELSE pg_catalog.lower(m[1]) END
-                  FROM pg_catalog.regexp_matches(key_expression, '(?:^|[^[:alnum:]_."])r\.("(?:[^"]|"")+"|[[:alpha:]_][[:alnum:]_$]*)', 'g') AS m))
+BEGIN
+    RETURN (
+        SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
+          FROM pg_catalog.pg_attribute a
+         WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped
+           AND (key_expression ~ '(^|[^[:alnum:]_."])r($|[^[:alnum:]_$.])'
+                OR a.attname IN (
+                    SELECT CASE WHEN m[1] LIKE '"%' THEN pg_catalog.replace(pg_catalog.btrim(m[1], '"'), '""', '"')
+                                ELSE pg_catalog.lower(m[1]) END
+                      FROM pg_catalog.regexp_matches(key_expression, '(?:^|[^[:alnum:]_."])r\.("(?:[^"]|"")+"|[[:alpha:]_][[:alnum:]_$]*)', 'g') AS m)));
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._key_columns(regclass, text) IS
   'Internal: the columns of a table that a key expression of define_invariant(keys => ...) reads';
@@ -58,18 +61,21 @@ COMMENT ON FUNCTION pgconsistency._key_columns(regclass, text) IS
 -- deleted (or updated): the replica identity's (default: the primary key's;
 -- none without one).
 CREATE OR REPLACE FUNCTION pgconsistency._replica_identity_columns(relation regclass) RETURNS text[]
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}')
-      FROM pg_catalog.pg_class c
-      JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-     WHERE c.oid = relation
-       AND (c.relreplident = 'f'
-            OR (c.relreplident IN ('d', 'i') AND EXISTS (
-                SELECT 1 FROM pg_catalog.pg_index i
-                 WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey::int2[])
-                   AND CASE c.relreplident WHEN 'd' THEN i.indisprimary ELSE i.indisreplident END)))
+BEGIN
+    RETURN (
+        SELECT coalesce(pg_catalog.array_agg(a.attname::text ORDER BY a.attnum), '{}')
+          FROM pg_catalog.pg_class c
+          JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+         WHERE c.oid = relation
+           AND (c.relreplident = 'f'
+                OR (c.relreplident IN ('d', 'i') AND EXISTS (
+                    SELECT 1 FROM pg_catalog.pg_index i
+                     WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey::int2[])
+                       AND CASE c.relreplident WHEN 'd' THEN i.indisprimary ELSE i.indisreplident END))));
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._replica_identity_columns(regclass) IS
   'Internal: the columns of a table that the WAL holds for its deleted and updated rows (its replica identity)';
@@ -310,14 +316,17 @@ COMMENT ON FUNCTION pgconsistency._give_slot_functions_to_capture_role() IS
 -- (schema.table, with , . \ * and space escaped): every table an invariant
 -- in incremental mode reads. NULL: none.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_add_tables() RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT pg_catalog.string_agg(DISTINCT pg_catalog.regexp_replace(n.nspname, '([,.\\* ])', '\\\1', 'g') || '.'
-                                          || pg_catalog.regexp_replace(c.relname, '([,.\\* ])', '\\\1', 'g'), ',')
-      FROM pgconsistency.capture_source s
-      JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(s.relation)
-      JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+BEGIN
+    RETURN (
+        SELECT pg_catalog.string_agg(DISTINCT pg_catalog.regexp_replace(n.nspname, '([,.\\* ])', '\\\1', 'g') || '.'
+                                              || pg_catalog.regexp_replace(c.relname, '([,.\\* ])', '\\\1', 'g'), ',')
+          FROM pgconsistency.capture_source s
+          JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(s.relation)
+          JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace);
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_add_tables() IS
   'Internal: the tables the WAL capture decodes, in wal2json''s add-tables syntax';
@@ -349,43 +358,46 @@ COMMENT ON FUNCTION pgconsistency._wal_column_value(text) IS
 -- whose replica identity lacks them) gives no key. An expression that reads
 -- the row whole gets every column.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_key_select(source integer, relation regclass, key_expression text) RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT CASE
-             WHEN pg_catalog.cardinality(k.cols) = (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a
-                                                     WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped) THEN
-                 pg_catalog.format(
-                     'SELECT %s AS source, (%s)::text AS key FROM tuple'
-                     ' CROSS JOIN LATERAL (SELECT pg_catalog.jsonb_object_agg(x ->> ''name'', x -> ''value'') AS o'
-                     ' FROM pg_catalog.jsonb_array_elements(tuple.columns) AS x) AS p'
-                     ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, p.o) AS r'
-                     ' WHERE tuple.source = %s AND p.o IS NOT NULL',
-                     source, key_expression, relation, source)
-             WHEN pg_catalog.cardinality(k.cols) = 1
-                  AND key_expression ~ '^\s*r\.[a-z_][a-z0-9_$]*\s*(::\s*(pg_catalog\.)?text\s*)?$'
-                  AND (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = relation AND a.attname = k.cols[1])
-                      IN ('pg_catalog.text'::regtype, 'pg_catalog.varchar'::regtype) THEN
-                 pg_catalog.format('SELECT %s AS source, %s #>> ''{}'' AS key FROM tuple WHERE tuple.source = %s',
-                                   source, pgconsistency._wal_column_value(k.cols[1]), source)
-             ELSE
-                 pg_catalog.format(
-                     'SELECT %s AS source, (%s)::text AS key FROM tuple'
-                     ' CROSS JOIN LATERAL (SELECT %s OFFSET 0) AS p'
-                     ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, pg_catalog.jsonb_build_object(%s)) AS r'
-                     ' WHERE tuple.source = %s AND (%s)',
-                     source, key_expression,
-                     (SELECT pg_catalog.string_agg(pg_catalog.format('%s AS c%s', pgconsistency._wal_column_value(col), i), ', ' ORDER BY i)
-                        FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
-                     relation,
-                     (SELECT pg_catalog.string_agg(pg_catalog.format('%L, p.c%s', col, i), ', ' ORDER BY i)
-                        FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
-                     source,
-                     (SELECT pg_catalog.string_agg(pg_catalog.format('p.c%s IS NOT NULL', i), ' OR ' ORDER BY i)
-                        FROM pg_catalog.generate_series(1, pg_catalog.cardinality(k.cols)) AS i))
-           END
-      FROM (SELECT pgconsistency._key_columns(relation, key_expression) AS cols) AS k
-     WHERE pg_catalog.cardinality(k.cols) > 0
+BEGIN
+    RETURN (
+        SELECT CASE
+                 WHEN pg_catalog.cardinality(k.cols) = (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a
+                                                         WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped) THEN
+                     pg_catalog.format(
+                         'SELECT %s AS source, (%s)::text AS key FROM tuple'
+                         ' CROSS JOIN LATERAL (SELECT pg_catalog.jsonb_object_agg(x ->> ''name'', x -> ''value'') AS o'
+                         ' FROM pg_catalog.jsonb_array_elements(tuple.columns) AS x) AS p'
+                         ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, p.o) AS r'
+                         ' WHERE tuple.source = %s AND p.o IS NOT NULL',
+                         source, key_expression, relation, source)
+                 WHEN pg_catalog.cardinality(k.cols) = 1
+                      AND key_expression ~ '^\s*r\.[a-z_][a-z0-9_$]*\s*(::\s*(pg_catalog\.)?text\s*)?$'
+                      AND (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = relation AND a.attname = k.cols[1])
+                          IN ('pg_catalog.text'::regtype, 'pg_catalog.varchar'::regtype) THEN
+                     pg_catalog.format('SELECT %s AS source, %s #>> ''{}'' AS key FROM tuple WHERE tuple.source = %s',
+                                       source, pgconsistency._wal_column_value(k.cols[1]), source)
+                 ELSE
+                     pg_catalog.format(
+                         'SELECT %s AS source, (%s)::text AS key FROM tuple'
+                         ' CROSS JOIN LATERAL (SELECT %s OFFSET 0) AS p'
+                         ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, pg_catalog.jsonb_build_object(%s)) AS r'
+                         ' WHERE tuple.source = %s AND (%s)',
+                         source, key_expression,
+                         (SELECT pg_catalog.string_agg(pg_catalog.format('%s AS c%s', pgconsistency._wal_column_value(col), i), ', ' ORDER BY i)
+                            FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
+                         relation,
+                         (SELECT pg_catalog.string_agg(pg_catalog.format('%L, p.c%s', col, i), ', ' ORDER BY i)
+                            FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
+                         source,
+                         (SELECT pg_catalog.string_agg(pg_catalog.format('p.c%s IS NOT NULL', i), ' OR ' ORDER BY i)
+                            FROM pg_catalog.generate_series(1, pg_catalog.cardinality(k.cols)) AS i))
+               END
+          FROM (SELECT pgconsistency._key_columns(relation, key_expression) AS cols) AS k
+         WHERE pg_catalog.cardinality(k.cols) > 0);
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_key_select(integer, regclass, text) IS
   'Internal: the SELECT of a capture source''s keys over the rows the WAL capture decoded';
@@ -400,44 +412,47 @@ COMMENT ON FUNCTION pgconsistency._wal_key_select(integer, regclass, text) IS
 -- the last transaction read, and the keys written. NULL: no source's table
 -- exists.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_read_statement() RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT pg_catalog.replace(pg_catalog.replace($q$
-        WITH change AS MATERIALIZED (
-            SELECT w.lsn, j.c, j.c ->> 'action' AS action
-              FROM pgconsistency._wal_slot_changes($1, $2, $3, $4) AS w
-             CROSS JOIN LATERAL (SELECT w.data::jsonb AS c OFFSET 0) AS j),
-        tuple AS MATERIALIZED (
-            SELECT s.source, v.columns
-              FROM change
-              JOIN (VALUES /*sources*/) AS s(source, schema_name, table_name)
-                ON s.schema_name = change.c ->> 'schema' AND s.table_name = change.c ->> 'table'
-             CROSS JOIN LATERAL (VALUES (change.c -> 'columns'), (change.c -> 'identity')) AS v(columns)
-             WHERE change.action IN ('I', 'U', 'D') AND v.columns IS NOT NULL),
-        keys AS (
-            INSERT INTO pgconsistency.captured_key (source, key)
-            SELECT DISTINCT k.source, k.key COLLATE "C" FROM (/*keys*/) AS k WHERE k.key IS NOT NULL
-            RETURNING 1),
-        gaps AS (
-            INSERT INTO pgconsistency.capture_gap (relation, reason, at)
-            SELECT DISTINCT t.rel::text, 'TRUNCATE ' || t.rel::text, pg_catalog.clock_timestamp()
-              FROM change
-             CROSS JOIN LATERAL (SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(change.c ->> 'schema') || '.'
-                                                               || pg_catalog.quote_ident(change.c ->> 'table')) AS rel) AS t
-             WHERE change.action = 'T' AND t.rel IS NOT NULL
-            RETURNING 1)
-        SELECT r.changes, r.last, (SELECT pg_catalog.count(*) FROM keys) + (SELECT pg_catalog.count(*) FROM gaps)
-          FROM (SELECT pg_catalog.count(*) AS changes, pg_catalog.max(change.lsn) FILTER (WHERE change.action = 'C') AS last
-                  FROM change) AS r
-    $q$, '/*keys*/', k.keys), '/*sources*/', k.sources)
-      FROM (SELECT pg_catalog.string_agg(pgconsistency._wal_key_select(s.id, s.rel, s.key_expression),
-                                         ' UNION ALL ' ORDER BY s.id) AS keys,
-                   pg_catalog.string_agg(pg_catalog.format('(%s, %L, %L)', s.id, n.nspname, c.relname), ', ' ORDER BY s.id) AS sources
-              FROM (SELECT s.id, s.key_expression, pg_catalog.to_regclass(s.relation) AS rel FROM pgconsistency.capture_source s) AS s
-              JOIN pg_catalog.pg_class c ON c.oid = s.rel
-              JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace) AS k
-     WHERE k.keys IS NOT NULL
+BEGIN
+    RETURN (
+        SELECT pg_catalog.replace(pg_catalog.replace($q$
+            WITH change AS MATERIALIZED (
+                SELECT w.lsn, j.c, j.c ->> 'action' AS action
+                  FROM pgconsistency._wal_slot_changes($1, $2, $3, $4) AS w
+                 CROSS JOIN LATERAL (SELECT w.data::jsonb AS c OFFSET 0) AS j),
+            tuple AS MATERIALIZED (
+                SELECT s.source, v.columns
+                  FROM change
+                  JOIN (VALUES /*sources*/) AS s(source, schema_name, table_name)
+                    ON s.schema_name = change.c ->> 'schema' AND s.table_name = change.c ->> 'table'
+                 CROSS JOIN LATERAL (VALUES (change.c -> 'columns'), (change.c -> 'identity')) AS v(columns)
+                 WHERE change.action IN ('I', 'U', 'D') AND v.columns IS NOT NULL),
+            keys AS (
+                INSERT INTO pgconsistency.captured_key (source, key)
+                SELECT DISTINCT k.source, k.key COLLATE "C" FROM (/*keys*/) AS k WHERE k.key IS NOT NULL
+                RETURNING 1),
+            gaps AS (
+                INSERT INTO pgconsistency.capture_gap (relation, reason, at)
+                SELECT DISTINCT t.rel::text, 'TRUNCATE ' || t.rel::text, pg_catalog.clock_timestamp()
+                  FROM change
+                 CROSS JOIN LATERAL (SELECT pg_catalog.to_regclass(pg_catalog.quote_ident(change.c ->> 'schema') || '.'
+                                                                   || pg_catalog.quote_ident(change.c ->> 'table')) AS rel) AS t
+                 WHERE change.action = 'T' AND t.rel IS NOT NULL
+                RETURNING 1)
+            SELECT r.changes, r.last, (SELECT pg_catalog.count(*) FROM keys) + (SELECT pg_catalog.count(*) FROM gaps)
+              FROM (SELECT pg_catalog.count(*) AS changes, pg_catalog.max(change.lsn) FILTER (WHERE change.action = 'C') AS last
+                      FROM change) AS r
+        $q$, '/*keys*/', k.keys), '/*sources*/', k.sources)
+          FROM (SELECT pg_catalog.string_agg(pgconsistency._wal_key_select(s.id, s.rel, s.key_expression),
+                                             ' UNION ALL ' ORDER BY s.id) AS keys,
+                       pg_catalog.string_agg(pg_catalog.format('(%s, %L, %L)', s.id, n.nspname, c.relname), ', ' ORDER BY s.id) AS sources
+                  FROM (SELECT s.id, s.key_expression, pg_catalog.to_regclass(s.relation) AS rel FROM pgconsistency.capture_source s) AS s
+                  JOIN pg_catalog.pg_class c ON c.oid = s.rel
+                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace) AS k
+         WHERE k.keys IS NOT NULL);
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_read_statement() IS
   'Internal: the statement that reads the WAL capture''s slot once, with every capture source''s key SELECT';
@@ -448,9 +463,10 @@ COMMENT ON FUNCTION pgconsistency._wal_read_statement() IS
 -- max_slot_wal_keep_size behind) or 'foreign' (another database's or
 -- plugin's slot of that name), and the problem in words; NULLs when none.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_slot_check(slot_name text, OUT kind text, OUT problem text)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     SELECT CASE
              WHEN s.slot_name IS NULL THEN 'missing'
              WHEN s.wal_status = 'lost' THEN 'lost'
@@ -466,18 +482,23 @@ AS $fn$
                  pg_catalog.format('the replication slot %s is not the WAL capture''s of this database (database %s, plugin %s)',
                                    _wal_slot_check.slot_name, coalesce(s.database::text, 'none'), coalesce(s.plugin::text, 'none'))
            END
+      INTO kind, problem
       FROM (SELECT 1) AS one
-      LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = _wal_slot_check.slot_name
+      LEFT JOIN pg_catalog.pg_replication_slots s ON s.slot_name = _wal_slot_check.slot_name;
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_slot_check(text) IS
   'Internal: what is wrong with the WAL capture''s slot (missing, lost, foreign) and why, or NULLs';
 
 -- _wal_slot_problem: _wal_slot_check's problem alone.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_slot_problem(slot_name text) RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT c.problem FROM pgconsistency._wal_slot_check(slot_name) AS c
+BEGIN
+    RETURN (
+        SELECT c.problem FROM pgconsistency._wal_slot_check(slot_name) AS c);
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_slot_problem(text) IS
   'Internal: why the WAL capture''s slot cannot be read (missing, invalidated, not ours), or NULL';

@@ -228,9 +228,13 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._anomaly_causes(text, text[], timestamptz) IS
   'Internal: the recorded change that caused each new anomaly''s key (from the audit pack''s audit_causes, if installed)';
 CREATE OR REPLACE FUNCTION pgconsistency._anomaly_causes_looked() RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT pg_catalog.to_regprocedure('pgconsistency.audit_causes(text, text[], timestamptz)') IS NOT NULL $fn$;
+AS $fn$
+BEGIN
+    RETURN pg_catalog.to_regprocedure('pgconsistency.audit_causes(text, text[], timestamptz)') IS NOT NULL;
+END
+$fn$;
 COMMENT ON FUNCTION pgconsistency._anomaly_causes_looked() IS
   'Internal: whether a pack that records the causes of anomalies (the audit pack) is installed';
 
@@ -248,6 +252,7 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
     v_latest jsonb;
+    v_key    text;
 BEGIN
     -- New anomalies take their seqs (the order of the log records) under a
     -- lock held until this transaction commits: seqs then become visible in
@@ -262,11 +267,13 @@ BEGIN
     -- (never analysed). So the server's planner settings, and no nested
     -- loop: hash or merge joins, linear whatever the statistics. No JIT: it
     -- took 0.6 s of a 3.4 s lifecycle (100,000 new anomalies), for nothing.
-    PERFORM pg_catalog.set_config(e.key, s.reset_val, true)
-       FROM (SELECT k FROM pg_catalog.jsonb_object_keys(inv.settings - 'incremental') AS k
-             UNION
-             SELECT k FROM pg_catalog.jsonb_object_keys(coalesce(inv.settings -> 'incremental', '{}')) AS k) AS e(key)
-       JOIN pg_catalog.pg_settings s ON s.name = e.key;
+    -- (SET LOCAL ... TO DEFAULT: the value the session had before any SET,
+    -- as pg_settings.reset_val, without building pg_settings' every row.)
+    FOR v_key IN SELECT k FROM pg_catalog.jsonb_object_keys(inv.settings - 'incremental') AS k
+                 UNION
+                 SELECT k FROM pg_catalog.jsonb_object_keys(coalesce(inv.settings -> 'incremental', '{}')) AS k LOOP
+        EXECUTE pg_catalog.format('SET LOCAL %I TO DEFAULT', v_key);
+    END LOOP;
     PERFORM pg_catalog.set_config('enable_nestloop', 'off', true);
     PERFORM pg_catalog.set_config('jit', 'off', true);
     EXECUTE $q$
@@ -364,13 +371,15 @@ COMMENT ON FUNCTION pgconsistency._refresh_reconciled(text, text, bigint) IS
 -- _refresh_retention: resolved anomalies older than resolved_retention go,
 -- except those a log consumer has not read yet.
 CREATE OR REPLACE FUNCTION pgconsistency._refresh_retention(inv pgconsistency.invariant, at timestamptz) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     DELETE FROM pgconsistency.anomaly a
      WHERE a.invariant = inv.name
        AND a.resolved_at < at - inv.resolved_retention
-       AND a.seq <= coalesce((SELECT pg_catalog.min(c.last_seq) FROM pgconsistency.log_cursor c), a.seq)
+       AND a.seq <= coalesce((SELECT pg_catalog.min(c.last_seq) FROM pgconsistency.log_cursor c), a.seq);
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._refresh_retention(pgconsistency.invariant, timestamptz) IS
   'Internal: refresh step: delete resolved anomalies past their retention that every log consumer has read';
@@ -497,9 +506,10 @@ COMMENT ON FUNCTION pgconsistency._refresh_state_row(text, timestamptz, record, 
 -- reconcile healed and the latest incremental refresh lacked until the next
 -- of each.
 CREATE OR REPLACE FUNCTION pgconsistency._record_success(r pgconsistency.refresh_state) RETURNS void
-LANGUAGE sql
+LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+BEGIN
     INSERT INTO pgconsistency.refresh_state AS s SELECT (r).*
     ON CONFLICT ON CONSTRAINT refresh_state_pkey DO UPDATE
        SET last_run_outcome = EXCLUDED.last_run_outcome, last_started_at = EXCLUDED.last_started_at,
@@ -524,7 +534,8 @@ AS $fn$
            new_cause_db_user = EXCLUDED.new_cause_db_user,
            new_cause_application_name = EXCLUDED.new_cause_application_name,
            incremental_index_hint = CASE WHEN EXCLUDED.last_refresh_kind = 'incremental' THEN EXCLUDED.incremental_index_hint
-                                         ELSE s.incremental_index_hint END
+                                         ELSE s.incremental_index_hint END;
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._record_success(pgconsistency.refresh_state) IS
   'Internal: refresh step: record a successful refresh and its snapshot in refresh_state';

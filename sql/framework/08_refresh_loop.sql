@@ -10,13 +10,16 @@
 -- slot: the shortest incremental_period of the enabled invariants in
 -- incremental mode. NULL with the trigger capture, or no such invariant.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_read_period() RETURNS interval
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT pg_catalog.min(i.incremental_period)
-      FROM pgconsistency.invariant i
-     WHERE i.enabled AND i.refresh_mode = 'incremental'
-       AND (SELECT m.method FROM pgconsistency.capture m) = 'wal'
+BEGIN
+    RETURN (
+        SELECT pg_catalog.min(i.incremental_period)
+          FROM pgconsistency.invariant i
+         WHERE i.enabled AND i.refresh_mode = 'incremental'
+           AND (SELECT m.method FROM pgconsistency.capture m) = 'wal');
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_read_period() IS
   'Internal: how often the changes loop reads the WAL capture''s slot (the shortest incremental_period), or NULL';
@@ -26,11 +29,14 @@ COMMENT ON FUNCTION pgconsistency._wal_read_period() IS
 -- (by _refresh_due, a tenth early), or there was none. Always true with the
 -- trigger capture (capture_wal then reads nothing).
 CREATE OR REPLACE FUNCTION pgconsistency._wal_read_due(at timestamptz) RETURNS boolean
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT coalesce(pgconsistency._refresh_due(
-               (SELECT m.read_at FROM pgconsistency.capture m WHERE m.method = 'wal'), pgconsistency._wal_read_period(), at), true)
+BEGIN
+    RETURN (
+        SELECT coalesce(pgconsistency._refresh_due(
+                   (SELECT m.read_at FROM pgconsistency.capture m WHERE m.method = 'wal'), pgconsistency._wal_read_period(), at), true));
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_read_due(timestamptz) IS
   'Internal: whether the changes loop reads the WAL capture''s slot now (at most once per the shortest incremental_period)';
@@ -46,17 +52,20 @@ COMMENT ON FUNCTION pgconsistency._wal_read_due(timestamptz) IS
 -- the shortest period early, lest the refresh fall one pass of the changes
 -- loop behind the read, and its keys one read behind.
 CREATE OR REPLACE FUNCTION pgconsistency._changed_invariants(at timestamptz) RETURNS TABLE (name text)
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT i.name
-      FROM pgconsistency.invariant i
-      JOIN pgconsistency.capture_state c ON c.invariant = i.name
-      LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
-     CROSS JOIN (SELECT pgconsistency._wal_read_period() / 2 AS early) AS w
-     WHERE i.enabled AND i.refresh_mode = 'incremental'
-       AND (c.reconcile_reason IS NOT NULL OR EXISTS (SELECT 1 FROM pgconsistency.pending_key p WHERE p.invariant = i.name))
-       AND pgconsistency._refresh_due(s.last_started_at, i.incremental_period, at + coalesce(w.early, interval '0'))
+BEGIN
+    RETURN QUERY
+        SELECT i.name
+          FROM pgconsistency.invariant i
+          JOIN pgconsistency.capture_state c ON c.invariant = i.name
+          LEFT JOIN pgconsistency.refresh_state s ON s.invariant = i.name
+         CROSS JOIN (SELECT pgconsistency._wal_read_period() / 2 AS early) AS w
+         WHERE i.enabled AND i.refresh_mode = 'incremental'
+           AND (c.reconcile_reason IS NOT NULL OR EXISTS (SELECT 1 FROM pgconsistency.pending_key p WHERE p.invariant = i.name))
+           AND pgconsistency._refresh_due(s.last_started_at, i.incremental_period, at + coalesce(w.early, interval '0'));
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._changed_invariants(timestamptz) IS
   'Internal: the invariants in incremental mode whose tables were written (or that must reconcile), due by their incremental_period';
@@ -103,19 +112,22 @@ COMMENT ON FUNCTION pgconsistency.refresh_changes_plan() IS
 -- valid index (a schema that lost one), or NULL when every key has one.
 -- Keys of several columns, or found through a lookup, are not judged.
 CREATE OR REPLACE FUNCTION pgconsistency._incremental_index_hint(invariant text) RETURNS text
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-    SELECT pg_catalog.string_agg(pg_catalog.format('CREATE INDEX CONCURRENTLY ON %s (%I);', k.rel, k.cols[1]), ' ' ORDER BY k.rel::text)
-      FROM (SELECT pg_catalog.to_regclass(s.relation) AS rel,
-                   pgconsistency._key_columns(pg_catalog.to_regclass(s.relation), s.key_expression) AS cols
-              FROM pgconsistency.invariant_key_source s
-             WHERE s.invariant = _incremental_index_hint.invariant AND s.key_lookup IS NULL
-               AND pg_catalog.to_regclass(s.relation) IS NOT NULL) k
-     WHERE pg_catalog.cardinality(k.cols) = 1
-       AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
-                         JOIN pg_catalog.pg_attribute a ON a.attrelid = k.rel AND a.attname = k.cols[1]
-                        WHERE i.indrelid = k.rel AND i.indisvalid AND i.indpred IS NULL AND i.indkey[0] = a.attnum)
+BEGIN
+    RETURN (
+        SELECT pg_catalog.string_agg(pg_catalog.format('CREATE INDEX CONCURRENTLY ON %s (%I);', k.rel, k.cols[1]), ' ' ORDER BY k.rel::text)
+          FROM (SELECT pg_catalog.to_regclass(s.relation) AS rel,
+                       pgconsistency._key_columns(pg_catalog.to_regclass(s.relation), s.key_expression) AS cols
+                  FROM pgconsistency.invariant_key_source s
+                 WHERE s.invariant = _incremental_index_hint.invariant AND s.key_lookup IS NULL
+                   AND pg_catalog.to_regclass(s.relation) IS NOT NULL) k
+         WHERE pg_catalog.cardinality(k.cols) = 1
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_index i
+                             JOIN pg_catalog.pg_attribute a ON a.attrelid = k.rel AND a.attname = k.cols[1]
+                            WHERE i.indrelid = k.rel AND i.indisvalid AND i.indpred IS NULL AND i.indkey[0] = a.attnum));
+END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._incremental_index_hint(text) IS
   'Internal: CREATE INDEX statements for the tables of an invariant whose key no index leads, or NULL';
