@@ -161,12 +161,17 @@ fuzz:
 # record, 100 breakages, then 100 more while the other invariants
 # reconcile; p99 goal 5 s. Flags in LATENCY_FLAGS: -latency.scale,
 # -latency.breakages, -latency.tps. About 20 minutes.
+# Then BenchmarkRefreshFloor: what an incremental refresh costs beside its
+# keys, this tree against a kept release (testdata/sql/<release>) side by
+# side. Flags in FLOOR_FLAGS: -floor.scale, -floor.rounds, -floor.keys,
+# -floor.previous. About 2 minutes.
 SCALE ?= 100000,1000000
 INCIDENT_SCALE ?= 200000,1000000
 BENCH_FLAGS ?=
 INCIDENT_FLAGS ?=
 INCREMENTAL_FLAGS ?=
 LATENCY_FLAGS ?=
+FLOOR_FLAGS ?=
 bench: deps build
 	@scripts/install-deps.sh bench
 	@# the tables go to bench-results.md, then to the terminal; progress and
@@ -180,7 +185,9 @@ bench: deps build
 		-args $(INCREMENTAL_FLAGS) >> bench-results.md; rc3=$$?; \
 	$(GO) test -tags integration -run '^$$' -bench '^BenchmarkLatency$$' -benchtime 1x -timeout 60m ./internal/bench \
 		-args $(LATENCY_FLAGS) >> bench-results.md; rc4=$$?; \
-	cat bench-results.md; for r in $$rc $$rc2 $$rc3 $$rc4; do if [ $$r -ne 0 ]; then exit $$r; fi; done
+	$(GO) test -tags integration -run '^$$' -bench '^BenchmarkRefreshFloor$$' -benchtime 1x -timeout 30m ./internal/bench \
+		-args $(FLOOR_FLAGS) >> bench-results.md; rc5=$$?; \
+	cat bench-results.md; for r in $$rc $$rc2 $$rc3 $$rc4 $$rc5; do if [ $$r -ne 0 ]; then exit $$r; fi; done
 
 # Load and soak of the collector binary (internal/soak): one collector with
 # 1,000 invariants and one with 20 receivers for 20 databases (CPU, memory,

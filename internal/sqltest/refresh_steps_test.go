@@ -74,6 +74,38 @@ func TestRefreshSteps(t *testing.T) {
 		})
 	})
 
+	// The rows' temporary table outlives the commit (no truncation at every
+	// commit), and is emptied before each use: by DELETE, or by TRUNCATE
+	// once it holds more than 8 MB.
+	t.Run("WorkTable", func(t *testing.T) {
+		var outcome string
+		require.NoError(t, conn.QueryRow(ctx, "SELECT pgconsistency.refresh_invariant('dataset_seed_missing')").Scan(&outcome))
+		require.Equal(t, "succeeded", outcome)
+		count := func() (n int) {
+			require.NoError(t, conn.QueryRow(ctx, "SELECT count(*) FROM pg_temp.pgconsistency_result").Scan(&n))
+			return n
+		}
+		size := func() (n int64) {
+			require.NoError(t, conn.QueryRow(ctx, "SELECT pg_total_relation_size('pg_temp.pgconsistency_result')").Scan(&n))
+			return n
+		}
+		assert.Equal(t, len(fixture.CurrentBreakage["dataset_seed_missing"]), count(), "the refresh's rows, still there after its commit")
+		empty := "SELECT pgconsistency._work_table('pgconsistency_result', 'key text PRIMARY KEY, details jsonb')"
+		exec(t, conn, empty)
+		assert.Zero(t, count(), "emptied before a use")
+		exec(t, conn, `INSERT INTO pg_temp.pgconsistency_result
+			SELECT 'k' || i, jsonb_build_object('pad', repeat('x', 200)) FROM generate_series(1, 40000) i`)
+		require.Greater(t, size(), int64(8<<20), "a mass incident's rows")
+		exec(t, conn, empty)
+		assert.Zero(t, count())
+		assert.Less(t, size(), int64(1<<20), "over 8 MB: truncated, the file given back")
+		exec(t, conn, "INSERT INTO pg_temp.pgconsistency_result SELECT 'k' || i, '{}' FROM generate_series(1, 1000) i")
+		small := size()
+		exec(t, conn, empty)
+		assert.Zero(t, count())
+		assert.Equal(t, small, size(), "under 8 MB: deleted, the file left alone")
+	})
+
 	t.Run("LifecycleAndCauses", func(t *testing.T) {
 		var looked bool
 		var causes int

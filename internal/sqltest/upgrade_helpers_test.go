@@ -554,10 +554,11 @@ func newIn073(t *testing.T, admin *pgx.Conn) {
 	assert.Equal(t, want, got)
 }
 
-// perCallFunctions are the functions 0.7.3 made PL/pgSQL: called once per
-// refresh or per pass of the changes loop, from PL/pgSQL.
+// perCallFunctions are the functions a refresh calls once per invariant, or
+// the changes loop once per pass: 0.7.3 made them PL/pgSQL (and added
+// _work_table).
 var perCallFunctions = []string{
 	"_anomaly_causes_looked", "_changed_invariants", "_incremental_index_hint", "_key_columns", "_open_counts",
 	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_key_select",
-	"_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem",
+	"_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem", "_work_table",
 }

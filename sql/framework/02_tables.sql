@@ -515,3 +515,33 @@ SELECT pgconsistency._install_comment('pgconsistency.deployment',
 INSERT INTO pgconsistency.deployment (marker, changed_at)
 SELECT m.value, coalesce(m.changed_at, m.seen_at) FROM pgconsistency.deploy_marker m
  WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.deployment);
+
+-- _work_table: a temporary table of the session that a step fills and reads
+-- in one transaction (a refresh's rows, the keys a dispatch moves): made at
+-- its first use in the session (not per use, which would write the catalog
+-- each time), and emptied before every use, by DELETE, which leaves its
+-- file alone, or by TRUNCATE once the table and its indexes hold more than
+-- 8 MB (no vacuum runs on a temporary table, so what a DELETE leaves is
+-- bounded that way; a mass incident's rows are truncated at the next use).
+-- Its rows stay in the session until then. Not ON COMMIT DELETE ROWS
+-- (before 0.7.3): PostgreSQL then truncates the file of every such table at
+-- each commit of a transaction that used a temporary table, about 1 ms a
+-- commit here, paid by every refresh.
+CREATE OR REPLACE FUNCTION pgconsistency._work_table(name text, columns text) RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_rel regclass := pg_catalog.to_regclass('pg_temp.' || pg_catalog.quote_ident(name));
+BEGIN
+    IF v_rel IS NULL THEN
+        EXECUTE pg_catalog.format('CREATE TEMPORARY TABLE %I (%s)', name, columns);
+    ELSIF pg_catalog.pg_total_relation_size(v_rel) > 8 * 1024 * 1024 THEN
+        EXECUTE pg_catalog.format('TRUNCATE pg_temp.%I', name);
+    ELSE
+        EXECUTE pg_catalog.format('DELETE FROM pg_temp.%I', name);
+    END IF;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._work_table(text, text) IS
+  'Internal: a temporary table of the session for one step''s rows, made once and emptied before each use';

@@ -279,11 +279,7 @@ BEGIN
     UPDATE pgconsistency.capture_state c
        SET reconcile_reason = coalesce(c.reconcile_reason, hit.reason || ' bypassed the capture')
       FROM hit WHERE c.invariant = hit.invariant;
-    IF pg_catalog.to_regclass('pg_temp.pgconsistency_moved') IS NULL THEN
-        CREATE TEMPORARY TABLE pgconsistency_moved (source integer, key text) ON COMMIT DELETE ROWS;
-    ELSE
-        DELETE FROM pg_temp.pgconsistency_moved;
-    END IF;
+    PERFORM pgconsistency._work_table('pgconsistency_moved', 'source integer, key text');
     WITH moved AS (
         DELETE FROM pgconsistency.captured_key k RETURNING k.source, k.key)
     INSERT INTO pg_temp.pgconsistency_moved SELECT moved.source, moved.key FROM moved;

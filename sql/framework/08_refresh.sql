@@ -106,8 +106,7 @@ COMMENT ON FUNCTION pgconsistency._refresh_origin(text, timestamptz) IS
   'Internal: refresh step: the previous refresh, the latest deployment and the request reason a refresh records on its new anomalies';
 
 -- _refresh_rows: the invariant's rows into pg_temp.pgconsistency_result (a
--- temporary table of the session, made once: not per refresh, which would
--- write the catalog each time; emptied at every commit). Returns the kind of
+-- temporary table of the session: _work_table). Returns the kind of
 -- refresh: 'full' (the query whole, with the invariant's planner settings:
 -- the dataset pack's are merge joins over whole tables, so no plan depends
 -- on how many rows an incident changed; or its registered materialized
@@ -123,11 +122,7 @@ LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    IF pg_catalog.to_regclass('pg_temp.pgconsistency_result') IS NULL THEN
-        CREATE TEMPORARY TABLE pgconsistency_result (key text PRIMARY KEY, details jsonb) ON COMMIT DELETE ROWS;
-    ELSE
-        DELETE FROM pg_temp.pgconsistency_result; -- empty, unless an earlier refresh of this transaction used it
-    END IF;
+    PERFORM pgconsistency._work_table('pgconsistency_result', 'key text PRIMARY KEY, details jsonb');
     kind := 'full';
     fresh_capture := false;
     IF inv.query IS NULL THEN
