@@ -11,9 +11,9 @@
 -- A function that a refresh or the changes loop calls once per invariant or
 -- per pass is PL/pgSQL, even when its body is one SELECT: PostgreSQL keeps a
 -- PL/pgSQL function's plans for the session, but plans the body of an SQL
--- function with a SET clause anew at every call (never inlined), and those
--- plans were half of what an incremental refresh cost beside its keys (0.7.3,
--- BENCHMARKS.md). SQL functions stay where a query calls them row by row.
+-- function with a SET clause anew at every call (never inlined): about a
+-- fifth of what a refresh cost beside its keys before 0.7.3 (BENCHMARKS.md).
+-- SQL functions stay where one query calls them row by row.
 --
 -- Names: a function whose name starts with an underscore (_install_ddl) is
 -- internal to pgconsistency: its comment starts with "Internal:", and it may
