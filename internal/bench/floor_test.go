@@ -21,7 +21,6 @@ package bench
 // re-check the keys given; its figures are logged, never asserted.
 
 import (
-	"context"
 	"flag"
 	"fmt"
 	"strconv"
@@ -125,7 +124,7 @@ func floorPass(tb testing.TB, side *floorSide, keys, round int) time.Duration {
 		}
 		var kind string
 		var rechecked int
-		must(tb, side.conn.QueryRow(context.WithoutCancel(ctx),
+		must(tb, side.conn.QueryRow(ctx,
 			`SELECT last_refresh_kind, rechecked_keys FROM pgconsistency.refresh_state WHERE invariant = $1`, inv).Scan(&kind, &rechecked))
 		if kind != "incremental" || rechecked != keys {
 			tb.Fatalf("%s: %s: a %s refresh that re-checked %d keys, want an incremental one of %d", side.release, inv, kind, rechecked, keys)
