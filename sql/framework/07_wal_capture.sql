@@ -496,8 +496,7 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    RETURN (
-        SELECT c.problem FROM pgconsistency._wal_slot_check(slot_name) AS c);
+    RETURN (pgconsistency._wal_slot_check(slot_name)).problem;
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_slot_problem(text) IS

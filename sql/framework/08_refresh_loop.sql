@@ -33,9 +33,8 @@ LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
-    RETURN (
-        SELECT coalesce(pgconsistency._refresh_due(
-                   (SELECT m.read_at FROM pgconsistency.capture m WHERE m.method = 'wal'), pgconsistency._wal_read_period(), at), true));
+    RETURN coalesce(pgconsistency._refresh_due(
+               (SELECT m.read_at FROM pgconsistency.capture m WHERE m.method = 'wal'), pgconsistency._wal_read_period(), at), true);
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_read_due(timestamptz) IS
