@@ -532,7 +532,7 @@ func newIn072(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 	require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_statement()").Scan(&statement))
 	if assert.NotNil(t, statement, "the read statement of the upgraded capture sources") {
 		assert.Contains(t, *statement, "AS s(source, schema_name, table_name)", "the changes matched with the sources once")
-		assert.Contains(t, *statement, `'{"n": "dataset_id"}'::jsonb) #>> '{}' AS key`, "r.dataset_id::text taken as its JSON string")
+		assert.Contains(t, *statement, `'{"n": "dataset_id"}'::jsonb) END #>> '{}' AS key`, "r.dataset_id::text taken as its JSON string")
 	}
 }
 
@@ -554,11 +554,26 @@ func newIn073(t *testing.T, admin *pgx.Conn) {
 	assert.Equal(t, want, got)
 }
 
+// newIn074: the WAL capture's read takes a key column by its place in the
+// decoded row, by its name only where that place holds another column; the
+// _wal_column_value(text) of 0.7.3, which searched by name only, is gone.
+func newIn074(t *testing.T, admin *pgx.Conn, rel fromRelease) {
+	var old, statement *string
+	require.NoError(t, admin.QueryRow(t.Context(),
+		`SELECT to_regprocedure('pgconsistency._wal_column_value(text)')::text, pgconsistency._wal_read_statement()`).Scan(&old, &statement))
+	assert.Nil(t, old, "0.7.3's _wal_column_value(text)")
+	if !rel.atLeast("0.3.0") {
+		return // no invariant in incremental mode: no capture source
+	}
+	require.NotNil(t, statement, "the read statement of the capture sources")
+	assert.Contains(t, *statement, `CASE WHEN tuple.columns -> 0 ->> 'name' = 'dataset_id' THEN tuple.columns -> 0 -> 'value'`)
+}
+
 // perCallFunctions are the functions a refresh calls once per invariant, or
 // the changes loop once per pass: 0.7.3 made them PL/pgSQL (and added
-// _work_table).
+// _work_table; 0.7.4 _wal_column_position).
 var perCallFunctions = []string{
 	"_anomaly_causes_looked", "_changed_invariants", "_incremental_index_hint", "_key_columns", "_open_counts",
-	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_key_select",
+	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_column_position", "_wal_key_select",
 	"_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem", "_work_table",
 }

@@ -54,6 +54,8 @@ var (
 	release071 = fromRelease{version: "0.7.1", dir: "testdata/sql/0.7.1", datasetInvariants: fixture.Invariants[:9]}
 	// 0.7.2 paced the WAL capture's reads, and added no invariant.
 	release072 = fromRelease{version: "0.7.2", dir: "testdata/sql/0.7.2", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.3 kept the plans of the refresh's steps, and added no invariant.
+	release073 = fromRelease{version: "0.7.3", dir: "testdata/sql/0.7.3", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -82,7 +84,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.3"
+const currentRelease = "0.7.4"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -147,6 +149,11 @@ func TestUpgradeFrom071(t *testing.T) {
 func TestUpgradeFrom072(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release072)
+}
+
+func TestUpgradeFrom073(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release073)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -489,6 +496,11 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// 0.7.3: the refresh's steps keep their plans for the session.
 	t.Run("NewIn073", func(t *testing.T) {
 		newIn073(t, admin)
+	})
+
+	// 0.7.4: the WAL capture's read takes key columns by their place.
+	t.Run("NewIn074", func(t *testing.T) {
+		newIn074(t, admin, rel)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

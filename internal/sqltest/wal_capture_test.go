@@ -268,6 +268,14 @@ func testWALKeyExpressions(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	// A text column alone is taken as its JSON string: escapes undone.
 	exec(t, conn, `CREATE TABLE public.text_keys (k varchar(20) PRIMARY KEY, v text)`)
 	exec(t, conn, `INSERT INTO public.text_keys VALUES ('a"b', 'ok'), (E'c\\d', 'ok'), ('é ü', 'ok'), (E'tab\there', 'bad')`)
+	// A key column after a dropped column and a generated one, and an old
+	// row that holds only the replica identity's column: the read takes
+	// the key by its place in a whole row, by its name elsewhere.
+	exec(t, conn, `CREATE TABLE public.shifted_keys (gone integer, g text GENERATED ALWAYS AS ('x') STORED, id integer PRIMARY KEY, k text NOT NULL, v text)`)
+	exec(t, conn, `ALTER TABLE public.shifted_keys DROP COLUMN gone`)
+	exec(t, conn, `CREATE UNIQUE INDEX shifted_keys_k ON public.shifted_keys (k)`)
+	exec(t, conn, `ALTER TABLE public.shifted_keys REPLICA IDENTITY USING INDEX shifted_keys_k`)
+	exec(t, conn, `INSERT INTO public.shifted_keys (id, k, v) VALUES (1, 'p', 'ok'), (2, 'q', 'bad'), (3, 's', 'ok')`)
 	exec(t, conn, `SELECT pgconsistency.define_invariant('odd_rows_bad',
 		$q$SELECT o."Tenant" || '/' || o.id AS key FROM public."Odd Rows" o WHERE o.note = 'bad'$q$,
 		keys => '{"public.\"Odd Rows\"": "r.\"Tenant\" || ''/'' || r.id"}')`)
@@ -277,7 +285,10 @@ func testWALKeyExpressions(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	exec(t, conn, `SELECT pgconsistency.define_invariant('text_keys_bad',
 		$q$SELECT k.k::text AS key FROM public.text_keys k WHERE k.v = 'bad'$q$,
 		keys => '{"public.text_keys": "r.k::text"}')`)
-	for _, name := range []string{"odd_rows_bad", "whole_rows_bad", "text_keys_bad"} {
+	exec(t, conn, `SELECT pgconsistency.define_invariant('shifted_keys_bad',
+		$q$SELECT s.k AS key FROM public.shifted_keys s WHERE s.v = 'bad'$q$,
+		keys => '{"public.shifted_keys": "r.k"}')`)
+	for _, name := range []string{"odd_rows_bad", "whole_rows_bad", "text_keys_bad", "shifted_keys_bad"} {
 		exec(t, conn, "SELECT pgconsistency.set_refresh_mode($1, 'incremental')", name)
 	}
 	var fixes int
@@ -296,12 +307,17 @@ func testWALKeyExpressions(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	exec(t, conn, `UPDATE public.whole_rows SET v = 'bad' WHERE id = 1`)
 	exec(t, conn, `UPDATE public.text_keys SET v = 'bad' WHERE v = 'ok'`)
 	exec(t, conn, `DELETE FROM public.text_keys WHERE k = E'tab\there'`)
+	exec(t, conn, `UPDATE public.shifted_keys SET v = 'bad' WHERE k = 'p'`)
+	exec(t, conn, `DELETE FROM public.shifted_keys WHERE k = 'q'`) // the old row: k alone
+	var statement string
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_statement()").Scan(&statement))
+	require.Contains(t, statement, `CASE WHEN tuple.columns -> 2 ->> 'name' = 'k'`, "k's place: the dropped column left out, the generated one counted")
 	time.Sleep(5 * time.Millisecond)
 	rows, err := conn.Query(t.Context(), "SELECT name FROM pgconsistency.refresh_changes_plan()")
 	require.NoError(t, err)
 	changed, err := pgx.CollectRows(rows, pgx.RowTo[string])
 	require.NoError(t, err)
-	require.Subset(t, changed, []string{"odd_rows_bad", "whole_rows_bad", "text_keys_bad"})
+	require.Subset(t, changed, []string{"odd_rows_bad", "whole_rows_bad", "text_keys_bad", "shifted_keys_bad"})
 	for _, name := range changed {
 		exec(t, conn, "SELECT pgconsistency.refresh_invariant($1)", name)
 	}
@@ -311,6 +327,8 @@ func testWALKeyExpressions(t *testing.T, _ *pgtest.Server, _ string, conn *pgx.C
 	require.Equal(t, []string{"1", "4"}, viewKeys(t, conn, "whole_rows_bad"))
 	requireKind(t, conn, "text_keys_bad", "incremental")
 	require.ElementsMatch(t, []string{"a\"b", "c\\d", "é ü"}, viewKeys(t, conn, "text_keys_bad"))
+	requireKind(t, conn, "shifted_keys_bad", "incremental")
+	require.Equal(t, []string{"p"}, viewKeys(t, conn, "shifted_keys_bad"))
 }
 
 func testWALReadKilled(t *testing.T, s *pgtest.Server, db string, conn *pgx.Conn) {
