@@ -10,6 +10,7 @@ package bench
 import (
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"regexp"
@@ -347,11 +348,37 @@ func medianFloat(xs []float64) float64 {
 	return s[len(s)/2]
 }
 
+// medianInterval is a 95% interval of the median of xs, by bootstrap: the
+// median of 2,000 resamples of xs (with replacement), their 2.5th and
+// 97.5th percentiles. The seed is fixed and xs sorted first (the rounds
+// come from a map): the same values give the same interval. It says how far the median of a few noisy phases can be trusted
+// (on the machine of BENCHMARKS.md, single phases spread by half their
+// median).
+func medianInterval(xs []float64) (lo, hi float64) {
+	if len(xs) == 0 {
+		return 0, 0
+	}
+	s := slices.Sorted(slices.Values(xs))
+	rng := rand.New(rand.NewPCG(1, 2))
+	const resamples = 2000
+	medians := make([]float64, resamples)
+	sample := make([]float64, len(s))
+	for i := range medians {
+		for j := range sample {
+			sample[j] = s[rng.IntN(len(s))]
+		}
+		medians[i] = medianFloat(sample)
+	}
+	slices.Sort(medians)
+	return medians[resamples*25/1000], medians[resamples*975/1000-1]
+}
+
 // incWriterSummary is the medians of the writers' phases at a client count.
 type incWriterSummary struct {
 	clients                     int
 	off, trigger, wal           float64 // tps
 	walRounds                   float64 // median over the rounds of each round's wal / off
+	walRoundsLo, walRoundsHi    float64 // its 95% interval (medianInterval)
 	walPlan, walRefresh         float64 // the changes loop's share of the wall time, wal phases
 	triggerPlan, triggerRefresh float64 // the same, trigger phases
 }
@@ -381,10 +408,11 @@ func (r *incResult) writerSummaries() []incWriterSummary {
 				ratios = append(ratios, m["wal"]/m["off"])
 			}
 		}
+		lo, hi := medianInterval(ratios)
 		out = append(out, incWriterSummary{
 			clients: c, off: medianFloat(tps["off"]), trigger: medianFloat(tps["trigger"]), wal: medianFloat(tps["wal"]),
-			walRounds: medianFloat(ratios),
-			walPlan:   medianFloat(share["wal"][0]), walRefresh: medianFloat(share["wal"][1]),
+			walRounds: medianFloat(ratios), walRoundsLo: lo, walRoundsHi: hi,
+			walPlan: medianFloat(share["wal"][0]), walRefresh: medianFloat(share["wal"][1]),
 			triggerPlan: medianFloat(share["trigger"][0]), triggerRefresh: medianFloat(share["trigger"][1]),
 		})
 	}
@@ -436,16 +464,17 @@ func (r *incResult) writersMarkdown() string {
 		}
 		fmt.Fprintf(&w, "\n")
 	}
-	fmt.Fprintf(&w, "\n| clients | off (median) | trigger (median) | wal (median) | trigger / off | **wal / off** | goal | wal / off within each round (median) | changes loop during wal: plan / refreshes, %% of the time (median) | during trigger |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n")
+	fmt.Fprintf(&w, "\n| clients | off (median) | trigger (median) | wal (median) | trigger / off | **wal / off** | goal | wal / off within each round: median (95%% interval) | changes loop during wal: plan / refreshes, %% of the time (median) | during trigger |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|\n")
 	for _, s := range r.writerSummaries() {
 		goal := "—"
 		if g, ok := incGoalWAL[s.clients]; ok {
 			goal = fmt.Sprintf("≥ %.0f%%: %s", 100*g, map[bool]string{true: "met", false: "**missed**"}[s.wal/s.off >= g])
 		}
-		fmt.Fprintf(&w, "| %d | %.0f tps | %.0f tps | %.0f tps | %.1f%% | **%.1f%%** | %s | %.1f%% | %.1f%% / %.1f%% | %.1f%% / %.1f%% |\n",
-			s.clients, s.off, s.trigger, s.wal, 100*s.trigger/s.off, 100*s.wal/s.off, goal, 100*s.walRounds,
+		fmt.Fprintf(&w, "| %d | %.0f tps | %.0f tps | %.0f tps | %.1f%% | **%.1f%%** | %s | %.1f%% (%.1f–%.1f%%) | %.1f%% / %.1f%% | %.1f%% / %.1f%% |\n",
+			s.clients, s.off, s.trigger, s.wal, 100*s.trigger/s.off, 100*s.wal/s.off, goal, 100*s.walRounds, 100*s.walRoundsLo, 100*s.walRoundsHi,
 			100*s.walPlan, 100*s.walRefresh, 100*s.triggerPlan, 100*s.triggerRefresh)
 	}
+	fmt.Fprint(&w, "\nThe interval is a bootstrap of the rounds' ratios (medianInterval): where it holds the goal, this run cannot tell whether the goal is met.\n")
 	fmt.Fprintf(&w, "\nThe changes loop's share is of one core's time; the machine has %d. With the WAL capture, its plan share is mostly capture_wal decoding the slot (wal2json) and evaluating the keys: CPU the writers do not get on a machine this small. Its refresh share is the same work as with the trigger capture.\n\n", runtime.NumCPU())
 	a := r.afterWriters
 	fmt.Fprintf(&w, "Exactness after the writers: WAL capture, pgbench -t 100 at 2 clients, then one pass of the changes loop (refresh_changes_plan %s, %d invariants refreshed, %s in all): the expected counts, and the same anomalies (counts and keys) as a full refresh in full mode.\n\n",
@@ -458,4 +487,28 @@ func incFixesText(fixes []string) string {
 		return "none needed"
 	}
 	return "`" + strings.Join(fixes, "` `") + "`"
+}
+
+// TestMedianInterval: the interval holds the median and stays within the
+// data, narrows as the same spread is sampled more often, and is a point
+// when every value is the same.
+func TestMedianInterval(t *testing.T) {
+	t.Parallel()
+	lo, hi := medianInterval([]float64{0.97, 0.97, 0.97})
+	if lo != 0.97 || hi != 0.97 {
+		t.Fatalf("constant values: interval %v–%v, want 0.97–0.97", lo, hi)
+	}
+	few := []float64{0.74, 1.25, 0.9, 1.1, 0.95, 1.02, 0.81, 1.18, 0.99}
+	lo, hi = medianInterval(few)
+	if m := medianFloat(few); !(lo <= m && m <= hi && lo >= 0.74 && hi <= 1.25 && lo < hi) {
+		t.Fatalf("9 values, median %v: interval %v–%v", m, lo, hi)
+	}
+	var many []float64
+	for range 20 {
+		many = append(many, few...)
+	}
+	mlo, mhi := medianInterval(many)
+	if !(mhi-mlo < (hi-lo)/2) {
+		t.Fatalf("the same spread 20 times over: interval %v–%v, not narrower than half of %v–%v", mlo, mhi, lo, hi)
+	}
 }
