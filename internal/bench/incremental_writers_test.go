@@ -349,11 +349,11 @@ func medianFloat(xs []float64) float64 {
 }
 
 // medianInterval is a 95% interval of the median of xs, by bootstrap: the
-// median of 2,000 resamples of xs (with replacement), their 2.5th and
+// medians of 2,000 resamples of xs (with replacement), their 2.5th and
 // 97.5th percentiles. The seed is fixed and xs sorted first (the rounds
-// come from a map): the same values give the same interval. It says how far the median of a few noisy phases can be trusted
-// (on the machine of BENCHMARKS.md, single phases spread by half their
-// median).
+// come from a map): the same values give the same interval. It says how
+// far the median of a few noisy phases can be trusted (on the machine of
+// BENCHMARKS.md, single phases spread by half their median).
 func medianInterval(xs []float64) (lo, hi float64) {
 	if len(xs) == 0 {
 		return 0, 0

@@ -335,13 +335,13 @@ COMMENT ON FUNCTION pgconsistency._wal_add_tables() IS
 -- tuple.columns of _wal_read_statement (wal2json's [{"name": ..., "value":
 -- ...}, ...] of a row); NULL where the row lacks it. wal2json writes a new
 -- row, and an old one under REPLICA IDENTITY FULL, with every column of the
--- table in its order (dropped ones left out): place is where the column is
--- there (_wal_column_position), read at once when the element there
--- has the column's name. Elsewhere (an old row with only its replica
--- identity's columns, a change written before the table's columns changed)
--- the elements are searched by name, with a JSON path. A read of 94,858
--- changes at 1M datasets: 1.20 s searching every key column by name, 1.08 s
--- by place (BENCHMARKS.md, 0.7.4).
+-- table in the table's order, dropped ones left out; place is the column's
+-- index in that list (_wal_column_position). The element at place is read
+-- directly when it has the column's name. Elsewhere (an old row with only
+-- its replica identity's columns, a change written before the table's
+-- columns changed) the elements are searched by name, with a JSON path. A
+-- read of 94,858 changes at 1M datasets: 1.20 s searching every key column
+-- by name, 1.08 s by place (BENCHMARKS.md, 0.7.4).
 CREATE OR REPLACE FUNCTION pgconsistency._wal_column_value(col text, place integer) RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
@@ -374,16 +374,16 @@ COMMENT ON FUNCTION pgconsistency._wal_column_position(regclass, text) IS
 -- rows (the CTE tuple of _wal_read_statement: source, the capture source the
 -- row's table has, and columns, wal2json's [{"name": ..., "value": ...}, ...]
 -- of a new or an old row). The row is cut to the columns the key expression
--- reads, each taken by its place or its name (_wal_column_value: a block's
--- payload is never converted),
--- then made a row of the table by jsonb_populate_record, so that the
--- expression of define_invariant(keys => ...) is evaluated as the capture
--- triggers evaluate it: no second mapping to keep in step. An expression
--- that is a text or varchar column alone (r.dataset_id::text, the common
--- case) is that column's JSON string: no row is made (the same text, without
--- a record per change). A row that holds none of those columns (an old row
--- whose replica identity lacks them) gives no key. An expression that reads
--- the row whole gets every column.
+-- reads, each taken by its place or its name (_wal_column_value; a block's
+-- payload is never converted), then made a row of the table by
+-- jsonb_populate_record, so that the expression of define_invariant(keys =>
+-- ...) is evaluated as the capture triggers evaluate it: no second mapping
+-- to keep in step. An expression that is a text or varchar column alone
+-- (r.dataset_id::text, the common case) is that column's JSON string: no
+-- row is made (the same text, without a record per change). A row that
+-- holds none of those columns (an old row whose replica identity lacks
+-- them) gives no key. An expression that reads the row whole gets every
+-- column.
 CREATE OR REPLACE FUNCTION pgconsistency._wal_key_select(source integer, relation regclass, key_expression text) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
