@@ -215,6 +215,7 @@ func TestIntegrationDiscovery(t *testing.T) {
 		waitDatabases(t, sink, "the database created later", exactly(map[string]float64{broken: 3, clean: 0, later: 3}))
 
 		// Dropped while watched: FORCE ends the receiver's connection to it.
+		dropped := time.Now()
 		srv.Psql(t, "", "-c", "DROP DATABASE "+pgx.Identifier{later}.Sanitize()+" WITH (FORCE)")
 		waitDatabases(t, sink, "after the drop", exactly(map[string]float64{broken: 3, clean: 0}))
 		time.Sleep(3 * time.Second) // several scrapes and discoveries more
@@ -223,7 +224,10 @@ func TestIntegrationDiscovery(t *testing.T) {
 		gone := 0
 		for _, e := range logs.All() {
 			if e.Level >= zapcore.WarnLevel {
-				t.Errorf("a %s line: %s %v", e.Level, e.Message, e.ContextMap())
+				// The names say which database failed (a CI run once had a
+				// read time out here, its database not known).
+				t.Errorf("a %s line at %s: %s %v (broken %s, clean %s, later %s, dropped at %s)", e.Level, e.Time.Format("15:04:05.000"),
+					e.Message, e.ContextMap(), broken, clean, later, dropped.Format("15:04:05.000"))
 			}
 			if e.ContextMap()["database"] == later && strings.Contains(e.Message, "no longer") {
 				gone++
