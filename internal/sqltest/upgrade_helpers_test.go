@@ -571,9 +571,9 @@ func newIn074(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 
 // perCallFunctions are the functions a refresh calls once per invariant, or
 // the changes loop once per pass: 0.7.3 made them PL/pgSQL (and added
-// _work_table; 0.7.4 _wal_column_position).
+// _work_table; 0.7.4 _wal_column_value, which now reads the catalog).
 var perCallFunctions = []string{
 	"_anomaly_causes_looked", "_changed_invariants", "_incremental_index_hint", "_key_columns", "_open_counts",
-	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_column_position", "_wal_key_select",
+	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_column_value", "_wal_key_select",
 	"_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem", "_work_table",
 }

@@ -334,6 +334,6 @@ $do$;
 
 -- ---------------------------------------------------------------------------
 -- From 0.7.3 to 0.7.4: the WAL capture's read takes a key column by its
--- place in the decoded row (_wal_column_value(text, integer)); the one of
+-- place in the decoded row (_wal_column_value(regclass, text)); the one of
 -- 0.7.3, which searched by name only, goes.
 DROP FUNCTION IF EXISTS pgconsistency._wal_column_value(text);

@@ -331,44 +331,35 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_add_tables() IS
   'Internal: the tables the WAL capture decodes, in wal2json''s add-tables syntax';
 
--- _wal_column_value: the expression of a column's value (jsonb) in
+-- _wal_column_value: the expression of column col's value (jsonb) in
 -- tuple.columns of _wal_read_statement (wal2json's [{"name": ..., "value":
--- ...}, ...] of a row); NULL where the row lacks it. wal2json writes a new
--- row, and an old one under REPLICA IDENTITY FULL, with every column of the
--- table in the table's order, dropped ones left out; place is the column's
--- index in that list (_wal_column_position). The element at place is read
--- directly when it has the column's name. Elsewhere (an old row with only
--- its replica identity's columns, a change written before the table's
--- columns changed) the elements are searched by name, with a JSON path. A
--- read of 94,858 changes at 1M datasets: 1.20 s searching every key column
--- by name, 1.08 s by place (BENCHMARKS.md, 0.7.4).
-CREATE OR REPLACE FUNCTION pgconsistency._wal_column_value(col text, place integer) RETURNS text
-LANGUAGE sql IMMUTABLE
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-    SELECT pg_catalog.format('CASE WHEN tuple.columns -> %s ->> ''name'' = %L THEN tuple.columns -> %s -> ''value'''
-                             ' ELSE pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb) END',
-                             place, col, place, pg_catalog.jsonb_build_object('n', col))
-$fn$;
-COMMENT ON FUNCTION pgconsistency._wal_column_value(text, integer) IS
-  'Internal: the SQL expression of a column''s value in a row the WAL capture decoded';
-
--- _wal_column_position: where wal2json writes a column of relation in a
--- row it decodes whole (0 for the first): the number of the table's
--- columns before it, dropped ones not counted.
-CREATE OR REPLACE FUNCTION pgconsistency._wal_column_position(relation regclass, col text) RETURNS integer
+-- ...}, ...] of a row of relation); NULL where the row lacks it. wal2json
+-- writes a new row, and an old one under REPLICA IDENTITY FULL, with every
+-- column of the table in the table's order, dropped ones left out: the
+-- element at the column's place in that list is read directly when it has
+-- the column's name. Elsewhere (an old row with only its replica identity's
+-- columns, a change written before the table's columns changed) the
+-- elements are searched by name, with a JSON path. A read of 94,858 changes
+-- at 1M datasets: 1.20 s searching every key column by name, 1.08 s by
+-- place (BENCHMARKS.md, 0.7.4).
+CREATE OR REPLACE FUNCTION pgconsistency._wal_column_value(relation regclass, col text) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    v_place integer;
 BEGIN
-    RETURN (SELECT pg_catalog.count(*)::integer
-              FROM pg_catalog.pg_attribute a
-             WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped
-               AND a.attnum < (SELECT c.attnum FROM pg_catalog.pg_attribute c WHERE c.attrelid = relation AND c.attname = col));
+    SELECT pg_catalog.count(*)::integer INTO v_place
+      FROM pg_catalog.pg_attribute a
+     WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped
+       AND a.attnum < (SELECT c.attnum FROM pg_catalog.pg_attribute c WHERE c.attrelid = relation AND c.attname = col);
+    RETURN pg_catalog.format('CASE WHEN tuple.columns -> %s ->> ''name'' = %L THEN tuple.columns -> %s -> ''value'''
+                             ' ELSE pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb) END',
+                             v_place, col, v_place, pg_catalog.jsonb_build_object('n', col));
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency._wal_column_position(regclass, text) IS
-  'Internal: the place of a table''s column in a row the WAL capture decoded whole';
+COMMENT ON FUNCTION pgconsistency._wal_column_value(regclass, text) IS
+  'Internal: the SQL expression of a column''s value in a row the WAL capture decoded';
 
 -- _wal_key_select: the SELECT of one capture source's keys over the decoded
 -- rows (the CTE tuple of _wal_read_statement: source, the capture source the
@@ -405,7 +396,7 @@ BEGIN
                       AND (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = relation AND a.attname = k.cols[1])
                           IN ('pg_catalog.text'::regtype, 'pg_catalog.varchar'::regtype) THEN
                      pg_catalog.format('SELECT %s AS source, %s #>> ''{}'' AS key FROM tuple WHERE tuple.source = %s',
-                                       source, pgconsistency._wal_column_value(k.cols[1], pgconsistency._wal_column_position(relation, k.cols[1])), source)
+                                       source, pgconsistency._wal_column_value(relation, k.cols[1]), source)
                  ELSE
                      pg_catalog.format(
                          'SELECT %s AS source, (%s)::text AS key FROM tuple'
@@ -413,7 +404,7 @@ BEGIN
                          ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, pg_catalog.jsonb_build_object(%s)) AS r'
                          ' WHERE tuple.source = %s AND (%s)',
                          source, key_expression,
-                         (SELECT pg_catalog.string_agg(pg_catalog.format('%s AS c%s', pgconsistency._wal_column_value(col, pgconsistency._wal_column_position(relation, col)), i), ', ' ORDER BY i)
+                         (SELECT pg_catalog.string_agg(pg_catalog.format('%s AS c%s', pgconsistency._wal_column_value(relation, col), i), ', ' ORDER BY i)
                             FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
                          relation,
                          (SELECT pg_catalog.string_agg(pg_catalog.format('%L, p.c%s', col, i), ', ' ORDER BY i)
