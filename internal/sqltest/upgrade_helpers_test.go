@@ -531,7 +531,7 @@ func newIn072(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 	var statement *string
 	require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_statement()").Scan(&statement))
 	if assert.NotNil(t, statement, "the read statement of the upgraded capture sources") {
-		assert.Contains(t, *statement, "AS s(source, schema_name, table_name)", "the changes matched with the sources once")
+		assert.Contains(t, *statement, "AS s(source, schema_name, table_name, ", "the changes matched with the sources once")
 		assert.Contains(t, *statement, `'{"n": "dataset_id"}'::jsonb) END #>> '{}' AS key`, "r.dataset_id::text taken as its JSON string")
 	}
 }
@@ -569,11 +569,37 @@ func newIn074(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 	assert.Contains(t, *statement, `CASE WHEN tuple.columns -> 0 ->> 'name' = 'dataset_id' THEN tuple.columns -> 0 -> 'value'`)
 }
 
+// newIn075: the key sources of the dataset pack know the columns their
+// invariant reads, and the capture of an UPDATE compares those: in the
+// capture triggers (EXCEPT ALL of the old and new rows' values) and in the
+// WAL capture's read (_wal_unchanged, where the old row is in the WAL).
+func newIn075(t *testing.T, admin *pgx.Conn, rel fromRelease) {
+	var cols *string
+	require.NoError(t, admin.QueryRow(t.Context(), `SELECT read_columns::text FROM pgconsistency.invariant_key_source
+		WHERE invariant = 'dataset_seed_not_first' AND relation = 'public.dataset_key_blocks'`).Scan(&cols))
+	if assert.NotNil(t, cols, "read_columns of dataset_seed_not_first's key blocks") {
+		assert.Equal(t, "{dataset_id,event_type,sequence_number}", *cols)
+	}
+	exec(t, admin, "SELECT pgconsistency.set_refresh_mode('dataset_seed_not_first', 'incremental')")
+	defer exec(t, admin, "SELECT pgconsistency.set_refresh_mode('dataset_seed_not_first', 'full')")
+	var body string
+	require.NoError(t, admin.QueryRow(t.Context(), `SELECT p.prosrc FROM pg_catalog.pg_proc p
+		WHERE p.oid = pg_catalog.to_regprocedure(format('pgconsistency._capture_%s()', 'public.dataset_key_blocks'::regclass::oid))`).Scan(&body))
+	assert.Contains(t, body, "ROW(r.dataset_id, r.event_type, r.sequence_number)::text AS v FROM new_rows r EXCEPT ALL", "an UPDATE compared on the columns read")
+	var statement *string
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_statement()").Scan(&statement))
+	if assert.NotNil(t, statement, "the read statement of the capture sources") {
+		assert.Contains(t, *statement, `CASE WHEN change.c -> 'columns' -> 2 ->> 'name' = 'event_type'`, "an UPDATE compared on the columns read")
+	}
+}
+
 // perCallFunctions are the functions a refresh calls once per invariant, or
 // the changes loop once per pass: 0.7.3 made them PL/pgSQL (and added
-// _work_table; 0.7.4 _wal_column_value, which now reads the catalog).
+// _work_table; 0.7.4 _wal_column_value, which now reads the catalog; 0.7.5
+// _key_reads_row, _wal_column_place and _wal_unchanged).
 var perCallFunctions = []string{
-	"_anomaly_causes_looked", "_changed_invariants", "_incremental_index_hint", "_key_columns", "_open_counts",
-	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_column_value", "_wal_key_select",
-	"_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem", "_work_table",
+	"_anomaly_causes_looked", "_changed_invariants", "_incremental_index_hint", "_key_columns", "_key_reads_row", "_open_counts",
+	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_column_place", "_wal_column_value",
+	"_wal_key_select", "_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem",
+	"_wal_unchanged", "_work_table",
 }

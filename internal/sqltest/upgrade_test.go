@@ -56,6 +56,8 @@ var (
 	release072 = fromRelease{version: "0.7.2", dir: "testdata/sql/0.7.2", datasetInvariants: fixture.Invariants[:9]}
 	// 0.7.3 kept the plans of the refresh's steps, and added no invariant.
 	release073 = fromRelease{version: "0.7.3", dir: "testdata/sql/0.7.3", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.4 took key columns by their place in the WAL's rows, and added no invariant.
+	release074 = fromRelease{version: "0.7.4", dir: "testdata/sql/0.7.4", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -84,7 +86,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.4"
+const currentRelease = "0.7.5"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -154,6 +156,11 @@ func TestUpgradeFrom072(t *testing.T) {
 func TestUpgradeFrom073(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release073)
+}
+
+func TestUpgradeFrom074(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release074)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -255,13 +262,23 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 			  AND p.prosrc NOT LIKE '%pgconsistency._install_capture()%'`).Scan(&stale))
 		assert.Zero(t, stale, "capture functions whose text is still that of 0.3.0")
 		// A write of an application role, captured through the renamed
-		// functions: the next refresh re-checks its key only.
+		// functions: the next refresh re-checks its key only. (0.7.5: a
+		// write of a column the invariant does not read gives no key.)
 		app, _ := loginAs(t, s, admin, db, "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO ROLE")
-		exec(t, app, `UPDATE public.dataset_key_blocks SET created_at = created_at
+		exec(t, app, `UPDATE public.dataset_key_blocks SET created_at = created_at - interval '1 second'
 			WHERE dataset_id = (SELECT min(dataset_id) FROM public.dataset_key_blocks)`)
 		refreshAs(t, u.refresher, inv)
 		assert.Equal(t, refreshStatus{RefreshMode: "incremental", LastRefreshKind: ptr("incremental"), Anomalies: before.Status[inv].Anomalies,
-			RecheckedKeys: 1, LastOutcome: "succeeded"}, readRefreshStatus(t, admin, inv), "a refresh after the write")
+			RecheckedKeys: 0, LastOutcome: "succeeded"}, readRefreshStatus(t, admin, inv), "a refresh after a write of created_at, which it does not read")
+		// A block's number moved and back: sequence_number is read.
+		for _, by := range []int{1000, -1000} {
+			exec(t, app, `UPDATE public.dataset_key_blocks k SET sequence_number = k.sequence_number + $1
+				WHERE k.ctid = (SELECT x.ctid FROM public.dataset_key_blocks x WHERE x.event_type <> 'Seed'
+				                 ORDER BY x.dataset_id, x.sequence_number LIMIT 1)`, by)
+			refreshAs(t, u.refresher, inv)
+			assert.Equal(t, refreshStatus{RefreshMode: "incremental", LastRefreshKind: ptr("incremental"), Anomalies: before.Status[inv].Anomalies,
+				RecheckedKeys: 1, LastOutcome: "succeeded"}, readRefreshStatus(t, admin, inv), "a refresh after a block moved by %d", by)
+		}
 		// Back to full, as the rest of the test expects; the capture goes.
 		var old string
 		require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency.set_refresh_mode($1, 'full')", inv).Scan(&old))
@@ -501,6 +518,12 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// 0.7.4: the WAL capture's read takes key columns by their place.
 	t.Run("NewIn074", func(t *testing.T) {
 		newIn074(t, admin, rel)
+	})
+
+	// 0.7.5: an UPDATE that leaves the columns an invariant reads as they
+	// were gives it no key.
+	t.Run("NewIn075", func(t *testing.T) {
+		newIn075(t, admin, rel)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

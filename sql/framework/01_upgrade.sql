@@ -337,3 +337,22 @@ $do$;
 -- place in the decoded row (_wal_column_value(regclass, text)); the one of
 -- 0.7.3, which searched by name only, goes.
 DROP FUNCTION IF EXISTS pgconsistency._wal_column_value(text);
+
+-- ---------------------------------------------------------------------------
+-- From 0.7.4 to 0.7.5: an UPDATE that leaves every column an invariant
+-- reads as it was gives the invariant no key. The key sources get the
+-- columns read (read_columns: NULL, every column, until define_invariant
+-- runs again; the packs of install.sql do), the captured keys the columns
+-- they are for (NULL: every invariant of their source, as before).
+-- _wal_column_value takes the row it reads from (a new or an old one).
+DROP FUNCTION IF EXISTS pgconsistency._wal_column_value(regclass, text);
+DO $do$
+BEGIN
+    IF pg_catalog.to_regclass('pgconsistency.invariant_key_source') IS NOT NULL THEN
+        PERFORM pgconsistency._install_column('pgconsistency.invariant_key_source', 'read_columns', 'text[]');
+    END IF;
+    IF pg_catalog.to_regclass('pgconsistency.captured_key') IS NOT NULL THEN
+        PERFORM pgconsistency._install_column('pgconsistency.captured_key', 'read_columns', 'text[]');
+    END IF;
+END
+$do$;

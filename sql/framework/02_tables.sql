@@ -375,6 +375,11 @@ CREATE TABLE IF NOT EXISTS pgconsistency.invariant_key_source (
     -- the refresh, in its own snapshot, with the values key_expression
     -- gave as $1 (text[]), returning the keys. NULL: those values are the keys.
     key_lookup     text,
+    -- The columns of the table that the invariant's query and the key
+    -- expression read (0.7.5): an UPDATE that leaves each of them as it
+    -- was gives the invariant no key. NULL: every column (the query reads
+    -- a row whole, or a system column).
+    read_columns   text[],
     PRIMARY KEY (invariant, relation)
 );
 SELECT pgconsistency._install_comment('pgconsistency.invariant_key_source',
@@ -400,8 +405,13 @@ SELECT pgconsistency._install_comment('pgconsistency.capture_source',
 -- mode. No unique index: two writers of the same key never wait for each
 -- other here; a refresh reads the keys deduplicated.
 CREATE UNLOGGED TABLE IF NOT EXISTS pgconsistency.captured_key (
-    source integer NOT NULL,
-    key    text    NOT NULL
+    source       integer NOT NULL,
+    key          text    NOT NULL,
+    -- A key of an UPDATE (0.7.5): for the invariants whose read_columns
+    -- are these, whose values changed in a row of the key. NULL: for every
+    -- invariant of the source (an INSERT, a DELETE, an UPDATE of a source
+    -- some invariant reads whole).
+    read_columns text[]
 );
 CREATE UNLOGGED TABLE IF NOT EXISTS pgconsistency.pending_key (
     invariant text NOT NULL,

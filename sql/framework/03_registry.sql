@@ -115,6 +115,77 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._query_shape(text) IS
   'Internal: the detail columns, key column and relations of an invariant''s query';
 
+-- _query_columns: the columns of each relation an invariant's query reads,
+-- as {"schema.table": ["column", ...], ...}: the dependencies PostgreSQL
+-- records for a temporary view of it (one per column read, one per
+-- relation). NULL when the query reads a row whole (to_jsonb(t), t::text)
+-- or a system column (ctid, xmin): a Var of no column, or of a negative one,
+-- in the view's tree; then any change to a row may change what it sees.
+CREATE OR REPLACE FUNCTION pgconsistency._query_columns(query text) RETURNS jsonb
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_probe regclass;
+    v_cols  jsonb;
+BEGIN
+    IF pg_catalog.to_regclass('pg_temp.pgconsistency_columns_probe') IS NOT NULL THEN
+        DROP VIEW pg_temp.pgconsistency_columns_probe;
+    END IF;
+    EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_columns_probe AS ' || query;
+    v_probe := pg_catalog.to_regclass('pg_temp.pgconsistency_columns_probe');
+    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w
+                    WHERE w.ev_class = v_probe AND w.ev_action::text ~ ':varattno (0|-[0-9]+) ') THEN
+        SELECT pg_catalog.jsonb_object_agg(x.rel, x.cols) INTO v_cols
+          FROM (SELECT d.refobjid::regclass::text AS rel,
+                       coalesce(pg_catalog.jsonb_agg(DISTINCT a.attname::text) FILTER (WHERE a.attname IS NOT NULL), '[]') AS cols
+                  FROM pg_catalog.pg_rewrite w
+                  JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = w.oid
+                  LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid AND d.refobjsubid > 0
+                 WHERE w.ev_class = v_probe
+                   AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> v_probe
+                 GROUP BY d.refobjid) x;
+        v_cols := coalesce(v_cols, '{}');
+    END IF;
+    DROP VIEW pg_temp.pgconsistency_columns_probe;
+    RETURN v_cols;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._query_columns(text) IS
+  'Internal: the columns of each relation an invariant''s query reads, or NULL when it reads rows whole';
+
+-- _define_read_columns: the read_columns of each key source of an
+-- invariant, from its query's columns (_query_columns) and those of the
+-- key expression (_key_columns): NULL where either reads the row whole.
+-- Returns whether any changed.
+CREATE OR REPLACE FUNCTION pgconsistency._define_read_columns(name text, query text) RETURNS boolean
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_cols jsonb := pgconsistency._query_columns(query);
+BEGIN
+    UPDATE pgconsistency.invariant_key_source s
+       SET read_columns = c.cols
+      FROM (SELECT k.relation,
+                   CASE WHEN v_cols IS NULL OR pgconsistency._key_reads_row(k.key_expression) THEN NULL
+                        ELSE coalesce((SELECT pg_catalog.array_agg(DISTINCT x.col ORDER BY x.col)
+                                         FROM (SELECT pg_catalog.jsonb_array_elements_text(coalesce(v_cols -> k.relation, '[]'))
+                                               UNION ALL
+                                               SELECT pg_catalog.unnest(pgconsistency._key_columns(pg_catalog.to_regclass(k.relation),
+                                                                                                  k.key_expression))) AS x(col)),
+                                      '{}')
+                   END AS cols
+              FROM pgconsistency.invariant_key_source k
+             WHERE k.invariant = _define_read_columns.name AND pg_catalog.to_regclass(k.relation) IS NOT NULL) c
+     WHERE s.invariant = _define_read_columns.name AND s.relation = c.relation
+       AND s.read_columns IS DISTINCT FROM c.cols;
+    RETURN FOUND;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._define_read_columns(text, text) IS
+  'Internal: store the columns each key source of an invariant reads; whether any changed';
+
 -- _anomaly_view_sql: the definition of the view pgconsistency.<invariant>:
 -- its open anomalies with the columns of its query (columns and
 -- key_collation as _query_shape gives them).
@@ -296,6 +367,7 @@ DECLARE
     v_kind    "char";
     v_view    text;
     v_changed boolean;
+    v_columns_changed boolean;
 BEGIN
     IF name IS NULL OR name !~ '^[a-z][a-z0-9_]{0,62}$' THEN
         RAISE EXCEPTION 'pgconsistency: invalid invariant name %', coalesce(pg_catalog.quote_literal(name), 'NULL')
@@ -352,15 +424,20 @@ BEGIN
     IF keys IS NOT NULL AND pgconsistency._define_keys(name, keys, v_shape.relations) THEN
         v_changed := true;
     END IF;
+    v_columns_changed := pgconsistency._define_read_columns(name, query);
 
     -- An invariant in incremental mode whose query or keys changed: its
-    -- capture follows, and its next refresh is a full one.
-    IF v_changed AND EXISTS (SELECT 1 FROM pgconsistency.invariant i
+    -- capture follows, and its next refresh is a full one. When only the
+    -- columns read changed (an upgrade to 0.7.5 finds them): the capture
+    -- follows, nothing was missed.
+    IF (v_changed OR v_columns_changed) AND EXISTS (SELECT 1 FROM pgconsistency.invariant i
                               WHERE i.name = define_invariant.name AND i.refresh_mode = 'incremental') THEN
-        PERFORM pgconsistency._check_incremental(name);
-        UPDATE pgconsistency.capture_state c
-           SET reconcile_reason = coalesce(c.reconcile_reason, pgconsistency._reconcile_reason_changed())
-         WHERE c.invariant = define_invariant.name;
+        IF v_changed THEN
+            PERFORM pgconsistency._check_incremental(name);
+            UPDATE pgconsistency.capture_state c
+               SET reconcile_reason = coalesce(c.reconcile_reason, pgconsistency._reconcile_reason_changed())
+             WHERE c.invariant = define_invariant.name;
+        END IF;
         PERFORM pgconsistency._install_capture();
     END IF;
 END

@@ -36,18 +36,33 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_slot_default_name() IS
   'Internal: the name of the WAL capture''s replication slot for this database';
 
+-- _key_reads_row: whether a key expression reads its row r whole (r::text,
+-- to_jsonb(r)), not only columns of it (r.<column>).
+CREATE OR REPLACE FUNCTION pgconsistency._key_reads_row(key_expression text) RETURNS boolean
+LANGUAGE plpgsql IMMUTABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RETURN key_expression ~ '(^|[^[:alnum:]_."])r($|[^[:alnum:]_$.])';
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._key_reads_row(text) IS
+  'Internal: whether a key expression of define_invariant(keys => ...) reads its row whole';
+
 -- _key_columns: the columns of relation that a key expression reads (its
 -- references r.<column>); every column when it reads the row whole (r::text).
 CREATE OR REPLACE FUNCTION pgconsistency._key_columns(relation regclass, key_expression text) RETURNS text[]
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
+DECLARE
+    v_whole boolean := pgconsistency._key_reads_row(key_expression);
 BEGIN
     RETURN (
         SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attnum)
           FROM pg_catalog.pg_attribute a
          WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped
-           AND (key_expression ~ '(^|[^[:alnum:]_."])r($|[^[:alnum:]_$.])'
+           AND (v_whole
                 OR a.attname IN (
                     SELECT CASE WHEN m[1] LIKE '"%' THEN pg_catalog.replace(pg_catalog.btrim(m[1], '"'), '""', '"')
                                 ELSE pg_catalog.lower(m[1]) END
@@ -331,35 +346,75 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_add_tables() IS
   'Internal: the tables the WAL capture decodes, in wal2json''s add-tables syntax';
 
--- _wal_column_value: the expression of column col's value (jsonb) in
--- tuple.columns of _wal_read_statement (wal2json's [{"name": ..., "value":
--- ...}, ...] of a row of relation); NULL where the row lacks it. wal2json
--- writes a new row, and an old one under REPLICA IDENTITY FULL, with every
--- column of the table in the table's order, dropped ones left out: the
--- element at the column's place in that list is read directly when it has
--- the column's name. Elsewhere (an old row with only its replica identity's
--- columns, a change written before the table's columns changed) the
--- elements are searched by name, with a JSON path. A read of 94,858 changes
--- at 1M datasets: 1.20 s searching every key column by name, 1.08 s by
--- place (BENCHMARKS.md, 0.7.4).
-CREATE OR REPLACE FUNCTION pgconsistency._wal_column_value(relation regclass, col text) RETURNS text
+-- _wal_column_place: the place of a column in a row that wal2json wrote
+-- whole (0 first): the columns of the table before it, dropped ones left
+-- out.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_column_place(relation regclass, col text) RETURNS integer
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RETURN (SELECT pg_catalog.count(*)::integer
+              FROM pg_catalog.pg_attribute a
+             WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped
+               AND a.attnum < (SELECT c.attnum FROM pg_catalog.pg_attribute c WHERE c.attrelid = relation AND c.attname = col));
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_column_place(regclass, text) IS
+  'Internal: the place of a column in a row the WAL capture decoded, when the row has every column';
+
+-- _wal_column_value: the expression of column col's value (jsonb) in the
+-- row a change the WAL capture decoded holds (row_list, the SQL expression
+-- of wal2json's [{"name": ..., "value": ...}, ...] of a row of relation:
+-- tuple.columns of _wal_read_statement); NULL where the row lacks it.
+-- wal2json writes a new row, and an old one under REPLICA IDENTITY FULL,
+-- with every column of the table in the table's order, dropped ones left
+-- out: the element at the column's place in that list is read directly
+-- when it has the column's name. Elsewhere (an old row with only its
+-- replica identity's columns, a change written before the table's columns
+-- changed) the elements are searched by name, with a JSON path. A read of
+-- 94,858 changes at 1M datasets: 1.20 s searching every key column by
+-- name, 1.08 s by place (BENCHMARKS.md, 0.7.4).
+CREATE OR REPLACE FUNCTION pgconsistency._wal_column_value(relation regclass, col text, row_list text) RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    v_place integer;
+    v_place integer := pgconsistency._wal_column_place(relation, col);
 BEGIN
-    SELECT pg_catalog.count(*)::integer INTO v_place
-      FROM pg_catalog.pg_attribute a
-     WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped
-       AND a.attnum < (SELECT c.attnum FROM pg_catalog.pg_attribute c WHERE c.attrelid = relation AND c.attname = col);
-    RETURN pg_catalog.format('CASE WHEN tuple.columns -> %s ->> ''name'' = %L THEN tuple.columns -> %s -> ''value'''
-                             ' ELSE pg_catalog.jsonb_path_query_first(tuple.columns, ''$[*] ? (@.name == $n).value'', %L::jsonb) END',
-                             v_place, col, v_place, pg_catalog.jsonb_build_object('n', col));
+    RETURN pg_catalog.format('CASE WHEN %1$s -> %2$s ->> ''name'' = %3$L THEN %1$s -> %2$s -> ''value'''
+                             ' ELSE pg_catalog.jsonb_path_query_first(%1$s, ''$[*] ? (@.name == $n).value'', %4$L::jsonb) END',
+                             row_list, v_place, col, pg_catalog.jsonb_build_object('n', col));
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency._wal_column_value(regclass, text) IS
+COMMENT ON FUNCTION pgconsistency._wal_column_value(regclass, text, text) IS
   'Internal: the SQL expression of a column''s value in a row the WAL capture decoded';
+
+-- _wal_unchanged: the SQL expression, over a change the WAL capture decoded
+-- (change.c, wal2json's change), of whether an UPDATE left the columns
+-- cols of relation as they were: each is in the new row and in the old one
+-- (identity) with the same value, compared as JSON text (1.0 and 1.00
+-- differ). wal2json writes as the old row of every UPDATE the whole old row
+-- under REPLICA IDENTITY FULL, otherwise the replica identity's columns,
+-- from the old row where they changed, else from the new one (PostgreSQL
+-- logs the old key only then): both are what the columns were. A column
+-- missing from either row (not in the replica identity, or an unchanged
+-- TOAST value left out of the new row) counts as changed.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_unchanged(relation regclass, cols text[]) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+BEGIN
+    RETURN coalesce((
+        SELECT pg_catalog.string_agg(pg_catalog.format('(%s)::text = (%s)::text',
+                                         pgconsistency._wal_column_value(relation, x.col, 'change.c -> ''columns'''),
+                                         pgconsistency._wal_column_value(relation, x.col, 'change.c -> ''identity''')),
+                                     ' AND ' ORDER BY x.col)
+          FROM pg_catalog.unnest(cols) AS x(col)), 'true');
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_unchanged(regclass, text[]) IS
+  'Internal: the SQL expression of whether an UPDATE the WAL capture decoded left some columns as they were';
 
 -- _wal_key_select: the SELECT of one capture source's keys over the decoded
 -- rows (the CTE tuple of _wal_read_statement: source, the capture source the
@@ -385,7 +440,7 @@ BEGIN
                  WHEN pg_catalog.cardinality(k.cols) = (SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a
                                                          WHERE a.attrelid = relation AND a.attnum > 0 AND NOT a.attisdropped) THEN
                      pg_catalog.format(
-                         'SELECT %s AS source, (%s)::text AS key FROM tuple'
+                         'SELECT %s AS source, (%s)::text AS key, tuple.read_columns FROM tuple'
                          ' CROSS JOIN LATERAL (SELECT pg_catalog.jsonb_object_agg(x ->> ''name'', x -> ''value'') AS o'
                          ' FROM pg_catalog.jsonb_array_elements(tuple.columns) AS x) AS p'
                          ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, p.o) AS r'
@@ -395,16 +450,16 @@ BEGIN
                       AND key_expression ~ '^\s*r\.[a-z_][a-z0-9_$]*\s*(::\s*(pg_catalog\.)?text\s*)?$'
                       AND (SELECT a.atttypid FROM pg_catalog.pg_attribute a WHERE a.attrelid = relation AND a.attname = k.cols[1])
                           IN ('pg_catalog.text'::regtype, 'pg_catalog.varchar'::regtype) THEN
-                     pg_catalog.format('SELECT %s AS source, %s #>> ''{}'' AS key FROM tuple WHERE tuple.source = %s',
-                                       source, pgconsistency._wal_column_value(relation, k.cols[1]), source)
+                     pg_catalog.format('SELECT %s AS source, %s #>> ''{}'' AS key, tuple.read_columns FROM tuple WHERE tuple.source = %s',
+                                       source, pgconsistency._wal_column_value(relation, k.cols[1], 'tuple.columns'), source)
                  ELSE
                      pg_catalog.format(
-                         'SELECT %s AS source, (%s)::text AS key FROM tuple'
+                         'SELECT %s AS source, (%s)::text AS key, tuple.read_columns FROM tuple'
                          ' CROSS JOIN LATERAL (SELECT %s OFFSET 0) AS p'
                          ' CROSS JOIN LATERAL pg_catalog.jsonb_populate_record(NULL::%s, pg_catalog.jsonb_build_object(%s)) AS r'
                          ' WHERE tuple.source = %s AND (%s)',
                          source, key_expression,
-                         (SELECT pg_catalog.string_agg(pg_catalog.format('%s AS c%s', pgconsistency._wal_column_value(relation, col), i), ', ' ORDER BY i)
+                         (SELECT pg_catalog.string_agg(pg_catalog.format('%s AS c%s', pgconsistency._wal_column_value(relation, col, 'tuple.columns'), i), ', ' ORDER BY i)
                             FROM pg_catalog.unnest(k.cols) WITH ORDINALITY AS u(col, i)),
                          relation,
                          (SELECT pg_catalog.string_agg(pg_catalog.format('%L, p.c%s', col, i), ', ' ORDER BY i)
@@ -435,21 +490,23 @@ SET search_path = pg_catalog, pg_temp
 AS $fn$
 BEGIN
     RETURN (
-        SELECT pg_catalog.replace(pg_catalog.replace($q$
+        SELECT pg_catalog.replace(pg_catalog.replace(pg_catalog.replace($q$
             WITH change AS MATERIALIZED (
                 SELECT w.lsn, j.c, j.c ->> 'action' AS action
                   FROM pgconsistency._wal_slot_changes($1, $2, $3, $4) AS w
                  CROSS JOIN LATERAL (SELECT w.data::jsonb AS c OFFSET 0) AS j),
             tuple AS MATERIALIZED (
-                SELECT s.source, v.columns
+                SELECT s.source, v.columns, CASE WHEN u.compared THEN s.read_columns END AS read_columns
                   FROM change
-                  JOIN (VALUES /*sources*/) AS s(source, schema_name, table_name)
+                  JOIN (VALUES /*sources*/) AS s(source, schema_name, table_name, read_columns, first, columns_set)
                     ON s.schema_name = change.c ->> 'schema' AND s.table_name = change.c ->> 'table'
+                 CROSS JOIN LATERAL (SELECT change.action = 'U' AND s.read_columns IS NOT NULL AND change.c ? 'identity' AS compared) AS u
                  CROSS JOIN LATERAL (VALUES (change.c -> 'columns'), (change.c -> 'identity')) AS v(columns)
-                 WHERE change.action IN ('I', 'U', 'D') AND v.columns IS NOT NULL),
+                 WHERE change.action IN ('I', 'U', 'D') AND v.columns IS NOT NULL
+                   AND CASE WHEN u.compared THEN NOT coalesce(CASE s.columns_set /*unchanged*/ END, false) ELSE s.first END),
             keys AS (
-                INSERT INTO pgconsistency.captured_key (source, key)
-                SELECT DISTINCT k.source, k.key COLLATE "C" FROM (/*keys*/) AS k WHERE k.key IS NOT NULL
+                INSERT INTO pgconsistency.captured_key (source, key, read_columns)
+                SELECT DISTINCT k.source, k.key COLLATE "C", k.read_columns FROM (/*keys*/) AS k WHERE k.key IS NOT NULL
                 RETURNING 1),
             gaps AS (
                 INSERT INTO pgconsistency.capture_gap (relation, reason, at)
@@ -462,13 +519,33 @@ BEGIN
             SELECT r.changes, r.last, (SELECT pg_catalog.count(*) FROM keys) + (SELECT pg_catalog.count(*) FROM gaps)
               FROM (SELECT pg_catalog.count(*) AS changes, pg_catalog.max(change.lsn) FILTER (WHERE change.action = 'C') AS last
                       FROM change) AS r
-        $q$, '/*keys*/', k.keys), '/*sources*/', k.sources)
+        $q$, '/*keys*/', k.keys), '/*sources*/', w.sources), '/*unchanged*/', w.unchanged)
           FROM (SELECT pg_catalog.string_agg(pgconsistency._wal_key_select(s.id, s.rel, s.key_expression),
-                                             ' UNION ALL ' ORDER BY s.id) AS keys,
-                       pg_catalog.string_agg(pg_catalog.format('(%s, %L, %L)', s.id, n.nspname, c.relname), ', ' ORDER BY s.id) AS sources
+                                             ' UNION ALL ' ORDER BY s.id) AS keys
                   FROM (SELECT s.id, s.key_expression, pg_catalog.to_regclass(s.relation) AS rel FROM pgconsistency.capture_source s) AS s
-                  JOIN pg_catalog.pg_class c ON c.oid = s.rel
-                  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace) AS k
+                 WHERE s.rel IS NOT NULL) AS k,
+               -- One row of sources for each read_columns of a source's
+               -- invariants (columns_set, numbered from 1; first: the
+               -- source's first), or one with read_columns NULL when one
+               -- of them reads every column; unchanged: for each, whether
+               -- an UPDATE left those columns as they were.
+               (SELECT pg_catalog.string_agg(pg_catalog.format('(%s, %L, %L, %L::text[], %s, %s)', x.id, x.nspname, x.relname,
+                                                               x.read_columns, x.first::text, x.columns_set), ', ' ORDER BY x.columns_set) AS sources,
+                       coalesce(pg_catalog.string_agg(pg_catalog.format('WHEN %s THEN %s', x.columns_set,
+                                                                        pgconsistency._wal_unchanged(x.rel, x.read_columns)), ' ' ORDER BY x.columns_set)
+                                    FILTER (WHERE x.read_columns IS NOT NULL), 'WHEN 0 THEN false') AS unchanged
+                  FROM (SELECT c.id, c.rel, n.nspname, r.relname, c.read_columns,
+                               pg_catalog.row_number() OVER (PARTITION BY c.id ORDER BY c.read_columns) = 1 AS first,
+                               pg_catalog.row_number() OVER (ORDER BY c.id, c.read_columns) AS columns_set
+                          FROM (SELECT DISTINCT s.id, pg_catalog.to_regclass(s.relation) AS rel,
+                                       CASE WHEN pg_catalog.bool_or(k.read_columns IS NULL) OVER (PARTITION BY s.id) THEN NULL
+                                            ELSE k.read_columns END AS read_columns
+                                  FROM pgconsistency.capture_source s
+                                  LEFT JOIN (pgconsistency.invariant_key_source k
+                                             JOIN pgconsistency.invariant i ON i.name = k.invariant AND i.refresh_mode = 'incremental')
+                                    ON k.relation = s.relation AND k.key_expression = s.key_expression) AS c
+                          JOIN pg_catalog.pg_class r ON r.oid = c.rel
+                          JOIN pg_catalog.pg_namespace n ON n.oid = r.relnamespace) AS x) AS w
          WHERE k.keys IS NOT NULL);
 END
 $fn$;
