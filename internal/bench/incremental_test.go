@@ -657,6 +657,8 @@ func incCheckSame(tb testing.TB, incremental, other map[string]incState, what st
 //	statistics_deleted  dataset_statistics_missing
 //	head_not_moved  blocks appended, the head left behind:
 //	                dataset_head_ref_mismatch
+//	statistics_replaced the statistics rows deleted and inserted again
+//	                as they were (no anomaly)
 //	statistics_restored the statistics of an earlier round's
 //	                statistics_deleted back: resolved
 //	account_deleted the account of an earlier round's new dataset:
@@ -688,6 +690,11 @@ UPDATE public.dataset_statistics s
  WHERE c.action IN ('append', 'statistics') AND s.dataset_id = c.did AND s.block_ref_name = 'head';
 DELETE FROM public.dataset_statistics s USING pg_temp.bench_change c
  WHERE c.action = 'statistics_deleted' AND s.dataset_id = c.did;
+WITH gone AS (
+    DELETE FROM public.dataset_statistics s USING pg_temp.bench_change c
+     WHERE c.action = 'statistics_replaced' AND s.dataset_id = c.did
+    RETURNING s.*)
+INSERT INTO public.dataset_statistics SELECT * FROM gone;
 INSERT INTO public.dataset_statistics (dataset_id, block_ref_name, last_pulled, num_records, data_size, checkpoints_size)
 SELECT c.did, 'head', now(), 0, 0, 0 FROM pg_temp.bench_change c WHERE c.action = 'statistics_restored';
 DELETE FROM public.dataset_key_blocks k USING pg_temp.bench_change c
@@ -956,6 +963,16 @@ func incLostIndexRun(tb testing.TB, conn *pgx.Conn, cfg incConfig, want map[stri
 		for round := range cfg.rounds {
 			plan, next := incAppendPlan(tb, cfg.scale, changes, 5, *residue)
 			*residue = next
+			// Since 0.7.5 the statistics' counters updated by an append
+			// give dataset_statistics_missing no key (it reads dataset_id
+			// only): the other datasets' statistics rows are written
+			// again instead (deleted and inserted as they were), so that
+			// each changed dataset is a key it re-checks.
+			for i := range plan {
+				if plan[i].action == "append" {
+					plan[i].action = "statistics_replaced"
+				}
+			}
 			keys := incApply(tb, conn, plan, want)
 			what := fmt.Sprintf("without %s, %d datasets changed, round %d", incLostIndexName, changes, round+1)
 			p, states := incChangesPass(tb, conn, "incremental", what)
@@ -1082,7 +1099,7 @@ func (r *incResult) markdown() string {
 
 	l := r.lost
 	full = medianSeconds(l.full)
-	fmt.Fprintf(&w, "### A schema that lost an index\n\n`DROP INDEX public.%s` (dataset_statistics is then left with no index), %s alone (the other invariants in full mode): its full refresh (median of %d: %s) against its incremental refresh, WAL capture, after each round of changed datasets (5 lose their statistics, the others get blocks appended, head moved, statistics updated), one pass of the changes loop each. status.incremental_index_hint: `%s`.\n\n",
+	fmt.Fprintf(&w, "### A schema that lost an index\n\n`DROP INDEX public.%s` (dataset_statistics is then left with no index), %s alone (the other invariants in full mode): its full refresh (median of %d: %s) against its incremental refresh, WAL capture, after each round of changed datasets (5 lose their statistics, the others have their statistics rows deleted and inserted again as they were: since 0.7.5 a statistics update of the counters gives this invariant no key), one pass of the changes loop each. status.incremental_index_hint: `%s`.\n\n",
 		l.index, incLostIndexInvariant, len(l.full), listSeconds(l.full), l.hint)
 	fmt.Fprintf(&w, "| datasets changed | keys re-checked | incremental refresh (median) | full refresh (median) | incremental / full | never above the full one |\n|---:|---:|---:|---:|---:|---|\n")
 	for _, cl := range c.lostIndex {

@@ -125,3 +125,29 @@ func testReadColumns(t *testing.T, s *pgtest.Server, capture string, full bool) 
 	requireExact(t, conn)
 	require.EqualValues(t, 1, status(t, conn)["dataset_head_ref_mismatch"].Anomalies)
 }
+
+// TestReadColumnsColumnRenamed: the capture triggers compare an UPDATE on
+// the columns the invariants read, by name. A migration that renames one
+// must not make the application's UPDATE fail: the trigger takes every
+// updated row's keys instead, until the invariants are defined again.
+func TestReadColumnsColumnRenamed(t *testing.T) {
+	t.Parallel()
+	s := pgtest.Start(t)
+	db := fixture.NewCurrentDatabase(t, s)
+	conn := s.Conn(t, db)
+	incremental(t, conn)
+	refreshAll(t, conn)
+	exec(t, conn, "ALTER TABLE public.dataset_entries RENAME COLUMN dataset_name TO name")
+	exec(t, conn, "UPDATE public.dataset_entries SET kind = kind WHERE dataset_id = $1", fixture.DatasetID(6))
+	var keys, tagged int
+	require.NoError(t, conn.QueryRow(t.Context(), `SELECT count(*), count(k.read_columns) FROM pgconsistency.captured_key k
+		JOIN pgconsistency.capture_source c ON c.id = k.source
+		WHERE c.relation = 'public.dataset_entries' AND k.key = $1`, fixture.DatasetID(6)).Scan(&keys, &tagged))
+	require.Equal(t, 1, keys, "the updated entry's key, for every invariant of the source")
+	require.Zero(t, tagged, "no columns compared")
+	exec(t, conn, "ALTER TABLE public.dataset_entries RENAME COLUMN name TO dataset_name")
+	exec(t, conn, "UPDATE public.dataset_entries SET kind = kind WHERE dataset_id = $1", fixture.DatasetID(7))
+	require.NoError(t, conn.QueryRow(t.Context(), `SELECT count(*) FROM pgconsistency.captured_key k WHERE k.key = $1`,
+		fixture.DatasetID(7)).Scan(&keys))
+	require.Zero(t, keys, "the columns back: an UPDATE that changed nothing read gives no key")
+}
