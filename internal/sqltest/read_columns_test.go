@@ -5,6 +5,7 @@ package sqltest_test
 import (
 	"maps"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -124,6 +125,38 @@ func testReadColumns(t *testing.T, s *pgtest.Server, capture string, full bool) 
 	}
 	requireExact(t, conn)
 	require.EqualValues(t, 1, status(t, conn)["dataset_head_ref_mismatch"].Anomalies)
+	if capture != "wal" {
+		return
+	}
+	// The read statement is kept between reads, headed by the oids of the
+	// tables it was built for, and built again once _install_capture ran.
+	cached := func() *string {
+		var stmt *string
+		require.NoError(t, conn.QueryRow(t.Context(), "SELECT read_statement FROM pgconsistency.capture").Scan(&stmt))
+		return stmt
+	}
+	stmt := cached()
+	require.NotNil(t, stmt, "the statement of the latest read")
+	require.True(t, strings.HasPrefix(*stmt, "/* relations: "), "headed by its tables' oids: %.40s", *stmt)
+	exec(t, conn, "SELECT pgconsistency.set_refresh_mode('dataset_owner_missing', 'full')")
+	require.Nil(t, cached(), "emptied by set_refresh_mode (_install_capture)")
+	exec(t, conn, "SELECT pgconsistency.capture_wal()")
+	stmt = cached()
+	require.NotNil(t, stmt, "built again at the next read")
+	head := func(stmt string) string { return stmt[:strings.Index(stmt, "*/")] }
+	// A table created again (a migration that rewrites it) has another
+	// oid: the next read builds the statement again.
+	old := head(*stmt)
+	exec(t, conn, `BEGIN;
+		CREATE TABLE public.accounts_new (LIKE public.accounts INCLUDING ALL);
+		INSERT INTO public.accounts_new SELECT * FROM public.accounts;
+		DROP TABLE public.accounts;
+		ALTER TABLE public.accounts_new RENAME TO accounts;
+		COMMIT`)
+	exec(t, conn, "SELECT pgconsistency.capture_wal()")
+	stmt = cached()
+	require.NotNil(t, stmt)
+	require.NotEqual(t, old, head(*stmt), "the statement of the table before")
 }
 
 // TestReadColumnsColumnRenamed: the capture triggers compare an UPDATE on

@@ -343,7 +343,8 @@ DROP FUNCTION IF EXISTS pgconsistency._wal_column_value(text);
 -- reads as it was gives the invariant no key. The key sources get the
 -- columns read (read_columns: NULL, every column, until define_invariant
 -- runs again; the packs of install.sql do), the captured keys the columns
--- they are for (NULL: every invariant of their source, as before).
+-- they are for (NULL: every invariant of their source, as before). The
+-- WAL capture keeps the statement of its reads (capture.read_statement).
 -- _wal_column_value takes the row it reads from (a new or an old one).
 DROP FUNCTION IF EXISTS pgconsistency._wal_column_value(regclass, text);
 DO $do$
@@ -353,6 +354,9 @@ BEGIN
     END IF;
     IF pg_catalog.to_regclass('pgconsistency.captured_key') IS NOT NULL THEN
         PERFORM pgconsistency._install_column('pgconsistency.captured_key', 'read_columns', 'text[]');
+    END IF;
+    IF pg_catalog.to_regclass('pgconsistency.capture') IS NOT NULL THEN
+        PERFORM pgconsistency._install_column('pgconsistency.capture', 'read_statement', 'text');
     END IF;
 END
 $do$;

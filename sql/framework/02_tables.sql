@@ -462,7 +462,14 @@ CREATE TABLE IF NOT EXISTS pgconsistency.capture (
     -- after a failover), and when: each time a reconcile of every
     -- invariant in incremental mode.
     slot_lost_reason text,
-    slot_lost_at     timestamptz
+    slot_lost_at     timestamptz,
+    -- The statement a read runs (_wal_read_statement), built at the first
+    -- read and kept for the next ones (0.7.5: building it reads the
+    -- catalog for every column it compares, tens of milliseconds), headed
+    -- by the oids of the tables it was built for; _install_capture empties
+    -- it whenever the capture sources, or the columns their invariants
+    -- read, may have changed.
+    read_statement   text
 );
 INSERT INTO pgconsistency.capture (singleton)
 SELECT true WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.capture);

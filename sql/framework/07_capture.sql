@@ -229,6 +229,8 @@ $b$, t.rel, pg_catalog.replace(v_rows, ' FROM __pgconsistency_rows__ r', ' FROM 
     END LOOP;
     INSERT INTO pgconsistency.capture_epoch (started_at) VALUES (pg_catalog.clock_timestamp())
     ON CONFLICT ON CONSTRAINT capture_epoch_pkey DO NOTHING;
+    -- The WAL capture builds its read statement again at its next read.
+    UPDATE pgconsistency.capture SET read_statement = NULL WHERE read_statement IS NOT NULL;
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._install_capture() IS

@@ -621,6 +621,7 @@ DECLARE
     v_confirmed pg_lsn;
     v_tables   text;
     v_statement text;
+    v_relations text;
     v_changes  bigint := 0;
     v_last     pg_lsn;
     v_written  bigint;
@@ -659,14 +660,22 @@ BEGIN
         PERFORM pgconsistency._wal_advance_slot(cfg.slot_name, cfg.wal_position);
     END IF;
     v_tables := pgconsistency._wal_add_tables();
-    v_statement := pgconsistency._wal_read_statement();
+    -- The statement of the previous read, unless _install_capture emptied
+    -- it since, or a table of a capture source is not the one it was built
+    -- for (dropped, or created again: their oids head it). Columns it
+    -- finds by name where their place moved.
+    SELECT '/* relations: ' || pg_catalog.string_agg(coalesce(pg_catalog.to_regclass(s.relation)::oid::text, '-'), ' ' ORDER BY s.id) || ' */'
+      INTO v_relations
+      FROM pgconsistency.capture_source s;
+    v_statement := CASE WHEN pg_catalog.starts_with(cfg.read_statement, v_relations) THEN cfg.read_statement
+                        ELSE v_relations || pgconsistency._wal_read_statement() END;
     IF v_tables IS NOT NULL AND v_statement IS NOT NULL THEN
         EXECUTE v_statement INTO v_changes, v_last, v_written
           USING cfg.slot_name, v_upto, max_changes, v_tables;
     END IF;
     UPDATE pgconsistency.capture
        SET wal_position = CASE WHEN v_changes >= max_changes THEN coalesce(v_last, cfg.wal_position) ELSE v_upto END,
-           read_at = pg_catalog.clock_timestamp(), read_changes = v_changes;
+           read_at = pg_catalog.clock_timestamp(), read_changes = v_changes, read_statement = v_statement;
     RETURN v_changes;
 END
 $fn$;
