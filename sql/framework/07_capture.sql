@@ -94,23 +94,26 @@ BEGIN
     FOR t IN
         WITH needed AS (
             SELECT c.relation::regclass AS rel, c.id, c.key_expression,
-                   -- The keys of an UPDATE, one SELECT for each read_columns
-                   -- of the source's invariants: those of the rows whose
-                   -- values of those columns changed, old and new (what one
-                   -- side has and the other has not, compared as text: no
-                   -- equality operator needed). NULL when an invariant reads
-                   -- every column: then the keys of every row, old and new.
+                   -- The keys of an UPDATE: those of the rows whose values
+                   -- of the columns an invariant reads changed, old and new,
+                   -- for each read_columns of the source's invariants: each
+                   -- row's values of each set, as text (no equality operator
+                   -- needed), counted +1 new and -1 old; what does not add
+                   -- up to 0 changed. One pass over each transition table.
+                   -- NULL when an invariant reads every column: then the
+                   -- keys of every row, old and new.
                    (SELECT CASE WHEN NOT pg_catalog.bool_or(x.read_columns IS NULL) THEN
-                               pg_catalog.string_agg(pg_catalog.format(
-                                   'SELECT %1$s AS source, d.key, %4$L::text[] AS read_columns FROM ('
-                                   '(SELECT (%2$s)::text AS key, ROW(%3$s)::text AS v FROM new_rows r'
-                                   ' EXCEPT ALL SELECT (%2$s)::text, ROW(%3$s)::text FROM old_rows r)'
-                                   ' UNION ALL (SELECT (%2$s)::text, ROW(%3$s)::text FROM old_rows r'
-                                   ' EXCEPT ALL SELECT (%2$s)::text, ROW(%3$s)::text FROM new_rows r)) d',
+                               pg_catalog.format(
+                                   'SELECT %1$s AS source, d.key, d.read_columns FROM ('
+                                   'SELECT u.key, u.read_columns FROM ('
+                                   'SELECT (%2$s)::text AS key, x.read_columns, x.v, 1 AS n FROM new_rows r CROSS JOIN LATERAL (VALUES %3$s) AS x(read_columns, v)'
+                                   ' UNION ALL SELECT (%2$s)::text, x.read_columns, x.v, -1 FROM old_rows r CROSS JOIN LATERAL (VALUES %3$s) AS x(read_columns, v)) u'
+                                   ' GROUP BY u.key, u.read_columns, u.v HAVING pg_catalog.sum(u.n) <> 0) d',
                                    c.id, c.key_expression,
-                                   coalesce((SELECT pg_catalog.string_agg(pg_catalog.format('r.%I', u.col), ', ' ORDER BY u.col)
-                                               FROM pg_catalog.unnest(x.read_columns) AS u(col)), ''),
-                                   x.read_columns), ' UNION ALL ' ORDER BY x.read_columns) END
+                                   pg_catalog.string_agg(pg_catalog.format('(%L::text[], ROW(%s)::text)', x.read_columns,
+                                                             coalesce((SELECT pg_catalog.string_agg(pg_catalog.format('r.%I', u.col), ', ' ORDER BY u.col)
+                                                                         FROM pg_catalog.unnest(x.read_columns) AS u(col)), '')),
+                                                         ', ' ORDER BY x.read_columns)) END
                       FROM (SELECT DISTINCT s.read_columns
                               FROM pgconsistency.invariant_key_source s
                               JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
