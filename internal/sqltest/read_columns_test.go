@@ -143,7 +143,7 @@ func testReadColumns(t *testing.T, s *pgtest.Server, capture string, full bool) 
 	exec(t, conn, "SELECT pgconsistency.capture_wal()")
 	stmt = cached()
 	require.NotNil(t, stmt, "built again at the next read")
-	head := func(stmt string) string { return stmt[:strings.Index(stmt, "*/")] }
+	head := func(stmt string) string { h, _, _ := strings.Cut(stmt, "*/"); return h }
 	// A table created again (a migration that rewrites it) has another
 	// oid: the next read builds the statement again.
 	old := head(*stmt)

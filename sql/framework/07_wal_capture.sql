@@ -418,13 +418,14 @@ COMMENT ON FUNCTION pgconsistency._wal_unchanged(regclass, text[]) IS
 
 -- _wal_key_select: the SELECT of one capture source's keys over the decoded
 -- rows (the CTE tuple of _wal_read_statement: source, the capture source the
--- row's table has, and columns, wal2json's [{"name": ..., "value": ...}, ...]
--- of a new or an old row). The row is cut to the columns the key expression
--- reads, each taken by its place or its name (_wal_column_value; a block's
--- payload is never converted), then made a row of the table by
--- jsonb_populate_record, so that the expression of define_invariant(keys =>
--- ...) is evaluated as the capture triggers evaluate it: no second mapping
--- to keep in step. An expression that is a text or varchar column alone
+-- row's table has, columns, wal2json's [{"name": ..., "value": ...}, ...]
+-- of a new or an old row, and read_columns, those that changed when it is
+-- a row of an UPDATE compared on them). The row is cut to the columns the
+-- key expression reads, each taken by its place or its name
+-- (_wal_column_value; a block's payload is never converted), then made a
+-- row of the table by jsonb_populate_record, so that the expression of
+-- define_invariant(keys => ...) is evaluated as the capture triggers
+-- evaluate it: no second mapping to keep in step. An expression that is a text or varchar column alone
 -- (r.dataset_id::text, the common case) is that column's JSON string: no
 -- row is made (the same text, without a record per change). A row that
 -- holds none of those columns (an old row whose replica identity lacks
@@ -479,11 +480,14 @@ COMMENT ON FUNCTION pgconsistency._wal_key_select(integer, regclass, text) IS
 -- $2 up to which WAL position, $3 how many changes at most (whole
 -- transactions), $4 the tables (wal2json's add-tables). Each change is
 -- parsed once; its table is matched with the capture sources once (a hash
--- join with their list, not a scan of every change per source); it writes
--- the keys of every capture source (_wal_key_select) to captured_key, a
--- TRUNCATE to capture_gap, and returns the changes read, the position after
--- the last transaction read, and the keys written. NULL: no source's table
--- exists.
+-- join with their list, one row per set of columns their invariants read,
+-- not a scan of every change per source); an UPDATE is kept for the sets
+-- whose values it changed (_wal_unchanged), anything else once per source;
+-- it writes the keys of every capture source (_wal_key_select) to
+-- captured_key, with the columns that changed, a TRUNCATE to capture_gap,
+-- and returns the changes read, the position after the last transaction
+-- read, and the keys written. NULL: no source's table exists. capture_wal
+-- keeps it between reads (capture.read_statement).
 CREATE OR REPLACE FUNCTION pgconsistency._wal_read_statement() RETURNS text
 LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
