@@ -56,120 +56,71 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._check_incremental(text) IS
   'Internal: raise unless an invariant''s query and key mapping allow incremental refresh';
 
--- _install_capture: make the capture triggers match the invariants in
--- incremental mode. For each table one of them reads: a function
--- pgconsistency._capture_<table oid> (replaced only when its text changes:
--- that takes no lock on the table) and four statement-level triggers, AFTER
--- INSERT, UPDATE and DELETE with transition tables, which write the keys of
--- the changed rows to captured_key once per statement, and AFTER TRUNCATE,
--- which records a gap. The triggers are ENABLE ALWAYS: writes under
--- session_replication_role = replica (logical replication, some restores)
--- are captured too. Creating or dropping a trigger locks its table against
--- writes: each waits at most 200 ms at a time (_install_ddl), and only when
--- one is missing, disabled or no longer needed.
-CREATE OR REPLACE FUNCTION pgconsistency._install_capture() RETURNS void
-LANGUAGE plpgsql
+-- _generated_capture_function: the text of the capture function of table rel,
+-- for its capture sources ids (their key expressions exprs): the keys of
+-- the inserted rows, of the deleted rows, and of an UPDATE those of the
+-- rows whose columns read changed (each source's sets of columns read, or
+-- every updated row's where an invariant reads rows whole), or TRUNCATE
+-- recorded as a gap. _install_capture replaces the function when this text
+-- differs from its own.
+CREATE OR REPLACE FUNCTION pgconsistency._generated_capture_function(rel regclass, ids integer[], exprs text[]) RETURNS text
+LANGUAGE plpgsql STABLE
 SET search_path = pg_catalog, pg_temp
 AS $fn$
 DECLARE
-    t       record;
-    v_fn    text;
-    v_body  text;
-    v_rows  text;
-    v_upd   text;
+    v_rows     text;
+    v_upd      text;
     v_compared text;
-    v_trig  record;
 BEGIN
-    INSERT INTO pgconsistency.capture_source (relation, key_expression)
-    SELECT DISTINCT s.relation, s.key_expression
+    -- rows: the changed rows as r (a transition table), keyed by source.
+    -- The keys of an UPDATE: those of the rows whose values
+    -- of the columns an invariant reads changed, old and new,
+    -- for each read_columns of the source's invariants: each
+    -- row's values of each set, as text (no equality operator
+    -- needed), counted +1 new and -1 old; what does not add
+    -- up to 0 changed. One pass over each transition table.
+    -- NULL when an invariant reads every column: then the
+    -- keys of every row, old and new.
+    SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS source, (%s)::text AS key FROM __pgconsistency_rows__ r', x.id, x.expr),
+                                 ' UNION ALL ' ORDER BY x.id),
+           pg_catalog.string_agg(coalesce(w.updated, pg_catalog.format(
+                                     'SELECT %1$s AS source, (%2$s)::text AS key, NULL::text[] AS read_columns FROM new_rows r'
+                                     ' UNION ALL SELECT %1$s, (%2$s)::text, NULL FROM old_rows r', x.id, x.expr)),
+                                 ' UNION ALL ' ORDER BY x.id)
+      INTO v_rows, v_upd
+      FROM ROWS FROM (pg_catalog.unnest(ids), pg_catalog.unnest(exprs)) AS x(id, expr)
+     CROSS JOIN LATERAL (SELECT
+       (SELECT CASE WHEN NOT pg_catalog.bool_or(y.read_columns IS NULL) THEN
+                   pg_catalog.format(
+                       'SELECT %1$s AS source, d.key, d.read_columns FROM ('
+                       'SELECT u.key, u.read_columns FROM ('
+                       'SELECT (%2$s)::text AS key, x.read_columns, x.v, 1 AS n FROM new_rows r CROSS JOIN LATERAL (VALUES %3$s) AS x(read_columns, v)'
+                       ' UNION ALL SELECT (%2$s)::text, x.read_columns, x.v, -1 FROM old_rows r CROSS JOIN LATERAL (VALUES %3$s) AS x(read_columns, v)) u'
+                       ' GROUP BY u.key, u.read_columns, u.v HAVING pg_catalog.sum(u.n) <> 0) d',
+                       x.id, x.expr,
+                       pg_catalog.string_agg(pg_catalog.format('(%L::text[], ROW(%s)::text)', y.read_columns,
+                                                 coalesce((SELECT pg_catalog.string_agg(pg_catalog.format('r.%I', u.col), ', ' ORDER BY u.col)
+                                                             FROM pg_catalog.unnest(y.read_columns) AS u(col)), '')),
+                                             ', ' ORDER BY y.read_columns)) END
+          FROM (SELECT DISTINCT s.read_columns
+                  FROM pgconsistency.invariant_key_source s
+                  JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
+                 WHERE s.relation = rel::text AND s.key_expression = x.expr) AS y) AS updated) AS w;
+    -- The comparison names the columns read: one renamed or dropped
+    -- since would make it fail, and the application's UPDATE with it.
+    -- So it runs only while they are all there; otherwise every updated
+    -- row's keys, as before 0.7.5 (the invariant's query fails too,
+    -- and its next definition compares what it reads then).
+    SELECT coalesce(pg_catalog.format('(SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a WHERE a.attrelid = TG_RELID'
+                                      ' AND a.attnum > 0 AND NOT a.attisdropped AND a.attname = ANY (%L::name[])) = %s',
+                                      pg_catalog.array_agg(DISTINCT x.col ORDER BY x.col), pg_catalog.count(DISTINCT x.col)), 'true')
+      INTO v_compared
       FROM pgconsistency.invariant_key_source s
       JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
-     WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.capture_source c
-                        WHERE c.relation = s.relation AND c.key_expression = s.key_expression);
-
-    DELETE FROM pgconsistency.capture_source c
-     WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.invariant_key_source s
-                        WHERE s.relation = c.relation AND s.key_expression = c.key_expression);
-
-    FOR t IN
-        WITH needed AS (
-            SELECT c.relation::regclass AS rel, c.id, c.key_expression,
-                   -- The keys of an UPDATE: those of the rows whose values
-                   -- of the columns an invariant reads changed, old and new,
-                   -- for each read_columns of the source's invariants: each
-                   -- row's values of each set, as text (no equality operator
-                   -- needed), counted +1 new and -1 old; what does not add
-                   -- up to 0 changed. One pass over each transition table.
-                   -- NULL when an invariant reads every column: then the
-                   -- keys of every row, old and new.
-                   (SELECT CASE WHEN NOT pg_catalog.bool_or(x.read_columns IS NULL) THEN
-                               pg_catalog.format(
-                                   'SELECT %1$s AS source, d.key, d.read_columns FROM ('
-                                   'SELECT u.key, u.read_columns FROM ('
-                                   'SELECT (%2$s)::text AS key, x.read_columns, x.v, 1 AS n FROM new_rows r CROSS JOIN LATERAL (VALUES %3$s) AS x(read_columns, v)'
-                                   ' UNION ALL SELECT (%2$s)::text, x.read_columns, x.v, -1 FROM old_rows r CROSS JOIN LATERAL (VALUES %3$s) AS x(read_columns, v)) u'
-                                   ' GROUP BY u.key, u.read_columns, u.v HAVING pg_catalog.sum(u.n) <> 0) d',
-                                   c.id, c.key_expression,
-                                   pg_catalog.string_agg(pg_catalog.format('(%L::text[], ROW(%s)::text)', x.read_columns,
-                                                             coalesce((SELECT pg_catalog.string_agg(pg_catalog.format('r.%I', u.col), ', ' ORDER BY u.col)
-                                                                         FROM pg_catalog.unnest(x.read_columns) AS u(col)), '')),
-                                                         ', ' ORDER BY x.read_columns)) END
-                      FROM (SELECT DISTINCT s.read_columns
-                              FROM pgconsistency.invariant_key_source s
-                              JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
-                             WHERE s.relation = c.relation AND s.key_expression = c.key_expression) AS x) AS updated
-              FROM pgconsistency.capture_source c
-             WHERE pg_catalog.to_regclass(c.relation) IS NOT NULL
-               -- with the WAL capture (07_wal_capture.sql), no triggers
-               AND (SELECT m.method FROM pgconsistency.capture m) = 'trigger'
-               AND EXISTS (SELECT 1 FROM pgconsistency.invariant_key_source s
-                             JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
-                            WHERE s.relation = c.relation AND s.key_expression = c.key_expression)),
-        present AS (
-            SELECT DISTINCT g.tgrelid::regclass AS rel
-              FROM pg_catalog.pg_trigger g
-             WHERE g.tgname LIKE 'pgconsistency\_capture\_%' AND NOT g.tgisinternal)
-        SELECT r.rel, pg_catalog.array_agg(n.id ORDER BY n.id) FILTER (WHERE n.id IS NOT NULL) AS ids,
-               pg_catalog.array_agg(n.key_expression ORDER BY n.id) FILTER (WHERE n.id IS NOT NULL) AS exprs,
-               pg_catalog.array_agg(n.updated ORDER BY n.id) FILTER (WHERE n.id IS NOT NULL) AS updated
-          FROM (SELECT rel FROM needed UNION SELECT rel FROM present) r
-          LEFT JOIN needed n ON n.rel = r.rel
-         GROUP BY r.rel
-    LOOP
-        v_fn := pg_catalog.format('pgconsistency._capture_%s', t.rel::oid);
-        IF t.ids IS NULL THEN
-            -- No invariant in incremental mode reads it any more.
-            FOR v_trig IN SELECT g.tgname FROM pg_catalog.pg_trigger g
-                           WHERE g.tgrelid = t.rel AND g.tgname LIKE 'pgconsistency\_capture\_%' AND NOT g.tgisinternal LOOP
-                PERFORM pgconsistency._install_ddl(pg_catalog.format('DROP TRIGGER %I ON %s', v_trig.tgname, t.rel));
-            END LOOP;
-            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s()', v_fn);
-            CONTINUE;
-        END IF;
-        -- rows: the changed rows as r (a transition table), keyed by source.
-        SELECT pg_catalog.string_agg(pg_catalog.format('SELECT %s AS source, (%s)::text AS key FROM __pgconsistency_rows__ r', x.id, x.expr),
-                                     ' UNION ALL ' ORDER BY x.id),
-               pg_catalog.string_agg(coalesce(x.updated, pg_catalog.format(
-                                         'SELECT %1$s AS source, (%2$s)::text AS key, NULL::text[] AS read_columns FROM new_rows r'
-                                         ' UNION ALL SELECT %1$s, (%2$s)::text, NULL FROM old_rows r', x.id, x.expr)),
-                                     ' UNION ALL ' ORDER BY x.id)
-          INTO v_rows, v_upd
-          FROM ROWS FROM (pg_catalog.unnest(t.ids), pg_catalog.unnest(t.exprs), pg_catalog.unnest(t.updated)) AS x(id, expr, updated);
-        -- The comparison names the columns read: one renamed or dropped
-        -- since would make it fail, and the application's UPDATE with it.
-        -- So it runs only while they are all there; otherwise every updated
-        -- row's keys, as before 0.7.5 (the invariant's query fails too,
-        -- and its next definition compares what it reads then).
-        SELECT coalesce(pg_catalog.format('(SELECT pg_catalog.count(*) FROM pg_catalog.pg_attribute a WHERE a.attrelid = TG_RELID'
-                                          ' AND a.attnum > 0 AND NOT a.attisdropped AND a.attname = ANY (%L::name[])) = %s',
-                                          pg_catalog.array_agg(DISTINCT x.col ORDER BY x.col), pg_catalog.count(DISTINCT x.col)), 'true')
-          INTO v_compared
-          FROM pgconsistency.invariant_key_source s
-          JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
-         CROSS JOIN LATERAL pg_catalog.unnest(s.read_columns) AS x(col)
-         WHERE s.relation = t.rel::text
-        HAVING pg_catalog.count(*) > 0;
-        v_body := pg_catalog.format($b$
+     CROSS JOIN LATERAL pg_catalog.unnest(s.read_columns) AS x(col)
+     WHERE s.relation = rel::text
+    HAVING pg_catalog.count(*) > 0;
+    RETURN pg_catalog.format($b$
 -- Generated by pgconsistency._install_capture() for %1$s: do not edit.
 BEGIN
     IF TG_OP = 'INSERT' THEN
@@ -190,9 +141,77 @@ BEGIN
     END IF;
     RETURN NULL;
 END
-$b$, t.rel, pg_catalog.replace(v_rows, ' FROM __pgconsistency_rows__ r', ' FROM new_rows r'),
-            pg_catalog.replace(v_rows, ' FROM __pgconsistency_rows__ r', ' FROM old_rows r'), t.rel::text, v_upd,
-            coalesce(v_compared, 'true'));
+$b$, rel, pg_catalog.replace(v_rows, ' FROM __pgconsistency_rows__ r', ' FROM new_rows r'),
+        pg_catalog.replace(v_rows, ' FROM __pgconsistency_rows__ r', ' FROM old_rows r'), rel::text, v_upd,
+        coalesce(v_compared, 'true'));
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._generated_capture_function(regclass, integer[], text[]) IS
+  'Internal: the text of the capture function of a table, for its capture sources';
+
+-- _install_capture: make the capture triggers match the invariants in
+-- incremental mode. For each table one of them reads: a function
+-- pgconsistency._capture_<table oid> (replaced only when its text changes:
+-- that takes no lock on the table) and four statement-level triggers, AFTER
+-- INSERT, UPDATE and DELETE with transition tables, which write the keys of
+-- the changed rows to captured_key once per statement, and AFTER TRUNCATE,
+-- which records a gap. The triggers are ENABLE ALWAYS: writes under
+-- session_replication_role = replica (logical replication, some restores)
+-- are captured too. Creating or dropping a trigger locks its table against
+-- writes: each waits at most 200 ms at a time (_install_ddl), and only when
+-- one is missing, disabled or no longer needed.
+CREATE OR REPLACE FUNCTION pgconsistency._install_capture() RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    t       record;
+    v_fn    text;
+    v_body  text;
+    v_trig  record;
+BEGIN
+    INSERT INTO pgconsistency.capture_source (relation, key_expression)
+    SELECT DISTINCT s.relation, s.key_expression
+      FROM pgconsistency.invariant_key_source s
+      JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
+     WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.capture_source c
+                        WHERE c.relation = s.relation AND c.key_expression = s.key_expression);
+
+    DELETE FROM pgconsistency.capture_source c
+     WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.invariant_key_source s
+                        WHERE s.relation = c.relation AND s.key_expression = c.key_expression);
+
+    FOR t IN
+        WITH needed AS (
+            SELECT c.relation::regclass AS rel, c.id, c.key_expression
+              FROM pgconsistency.capture_source c
+             WHERE pg_catalog.to_regclass(c.relation) IS NOT NULL
+               -- with the WAL capture (07_wal_capture.sql), no triggers
+               AND (SELECT m.method FROM pgconsistency.capture m) = 'trigger'
+               AND EXISTS (SELECT 1 FROM pgconsistency.invariant_key_source s
+                             JOIN pgconsistency.invariant i ON i.name = s.invariant AND i.refresh_mode = 'incremental'
+                            WHERE s.relation = c.relation AND s.key_expression = c.key_expression)),
+        present AS (
+            SELECT DISTINCT g.tgrelid::regclass AS rel
+              FROM pg_catalog.pg_trigger g
+             WHERE g.tgname LIKE 'pgconsistency\_capture\_%' AND NOT g.tgisinternal)
+        SELECT r.rel, pg_catalog.array_agg(n.id ORDER BY n.id) FILTER (WHERE n.id IS NOT NULL) AS ids,
+               pg_catalog.array_agg(n.key_expression ORDER BY n.id) FILTER (WHERE n.id IS NOT NULL) AS exprs
+          FROM (SELECT rel FROM needed UNION SELECT rel FROM present) r
+          LEFT JOIN needed n ON n.rel = r.rel
+         GROUP BY r.rel
+    LOOP
+        v_fn := pg_catalog.format('pgconsistency._capture_%s', t.rel::oid);
+        IF t.ids IS NULL THEN
+            -- No invariant in incremental mode reads it any more.
+            FOR v_trig IN SELECT g.tgname FROM pg_catalog.pg_trigger g
+                           WHERE g.tgrelid = t.rel AND g.tgname LIKE 'pgconsistency\_capture\_%' AND NOT g.tgisinternal LOOP
+                PERFORM pgconsistency._install_ddl(pg_catalog.format('DROP TRIGGER %I ON %s', v_trig.tgname, t.rel));
+            END LOOP;
+            EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS %s()', v_fn);
+            CONTINUE;
+        END IF;
+        v_body := pgconsistency._generated_capture_function(t.rel, t.ids, t.exprs);
         IF pg_catalog.to_regprocedure(v_fn || '()') IS NULL
            OR (SELECT p.prosrc FROM pg_catalog.pg_proc p WHERE p.oid = pg_catalog.to_regprocedure(v_fn || '()')) IS DISTINCT FROM v_body THEN
             -- SECURITY DEFINER: the application's roles write the keys
