@@ -1074,12 +1074,15 @@ func (e *diffEnv) truncate(ctx context.Context, rng *rand.Rand, w *diffWriter) [
 	return truncated
 }
 
-// requireBothKinds: every invariant has clean datasets and broken ones.
+// requireBothKinds: every invariant has clean datasets and broken ones. (Up
+// to 0.7.5 it asked for fewer broken than clean ones; the writes before the
+// switch delete an account now and then, each owning a tenth of the
+// datasets: seed 1796513803741762939 left 162 of 300 without their owner.)
 func (e *diffEnv) requireBothKinds(ctx context.Context) {
 	var datasets int64
 	require.NoError(e.t, e.conn.QueryRow(ctx, "SELECT count(*) FROM public.dataset_entries").Scan(&datasets))
 	for inv, st := range e.status(ctx) {
-		require.True(e.t, st.anomalies > 0 && st.anomalies < datasets/2, "%s: %d anomalies among %d datasets", inv, st.anomalies, datasets)
+		require.True(e.t, st.anomalies > 0 && st.anomalies < datasets, "%s: %d anomalies among %d datasets", inv, st.anomalies, datasets)
 	}
 }
 
