@@ -157,6 +157,26 @@ func testReadColumns(t *testing.T, s *pgtest.Server, capture string, full bool) 
 	stmt = cached()
 	require.NotNil(t, stmt)
 	require.NotEqual(t, old, head(*stmt), "the statement of the table before")
+	// A read that keeps the statement builds nothing again: the TOAST rows
+	// of pgconsistency.capture (the statement is some 27 kB) stay the same;
+	// built again, it is written again.
+	var toast string
+	require.NoError(t, conn.QueryRow(t.Context(),
+		`SELECT reltoastrelid::regclass::text FROM pg_class WHERE oid = 'pgconsistency.capture'::regclass`).Scan(&toast))
+	toastRows := func() string {
+		var rows *string
+		require.NoError(t, conn.QueryRow(t.Context(),
+			`SELECT string_agg(chunk_id::text || ':' || chunk_seq || ':' || xmin::text, ' ' ORDER BY chunk_id, chunk_seq) FROM `+toast).Scan(&rows))
+		require.NotNil(t, rows, "the statement is TOASTed: else the checks below prove nothing")
+		return *rows
+	}
+	before := toastRows()
+	exec(t, conn, "UPDATE pgconsistency.capture SET read_statement = NULL")
+	exec(t, conn, "SELECT pgconsistency.capture_wal()")
+	rebuilt := toastRows()
+	require.NotEqual(t, before, rebuilt, "a statement built again is written")
+	exec(t, conn, "SELECT pgconsistency.capture_wal()")
+	require.Equal(t, rebuilt, toastRows(), "a kept statement is not built again at every read")
 }
 
 // TestReadColumnsColumnRenamed: the capture triggers compare an UPDATE on

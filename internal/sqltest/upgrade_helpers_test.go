@@ -532,7 +532,7 @@ func newIn072(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 	require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_statement()").Scan(&statement))
 	if assert.NotNil(t, statement, "the read statement of the upgraded capture sources") {
 		assert.Contains(t, *statement, "AS s(source, schema_name, table_name, ", "the changes matched with the sources once")
-		assert.Contains(t, *statement, `'{"n": "dataset_id"}'::jsonb) END #>> '{}' AS key`, "r.dataset_id::text taken as its JSON string")
+		assert.Contains(t, *statement, `'{"n": "dataset_id"}'::jsonb) END #>> '{}')`, "r.dataset_id::text taken as its JSON string")
 	}
 }
 
@@ -593,13 +593,36 @@ func newIn075(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 	}
 }
 
+// newIn076: the WAL capture's read takes each decoded row's key with one
+// CASE over the capture sources (_wal_key_expression), not a SELECT per
+// source (_wal_key_select, gone); the statement of the previous release's
+// reads is not kept (install.sql empties it).
+func newIn076(t *testing.T, admin *pgx.Conn) {
+	var old *string
+	var kept bool
+	require.NoError(t, admin.QueryRow(t.Context(),
+		`SELECT to_regprocedure('pgconsistency._wal_key_select(integer, regclass, text)')::text,
+		        EXISTS (SELECT 1 FROM pgconsistency.capture WHERE read_statement IS NOT NULL)`).Scan(&old, &kept))
+	assert.Nil(t, old, "0.7.5's _wal_key_select")
+	assert.False(t, kept, "a read statement of the release before")
+	exec(t, admin, "SELECT pgconsistency.set_refresh_mode('dataset_seed_not_first', 'incremental')")
+	defer exec(t, admin, "SELECT pgconsistency.set_refresh_mode('dataset_seed_not_first', 'full')")
+	var statement *string
+	require.NoError(t, admin.QueryRow(t.Context(), "SELECT pgconsistency._wal_read_statement()").Scan(&statement))
+	if assert.NotNil(t, statement, "the read statement of the capture sources") {
+		assert.Contains(t, *statement, "CASE tuple.source WHEN ", "one CASE over the sources")
+		assert.NotContains(t, *statement, " UNION ALL ", "a SELECT per source")
+	}
+}
+
 // perCallFunctions are the functions a refresh calls once per invariant, or
 // the changes loop once per pass: 0.7.3 made them PL/pgSQL (and added
 // _work_table; 0.7.4 _wal_column_value, which now reads the catalog; 0.7.5
-// _key_reads_row, _wal_column_place and _wal_unchanged).
+// _key_reads_row, _wal_column_place and _wal_unchanged; 0.7.6
+// _wal_key_expression, which replaced _wal_key_select).
 var perCallFunctions = []string{
 	"_anomaly_causes_looked", "_changed_invariants", "_incremental_index_hint", "_key_columns", "_key_reads_row", "_open_counts",
 	"_record_success", "_refresh_retention", "_replica_identity_columns", "_wal_add_tables", "_wal_column_place", "_wal_column_value",
-	"_wal_key_select", "_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem",
+	"_wal_key_expression", "_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem",
 	"_wal_unchanged", "_work_table",
 }

@@ -58,6 +58,9 @@ var (
 	release073 = fromRelease{version: "0.7.3", dir: "testdata/sql/0.7.3", datasetInvariants: fixture.Invariants[:9]}
 	// 0.7.4 took key columns by their place in the WAL's rows, and added no invariant.
 	release074 = fromRelease{version: "0.7.4", dir: "testdata/sql/0.7.4", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.5 gave an UPDATE's keys only to the invariants whose columns it
+	// changed, and added no invariant.
+	release075 = fromRelease{version: "0.7.5", dir: "testdata/sql/0.7.5", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -86,7 +89,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.5"
+const currentRelease = "0.7.6"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -161,6 +164,11 @@ func TestUpgradeFrom073(t *testing.T) {
 func TestUpgradeFrom074(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release074)
+}
+
+func TestUpgradeFrom075(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release075)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -524,6 +532,12 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// were gives it no key.
 	t.Run("NewIn075", func(t *testing.T) {
 		newIn075(t, admin, rel)
+	})
+
+	// 0.7.6: the WAL capture's read takes each row's key with one CASE
+	// over the sources.
+	t.Run("NewIn076", func(t *testing.T) {
+		newIn076(t, admin)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

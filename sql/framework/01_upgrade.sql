@@ -360,3 +360,10 @@ BEGIN
     END IF;
 END
 $do$;
+
+-- ---------------------------------------------------------------------------
+-- From 0.7.5 to 0.7.6: the WAL capture's read takes each decoded row's key
+-- with one CASE over the sources (_wal_key_expression) instead of a SELECT
+-- per source. 07_wal_capture.sql empties capture.read_statement: the next
+-- read builds it again.
+DROP FUNCTION IF EXISTS pgconsistency._wal_key_select(integer, regclass, text);
