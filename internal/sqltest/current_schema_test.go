@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/stretchr/testify/assert"
@@ -25,6 +26,7 @@ func TestCurrentSchema(t *testing.T) {
 		{"InvariantFixtures", testCurrentInvariantFixtures},
 		{"Incident", testCurrentIncident},
 		{"HeadRefMismatchDetails", testHeadRefMismatchDetails},
+		{"RefNameUnknownEitherSideOfHead", testRefNameUnknownNames},
 		{"OlderSchemaSkipsWhatItCannotHave", testOlderSchemaSkips},
 		{"MigrationAddsTheMissingInvariant", testMigrationAddsInvariant},
 		{"MigrationRewritesATableTheInvariantsRead", testMigrationRewritesATable},
@@ -240,6 +242,62 @@ func testHeadRefMismatchDetails(t *testing.T, s *pgtest.Server) {
 	d = get(28)
 	assert.Equal(t, d.WantRef, d.RefHash)
 	assert.Nil(t, d.RefSeq, "no block of the dataset has the reference's hash")
+}
+
+// testRefNameUnknownNames: dataset_ref_name_unknown finds a ref name other
+// than head in each table it reads, sorting before head or after it (0.7.6
+// looks a changed dataset's names up as the two ranges around 'head' of the
+// (dataset_id, block_ref_name) indexes), in a full refresh and in an
+// incremental one.
+func testRefNameUnknownNames(t *testing.T, s *pgtest.Server) {
+	const inv = "dataset_ref_name_unknown"
+	db := fixture.NewCurrentDatabase(t, s, inv)
+	conn := s.Conn(t, db)
+	refreshAll(t, conn)
+	want := viewKeys(t, conn, inv)
+	// Clean datasets that have data blocks, eight of them.
+	rows, err := conn.Query(t.Context(), `SELECT e.dataset_id FROM public.dataset_entries e
+		WHERE EXISTS (SELECT 1 FROM public.dataset_data_blocks d WHERE d.dataset_id = e.dataset_id)
+		  AND e.dataset_id <> ALL ($1) ORDER BY 1 LIMIT 8`, want)
+	require.NoError(t, err)
+	clean, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	require.NoError(t, err)
+	require.Len(t, clean, 8)
+	rename := func(id, table, name string) {
+		t.Helper()
+		// One row of the dataset (the highest-numbered block of a chain).
+		where := "dataset_id = $1 AND block_ref_name = 'head'"
+		if strings.HasSuffix(table, "_blocks") {
+			where += " AND sequence_number = (SELECT max(b.sequence_number) FROM " + table + " b WHERE b.dataset_id = $1 AND b.block_ref_name = 'head')"
+		}
+		tag, err := conn.Exec(t.Context(), "UPDATE "+table+" SET block_ref_name = $2 WHERE "+where, id, name)
+		require.NoError(t, err, "%s %s", table, name)
+		require.EqualValues(t, 1, tag.RowsAffected(), "%s of %s", table, id)
+	}
+	// Before 'head' and after it, in the four tables, in full mode.
+	rename(clean[0], "public.dataset_references", "hea")
+	rename(clean[1], "public.dataset_statistics", "main")
+	rename(clean[2], "public.dataset_key_blocks", "HEAD")
+	rename(clean[3], "public.dataset_data_blocks", "heads")
+	refreshAll(t, conn)
+	want = append(want, clean[:4]...)
+	slices.Sort(want)
+	require.Equal(t, want, viewKeys(t, conn, inv), "full refresh")
+	// The same incrementally.
+	exec(t, conn, "SELECT pgconsistency.set_refresh_mode($1, 'incremental')", inv)
+	refreshAll(t, conn)
+	exec(t, conn, "UPDATE pgconsistency.invariant SET incremental_period = '1 millisecond'")
+	rename(clean[4], "public.dataset_references", "zz")
+	rename(clean[5], "public.dataset_statistics", "dev")
+	rename(clean[6], "public.dataset_key_blocks", "headz")
+	rename(clean[7], "public.dataset_data_blocks", "Head")
+	time.Sleep(5 * time.Millisecond)
+	exec(t, conn, "SELECT count(*) FROM pgconsistency.refresh_changes_plan()")
+	exec(t, conn, "SELECT pgconsistency.refresh_invariant($1)", inv)
+	requireKind(t, conn, inv, "incremental")
+	want = append(want, clean[4:]...)
+	slices.Sort(want)
+	require.Equal(t, want, viewKeys(t, conn, inv), "incremental refresh")
 }
 
 // testMigrationRewritesATable: the invariants hold no dependency on the
