@@ -245,10 +245,10 @@ func testHeadRefMismatchDetails(t *testing.T, s *pgtest.Server) {
 }
 
 // testRefNameUnknownNames: dataset_ref_name_unknown finds a ref name other
-// than head in each table it reads, sorting before head or after it (0.7.6
-// looks a changed dataset's names up as the two ranges around 'head' of the
-// (dataset_id, block_ref_name) indexes), in a full refresh and in an
-// incremental one.
+// than head in each table it reads, sorting before head or after it, in a
+// full refresh and in an incremental one. (Written while trying its
+// condition as two ranges around 'head', which the planner did not use in
+// the benchmark: BENCHMARKS.md, 0.7.6.)
 func testRefNameUnknownNames(t *testing.T, s *pgtest.Server) {
 	const inv = "dataset_ref_name_unknown"
 	db := fixture.NewCurrentDatabase(t, s, inv)
