@@ -177,6 +177,13 @@ func testReadColumns(t *testing.T, s *pgtest.Server, capture string, full bool) 
 	require.NotEqual(t, before, rebuilt, "a statement built again is written")
 	exec(t, conn, "SELECT pgconsistency.capture_wal()")
 	require.Equal(t, rebuilt, toastRows(), "a kept statement is not built again at every read")
+	// Every run of install.sql empties it (_install_capture): another
+	// release's statement is never run by this one.
+	out, err := psqlFile(t, s, db, fixture.Path("sql/install.sql"))
+	require.NoError(t, err, out)
+	require.Nil(t, cached(), "emptied by install.sql")
+	exec(t, conn, "SELECT pgconsistency.capture_wal()")
+	require.NotNil(t, cached(), "built again at the next read")
 }
 
 // TestReadColumnsColumnRenamed: the capture triggers compare an UPDATE on

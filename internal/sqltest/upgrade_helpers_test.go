@@ -596,7 +596,7 @@ func newIn075(t *testing.T, admin *pgx.Conn, rel fromRelease) {
 // newIn076: the WAL capture's read takes each decoded row's key with one
 // CASE over the capture sources (_wal_key_expression), not a SELECT per
 // source (_wal_key_select, gone); the statement of the previous release's
-// reads is not kept (install.sql empties it).
+// reads is not kept (install.sql's _install_capture empties it).
 func newIn076(t *testing.T, admin *pgx.Conn) {
 	var old *string
 	var kept bool

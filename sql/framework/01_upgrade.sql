@@ -364,6 +364,6 @@ $do$;
 -- ---------------------------------------------------------------------------
 -- From 0.7.5 to 0.7.6: the WAL capture's read takes each decoded row's key
 -- with one CASE over the sources (_wal_key_expression) instead of a SELECT
--- per source. 07_wal_capture.sql empties capture.read_statement: the next
--- read builds it again.
+-- per source. install.sql's _install_capture empties
+-- capture.read_statement (as at every run): the next read builds it again.
 DROP FUNCTION IF EXISTS pgconsistency._wal_key_select(integer, regclass, text);

@@ -667,10 +667,11 @@ BEGIN
         PERFORM pgconsistency._wal_advance_slot(cfg.slot_name, cfg.wal_position);
     END IF;
     v_tables := pgconsistency._wal_add_tables();
-    -- The statement of the previous read, unless _install_capture or
-    -- install.sql emptied it since, or a table of a capture source is not
-    -- the one it was built for (dropped, or created again: their oids head
-    -- it). Columns it finds by name where their place moved.
+    -- The statement of the previous read, unless _install_capture emptied
+    -- it since (every run of install.sql, every change of the sources), or
+    -- a table of a capture source is not the one it was built for
+    -- (dropped, or created again: their oids head it). Columns it finds by
+    -- name where their place moved.
     SELECT '/* relations: ' || pg_catalog.string_agg(coalesce(pg_catalog.to_regclass(s.relation)::oid::text, '-'), ' ' ORDER BY s.id) || ' */'
       INTO v_relations
       FROM pgconsistency.capture_source s;
@@ -752,7 +753,3 @@ END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.set_capture(text) IS
   'Capture the writes for incremental refresh by triggers (''trigger'', the default) or from the WAL (''wal''); returns the capture before';
-
--- Each run of install.sql: the next read builds its statement again, from
--- this release's _wal_read_statement.
-UPDATE pgconsistency.capture SET read_statement = NULL WHERE read_statement IS NOT NULL;
