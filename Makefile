@@ -48,7 +48,7 @@ VERSION_FILE := _build/VERSION
 # builder-config.yaml with dist.version set to $(VERSION)
 BUILDER_CONFIG := _build/builder-config.yaml
 # what the distribution is built from: rebuilt when one of these changes
-COLLECTOR_SOURCES := $(BUILDER_CONFIG) go.mod go.sum $(shell find receiver -name '*.go' -not -name '*_test.go')
+COLLECTOR_SOURCES := $(BUILDER_CONFIG) go.mod go.sum $(shell find receiver internal/walstream -name '*.go' -not -name '*_test.go')
 
 .PHONY: all run test test-unit test-sql test-integration test-e2e build version package test-package deps check-fmt vet lint check-generate check-alerting fuzz generate bench soak
 

@@ -109,7 +109,9 @@ GRANT EXECUTE ON FUNCTION pgconsistency.refresh_plan(text, boolean),
                           pgconsistency.expire_acknowledgements(),
                           pgconsistency.request_refresh(interval, text),
                           pgconsistency.observe_deploy_marker(text, interval),
-                          pgconsistency.capture_wal(integer)
+                          pgconsistency.capture_wal(integer),
+                          pgconsistency.wal_stream_start(),
+                          pgconsistency.capture_wal_stream(text[], text)
    TO pgconsistency_refresher;
 
 -- pgconsistency_capture (0.7.1): the WAL capture's role, NOLOGIN with

@@ -21,14 +21,15 @@ package bench
 //     between them, and equal to what the changes should give; a reconcile
 //     heals nothing.
 //  2. Writers: what each capture costs the service's writes. One run of
-//     -incremental.writerounds rounds of three phases: capture off (every
-//     invariant in full mode: no trigger, no slot), trigger, wal; round k
-//     starts at the k-th of them (off, trigger, wal | trigger, wal, off |
-//     wal, off, trigger | ...). Each phase: a CHECKPOINT, then pgbench for
+//     -incremental.writerounds rounds of four phases: capture off (every
+//     invariant in full mode: no trigger, no slot), trigger, wal (the slot
+//     read by capture_wal), stream (read by the receiver's stream,
+//     internal/walstream); round k starts at the k-th of them (off,
+//     trigger, wal, stream | trigger, wal, stream, off | ...). Each phase: a CHECKPOINT, then pgbench for
 //     -incremental.writes at each of -clients clients, the service's two
 //     transaction shapes (write_load.sql, a new complete dataset, weight 1;
 //     append_load.sql, a block appended, head moved, statistics updated,
-//     weight 4). Beside the trigger and wal phases runs what production runs:
+//     weight 4). Beside the trigger, wal and stream phases runs what production runs:
 //     the receiver's changes loop, every -incremental.loop, timed
 //     (refresh_changes_plan, whose capture_wal decodes the WAL, and the
 //     refreshes). The switch to a phase's capture and the reconcile it
@@ -44,7 +45,7 @@ package bench
 //
 // BenchmarkIncremental (make bench; fsync on) prints Markdown tables and
 // asserts the goals: incremental / full (WAL capture) below 1% from 1M
-// datasets on; writers with the WAL capture at least 97% of the throughput
+// datasets on; writers with the WAL capture (read by SQL, and by the stream) at least 97% of the throughput
 // with the capture off at 1 client, 95% at 2; on the schema without the
 // index, the incremental refresh never above the full one (from 200,000
 // datasets on). About 25 minutes at 1M datasets on 2 cores. TestIncremental
@@ -84,7 +85,7 @@ var (
 	flagIncRounds      = flag.Int("incremental.rounds", 3, "BenchmarkIncremental: incremental refreshes measured per capture, and per count of -incremental.lostindex (the median is reported)")
 	flagIncFull        = flag.Int("incremental.fullruns", 3, "BenchmarkIncremental: full refreshes measured (the median is reported)")
 	flagIncWrites      = flag.Duration("incremental.writes", 5*time.Second, "BenchmarkIncremental: duration of each pgbench run of the writers' phases (one per client count)")
-	flagIncWriteRounds = flag.Int("incremental.writerounds", 6, "BenchmarkIncremental: rounds of the writers' three phases (capture off, trigger, wal)")
+	flagIncWriteRounds = flag.Int("incremental.writerounds", 6, "BenchmarkIncremental: rounds of the writers' four phases (capture off, trigger, wal, stream)")
 	flagIncLoop        = flag.Duration("incremental.loop", time.Second, "BenchmarkIncremental: interval of the changes loop beside the writers (the receiver's refresh::changes_interval)")
 	flagIncCaptureOnly = flag.Bool("incremental.captureonly", false, "BenchmarkIncremental: beside the writers, run only the plan of the changes loop (the capture: capture_wal's decoding and the dispatch), not the refreshes it lists: what the capture alone costs the writers")
 	flagIncLostIndex   = flag.String("incremental.lostindex", "100,1000", "BenchmarkIncremental: comma-separated numbers of changed datasets of the schema without dataset_statistics' index")
@@ -190,11 +191,14 @@ func TestIncremental(t *testing.T) {
 type incResult struct {
 	cfg          incConfig
 	generate     time.Duration
-	fixes        []string      // the replica identities the WAL capture asked for
-	reconcile    time.Duration // the first refresh with the WAL capture
-	wal, trigger []incPass     // the rounds, by capture
-	walAppend    []incPass     // WAL capture, rounds of blocks appended only
-	check        time.Duration // the reconcile that checks nothing was missed
+	fixes        []string        // the replica identities the WAL capture asked for
+	reconcile    time.Duration   // the first refresh with the WAL capture
+	wal, trigger []incPass       // the rounds, by capture
+	walAppend    []incPass       // WAL capture, rounds of blocks appended only
+	stream       []incPass       // WAL capture read by the receiver's stream: the passes, with the keys stored before
+	streamStore  []time.Duration // the stream's stores of each stream round's changes
+	streamWait   []time.Duration // from the end of each stream round's writes to its keys stored and confirmed
+	check        time.Duration   // the reconcile that checks nothing was missed
 	full         []time.Duration
 	perInvariant map[string]*incInvariant
 	plans        map[string]incPlan
@@ -309,22 +313,34 @@ func runIncremental(tb testing.TB, srv *pgtest.Server, cfg incConfig) *incResult
 	_, err := conn.Exec(ctx, `UPDATE pgconsistency.invariant SET incremental_period = '1 millisecond'`)
 	must(tb, err)
 	var lastKeys []string
+	var stream *incStream
 	rounds := func(capture string) []incPass {
 		var passes []incPass
 		for range cfg.rounds {
-			round := len(r.wal) + len(passes)
+			round := len(r.wal) + len(r.stream) + len(passes)
 			plan, next := incChangePlan(tb, n, cfg.changes, round)
 			residue = next
+			var before incLoopStats
+			if stream != nil {
+				before = stream.snapshot(tb)
+			}
 			keys := incApply(tb, conn, plan, want)
 			lastKeys = keys
+			if stream != nil {
+				// The pass takes the keys the stream stored: wait for them.
+				written := time.Now()
+				stream.waitStored(tb, conn)
+				r.streamWait = append(r.streamWait, time.Since(written))
+				r.streamStore = append(r.streamStore, stream.snapshot(tb).sub(before).store)
+			}
 			what := fmt.Sprintf("%s capture, round %d", capture, round+1)
 			p, states := incChangesPass(tb, conn, "incremental", what)
 			p.keys = int64(len(keys))
 			incCheckCounts(tb, states, want, "after "+what)
 			for inv, s := range states {
 				if pr := r.perInvariant[inv]; pr != nil {
-					pr.incremental = s.anomalies // the latest round's, either capture
-					if capture == "wal" && slices.Contains(p.listed, inv) {
+					pr.incremental = s.anomalies                            // the latest round's, either capture
+					if capture == "wal" && slices.Contains(p.listed, inv) { // not the stream's: the same refreshes
 						pr.rechecked = s.rechecked
 						pr.incSeconds = append(pr.incSeconds, s.seconds)
 					}
@@ -367,6 +383,14 @@ func runIncremental(tb testing.TB, srv *pgtest.Server, cfg incConfig) *incResult
 	must(tb, err)
 	incCheckCounts(tb, states, want, "after the checking reconcile")
 	incCheckSame(tb, incremental, states, "the checking reconcile")
+
+	// The same rounds, the WAL capture read by the receiver's stream: the
+	// keys are stored as the changes arrive, the pass only dispatches and
+	// refreshes.
+	stream = startIncStream(tb, srv, db)
+	r.stream = rounds("stream")
+	stream.stop(tb)
+	stream = nil
 
 	// The same rounds with the trigger capture (its first refresh
 	// reconciles: the capture changed).
@@ -445,15 +469,22 @@ func incSwitchCapture(tb testing.TB, conn *pgx.Conn, capture string) {
 	case "trigger":
 		setCapture("trigger")
 		incSetMode(tb, conn, "incremental")
-	case "wal":
+	case "wal", "stream": // stream: the WAL capture, read by the receiver's stream (incStream)
+		reconcile := incCaptureMethod(tb, conn) == "wal" && incAllIn(tb, conn, "incremental")
 		setCapture("wal") // the slot first: the triggers go or never come
 		incSetMode(tb, conn, "incremental")
+		if reconcile {
+			// wal after stream, or stream after wal: the same capture; a
+			// reconcile all the same, as every phase starts with one.
+			_, err := conn.Exec(ctx, `UPDATE pgconsistency.capture_state SET reconcile_reason = coalesce(reconcile_reason, 'bench: a new phase')`)
+			must(tb, err)
+		}
 	default:
 		tb.Fatalf("unknown capture %q", capture)
 	}
 	var slots int
 	must(tb, conn.QueryRow(ctx, `SELECT count(*) FROM pg_catalog.pg_replication_slots WHERE database = pg_catalog.current_database()`).Scan(&slots))
-	if w := map[bool]int{true: 1, false: 0}[capture == "wal"]; slots != w {
+	if w := map[bool]int{true: 1, false: 0}[capture == "wal" || capture == "stream"]; slots != w {
 		tb.Fatalf("capture %s: %d replication slots, want %d", capture, slots, w)
 	}
 }
@@ -1071,6 +1102,10 @@ func (r *incResult) markdown() string {
 	fmt.Fprintf(&w, "| incremental, WAL capture, after %d datasets got blocks appended only (dataset_entries not written: %v of the 13 listed; median of %d: %s) | %s |\n",
 		c.changes, passListed(r.walAppend), len(r.walAppend), list(passTotals(r.walAppend)), ms(median(passTotals(r.walAppend))))
 	fmt.Fprintf(&w, "| reconcile checking the incremental state (nothing healed) | %s |\n", ms(r.check))
+	fmt.Fprintf(&w, "| incremental, WAL capture read by the receiver's stream (refresh::wal_stream), same path: plan and refreshes, the keys stored before (median of %d: %s) | **%s** |\n", len(r.stream), list(passTotals(r.stream)), ms(median(passTotals(r.stream))))
+	fmt.Fprintf(&w, "| of which refresh_changes_plan(): dispatch (capture_wal leaves the slot to the stream; median of %d: %s) | %s |\n", len(r.stream), list(passPlans(r.stream)), ms(median(passPlans(r.stream))))
+	fmt.Fprintf(&w, "| the stream's stores of the round's changes (capture_wal_stream, as they arrived; median of %d: %s) | %s |\n", len(r.streamStore), list(r.streamStore), ms(median(r.streamStore)))
+	fmt.Fprintf(&w, "| from the round's last write to its keys stored and confirmed by the stream (median of %d: %s) | %s |\n", len(r.streamWait), list(r.streamWait), ms(median(r.streamWait)))
 	fmt.Fprintf(&w, "| incremental, trigger capture, same path (median of %d: %s) | %s |\n", len(r.trigger), list(passTotals(r.trigger)), ms(trig))
 	fmt.Fprintf(&w, "| of which refresh_changes_plan(): dispatch (median of %d: %s) | %s |\n", len(r.trigger), list(passPlans(r.trigger)), ms(median(passPlans(r.trigger))))
 	fmt.Fprintf(&w, "| full, in full mode, same data (median of %d: %s) | **%s** |\n", len(r.full), list(r.full), ms(full))
@@ -1079,6 +1114,8 @@ func (r *incResult) markdown() string {
 		goal = map[bool]string{true: "goal < 1%: met", false: "goal < 1%: **missed**"}[r.ratio() < incGoalRatio]
 	}
 	fmt.Fprintf(&w, "| **incremental (WAL capture) / full** | **%.2f%%** (%s) |\n", 100*r.ratio(), goal)
+	fmt.Fprintf(&w, "| incremental (WAL capture, stream) / full: the pass; with the stream's stores | %.2f%%; %.2f%% |\n", 100*float64(median(passTotals(r.stream)))/float64(full),
+		100*float64(median(passTotals(r.stream))+median(r.streamStore))/float64(full))
 	fmt.Fprintf(&w, "| incremental (trigger capture) / full | %.2f%% |\n\n", 100*float64(trig)/float64(full))
 
 	fmt.Fprintf(&w, "| invariant | anomalies: expected | incremental (last round) | full | keys re-checked (last round, WAL capture) | incremental refresh, WAL capture (median) | full refresh (median) | ratio | incremental query alone, all keys of the last round | tables it reads whole | its plan |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n")

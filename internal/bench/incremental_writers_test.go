@@ -30,8 +30,10 @@ import (
 
 // incCaptures are the writers' phases of a round, in order: every
 // invariant in full mode (no trigger, no slot), then incremental with the
-// capture triggers, then incremental with the WAL capture.
-var incCaptures = []string{"off", "trigger", "wal"}
+// capture triggers, then incremental with the WAL capture read by the
+// changes loop's SQL (capture_wal), then by the receiver's stream
+// (refresh::wal_stream: internal/walstream, beside the changes loop).
+var incCaptures = []string{"off", "trigger", "wal", "stream"}
 
 // incWriterPhase is one phase of the writers: a capture, pgbench at each
 // client count, and what the changes loop did meanwhile.
@@ -51,18 +53,26 @@ type incLoopStats struct {
 	refresh   time.Duration // in refresh_invariant() of what it listed
 	refreshes int
 	keys      int64 // re-checked by those refreshes
-	changes   int64 // read from the slot by capture_wal (WAL capture)
+	changes   int64 // read from the slot by capture_wal (WAL capture), or stored by the stream
+	// The stream (capture "stream"): its time in capture_wal_stream (the
+	// keys' evaluation and storage), and the CPU time of its walsender
+	// (the decoding), read from /proc.
+	store  time.Duration
+	sender time.Duration
 }
 
 func (s incLoopStats) sub(o incLoopStats) incLoopStats {
 	return incLoopStats{wall: s.wall - o.wall, passes: s.passes - o.passes, plan: s.plan - o.plan,
-		refresh: s.refresh - o.refresh, refreshes: s.refreshes - o.refreshes, keys: s.keys - o.keys, changes: s.changes - o.changes}
+		refresh: s.refresh - o.refresh, refreshes: s.refreshes - o.refreshes, keys: s.keys - o.keys, changes: s.changes - o.changes,
+		store: s.store - o.store, sender: s.sender - o.sender}
 }
 
 // planShare and refreshShare are the loop's time in each step, as a share
 // of the time observed.
 func (s incLoopStats) planShare() float64    { return s.plan.Seconds() / s.wall.Seconds() }
 func (s incLoopStats) refreshShare() float64 { return s.refresh.Seconds() / s.wall.Seconds() }
+func (s incLoopStats) storeShare() float64   { return s.store.Seconds() / s.wall.Seconds() }
+func (s incLoopStats) senderShare() float64  { return s.sender.Seconds() / s.wall.Seconds() }
 
 // incChangesLoop is the receiver's changes loop (refresh::changes_interval):
 // every interval, refresh_changes_plan() then refresh_invariant() of each
@@ -71,6 +81,7 @@ func (s incLoopStats) refreshShare() float64 { return s.refresh.Seconds() / s.wa
 // close the connection).
 type incChangesLoop struct {
 	captureOnly bool // the plan only (capture and dispatch), no refresh
+	streamed    bool // the stream reads the slot (capture "stream")
 	quit        chan struct{}
 	done        chan struct{}
 	start       time.Time
@@ -80,8 +91,8 @@ type incChangesLoop struct {
 	readAt      *time.Time // the WAL capture's latest read the loop counted
 }
 
-func startChangesLoop(ctx context.Context, conn *pgx.Conn, interval time.Duration, captureOnly bool) *incChangesLoop {
-	l := &incChangesLoop{quit: make(chan struct{}), done: make(chan struct{}), start: time.Now(), captureOnly: captureOnly}
+func startChangesLoop(ctx context.Context, conn *pgx.Conn, interval time.Duration, captureOnly, streamed bool) *incChangesLoop {
+	l := &incChangesLoop{quit: make(chan struct{}), done: make(chan struct{}), start: time.Now(), captureOnly: captureOnly, streamed: streamed}
 	go func() {
 		defer close(l.done)
 		tick := time.NewTicker(interval)
@@ -120,8 +131,8 @@ func (l *incChangesLoop) pass(ctx context.Context, conn *pgx.Conn) error {
 	if err := conn.QueryRow(ctx, `SELECT CASE method WHEN 'wal' THEN coalesce(read_changes, 0) ELSE 0 END, read_at FROM pgconsistency.capture`).Scan(&changes, &readAt); err != nil {
 		return err
 	}
-	if readAt == nil || (l.readAt != nil && readAt.Equal(*l.readAt)) {
-		changes = 0
+	if readAt == nil || (l.readAt != nil && readAt.Equal(*l.readAt)) || l.streamed {
+		changes = 0 // not read by this plan (the stream counts its own)
 	}
 	l.readAt = readAt
 	var keys int64
@@ -248,19 +259,35 @@ func incWriters(tb testing.TB, srv *pgtest.Server, db string, conn *pgx.Conn, cf
 			_, err := conn.Exec(ctx, `CHECKPOINT`)
 			must(tb, err)
 			var loop *incChangesLoop
+			var stream *incStream
+			if capture == "stream" {
+				stream = startIncStream(tb, srv, db)
+			}
 			if capture != "off" {
-				loop = startChangesLoop(ctx, loopConn, cfg.loop, cfg.captureOnly)
+				loop = startChangesLoop(ctx, loopConn, cfg.loop, cfg.captureOnly, stream != nil)
 			}
 			for _, c := range cfg.clients {
-				var before incLoopStats
+				var before, streamBefore incLoopStats
 				if loop != nil {
 					before = loop.snapshot()
+				}
+				if stream != nil {
+					streamBefore = stream.snapshot(tb)
 				}
 				r := incPgbench(tb, srv, db, cfg.scale, c, "-T", strconv.Itoa(max(1, int(cfg.writes.Seconds()))))
 				p.tps[c] = r.tps
 				if loop != nil {
 					p.loop[c] = loop.snapshot().sub(before)
 				}
+				if stream != nil {
+					st := stream.snapshot(tb).sub(streamBefore)
+					s := p.loop[c]
+					s.changes, s.store, s.sender = st.changes, st.store, st.sender
+					p.loop[c] = s
+				}
+			}
+			if stream != nil {
+				stream.stop(tb)
 			}
 			if loop != nil {
 				if err := loop.stop(); err != nil {
@@ -290,8 +317,12 @@ func (p incWriterPhase) loopSummary(clients []int) string {
 	var parts []string
 	for _, c := range clients {
 		s := p.loop[c]
-		parts = append(parts, fmt.Sprintf("%d client(s): %d passes, plan %s (%.1f%%), refreshes %s (%.1f%%), %d keys, %d changes decoded",
-			c, s.passes, ms(s.plan), 100*s.planShare(), ms(s.refresh), 100*s.refreshShare(), s.keys, s.changes))
+		part := fmt.Sprintf("%d client(s): %d passes, plan %s (%.1f%%), refreshes %s (%.1f%%), %d keys, %d changes decoded",
+			c, s.passes, ms(s.plan), 100*s.planShare(), ms(s.refresh), 100*s.refreshShare(), s.keys, s.changes)
+		if p.capture == "stream" {
+			part += fmt.Sprintf(" by the stream: stores %s (%.1f%%), walsender CPU %s (%.1f%% of a core)", ms(s.store), 100*s.storeShare(), ms(s.sender), 100*s.senderShare())
+		}
+		parts = append(parts, part)
 	}
 	return strings.Join(parts, "; ")
 }
@@ -381,7 +412,12 @@ type incWriterSummary struct {
 	walRoundsLo, walRoundsHi         float64 // its 95% interval (medianInterval)
 	triggerRounds                    float64 // the same of trigger / off
 	triggerRoundsLo, triggerRoundsHi float64
+	stream                           float64 // tps
+	streamRounds                     float64 // the same of stream / off
+	streamRoundsLo, streamRoundsHi   float64
+	streamStore, streamSender        float64 // the stream's share of the wall time in stores, its walsender's CPU (median)
 	walPlan, walRefresh              float64 // the changes loop's share of the wall time, wal phases
+	streamPlan, streamRefresh        float64 // the same, stream phases
 	triggerPlan, triggerRefresh      float64 // the same, trigger phases
 }
 
@@ -403,10 +439,16 @@ func (r *incResult) writerSummaries() []incWriterSummary {
 				s[1] = append(s[1], p.loop[c].refreshShare())
 				share[p.capture] = s
 			}
+			if p.capture == "stream" {
+				s := share["stream:own"]
+				s[0] = append(s[0], p.loop[c].storeShare())
+				s[1] = append(s[1], p.loop[c].senderShare())
+				share["stream:own"] = s
+			}
 		}
 		ratios := map[string][]float64{} // capture -> each round's capture / off
 		for _, m := range byRound {
-			for _, capture := range []string{"trigger", "wal"} {
+			for _, capture := range []string{"trigger", "wal", "stream"} {
 				if m["off"] > 0 && m[capture] > 0 {
 					ratios[capture] = append(ratios[capture], m[capture]/m["off"])
 				}
@@ -414,25 +456,39 @@ func (r *incResult) writerSummaries() []incWriterSummary {
 		}
 		lo, hi := medianInterval(ratios["wal"])
 		tlo, thi := medianInterval(ratios["trigger"])
+		slo, shi := medianInterval(ratios["stream"])
 		out = append(out, incWriterSummary{
 			clients: c, off: medianFloat(tps["off"]), trigger: medianFloat(tps["trigger"]), wal: medianFloat(tps["wal"]),
 			walRounds: medianFloat(ratios["wal"]), walRoundsLo: lo, walRoundsHi: hi,
 			triggerRounds: medianFloat(ratios["trigger"]), triggerRoundsLo: tlo, triggerRoundsHi: thi,
 			walPlan: medianFloat(share["wal"][0]), walRefresh: medianFloat(share["wal"][1]),
 			triggerPlan: medianFloat(share["trigger"][0]), triggerRefresh: medianFloat(share["trigger"][1]),
+			stream: medianFloat(tps["stream"]), streamRounds: medianFloat(ratios["stream"]), streamRoundsLo: slo, streamRoundsHi: shi,
+			streamStore: medianFloat(share["stream:own"][0]), streamSender: medianFloat(share["stream:own"][1]),
+			streamPlan: medianFloat(share["stream"][0]), streamRefresh: medianFloat(share["stream"][1]),
 		})
 	}
 	return out
 }
 
-// writerGoals lists the writers' goals missed: with the WAL capture, at
-// least incGoalWAL of the throughput with the capture off.
+// writerGoals lists the writers' goals missed: with the WAL capture, read
+// by SQL or by the stream, at least incGoalWAL of the throughput with the
+// capture off.
 func (r *incResult) writerGoals() []string {
 	var failed []string
 	for _, s := range r.writerSummaries() {
-		if goal, ok := incGoalWAL[s.clients]; ok && s.wal/s.off < goal {
-			failed = append(failed, fmt.Sprintf("writers, %d client(s): WAL capture %.0f tps, %.1f%% of capture off (%.0f tps), goal ≥ %.0f%%",
-				s.clients, s.wal, 100*s.wal/s.off, s.off, 100*goal))
+		goal, ok := incGoalWAL[s.clients]
+		if !ok {
+			continue
+		}
+		for _, c := range []struct {
+			what string
+			tps  float64
+		}{{"WAL capture read by SQL", s.wal}, {"WAL capture read by the stream", s.stream}} {
+			if c.tps/s.off < goal {
+				failed = append(failed, fmt.Sprintf("writers, %d client(s): %s %.0f tps, %.1f%% of capture off (%.0f tps), goal ≥ %.0f%%",
+					s.clients, c.what, c.tps, 100*c.tps/s.off, s.off, 100*goal))
+			}
 		}
 	}
 	return failed
@@ -441,8 +497,8 @@ func (r *incResult) writerGoals() []string {
 func (r *incResult) writersMarkdown() string {
 	var w strings.Builder
 	c := r.cfg
-	fmt.Fprintf(&w, "### Writers: capture off, trigger, wal\n\n")
-	fmt.Fprintf(&w, "%d rounds of three phases, capture off (all 13 in full mode: no trigger, no slot), trigger (all 13 incremental, capture triggers) and wal (all 13 incremental, WAL capture: a slot, no trigger), round k starting at the k-th (off, trigger, wal | trigger, wal, off | wal, off, trigger | …). Before each phase, not measured: the switch, the reconcile it causes (a full refresh of the 13), a CHECKPOINT. Each phase: pgbench for %s at each of %v client(s), the service's two transaction shapes: a new complete dataset (write_load.sql, 1 in 5) and a block appended, head moved, statistics updated on an existing dataset (append_load.sql, 4 in 5). Beside the trigger and wal phases, the receiver's changes loop every %s: refresh_changes_plan() (with the WAL capture, capture_wal decodes the slot) then refresh_invariant() of each invariant it lists (incremental_period 2 s, the default). fsync %s; wal_level = logical in every phase; replica identities for the WAL capture: %s.\n\n",
+	fmt.Fprintf(&w, "### Writers: capture off, trigger, wal, stream\n\n")
+	fmt.Fprintf(&w, "%d rounds of four phases, capture off (all 13 in full mode: no trigger, no slot), trigger (all 13 incremental, capture triggers), wal (all 13 incremental, WAL capture: a slot, no trigger, read by the changes loop's capture_wal) and stream (the same, read by the receiver's stream, refresh::wal_stream: a replication connection, keys stored by capture_wal_stream), round k starting at the k-th (off, trigger, wal, stream | trigger, wal, stream, off | …). Before each phase, not measured: the switch, the reconcile it causes (a full refresh of the 13), a CHECKPOINT. Each phase: pgbench for %s at each of %v client(s), the service's two transaction shapes: a new complete dataset (write_load.sql, 1 in 5) and a block appended, head moved, statistics updated on an existing dataset (append_load.sql, 4 in 5). Beside the trigger, wal and stream phases, the receiver's changes loop every %s: refresh_changes_plan() (wal: capture_wal decodes the slot; stream: capture_wal leaves the slot to the stream) then refresh_invariant() of each invariant it lists (incremental_period 2 s, the default). fsync %s; wal_level = logical in every phase; replica identities for the WAL capture: %s.\n\n",
 		c.writeRounds, c.writes, c.clients, c.loop, map[bool]string{true: "on", false: "off (make test: not representative)"}[c.bench], incFixesText(r.fixes))
 	if c.captureOnly {
 		w.WriteString("**Capture only** (-incremental.captureonly): beside the trigger and wal phases the loop runs its plan alone (refresh_changes_plan: with the WAL capture, capture_wal decodes the slot; then the dispatch), not the refreshes it lists: what the capture itself costs the writers. The keys it dispatched are then deleted from pending_key, as the refreshes would take them: that DELETE is the refresh share.\n\n")
@@ -462,27 +518,34 @@ func (r *incResult) writersMarkdown() string {
 			loop := "—"
 			if s, ok := p.loop[cl]; ok {
 				loop = fmt.Sprintf("%d passes: %s / %s (%.1f%% / %.1f%%), %d keys", s.passes, ms(s.plan), ms(s.refresh), 100*s.planShare(), 100*s.refreshShare(), s.keys)
-				if p.capture == "wal" {
+				switch p.capture {
+				case "wal":
 					loop += fmt.Sprintf(", %d changes decoded", s.changes)
+				case "stream":
+					loop += fmt.Sprintf(", %d changes streamed: stores %s (%.1f%%), walsender CPU %.1f%% of a core", s.changes, ms(s.store), 100*s.storeShare(), 100*s.senderShare())
 				}
 			}
 			fmt.Fprintf(&w, " %.0f tps | %s |", p.tps[cl], loop)
 		}
 		fmt.Fprintf(&w, "\n")
 	}
-	fmt.Fprintf(&w, "\n| clients | off (median) | trigger (median) | wal (median) | trigger / off | **wal / off** | goal | wal / off within each round: median (95%% interval) | trigger / off, the same | changes loop during wal: plan / refreshes, %% of the time (median) | during trigger |\n|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|\n")
+	fmt.Fprintf(&w, "\n| clients | off (median) | trigger (median) | wal (median) | stream (median) | trigger / off | **wal / off** | **stream / off** | goal | wal / off within each round: median (95%% interval) | stream / off, the same | trigger / off, the same | changes loop during wal: plan / refreshes, %% of the time (median) | during stream; the stream's stores, its walsender's CPU | during trigger |\n|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n")
 	for _, s := range r.writerSummaries() {
 		goal := "—"
 		if g, ok := incGoalWAL[s.clients]; ok {
-			goal = fmt.Sprintf("≥ %.0f%%: %s", 100*g, map[bool]string{true: "met", false: "**missed**"}[s.wal/s.off >= g])
+			goal = fmt.Sprintf("≥ %.0f%%: wal %s, stream %s", 100*g, map[bool]string{true: "met", false: "**missed**"}[s.wal/s.off >= g],
+				map[bool]string{true: "met", false: "**missed**"}[s.stream/s.off >= g])
 		}
-		fmt.Fprintf(&w, "| %d | %.0f tps | %.0f tps | %.0f tps | %.1f%% | **%.1f%%** | %s | %.1f%% (%.1f–%.1f%%) | %.1f%% (%.1f–%.1f%%) | %.1f%% / %.1f%% | %.1f%% / %.1f%% |\n",
-			s.clients, s.off, s.trigger, s.wal, 100*s.trigger/s.off, 100*s.wal/s.off, goal, 100*s.walRounds, 100*s.walRoundsLo, 100*s.walRoundsHi,
+		fmt.Fprintf(&w, "| %d | %.0f tps | %.0f tps | %.0f tps | %.0f tps | %.1f%% | **%.1f%%** | **%.1f%%** | %s | %.1f%% (%.1f–%.1f%%) | %.1f%% (%.1f–%.1f%%) | %.1f%% (%.1f–%.1f%%) | %.1f%% / %.1f%% | %.1f%% / %.1f%%; %.1f%%, %.1f%% | %.1f%% / %.1f%% |\n",
+			s.clients, s.off, s.trigger, s.wal, s.stream, 100*s.trigger/s.off, 100*s.wal/s.off, 100*s.stream/s.off, goal,
+			100*s.walRounds, 100*s.walRoundsLo, 100*s.walRoundsHi,
+			100*s.streamRounds, 100*s.streamRoundsLo, 100*s.streamRoundsHi,
 			100*s.triggerRounds, 100*s.triggerRoundsLo, 100*s.triggerRoundsHi,
-			100*s.walPlan, 100*s.walRefresh, 100*s.triggerPlan, 100*s.triggerRefresh)
+			100*s.walPlan, 100*s.walRefresh, 100*s.streamPlan, 100*s.streamRefresh, 100*s.streamStore, 100*s.streamSender,
+			100*s.triggerPlan, 100*s.triggerRefresh)
 	}
 	fmt.Fprint(&w, "\nThe interval is a bootstrap of the rounds' ratios (medianInterval): where it holds the goal, this run cannot tell whether the goal is met.\n")
-	fmt.Fprintf(&w, "\nThe changes loop's share is of one core's time; the machine has %d. With the WAL capture, its plan share is mostly capture_wal decoding the slot (wal2json) and evaluating the keys: CPU the writers do not get on a machine this small. Its refresh share is the same work as with the trigger capture.\n\n", runtime.NumCPU())
+	fmt.Fprintf(&w, "\nThe changes loop's share is of one core's time; the machine has %d. With the WAL capture, its plan share is mostly capture_wal decoding the slot (wal2json) and evaluating the keys: CPU the writers do not get on a machine this small. Its refresh share is the same work as with the trigger capture. With the stream, the decoding is its walsender's (CPU time read from /proc), once per change, and the keys' evaluation is in its stores (capture_wal_stream); the changes loop's plan only dispatches.\n\n", runtime.NumCPU())
 	a := r.afterWriters
 	fmt.Fprintf(&w, "Exactness after the writers: WAL capture, pgbench -t 100 at 2 clients, then one pass of the changes loop (refresh_changes_plan %s, %d invariants refreshed, %s in all): the expected counts, and the same anomalies (counts and keys) as a full refresh in full mode.\n\n",
 		ms(a.plan), len(a.listed), ms(a.total))

@@ -39,6 +39,8 @@ var privilegeModel = map[string][]string{
 	"refresh_changes_plan":    {"pgconsistency_refresher"},
 	"refresh_invariant":       {"pgconsistency_refresher"},
 	"capture_wal":             {"pgconsistency_refresher"},
+	"wal_stream_start":        {"pgconsistency_refresher"}, // the receiver's stream (0.7.7)
+	"capture_wal_stream":      {"pgconsistency_refresher"},
 	"claim_refresh_request":   {"pgconsistency_refresher"},
 	"expire_acknowledgements": {"pgconsistency_refresher"},
 	"request_refresh":         {"pgconsistency_refresher"},

@@ -266,9 +266,10 @@ func testPublicCannotExecute(t *testing.T, s *pgtest.Server) {
 	require.NoError(t, err)
 	assert.Equal(t, []string{
 		"_wal_advance_slot", "_wal_create_slot", "_wal_drop_slot", "_wal_slot_changes",
-		"acknowledge", "acknowledge_all", "advance_log_cursor", "advance_request_log_cursor", "capture_wal", "claim_refresh_request",
+		"acknowledge", "acknowledge_all", "advance_log_cursor", "advance_request_log_cursor", "capture_wal", "capture_wal_stream",
+		"claim_refresh_request",
 		"expire_acknowledgements", "finished_requests_for_log", "new_anomalies_for_log", "new_anomalies_with_origin_for_log", "observe_deploy_marker",
-		"refresh_changes_plan", "refresh_invariant", "refresh_plan", "request_refresh", "set_capture", "unacknowledge",
+		"refresh_changes_plan", "refresh_invariant", "refresh_plan", "request_refresh", "set_capture", "unacknowledge", "wal_stream_start",
 	}, definers)
 	rows, err = admin.Query(t.Context(), `
 		SELECT p.proname FROM pg_proc p

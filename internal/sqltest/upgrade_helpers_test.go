@@ -626,3 +626,32 @@ var perCallFunctions = []string{
 	"_wal_key_expression", "_wal_read_due", "_wal_read_period", "_wal_read_statement", "_wal_slot_check", "_wal_slot_problem",
 	"_wal_unchanged", "_work_table",
 }
+
+// newIn077: the capture records who read the slot last (capture.read_by),
+// and the receiver's stream has its two functions, which the refresher
+// role may call where roles.sql ran before the upgrade; with the trigger
+// capture, the stream is told why it cannot start and may store nothing.
+func newIn077(t *testing.T, admin *pgx.Conn) {
+	var column, refresherMay bool
+	require.NoError(t, admin.QueryRow(t.Context(),
+		`SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_attribute
+		                 WHERE attrelid = 'pgconsistency.capture'::regclass AND attname = 'read_by' AND NOT attisdropped),
+		        to_regrole('pgconsistency_refresher') IS NULL
+		        OR (has_function_privilege('pgconsistency_refresher', 'pgconsistency.wal_stream_start()', 'EXECUTE')
+		            AND has_function_privilege('pgconsistency_refresher', 'pgconsistency.capture_wal_stream(text[], text)', 'EXECUTE'))`).
+		Scan(&column, &refresherMay))
+	assert.True(t, column, "capture.read_by")
+	assert.True(t, refresherMay, "pgconsistency_refresher may call the stream's functions")
+	var method string
+	var problem *string
+	var stored *int64
+	require.NoError(t, admin.QueryRow(t.Context(),
+		`SELECT (SELECT method FROM pgconsistency.capture), (pgconsistency.wal_stream_start()).problem,
+		        pgconsistency.capture_wal_stream(ARRAY['{"action":"B"}', '{"action":"C"}'], NULL)`).Scan(&method, &problem, &stored))
+	if method == "trigger" {
+		if assert.NotNil(t, problem, "why the stream cannot start with the trigger capture") {
+			assert.Contains(t, *problem, "the capture is trigger, not wal")
+		}
+		assert.Nil(t, stored, "what the stream may store with the trigger capture")
+	}
+}

@@ -61,6 +61,8 @@ var (
 	// 0.7.5 gave an UPDATE's keys only to the invariants whose columns it
 	// changed, and added no invariant.
 	release075 = fromRelease{version: "0.7.5", dir: "testdata/sql/0.7.5", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.6 took each decoded row's key with one CASE, and added no invariant.
+	release076 = fromRelease{version: "0.7.6", dir: "testdata/sql/0.7.6", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -89,7 +91,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.6"
+const currentRelease = "0.7.7"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -169,6 +171,11 @@ func TestUpgradeFrom074(t *testing.T) {
 func TestUpgradeFrom075(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release075)
+}
+
+func TestUpgradeFrom076(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release076)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -538,6 +545,12 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// over the sources.
 	t.Run("NewIn076", func(t *testing.T) {
 		newIn076(t, admin)
+	})
+
+	// 0.7.7: the receiver may stream the WAL capture's slot over a
+	// replication connection.
+	t.Run("NewIn077", func(t *testing.T) {
+		newIn077(t, admin)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

@@ -48,12 +48,14 @@ func walCaptureDatabase(t *testing.T, srv *pgtest.Server) (string, *pgx.Conn) {
 // TestIntegrationChangesLoopWALCapture: with the WAL capture, the receiver's
 // changes loop alone (no scheduler, no pg_cron, no manual refresh) turns a
 // committed DELETE into pgconsistency.anomalies within seconds, directly and
-// through a transaction-pooling PgBouncer; the capture metrics say the WAL
-// capture is in use and what its slot keeps.
+// through a transaction-pooling PgBouncer, and with the receiver's stream
+// (refresh::wal_stream, straight to the server while the rest goes through
+// PgBouncer, as docs/sql.md says to set it up); the capture metrics say the
+// WAL capture is in use and what its slot keeps.
 func TestIntegrationChangesLoopWALCapture(t *testing.T) {
 	t.Parallel()
 	srv := pgtest.Start(t, pgtest.WithSetting("wal_level", "logical"), pgtest.WithSetting("max_slot_wal_keep_size", "1GB"))
-	for _, via := range []string{"direct", "pgbouncer"} {
+	for _, via := range []string{"direct", "pgbouncer", "pgbouncer+wal_stream"} {
 		t.Run(via, func(t *testing.T) {
 			db, conn := walCaptureDatabase(t, srv)
 			var incremental float64
@@ -65,11 +67,15 @@ func TestIntegrationChangesLoopWALCapture(t *testing.T) {
 			set := receivertest.NewNopSettings(metadata.Type)
 			set.Logger = zap.New(core)
 			cfg := serverConfig(srv, db)
-			if via == "pgbouncer" {
-				// Pool size 2 for the receiver's 3 connections: its
-				// transactions share server connections.
+			if via != "direct" {
+				// Pool size 2 for the receiver's 3 connections (4 with
+				// the stream's keys): its transactions share server
+				// connections.
 				b := srv.StartPgBouncer(t, db, pgtest.WithPoolSize(2))
 				cfg.Endpoint = b.Host + ":" + strconv.Itoa(b.Port)
+			}
+			if via == "pgbouncer+wal_stream" {
+				cfg.Refresh.WALStream = WALStreamConfig{Enabled: true, Endpoint: srv.Host + ":" + strconv.Itoa(srv.Port)}
 			}
 			cfg.CollectionInterval = quietInterval
 			cfg.Timeout = quietTimeout
@@ -135,6 +141,17 @@ func TestIntegrationChangesLoopWALCapture(t *testing.T) {
 				WHERE datname = current_database() AND application_name LIKE 'otelcol-pgconsistency%'`).Scan(&refreshedBy))
 			if via == "direct" {
 				assert.Contains(t, refreshedBy, changesAppName, "the changes loop's own connection")
+			}
+			var readBy *string
+			var streamed bool
+			require.NoError(t, conn.QueryRow(t.Context(), `SELECT (SELECT read_by FROM pgconsistency.capture),
+				EXISTS (SELECT 1 FROM pg_stat_replication WHERE application_name = $1)`, streamAppName).Scan(&readBy, &streamed))
+			if via == "pgbouncer+wal_stream" {
+				assert.Equal(t, "stream", *readBy, "the keys were stored by the stream")
+				assert.True(t, streamed, "the stream's replication connection")
+			} else {
+				assert.Equal(t, "sql", *readBy, "the keys were read by the changes loop's SQL")
+				assert.False(t, streamed)
 			}
 			assert.NotContains(t, refreshedBy, "otelcol-pgconsistency-refresh", "no scheduler")
 			assert.Zero(t, logs.FilterLevelExact(zapcore.ErrorLevel).Len(), "errors: %v", logs.FilterLevelExact(zapcore.ErrorLevel).All())

@@ -103,6 +103,9 @@ type RefreshConfig struct {
 	// goroutine of its own, whether or not PollInterval is set. Default 1s;
 	// 0 turns it off.
 	ChangesInterval time.Duration `mapstructure:"changes_interval"`
+	// WALStream reads the WAL capture's slot over a replication connection
+	// (off by default).
+	WALStream WALStreamConfig `mapstructure:"wal_stream"`
 
 	// prevent unkeyed literal initialization
 	_ struct{}
@@ -198,6 +201,56 @@ type DiscoveryConfig struct {
 	_ struct{}
 }
 
+// WALStreamConfig makes the receiver read the WAL capture's slot
+// (SELECT pgconsistency.set_capture('wal')) over a replication connection
+// of its own, decoding each change once as it is written, instead of the
+// refresh loop reading it by SQL, which decodes again at every read what
+// was written since the slot's restart_lsn (SQL 0.7.7; docs/sql.md,
+// "Incremental refresh"). The keys of the changes received are stored, and
+// only then confirmed to the slot, a fraction of a second later, on an
+// ordinary connection of its own (one more per database). With the trigger
+// capture it waits, and looks again every few seconds.
+type WALStreamConfig struct {
+	// Enabled turns the stream on. Off by default: its role needs
+	// REPLICATION.
+	Enabled bool `mapstructure:"enabled"`
+	// Endpoint is the PostgreSQL server itself (host:port, or the socket
+	// directory and port with transport unix): a replication connection
+	// cannot pass a transaction-pooling proxy such as PgBouncer. Default:
+	// the receiver's endpoint.
+	Endpoint string `mapstructure:"endpoint"`
+	// Username is a role with REPLICATION (on Amazon RDS and Aurora:
+	// rds_replication) that may connect to the database; it needs nothing
+	// else. Default: the receiver's username and password.
+	Username string              `mapstructure:"username"`
+	Password configopaque.String `mapstructure:"password"`
+	// FlushDelay is how long a change received waits for others before
+	// the batch's keys are stored: the stream's share of the pace.
+	// Default 200ms; at most 10s.
+	FlushDelay time.Duration `mapstructure:"flush_delay"`
+
+	// prevent unkeyed literal initialization
+	_ struct{}
+}
+
+// maxFlushDelay bounds refresh::wal_stream::flush_delay: the changes held
+// wait in memory, and the metric waits for them.
+const maxFlushDelay = 10 * time.Second
+
+// streamConfig is the receiver's configuration with the stream's endpoint
+// and role, for its replication connection.
+func (cfg *Config) streamConfig() *Config {
+	c := *cfg
+	w := &cfg.Refresh.WALStream
+	if w.Endpoint != "" {
+		c.Endpoint = w.Endpoint
+	}
+	if w.Username != "" {
+		c.Username, c.Password = w.Username, w.Password
+	}
+	return &c
+}
+
 // DeployMarkerConfig is a query whose value changes with each deployment.
 type DeployMarkerConfig struct {
 	// Query returns one row and one column, e.g.
@@ -260,6 +313,9 @@ func (cfg *Config) connectionsPerDatabase() int {
 	if cfg.Refresh.ChangesInterval > 0 {
 		n++
 	}
+	if cfg.Refresh.WALStream.Enabled {
+		n++ // its replication connection is a WAL sender's, not counted here
+	}
 	return n
 }
 
@@ -318,6 +374,22 @@ func (cfg *Config) Validate() error {
 	if r.ChangesInterval < 0 {
 		errs = append(errs, fmt.Errorf(`"refresh::changes_interval" (%s) must be positive, e.g. 1s, or 0 to refresh changes only `+
 			`with the other refreshes`, r.ChangesInterval))
+	}
+	if w := &r.WALStream; w.Enabled {
+		if w.FlushDelay < 0 || w.FlushDelay > maxFlushDelay {
+			errs = append(errs, fmt.Errorf(`"refresh::wal_stream::flush_delay" (%s) must be between 0 (the default, 200ms) and %s`, w.FlushDelay, maxFlushDelay))
+		}
+		if w.Endpoint != "" {
+			if _, _, err := cfg.streamConfig().hostPort(); err != nil {
+				errs = append(errs, fmt.Errorf(`"refresh::wal_stream::endpoint": %w`, err))
+			}
+		}
+		if w.Password != "" && w.Username == "" {
+			errs = append(errs, errors.New(`"refresh::wal_stream::password" is set without "refresh::wal_stream::username": `+
+				`set the role it is the password of (a role with REPLICATION), or remove it to stream as the receiver's role`))
+		}
+	} else if w.Endpoint != "" || w.Username != "" || w.Password != "" || w.FlushDelay != 0 {
+		errs = append(errs, errors.New(`"refresh::wal_stream" has settings but is off: set "refresh::wal_stream::enabled: true" to stream the WAL capture's slot, or remove them`))
 	}
 	if r.DeployMarker.Query != "" {
 		if r.interval() <= 0 {
@@ -395,6 +467,9 @@ func (cfg *Config) perDatabaseWhat() string {
 	}
 	if cfg.Refresh.ChangesInterval > 0 {
 		what = append(what, "one for the changes loop of refresh::changes_interval, which 0 turns off")
+	}
+	if cfg.Refresh.WALStream.Enabled {
+		what = append(what, "one where refresh::wal_stream stores keys")
 	}
 	return strings.Join(what, ", ")
 }

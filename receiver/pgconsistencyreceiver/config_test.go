@@ -81,6 +81,9 @@ func TestLoadConfig(t *testing.T) {
 		assert.Equal(t, "SELECT max(version) FROM public.schema_migrations", cfg.Refresh.DeployMarker.Query)
 		assert.Equal(t, 15*time.Minute, cfg.Refresh.DeployMarker.Delay)
 		assert.Equal(t, 2*time.Second, cfg.Refresh.ChangesInterval)
+		assert.Equal(t, WALStreamConfig{Enabled: true, Endpoint: "db-primary.example.internal:5432", Username: "pgc_stream",
+			Password: "r3plication", FlushDelay: 500 * time.Millisecond}, cfg.Refresh.WALStream)
+		assert.Equal(t, 4, cfg.connectionsPerDatabase(), "scrape, scheduler, changes loop, the stream's keys")
 		assert.True(t, cfg.Metrics.PgconsistencyAnomalies.Enabled)
 		host, port, err := cfg.hostPort()
 		require.NoError(t, err)
@@ -105,6 +108,20 @@ func TestLoadConfig(t *testing.T) {
 		} {
 			assert.ErrorContains(t, err, want)
 		}
+	})
+	t.Run("wal_stream", func(t *testing.T) {
+		assert.False(t, loadConfig(t, "minimal").Refresh.WALStream.Enabled, "off by default: its role needs REPLICATION")
+		err := confmap.Validate(loadConfig(t, "wal_stream_wrong"))
+		require.Error(t, err)
+		for _, want := range []string{
+			`"refresh::wal_stream::flush_delay" (1m0s) must be between 0 (the default, 200ms) and 10s`,
+			`"refresh::wal_stream::endpoint": "endpoint" "db-primary.example.internal" must be host:port`,
+			`"refresh::wal_stream::password" is set without "refresh::wal_stream::username"`,
+		} {
+			assert.ErrorContains(t, err, want)
+		}
+		assert.ErrorContains(t, confmap.Validate(loadConfig(t, "wal_stream_off_with_settings")),
+			`"refresh::wal_stream" has settings but is off: set "refresh::wal_stream::enabled: true"`)
 	})
 	t.Run("password_file", func(t *testing.T) {
 		cfg := loadConfig(t, "password_file")

@@ -45,6 +45,7 @@ type watchedDatabase struct {
 	resource   pcommon.Resource
 	scheduler  *scheduler   // nil unless refresh::poll_interval is set
 	changes    *changesLoop // nil when refresh::changes_interval is 0
+	stream     *walStreamer // nil unless refresh::wal_stream::enabled
 	discovered bool         // found by discovery: dropped quietly when it goes away
 }
 
@@ -117,6 +118,10 @@ func (s *pgScraper) add(ctx context.Context, name string, discovered bool) error
 		db.changes = newChangesLoop(cfg, logger)
 		db.changes.start()
 	}
+	if cfg.Refresh.WALStream.Enabled {
+		db.stream = newWALStreamer(cfg, logger)
+		db.stream.start()
+	}
 	s.mu.Lock()
 	s.dbs[name] = db
 	s.mu.Unlock()
@@ -145,6 +150,9 @@ func (db *watchedDatabase) close() {
 	}
 	if db.changes != nil {
 		db.changes.shutdown()
+	}
+	if db.stream != nil {
+		db.stream.shutdown()
 	}
 	db.client.close()
 }

@@ -367,3 +367,15 @@ $do$;
 -- per source. install.sql's _install_capture empties
 -- capture.read_statement (as at every run): the next read builds it again.
 DROP FUNCTION IF EXISTS pgconsistency._wal_key_select(integer, regclass, text);
+
+-- ---------------------------------------------------------------------------
+-- From 0.7.6 to 0.7.7: the receiver may read the WAL capture's slot over a
+-- replication connection (capture_wal_stream, wal_stream_start); the
+-- capture records who read it last (capture.read_by).
+DO $do$
+BEGIN
+    IF pg_catalog.to_regclass('pgconsistency.capture') IS NOT NULL THEN
+        PERFORM pgconsistency._install_column('pgconsistency.capture', 'read_by', 'text');
+    END IF;
+END
+$do$;

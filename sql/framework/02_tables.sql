@@ -469,7 +469,11 @@ CREATE TABLE IF NOT EXISTS pgconsistency.capture (
     -- by the oids of the tables it was built for; _install_capture empties
     -- it whenever the capture sources, or the columns their invariants
     -- read, may have changed.
-    read_statement   text
+    read_statement   text,
+    -- Who read the slot last (0.7.7): 'sql', capture_wal in the refresh
+    -- loop, or 'stream', the receiver's replication connection
+    -- (capture_wal_stream).
+    read_by          text
 );
 INSERT INTO pgconsistency.capture (singleton)
 SELECT true WHERE NOT EXISTS (SELECT 1 FROM pgconsistency.capture);

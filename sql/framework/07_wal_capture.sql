@@ -477,7 +477,9 @@ COMMENT ON FUNCTION pgconsistency._wal_key_expression(regclass, text) IS
 
 -- _wal_read_statement: the statement that reads the slot once: $1 the slot,
 -- $2 up to which WAL position, $3 how many changes at most (whole
--- transactions), $4 the tables (wal2json's add-tables). Each change is
+-- transactions), $4 the tables (wal2json's add-tables); or, when $5 (text[])
+-- is not NULL, the changes it holds, which the receiver's replication
+-- connection received from the slot (capture_wal_stream). Each change is
 -- parsed once; its table is matched with the capture sources once (a hash
 -- join with their list, one row per set of columns their invariants read,
 -- not a scan of every change per source); an UPDATE is kept for the sets
@@ -496,7 +498,9 @@ BEGIN
         SELECT pg_catalog.replace(pg_catalog.replace(pg_catalog.replace($q$
             WITH change AS MATERIALIZED (
                 SELECT w.lsn, j.c, j.c ->> 'action' AS action
-                  FROM pgconsistency._wal_slot_changes($1, $2, $3, $4) AS w
+                  FROM (SELECT s.lsn, s.data FROM pgconsistency._wal_slot_changes($1, $2, $3, $4) AS s WHERE $5::text[] IS NULL
+                        UNION ALL
+                        SELECT NULL::pg_lsn, d.data FROM pg_catalog.unnest($5::text[]) AS d(data)) AS w
                  CROSS JOIN LATERAL (SELECT w.data::jsonb AS c OFFSET 0) AS j),
             tuple AS (
                 SELECT s.source, v.columns, CASE WHEN u.compared THEN s.read_columns END AS read_columns
@@ -559,6 +563,30 @@ $fn$;
 COMMENT ON FUNCTION pgconsistency._wal_read_statement() IS
   'Internal: the statement that reads the WAL capture''s slot once, with every capture source''s key SELECT';
 
+-- _wal_statement: the read statement to run (_wal_read_statement): kept,
+-- the one of the previous read (capture.read_statement), unless
+-- _install_capture emptied it since (every run of install.sql, every change
+-- of the sources), or a table of a capture source is not the one it was
+-- built for (dropped, or created again: their oids head it); built again
+-- otherwise. Columns it finds by name where their place moved. NULL: no
+-- capture source.
+CREATE OR REPLACE FUNCTION pgconsistency._wal_statement(kept text) RETURNS text
+LANGUAGE plpgsql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    v_relations text;
+BEGIN
+    SELECT '/* relations: ' || pg_catalog.string_agg(coalesce(pg_catalog.to_regclass(s.relation)::oid::text, '-'), ' ' ORDER BY s.id) || ' */'
+      INTO v_relations
+      FROM pgconsistency.capture_source s;
+    RETURN CASE WHEN pg_catalog.starts_with(kept, v_relations) THEN kept
+                ELSE v_relations || pgconsistency._wal_read_statement() END;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency._wal_statement(text) IS
+  'Internal: the read statement of the WAL capture to run: the one kept, unless its tables changed';
+
 -- _wal_slot_check: what is wrong with the WAL capture's slot: kind
 -- 'missing' (dropped, or this server was promoted: PostgreSQL 15 slots do
 -- not follow a failover), 'lost' (invalidated: it fell more than
@@ -608,7 +636,9 @@ COMMENT ON FUNCTION pgconsistency._wal_slot_problem(text) IS
 -- refresh loop (CALL refresh(), the receiver's scheduler and its changes
 -- loop call it, each in a transaction of its own). Returns the changes read
 -- (whole transactions, at most max_changes past the first), or NULL when the
--- capture is not 'wal', this is a standby, or another session is reading.
+-- capture is not 'wal', this is a standby, or another session is reading:
+-- another refresh loop, or the receiver's replication connection, which
+-- holds the slot while it streams (capture_wal_stream).
 -- Before reading, the slot is moved to where the previous read ended, whose
 -- keys are committed; the keys of this read are committed with this
 -- transaction and the slot moves past them at the next read. A slot that is
@@ -626,9 +656,9 @@ DECLARE
     v_problem  text;
     v_upto     pg_lsn;
     v_confirmed pg_lsn;
+    v_active   integer;
     v_tables   text;
     v_statement text;
-    v_relations text;
     v_changes  bigint := 0;
     v_last     pg_lsn;
     v_written  bigint;
@@ -662,28 +692,28 @@ BEGIN
     -- Everything committed before v_upto is read now, or, past max_changes,
     -- up to the end of the last transaction read.
     v_upto := pg_catalog.pg_current_wal_flush_lsn();
-    SELECT s.confirmed_flush_lsn INTO v_confirmed FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = cfg.slot_name;
-    IF cfg.wal_position > v_confirmed THEN
-        PERFORM pgconsistency._wal_advance_slot(cfg.slot_name, cfg.wal_position);
+    SELECT s.confirmed_flush_lsn, s.active_pid INTO v_confirmed, v_active
+      FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = cfg.slot_name;
+    IF v_active IS NOT NULL AND v_active <> pg_catalog.pg_backend_pid() THEN
+        RETURN NULL; -- the receiver's replication connection streams it
     END IF;
     v_tables := pgconsistency._wal_add_tables();
-    -- The statement of the previous read, unless _install_capture emptied
-    -- it since (every run of install.sql, every change of the sources), or
-    -- a table of a capture source is not the one it was built for
-    -- (dropped, or created again: their oids head it). Columns it finds by
-    -- name where their place moved.
-    SELECT '/* relations: ' || pg_catalog.string_agg(coalesce(pg_catalog.to_regclass(s.relation)::oid::text, '-'), ' ' ORDER BY s.id) || ' */'
-      INTO v_relations
-      FROM pgconsistency.capture_source s;
-    v_statement := CASE WHEN pg_catalog.starts_with(cfg.read_statement, v_relations) THEN cfg.read_statement
-                        ELSE v_relations || pgconsistency._wal_read_statement() END;
-    IF v_tables IS NOT NULL AND v_statement IS NOT NULL THEN
-        EXECUTE v_statement INTO v_changes, v_last, v_written
-          USING cfg.slot_name, v_upto, max_changes, v_tables;
-    END IF;
+    v_statement := pgconsistency._wal_statement(cfg.read_statement);
+    BEGIN
+        IF cfg.wal_position > v_confirmed THEN
+            PERFORM pgconsistency._wal_advance_slot(cfg.slot_name, cfg.wal_position);
+        END IF;
+        IF v_tables IS NOT NULL AND v_statement IS NOT NULL THEN
+            EXECUTE v_statement INTO v_changes, v_last, v_written
+              USING cfg.slot_name, v_upto, max_changes, v_tables, NULL::text[];
+        END IF;
+    EXCEPTION
+        WHEN object_in_use THEN
+            RETURN NULL; -- a replication connection took the slot meanwhile
+    END;
     UPDATE pgconsistency.capture
        SET wal_position = CASE WHEN v_changes >= max_changes THEN coalesce(v_last, cfg.wal_position) ELSE v_upto END,
-           read_at = pg_catalog.clock_timestamp(), read_changes = v_changes, read_statement = v_statement;
+           read_at = pg_catalog.clock_timestamp(), read_changes = v_changes, read_statement = v_statement, read_by = 'sql';
     RETURN v_changes;
 END
 $fn$;
@@ -746,10 +776,126 @@ BEGIN
     PERFORM pgconsistency._install_capture();
     IF method = 'trigger' THEN
         -- After the triggers exist: nothing is left uncaptured in between.
-        PERFORM pgconsistency._wal_drop_slot(cfg.slot_name);
+        -- A slot the receiver's replication connection holds cannot be
+        -- dropped: the stream ends at its next store (capture_wal_stream
+        -- returns NULL), and wal_stream_start drops the slot then.
+        IF EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
+                    WHERE s.slot_name = cfg.slot_name AND s.active_pid IS NOT NULL AND s.active_pid <> pg_catalog.pg_backend_pid()) THEN
+            RAISE NOTICE 'pgconsistency: the WAL capture''s slot % is read by a replication connection (the receiver''s refresh::wal_stream); it is dropped when that stream ends, within seconds', cfg.slot_name;
+        ELSE
+            PERFORM pgconsistency._wal_drop_slot(cfg.slot_name);
+        END IF;
     END IF;
     RETURN cfg.method;
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency.set_capture(text) IS
   'Capture the writes for incremental refresh by triggers (''trigger'', the default) or from the WAL (''wal''); returns the capture before';
+
+-- The receiver's stream (refresh::wal_stream, 0.7.7). The SQL reads above
+-- decode, at every read, the WAL from the slot's restart_lsn, which
+-- PostgreSQL moves only about every 15 seconds (at a running-transactions
+-- record): a read under load decodes again what the previous reads did. A
+-- replication connection (START_REPLICATION, a role with REPLICATION,
+-- straight to the server) decodes each record once, as it is written. The
+-- receiver receives wal2json's changes there and hands them, a fraction of
+-- a second's worth at a time, to capture_wal_stream on its ordinary
+-- connection, which evaluates the keys exactly as capture_wal does (the same
+-- statement) and stores them; only once that transaction committed does the
+-- receiver confirm the position they reach to the slot. While the stream
+-- holds the slot, capture_wal leaves it alone; when the stream stops,
+-- capture_wal reads from the confirmed position again.
+
+-- wal_stream_start: where the receiver's replication connection starts
+-- streaming the WAL capture's slot: its name, the position whose keys are
+-- stored (the slot's confirmed position, or further where a read by SQL
+-- stored more and has not moved the slot yet), the tables to decode (wal2json's
+-- add-tables), or, in problem, why it cannot now: the capture is not
+-- 'wal' (a slot the stream left after set_capture('trigger') is dropped
+-- here), this is a standby, nothing is captured, the slot is missing or
+-- invalidated (the refresh loop's capture_wal creates it again and
+-- reconciles).
+CREATE OR REPLACE FUNCTION pgconsistency.wal_stream_start(OUT slot_name text, OUT start_position pg_lsn, OUT tables text,
+                                                          OUT problem text)
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    cfg pgconsistency.capture%ROWTYPE;
+BEGIN
+    SELECT * INTO cfg FROM pgconsistency.capture;
+    slot_name := cfg.slot_name;
+    IF cfg.method IS DISTINCT FROM 'wal' THEN
+        problem := pg_catalog.format('the capture is %s, not wal (SELECT pgconsistency.set_capture(''wal''); to read the WAL)', coalesce(cfg.method, 'not installed'));
+        IF cfg.slot_name IS NOT NULL
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
+                        WHERE s.slot_name = cfg.slot_name AND s.active_pid IS NULL) THEN
+            PERFORM pgconsistency._wal_drop_slot(cfg.slot_name);
+        END IF;
+        RETURN;
+    END IF;
+    IF pg_catalog.pg_is_in_recovery() THEN
+        problem := 'this server is a standby: the WAL capture reads the primary';
+        RETURN;
+    END IF;
+    tables := pgconsistency._wal_add_tables();
+    IF tables IS NULL THEN
+        problem := 'no invariant in incremental mode reads a table that exists';
+        RETURN;
+    END IF;
+    problem := pgconsistency._wal_slot_problem(cfg.slot_name);
+    IF problem IS NOT NULL THEN
+        problem := problem || '; the refresh loop creates it again (capture_wal)';
+        RETURN;
+    END IF;
+    SELECT GREATEST(cfg.wal_position, s.confirmed_flush_lsn) INTO start_position
+      FROM pg_catalog.pg_replication_slots s WHERE s.slot_name = cfg.slot_name;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.wal_stream_start() IS
+  'Where the receiver''s replication connection starts streaming the WAL capture''s slot, or why it cannot';
+
+-- capture_wal_stream: store the keys of changes the receiver's replication
+-- connection received from the WAL capture's slot (wal2json format 2, one
+-- change per element, in the order received). Returns the changes given;
+-- NULL when the capture is not 'wal' any more (the stream stops); -1,
+-- storing nothing, when tables (what the stream decodes) is not what the
+-- capture decodes now (the stream starts again with the new tables from
+-- what it confirmed, lest it miss a table's changes). The position is not
+-- the caller's to say: the stream confirms it to the slot itself, after
+-- this transaction commits, and a stream or a read by SQL goes on from
+-- there. So a caller can only add keys (re-checks), never make a read skip
+-- changes. Keys stored twice (a stream started again before it confirmed)
+-- cost a re-check, nothing else.
+CREATE OR REPLACE FUNCTION pgconsistency.capture_wal_stream(changes text[], tables text) RETURNS bigint
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+AS $fn$
+DECLARE
+    cfg         pgconsistency.capture%ROWTYPE;
+    v_statement text;
+    v_changes   bigint := 0;
+    v_last      pg_lsn;
+    v_written   bigint;
+BEGIN
+    SELECT * INTO cfg FROM pgconsistency.capture;
+    IF cfg.method IS DISTINCT FROM 'wal' THEN
+        RETURN NULL;
+    END IF;
+    IF tables IS DISTINCT FROM pgconsistency._wal_add_tables() THEN
+        RETURN -1;
+    END IF;
+    v_statement := pgconsistency._wal_statement(cfg.read_statement);
+    IF v_statement IS NOT NULL AND pg_catalog.cardinality(changes) > 0 THEN
+        EXECUTE v_statement INTO v_changes, v_last, v_written
+          USING cfg.slot_name, NULL::pg_lsn, NULL::integer, tables, changes;
+    END IF;
+    UPDATE pgconsistency.capture
+       SET read_at = pg_catalog.clock_timestamp(), read_changes = v_changes, read_statement = v_statement, read_by = 'stream';
+    RETURN v_changes;
+END
+$fn$;
+COMMENT ON FUNCTION pgconsistency.capture_wal_stream(text[], text) IS
+  'Store the keys of changes the receiver''s replication connection received from the WAL capture''s slot';

@@ -23,7 +23,8 @@ GRANT EXECUTE ON FUNCTION pgconsistency._deprecated_column(text, text, anyelemen
 -- Where sql/roles.sql ran before (an upgrade), the functions a release adds
 -- to what its roles run get their grants now, so that a pg_cron job or a
 -- collector running as one of them keeps working before roles.sql is re-run:
--- 0.2.0 added refresh_plan() to the refresh loop, 0.7.0 capture_wal() and refresh_changes_plan(); 0.6.0
+-- 0.2.0 added refresh_plan() to the refresh loop, 0.7.0 capture_wal() and refresh_changes_plan(), 0.7.7
+-- wal_stream_start() and capture_wal_stream() (the receiver's stream); 0.6.0
 -- new_anomalies_with_origin_for_log(), finished_requests_for_log() and
 -- advance_request_log_cursor() to the receiver's logs.
 DO $do$
@@ -31,6 +32,8 @@ BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgconsistency_refresher') THEN
         GRANT EXECUTE ON FUNCTION pgconsistency.refresh_plan(text, boolean) TO pgconsistency_refresher; -- 0.2.0
         GRANT EXECUTE ON FUNCTION pgconsistency.capture_wal(integer), pgconsistency.refresh_changes_plan() TO pgconsistency_refresher; -- 0.7.0
+        GRANT EXECUTE ON FUNCTION pgconsistency.wal_stream_start(),
+                                  pgconsistency.capture_wal_stream(text[], text) TO pgconsistency_refresher; -- 0.7.7
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = 'pgconsistency_reader') THEN
         GRANT EXECUTE ON FUNCTION pgconsistency.new_anomalies_with_origin_for_log(text, integer),
