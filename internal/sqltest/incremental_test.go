@@ -21,6 +21,7 @@ import (
 
 	"github.com/pgconsistency/pgconsistency/internal/fixture"
 	"github.com/pgconsistency/pgconsistency/internal/pgtest"
+	"github.com/pgconsistency/pgconsistency/internal/walstream"
 )
 
 // The differential test of the refresh engine: random writes over every
@@ -75,6 +76,23 @@ func TestDifferentialWAL(t *testing.T) {
 	s := pgtest.Start(t, walCapture...)
 	t.Run("Rounds", func(t *testing.T) { testDifferentialRounds(t, s, seed, "wal") })
 	t.Run("WriterCommitsDuringRefresh", func(t *testing.T) { testWriterCommitsDuringRefresh(t, s, seed, "wal") })
+}
+
+// TestDifferentialStream: the same rounds, oracle and checks, with the WAL
+// capture read by the receiver's stream (internal/walstream over a
+// replication connection, as refresh::wal_stream runs it): the keys are
+// stored as the changes arrive, and each refresh's plan leaves the slot to
+// the stream.
+func TestDifferentialStream(t *testing.T) {
+	t.Parallel() // a cluster of its own
+	seed := *differentialSeed
+	if seed == 0 {
+		seed = time.Now().UnixNano()
+	}
+	t.Logf("seed %d (replay: %s)", seed, strings.Replace(replayCommand(seed), "TestDifferential ", "TestDifferentialStream ", 1))
+	s := pgtest.Start(t, walCapture...)
+	t.Run("Rounds", func(t *testing.T) { testDifferentialRounds(t, s, seed, "stream") })
+	t.Run("WriterCommitsDuringRefresh", func(t *testing.T) { testWriterCommitsDuringRefresh(t, s, seed, "stream") })
 }
 
 // walCapture are the server settings the WAL capture needs: logical
@@ -176,7 +194,7 @@ type diffEnv struct {
 	readers    map[string][]string // table → invariants that read it (their key mapping)
 	known      map[string]bool     // every dataset id ever seen
 	round      int
-	capture    string // 'trigger' or 'wal' (pgconsistency.set_capture)
+	capture    string // 'trigger', 'wal' (pgconsistency.set_capture) or 'stream' (wal, read by the receiver's stream)
 }
 
 func newDiffEnv(t *testing.T, s *pgtest.Server, seed int64, capture string) *diffEnv {
@@ -221,7 +239,7 @@ func newDiffEnv(t *testing.T, s *pgtest.Server, seed int64, capture string) *dif
 		_, err := e.conn.Exec(ctx, "SELECT pgconsistency.set_refresh_mode($1, 'incremental')", inv)
 		require.NoError(t, err, inv)
 	}
-	if capture == "wal" {
+	if capture == "wal" || capture == "stream" {
 		// Statistics and references with their whole old rows in the WAL
 		// (an UPDATE is compared on the columns each invariant reads), the
 		// other tables with their replica identity's columns only (an
@@ -231,6 +249,10 @@ func newDiffEnv(t *testing.T, s *pgtest.Server, seed int64, capture string) *dif
 			require.NoError(t, err, table)
 		}
 		useWALCapture(t, e.conn)
+	}
+	if capture == "stream" {
+		startStream(t, s, db, walstream.Options{})
+		streaming(t, e.conn)
 	}
 	return e
 }
@@ -405,10 +427,14 @@ type diffPending struct {
 // with no writer running, it is exactly what an incremental refresh
 // re-checks (status.rechecked_keys).
 func (e *diffEnv) pending(ctx context.Context) map[string]diffPending {
-	if e.capture == "wal" {
+	switch e.capture {
+	case "wal":
 		// What the refresh's plan will read first: the keys in the slot.
 		_, err := e.conn.Exec(ctx, "SELECT pgconsistency.capture_wal()")
 		require.NoError(e.t, err)
+	case "stream":
+		// What the stream stores of everything written so far.
+		storedPast(e.t, e.conn, walNow(e.t, e.conn))
 	}
 	// Keys captured for a source without a lookup, and keys already pending.
 	rows, err := e.conn.Query(ctx, `
