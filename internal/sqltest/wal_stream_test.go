@@ -39,6 +39,7 @@ func TestWALStream(t *testing.T) {
 	run("SlotDropped", testStreamSlotDropped)
 	run("BackToTriggers", testStreamBackToTriggers)
 	run("RoleWithoutReplication", testStreamRoleWithoutReplication)
+	run("ThroughPgBouncer", testStreamThroughPgBouncer)
 	// Last: it stops the server.
 	run("PostgreSQLRestarted", testStreamRestart)
 }
@@ -345,6 +346,23 @@ func testStreamRoleWithoutReplication(t *testing.T, s *pgtest.Server, db string,
 	startStream(t, s, db, walstream.Options{Replication: rc})
 	breakSeed(t, conn, 1)
 	storedPast(t, conn, walNow(t, conn))
+	refreshAll(t, conn)
+	requireExact(t, conn)
+	requireKind(t, conn, "dataset_seed_missing", "incremental")
+}
+
+// testStreamThroughPgBouncer: a replication connection pointed at a
+// transaction-pooling PgBouncer is refused; the error says where to point
+// it. The slot stays with the SQL reads.
+func testStreamThroughPgBouncer(t *testing.T, s *pgtest.Server, db string, conn *pgx.Conn) {
+	b := s.StartPgBouncer(t, db)
+	rc, err := pgconn.ParseConfig(b.DSN(s.User, s.Password))
+	require.NoError(t, err)
+	err = startStream(t, s, db, walstream.Options{Replication: rc}).ended(t)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "unsupported startup parameter")
+	assert.Contains(t, err.Error(), "point refresh::wal_stream::endpoint at the PostgreSQL server itself")
+	breakSeed(t, conn, 1)
 	refreshAll(t, conn)
 	requireExact(t, conn)
 	requireKind(t, conn, "dataset_seed_missing", "incremental")

@@ -26,6 +26,7 @@ import (
 	"errors"
 	"fmt"
 	"regexp"
+	"strconv"
 	"strings"
 	"time"
 
@@ -165,7 +166,11 @@ func begin(ctx context.Context, q Querier) (start, error) {
 		return start{}, &NotReadyError{Problem: *problem}
 	}
 	if slot == nil || tables == nil || !slotName.MatchString(*slot) {
-		return start{}, fmt.Errorf("pgconsistency.wal_stream_start() gave no usable slot name (%v)", slot)
+		name := "none"
+		if slot != nil {
+			name = strconv.Quote(*slot)
+		}
+		return start{}, fmt.Errorf("pgconsistency.wal_stream_start() gave no usable slot name (%s): set pgconsistency.capture.slot_name to letters, digits and _", name)
 	}
 	st := start{slot: *slot, tables: *tables}
 	if position != nil {
@@ -388,8 +393,10 @@ func connectAdvice(err error) string {
 		strings.Contains(msg, "permission denied to start WAL sender"):
 		return "; the stream's role needs REPLICATION: ALTER ROLE <role> REPLICATION (on Amazon RDS/Aurora: GRANT rds_replication TO <role>), " +
 			"or set refresh::wal_stream::username to a role that has it"
-	case strings.Contains(msg, "unsupported startup parameter") || strings.Contains(msg, "replication"):
+	case strings.Contains(msg, "unsupported startup parameter"):
 		return "; a replication connection cannot pass a transaction-pooling proxy such as PgBouncer: point refresh::wal_stream::endpoint at the PostgreSQL server itself"
+	case strings.Contains(msg, "no pg_hba.conf entry"):
+		return "; add a pg_hba.conf line for the stream's role to this database (a logical replication connection matches the database's lines, not \"replication\"), then SELECT pg_reload_conf()"
 	}
 	return ""
 }
