@@ -15,7 +15,9 @@ package bench
 // counting it at the collector's endpoint, and to its log record reaching
 // the sink. A second phase does the same while the other twelve invariants
 // reconcile (full refreshes) one after the other without pause: a reconcile
-// must not hold back the keys that arrive meanwhile.
+// must not hold back the keys that arrive meanwhile. With -latency.stream,
+// the collector also streams the WAL capture's slot (refresh::wal_stream,
+// from an overlay config given after the shipped one).
 //
 //	go test -tags integration -run '^$' -bench '^BenchmarkLatency$' -benchtime 1x -timeout 60m ./internal/bench \
 //	    -args -latency.scale 1000000 -latency.breakages 100
@@ -53,6 +55,7 @@ var (
 	flagLatScale     = flag.Int("latency.scale", 1000000, "BenchmarkLatency: datasets, a multiple of 1000")
 	flagLatBreakages = flag.Int("latency.breakages", 100, "BenchmarkLatency: datasets broken, one at a time, per phase")
 	flagLatTPS       = flag.Int("latency.tps", 50, "BenchmarkLatency: rate of the steady write load (pgbench -R), transactions per second")
+	flagLatStream    = flag.Bool("latency.stream", false, "BenchmarkLatency: the collector streams the WAL capture's slot (refresh::wal_stream: enabled, the same endpoint and role)")
 )
 
 // latGoal: p99 of the time from a breaking commit to the metric, and to the
@@ -285,7 +288,13 @@ func startLatencyCollector(b *testing.B, srv *pgtest.Server, db, logsURL string)
 	promPort := testkit.FreePort(b)
 	log, err := os.Create(filepath.Join(b.TempDir(), "collector.log"))
 	must(b, err)
-	cmd := exec.Command(bin, "--config", fixture.Path("config/collector-logs.yaml"))
+	args := []string{"--config", fixture.Path("config/collector-logs.yaml")}
+	if *flagLatStream {
+		overlay := filepath.Join(b.TempDir(), "wal-stream.yaml")
+		must(b, os.WriteFile(overlay, []byte("receivers:\n  pgconsistency:\n    refresh:\n      wal_stream:\n        enabled: true\n"), 0o644))
+		args = append(args, "--config", overlay)
+	}
+	cmd := exec.Command(bin, args...)
 	cmd.Env = append(os.Environ(),
 		"PGCONSISTENCY_DB_ENDPOINT="+srv.Host+":"+strconv.Itoa(srv.Port),
 		"PGCONSISTENCY_DB_USER="+srv.User,
@@ -379,8 +388,12 @@ func quantile(ds []time.Duration, q float64) time.Duration {
 func (r *latResult) markdown() string {
 	var w strings.Builder
 	fmt.Fprintf(&w, "\n### Latency: from a breaking commit to the metric and the log record (%d datasets)\n\n", r.scale)
-	fmt.Fprintf(&w, "WAL capture, every invariant incremental; the collector built from builder-config.yaml with config/collector-logs.yaml "+
-		"(collection_interval 1s, the changes loop at its default); a write load of %d tps (pgbench -R, about %d transactions in all); "+
+	reader := "read by the changes loop's SQL"
+	if *flagLatStream {
+		reader = "read by the collector's stream (refresh::wal_stream, an overlay config after the shipped one)"
+	}
+	fmt.Fprintf(&w, "WAL capture, %s, every invariant incremental; the collector built from builder-config.yaml with config/collector-logs.yaml ", reader)
+	fmt.Fprintf(&w, "(collection_interval 1s, the changes loop at its default); a write load of %d tps (pgbench -R, about %d transactions in all); "+
 		"one Seed DELETE at a time, committed, then the collector's endpoint polled every 25 ms and the OTLP sink watched. Data generated in %s.\n\n",
 		r.tps, r.writes, r.generate.Round(time.Second))
 	w.WriteString("| phase | breakages | metric p50 | p90 | p99 | max | log record p50 | p90 | p99 | max |\n|---|---|---|---|---|---|---|---|---|---|\n")
