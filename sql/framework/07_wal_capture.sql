@@ -665,6 +665,13 @@ DECLARE
 BEGIN
     SELECT * INTO cfg FROM pgconsistency.capture;
     IF cfg.method IS DISTINCT FROM 'wal' OR pg_catalog.pg_is_in_recovery() THEN
+        -- A slot a stream held when set_capture('trigger') ran, left since
+        -- (the stream stopped for good): nothing reads it, and it keeps WAL.
+        IF cfg.method = 'trigger' AND cfg.slot_name IS NOT NULL AND NOT pg_catalog.pg_is_in_recovery()
+           AND EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
+                        WHERE s.slot_name = cfg.slot_name AND s.active_pid IS NULL) THEN
+            PERFORM pgconsistency._wal_drop_slot(cfg.slot_name);
+        END IF;
         RETURN NULL;
     END IF;
     -- One reader at a time (the slot serves one session at a time); another
@@ -778,7 +785,8 @@ BEGIN
         -- After the triggers exist: nothing is left uncaptured in between.
         -- A slot the receiver's replication connection holds cannot be
         -- dropped: the stream ends at its next store (capture_wal_stream
-        -- returns NULL), and wal_stream_start drops the slot then.
+        -- returns NULL); the next refresh loop (capture_wal) or the next
+        -- start of a stream (wal_stream_start) drops the slot then.
         IF EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
                     WHERE s.slot_name = cfg.slot_name AND s.active_pid IS NOT NULL AND s.active_pid <> pg_catalog.pg_backend_pid()) THEN
             RAISE NOTICE 'pgconsistency: the WAL capture''s slot % is read by a replication connection (the receiver''s refresh::wal_stream); it is dropped when that stream ends, within seconds', cfg.slot_name;
