@@ -165,7 +165,7 @@ func TestBadConfig(t *testing.T) {
 		{name: "negative deploy marker delay", fields: with([]receiverField{{"refresh", "{poll_interval: 1m, deploy_marker: {query: SELECT 1, delay: -5m}}"}}),
 			want: []string{`"refresh::deploy_marker::delay" (-5m0s) must be zero or more`}},
 		{name: "wal_stream flush_delay too long", fields: with([]receiverField{{"refresh", "{wal_stream: {enabled: true, flush_delay: 1m}}"}}),
-			want: []string{`"refresh::wal_stream::flush_delay" (1m0s) must be between 0 (the default, 200ms) and 10s`}},
+			want: []string{`"refresh::wal_stream::flush_delay" (1m0s) must be between 0 (the default, 1s) and 10s`}},
 		{name: "wal_stream settings while off", fields: with([]receiverField{{"refresh", "{wal_stream: {endpoint: db-primary:5432}}"}}),
 			want: []string{`"refresh::wal_stream" has settings but is off`, `set "refresh::wal_stream::enabled: true"`}},
 	}

@@ -40,8 +40,13 @@ import (
 // Defaults of Options.
 const (
 	// DefaultFlushDelay is how long a change received waits for others
-	// before the batch is stored: a few stores a second under any load.
-	DefaultFlushDelay = 200 * time.Millisecond
+	// before the batch is stored: at most one store a second. A store
+	// costs about 20 ms besides its changes (capture_wal_stream's
+	// statement, 29 kB, parsed and planned again: a one-change store took
+	// 21-26 ms against 1 ms for an empty one, on the 1M database of
+	// BENCHMARKS.md); at 200 ms, the stores took 24% of a core beside two
+	// pgbench clients.
+	DefaultFlushDelay = time.Second
 	// DefaultMaxPending is how many changes are held at most before they
 	// are stored, inside a transaction too (its position is not confirmed
 	// until its commit is).

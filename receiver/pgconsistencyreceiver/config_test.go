@@ -114,7 +114,7 @@ func TestLoadConfig(t *testing.T) {
 		err := confmap.Validate(loadConfig(t, "wal_stream_wrong"))
 		require.Error(t, err)
 		for _, want := range []string{
-			`"refresh::wal_stream::flush_delay" (1m0s) must be between 0 (the default, 200ms) and 10s`,
+			`"refresh::wal_stream::flush_delay" (1m0s) must be between 0 (the default, 1s) and 10s`,
 			`"refresh::wal_stream::endpoint": "endpoint" "db-primary.example.internal" must be host:port`,
 			`"refresh::wal_stream::password" is set without "refresh::wal_stream::username"`,
 		} {

@@ -806,8 +806,8 @@ COMMENT ON FUNCTION pgconsistency.set_capture(text) IS
 -- record): a read under load decodes again what the previous reads did. A
 -- replication connection (START_REPLICATION, a role with REPLICATION,
 -- straight to the server) decodes each record once, as it is written. The
--- receiver receives wal2json's changes there and hands them, a fraction of
--- a second's worth at a time, to capture_wal_stream on its ordinary
+-- receiver receives wal2json's changes there and hands them, up to a
+-- second's worth at a time, to capture_wal_stream on its ordinary
 -- connection, which evaluates the keys exactly as capture_wal does (the same
 -- statement) and stores them; only once that transaction committed does the
 -- receiver confirm the position they reach to the slot. While the stream
