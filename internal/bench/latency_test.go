@@ -169,6 +169,17 @@ func runLatency(b *testing.B, srv *pgtest.Server, n, breakages, tps int) *latRes
 	p.reconciles = reconciles
 	r.phases = append(r.phases, p)
 	r.writes = load.stop(b)
+	// Who read the slot: the stream with -latency.stream (its walsender,
+	// otelcol-pgconsistency-stream, still holds the slot), the changes
+	// loop's SQL otherwise.
+	var readBy string
+	var streaming bool
+	must(b, conn.QueryRow(ctx, `SELECT c.read_by, EXISTS (SELECT 1 FROM pg_stat_replication r
+		JOIN pg_replication_slots s ON s.active_pid = r.pid WHERE s.slot_name = c.slot_name AND r.application_name = 'otelcol-pgconsistency-stream')
+		FROM pgconsistency.capture c`).Scan(&readBy, &streaming))
+	if want := map[bool]string{true: "stream", false: "sql"}[*flagLatStream]; readBy != want || streaming != *flagLatStream {
+		b.Fatalf("the slot was read by %q (held by the collector's stream: %t), want %q", readBy, streaming, want)
+	}
 	return r
 }
 
