@@ -226,11 +226,10 @@ type session struct {
 	received     pglogrepl.LSN
 	stored       pglogrepl.LSN // stored by capture_wal_stream, confirmed to the slot
 	lastStore    time.Time
-	lastStatus   time.Time
 }
 
 func (s *session) loop(ctx context.Context) error {
-	s.lastStore, s.lastStatus = time.Now(), time.Now()
+	s.lastStore = time.Now()
 	for {
 		deadline := s.lastStore.Add(s.o.StatusInterval)
 		if len(s.pending) > 0 {
@@ -348,7 +347,6 @@ func (s *session) store(ctx context.Context) error {
 // confirm tells the server the position stored: the slot keeps the WAL
 // after it only.
 func (s *session) confirm(ctx context.Context) error {
-	s.lastStatus = time.Now()
 	if err := pglogrepl.SendStandbyStatusUpdate(ctx, s.conn, pglogrepl.StandbyStatusUpdate{
 		WALWritePosition: s.stored, WALFlushPosition: s.stored, WALApplyPosition: s.stored,
 	}); err != nil {
