@@ -110,21 +110,22 @@ func (st *stream) ended(t *testing.T) error {
 // streaming waits until the stream holds the slot.
 func streaming(t *testing.T, conn *pgx.Conn) {
 	t.Helper()
-	require.Eventually(t, func() bool {
-		var active bool
-		return conn.QueryRow(t.Context(), `SELECT s.active FROM pg_replication_slots s JOIN pgconsistency.capture c USING (slot_name)`).
-			Scan(&active) == nil && active
-	}, 30*time.Second, 10*time.Millisecond, "the stream holds the slot")
+	slotHeld(t, conn, true, "the stream holds the slot")
 }
 
 // notStreaming waits until no replication connection holds the slot.
 func notStreaming(t *testing.T, conn *pgx.Conn) {
 	t.Helper()
+	slotHeld(t, conn, false, "the stream's walsender gone")
+}
+
+func slotHeld(t *testing.T, conn *pgx.Conn, want bool, what string) {
+	t.Helper()
 	require.Eventually(t, func() bool {
 		var active bool
 		return conn.QueryRow(t.Context(), `SELECT s.active FROM pg_replication_slots s JOIN pgconsistency.capture c USING (slot_name)`).
-			Scan(&active) == nil && !active
-	}, 30*time.Second, 10*time.Millisecond, "the stream's walsender gone")
+			Scan(&active) == nil && active == want
+	}, 30*time.Second, 10*time.Millisecond, what)
 }
 
 // walNow is the WAL written so far.
