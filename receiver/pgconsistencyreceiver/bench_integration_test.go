@@ -117,7 +117,7 @@ func BenchmarkStatusShapes(b *testing.B) {
 		b.Run(sh.name, func(b *testing.B) {
 			b.ReportAllocs()
 			for b.Loop() {
-				rows, err := pc.readStatusOn(b.Context(), conn, statusQueries[sh.shape])
+				rows, _, err := pc.readStatusOn(b.Context(), conn, statusQueries[sh.shape])
 				if err != nil || len(rows) == 0 {
 					b.Fatalf("%d rows: %v", len(rows), err)
 				}

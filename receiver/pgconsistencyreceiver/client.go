@@ -125,12 +125,8 @@ var statusQueries = [shapeCount]string{
 	shape030: "SELECT " + statusColumns + ", version, refresh_mode, healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + noCapture + " FROM " + schema + ".status WHERE enabled",
 	shape020: "SELECT " + statusColumns + ", version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + noCapture + " FROM " +
 		schema + ".status WHERE enabled",
-	// 0.1.0 has no version: the column says whether pgconsistency.version()
-	// exists all the same, i.e. whether install.sql has upgraded the SQL
-	// since this shape was chosen (see queryStatus).
-	shape010: "SELECT " + statusColumns + ", CASE WHEN pg_catalog.to_regprocedure('" + schema + ".version()') IS NULL " +
-		"THEN '' ELSE '" + upgradedFrom010 + "' END AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" + noOwner + noDeployMarker + noNewOrigin + noCapture + " FROM " +
-		schema + ".status WHERE enabled",
+	shape010: "SELECT " + statusColumns + ", '' AS version, 'full' AS refresh_mode, 0::bigint AS healed_anomalies" +
+		noOwner + noDeployMarker + noNewOrigin + noCapture + " FROM " + schema + ".status WHERE enabled",
 }
 
 // noOwner stands for the owner and runbook_url of SQL older than 0.5.0.
@@ -161,24 +157,32 @@ const captureColumns = `coalesce(capture, '') AS capture, coalesce(capture_slot_
 const noCapture = `, '' AS capture, '' AS capture_slot_status, NULL::bigint AS capture_wal_retained_bytes,
 	NULL::bigint AS capture_wal_lag_bytes, NULL::bigint AS capture_wal_bound_bytes, false AS capture_reported`
 
-// upgradedFrom010 is the version the 0.1.0 shape reads once the SQL has
-// been upgraded; never reported.
-const upgradedFrom010 = "newer than 0.1.0"
+// viewMarkerQuery reads what changes whenever install.sql re-creates the
+// status view (and so whenever its columns can change): the transaction id
+// that wrote its rewrite rule. The status query that follows it in the same
+// transaction sees that view or a newer one, never an older one.
+const viewMarkerQuery = "SELECT coalesce((SELECT r.xmin::text FROM pg_catalog.pg_rewrite r " +
+	"WHERE r.ev_class = pg_catalog.to_regclass('" + schema + ".status') AND r.rulename = '_RETURN'), '')"
 
 type pgxClient struct {
 	pool    *pgxpool.Pool
 	timeout time.Duration
 	target  string // for error messages: database@host:port
 
-	// The status shape that last worked in this database, and the version
-	// it read, so that a scrape runs no query known to fail. The shape goes
-	// back to the newest when the pool opens a connection (after a restart
-	// or a failover, and when pgxpool renews a connection, hourly by
-	// default) and when the version read changes (install.sql upgraded the
-	// SQL); it steps down on undefined_column (an older release).
-	mu           sync.Mutex
-	shape        statusShape
-	shapeVersion string
+	// The status shape that last worked in this database, and the view
+	// marker (viewMarkerQuery) read before it was chosen, so that a scrape
+	// runs no query known to fail. The shape goes back to the newest when
+	// the pool opens a connection (after a restart or a failover, and when
+	// pgxpool renews a connection, hourly by default) and when the marker
+	// changes (install.sql re-created the view); it steps down on
+	// undefined_column (an older release).
+	mu          sync.Mutex
+	shape       statusShape
+	shapeMarker string
+
+	// steppedDown, when set (tests only), runs after an attempt failed on
+	// undefined_column and before the next older shape is tried.
+	steppedDown func()
 }
 
 // inTransaction runs fn in a transaction that carries its own limits:
@@ -310,7 +314,11 @@ func isAdminShutdown(err error) bool {
 // scrape's statement_timeout: the scrape can never write, nor hold the
 // database longer than its timeout. It reads the shape that last worked;
 // on undefined_column it steps down to the next older shape in the same
-// scrape, and remembers the one that worked.
+// scrape, and remembers the one that worked with the view marker read by
+// the first attempt. Each attempt is a transaction of its own, so
+// install.sql may upgrade the view between two of them: the shape found is
+// then older than the view, and the marker, older too, makes the next
+// scrape probe again.
 func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) {
 	conn, err := c.pool.Acquire(ctx)
 	if err != nil {
@@ -319,13 +327,20 @@ func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) 
 	defer conn.Release()
 	// Read after Acquire: a connection opened by it has reset the shape.
 	c.mu.Lock()
-	remembered := c.shape
+	remembered, rememberedMarker := c.shape, c.shapeMarker
 	c.mu.Unlock()
+	firstMarker := ""
 	for shape := remembered; ; shape++ {
-		rows, err := c.readStatusOn(ctx, conn, statusQueries[shape])
+		rows, marker, err := c.readStatusOn(ctx, conn, statusQueries[shape])
+		if shape == remembered {
+			firstMarker = marker
+		}
 		var pgErr *pgconn.PgError
 		if errors.As(err, &pgErr) && pgErr.Code == "42703" { // undefined_column
 			if shape+1 < shapeCount {
+				if c.steppedDown != nil {
+					c.steppedDown()
+				}
 				continue // an older release
 			}
 			// Not even the columns of the first release, which every
@@ -336,43 +351,35 @@ func (c *pgxClient) queryStatus(ctx context.Context) ([]invariantStatus, error) 
 		if err != nil {
 			return nil, err
 		}
-		version := ""
-		if len(rows) > 0 {
-			version = rows[0].Version
-		}
-		if version == upgradedFrom010 {
-			for i := range rows {
-				rows[i].Version = "" // read as 0.1.0's, this once
-			}
-		}
-		c.mu.Lock()
-		if shape == remembered && shape != shapeNewest && version != c.shapeVersion {
-			// An older shape read another version than the one it was
-			// chosen with: the SQL was upgraded. Try the newest next time.
-			c.shape, c.shapeVersion = shapeNewest, ""
+		if shape == remembered && shape != shapeNewest && marker != rememberedMarker {
+			// The view was re-created since this older shape was chosen:
+			// the SQL was upgraded. Try the newest next time.
+			c.setShape(shapeNewest, "")
 		} else {
-			c.shape, c.shapeVersion = shape, version
+			c.setShape(shape, firstMarker)
 		}
-		c.mu.Unlock()
 		return rows, nil
 	}
 }
 
-func (c *pgxClient) setShape(shape statusShape, version string) {
+func (c *pgxClient) setShape(shape statusShape, marker string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	c.shape, c.shapeVersion = shape, version
+	c.shape, c.shapeMarker = shape, marker
 }
 
 // readStatusOn sends the whole transaction in one round trip: BEGIN READ
-// ONLY, its statement_timeout, the query, COMMIT (as inTransaction does,
-// which would take four). A failed transaction is rolled back so that the
-// connection can be used again.
-func (c *pgxClient) readStatusOn(ctx context.Context, conn *pgxpool.Conn, query string) ([]invariantStatus, error) {
+// ONLY, its statement_timeout, the view marker, the query, COMMIT (as
+// inTransaction does, which would take five). A failed transaction is
+// rolled back so that the connection can be used again. The marker is read
+// even when the query fails.
+func (c *pgxClient) readStatusOn(ctx context.Context, conn *pgxpool.Conn, query string) ([]invariantStatus, string, error) {
 	var out []invariantStatus
+	var marker string
 	b := &pgx.Batch{}
 	b.Queue("BEGIN READ ONLY")
 	b.Queue("SELECT pg_catalog.set_config('statement_timeout', $1, true)", strconv.FormatInt(c.timeout.Milliseconds(), 10))
+	b.Queue(viewMarkerQuery).QueryRow(func(row pgx.Row) error { return row.Scan(&marker) })
 	b.Queue(query).Query(func(rows pgx.Rows) error {
 		var err error
 		out, err = pgx.CollectRows(rows, pgx.RowToStructByName[invariantStatus])
@@ -383,9 +390,9 @@ func (c *pgxClient) readStatusOn(ctx context.Context, conn *pgxpool.Conn, query 
 		if conn.Conn().PgConn().TxStatus() != 'I' {
 			_, _ = conn.Exec(ctx, "ROLLBACK") // if this fails too, the pool drops the connection
 		}
-		return nil, err
+		return nil, marker, err
 	}
-	return out, nil
+	return out, marker, nil
 }
 
 // explain turns the errors users will meet into messages that say what to do.

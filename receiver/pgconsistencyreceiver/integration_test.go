@@ -399,7 +399,7 @@ func TestIntegrationScrapeTransactionLimits(t *testing.T) {
 		conn, err := pc.pool.Acquire(t.Context())
 		require.NoError(t, err)
 		defer conn.Release()
-		_, err = pc.readStatusOn(t.Context(), conn, query)
+		_, _, err = pc.readStatusOn(t.Context(), conn, query)
 		return err
 	}
 	err = readStatus("CREATE TABLE public.scrape_wrote (i int)")

@@ -198,3 +198,40 @@ func TestIntegrationOlderReleases(t *testing.T) {
 		})
 	}
 }
+
+// TestIntegrationUpgradeDuringProbe: install.sql commits between two
+// attempts of the shape probe (the newest shape failed on the old view, the
+// next older one works on the upgraded view). The client must not keep that
+// older shape: the next status notices the view changed and the one after
+// reads the newest shape, capture included. Before the view marker, the
+// client remembered the older shape with the new version and never probed
+// again (a CI failure: capture.invariants absent after the upgrade).
+func TestIntegrationUpgradeDuringProbe(t *testing.T) {
+	t.Parallel()
+	srv := pgtest.Start(t)
+	db := releaseDatabase(t, srv, "0.6.0")
+	c, err := newPgxClient(t.Context(), serverConfig(srv, db))
+	require.NoError(t, err)
+	t.Cleanup(c.close)
+	pc := c.(*pgxClient)
+	upgrades := 0
+	pc.steppedDown = func() {
+		if upgrades == 0 {
+			srv.PsqlFile(t, db, fixture.Path("sql/install.sql"))
+		}
+		upgrades++
+	}
+	rows, err := pc.status(t.Context())
+	require.NoError(t, err)
+	require.Equal(t, 1, upgrades, "the newest shape failed once, on the 0.6.0 view")
+	assert.False(t, rows[0].CaptureReported, "this status stepped down to an older shape")
+	assert.Equal(t, shape060, pc.shape)
+
+	_, err = pc.status(t.Context())
+	require.NoError(t, err)
+	assert.Equal(t, shapeNewest, pc.shape, "the view changed since the shape was chosen: probe the newest next")
+	rows, err = pc.status(t.Context())
+	require.NoError(t, err)
+	assert.True(t, rows[0].CaptureReported, "the newest shape, read after the upgrade")
+	assert.Equal(t, 1, upgrades, "no failing attempt after the upgrade")
+}
