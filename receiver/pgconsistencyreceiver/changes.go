@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 )
@@ -50,21 +49,17 @@ const (
 // refresh_changes_plan(), it says once what to do and looks again every
 // minute.
 type changesLoop struct {
+	background
 	cfg    *Config
 	logger *zap.Logger
-
-	cancel context.CancelFunc
-	done   chan struct{}
 
 	// run is one pass: pass, or a fake in tests.
 	run func(context.Context) error
 
 	// Used by the loop goroutine only.
 	conn        dedicatedConn
-	unavailable string    // why refresh_changes_plan() cannot be called, as logged; "" when it can
-	failures    int       // consecutive failed passes
-	lastError   string    // the failure last logged
-	lastErrorAt time.Time // when
+	unavailable string // why refresh_changes_plan() cannot be called, as logged; "" when it can
+	failures    failureSeries
 }
 
 func newChangesLoop(cfg *Config, logger *zap.Logger) *changesLoop {
@@ -77,25 +72,11 @@ func newChangesLoop(cfg *Config, logger *zap.Logger) *changesLoop {
 	return c
 }
 
-func (c *changesLoop) start() {
-	ctx, cancel := context.WithCancel(context.Background())
-	c.cancel = cancel
-	c.done = make(chan struct{})
-	go c.loop(ctx)
-}
-
-// shutdown stops the loop, cancelling a refresh in flight, and closes the
-// connection. Safe to call without start.
-func (c *changesLoop) shutdown() {
-	if c.cancel == nil {
-		return
-	}
-	c.cancel()
-	<-c.done
-}
+// start runs the loop until shutdown, which cancels a refresh in flight and
+// closes the connection.
+func (c *changesLoop) start() { c.launch(c.loop) }
 
 func (c *changesLoop) loop(ctx context.Context) {
-	defer close(c.done)
 	defer c.conn.close()
 	timer := time.NewTimer(0)
 	defer timer.Stop()
@@ -122,7 +103,7 @@ func (c *changesLoop) step(ctx context.Context) time.Duration {
 	if reason := changesUnavailable(err); reason != "" {
 		// Hold no connection while waiting.
 		c.conn.close()
-		c.failures = 0
+		c.failures.reset()
 		if reason != c.unavailable {
 			c.unavailable = reason
 			c.logger.Info(reason, zap.Duration("retry_interval", changesRetryUnavailable), zap.Error(err))
@@ -136,26 +117,13 @@ func (c *changesLoop) step(ctx context.Context) time.Duration {
 	}
 	if err != nil {
 		c.conn.close() // reconnect next time: the connection may be broken
-		c.failures++
-		wait := min(changesMaxBackoff, interval<<min(c.failures-1, 16))
-		// Logged when it changes, and at most once a minute while it lasts.
-		if msg := err.Error(); msg != c.lastError || time.Since(c.lastErrorAt) >= changesMaxBackoff {
-			c.lastError, c.lastErrorAt = msg, time.Now()
-			log := c.logger.Error
-			if c.failures == 1 && (isAdminShutdown(err) || databaseGone(err)) {
-				// The server ended the connection (a restart, a database
-				// dropped WITH (FORCE), which the scrape reports): the next
-				// pass reconnects; an error only if that goes on failing.
-				log = c.logger.Info
-			}
-			log("pgconsistency changes pass failed; the next one is in "+wait.String()+
-				" (logged again after a minute if it goes on failing)", zap.Error(err), zap.Int("consecutive_failures", c.failures))
-		}
-		return wait
+		return c.failures.failed(c.logger, err, interval, changesMaxBackoff, func(wait time.Duration) string {
+			return "pgconsistency changes pass failed; the next one is in " + wait.String() +
+				" (logged again after a minute if it goes on failing)"
+		})
 	}
-	if c.failures > 0 {
-		c.logger.Info("pgconsistency changes loop: passes succeed again", zap.Int("failed_passes", c.failures))
-		c.failures, c.lastError = 0, ""
+	if n := c.failures.reset(); n > 0 {
+		c.logger.Info("pgconsistency changes loop: passes succeed again", zap.Int("failed_passes", n))
 	}
 	return max(0, interval-time.Since(began))
 }
@@ -163,21 +131,19 @@ func (c *changesLoop) step(ctx context.Context) time.Duration {
 // changesUnavailable says, for an error of the plan that no retry soon will
 // change, what to do about it: "" for any other error.
 func changesUnavailable(err error) string {
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) {
+	pgErr := lastingSQLError(err)
+	switch {
+	case pgErr == nil:
 		return ""
-	}
-	switch pgErr.Code {
-	case "42883": // undefined_function
+	case pgErr.Code == "42883": // undefined_function
 		return "pgconsistency changes loop: off for now: the pgconsistency SQL in this database is older than 0.7.0 " +
 			"(no refresh_changes_plan()); to refresh changed invariants within seconds, upgrade it with " +
 			"`psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql` (or set refresh::changes_interval: 0 to turn the loop off); looked for again every minute"
-	case "42501": // insufficient_privilege
+	default: // insufficient_privilege
 		return "pgconsistency changes loop: off for now: the receiver's role may not call pgconsistency.refresh_changes_plan(); " +
 			"to refresh changed invariants within seconds, `GRANT pgconsistency_refresher TO <the receiver's role>` " +
 			"(or set refresh::changes_interval: 0 to turn the loop off); tried again every minute"
 	}
-	return ""
 }
 
 // pass refreshes the invariants whose tables were written, if any.

@@ -31,12 +31,10 @@ const hasStatusView = `SELECT pg_catalog.to_regclass('` + schema + `.status') IS
 // watches at most maxDiscoveredDatabases databases: the rest are logged,
 // once, as refused.
 type discovery struct {
+	background
 	cfg     *Config
 	logger  *zap.Logger
 	scraper *pgScraper
-
-	cancel context.CancelFunc
-	done   chan struct{}
 
 	// Used by the loop goroutine only: what was last logged, so that a
 	// state that persists is logged once, not at every interval.
@@ -49,24 +47,10 @@ func newDiscovery(cfg *Config, logger *zap.Logger, s *pgScraper) *discovery {
 	return &discovery{cfg: cfg, logger: logger, scraper: s, probeErrors: map[string]string{}}
 }
 
-func (d *discovery) start() {
-	ctx, cancel := context.WithCancel(context.Background())
-	d.cancel = cancel
-	d.done = make(chan struct{})
-	go d.loop(ctx)
-}
-
-// shutdown stops the loop; safe without start.
-func (d *discovery) shutdown() {
-	if d.cancel == nil {
-		return
-	}
-	d.cancel()
-	<-d.done
-}
+// start runs the loop until shutdown.
+func (d *discovery) start() { d.launch(d.loop) }
 
 func (d *discovery) loop(ctx context.Context) {
-	defer close(d.done)
 	ticker := time.NewTicker(d.cfg.Discovery.Interval)
 	defer ticker.Stop()
 	for {

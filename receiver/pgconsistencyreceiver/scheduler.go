@@ -27,11 +27,9 @@ import (
 // refresh once per period. Every limit is set per transaction, so it works
 // behind a transaction-pooling proxy.
 type scheduler struct {
+	background
 	cfg    *Config
 	logger *zap.Logger
-
-	cancel context.CancelFunc
-	done   chan struct{}
 	conn   dedicatedConn // used by the loop goroutine only
 }
 
@@ -69,25 +67,11 @@ func noticeLogger(logger *zap.Logger, info zapcore.Level) pgconn.NoticeHandler {
 	}
 }
 
-func (s *scheduler) start() {
-	ctx, cancel := context.WithCancel(context.Background())
-	s.cancel = cancel
-	s.done = make(chan struct{})
-	go s.loop(ctx)
-}
-
-// shutdown stops the loop, cancelling a refresh in flight, and closes the
-// connection. Safe to call without start.
-func (s *scheduler) shutdown() {
-	if s.cancel == nil {
-		return
-	}
-	s.cancel()
-	<-s.done
-}
+// start runs the loop until shutdown, which cancels a refresh in flight
+// and closes the connection.
+func (s *scheduler) start() { s.launch(s.loop) }
 
 func (s *scheduler) loop(ctx context.Context) {
-	defer close(s.done)
 	defer s.conn.close()
 	ticker := time.NewTicker(s.cfg.Refresh.interval())
 	defer ticker.Stop()

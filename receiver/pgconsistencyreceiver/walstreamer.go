@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/jackc/pglogrepl"
-	"github.com/jackc/pgx/v5/pgconn"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
@@ -33,22 +32,18 @@ const (
 // walStreamer runs refresh::wal_stream for one database: internal/walstream's
 // Run, started again after each end, with a wait that says why (see step).
 type walStreamer struct {
+	background
 	cfg    *Config
 	logger *zap.Logger
-
-	cancel context.CancelFunc
-	done   chan struct{}
 
 	// run is one stream: walstream.Run, or a fake in tests.
 	run func(context.Context, walstream.Options) error
 
 	// Used by the loop goroutine only.
-	conn        dedicatedConn
-	streaming   bool   // logged as streaming since it last ended
-	waiting     string // why the stream cannot start, as logged; "" when it streams
-	failures    int
-	lastError   string
-	lastErrorAt time.Time
+	conn      dedicatedConn
+	streaming bool   // logged as streaming since it last ended
+	waiting   string // why the stream cannot start, as logged; "" when it streams
+	failures  failureSeries
 }
 
 func newWALStreamer(cfg *Config, logger *zap.Logger) *walStreamer {
@@ -57,26 +52,12 @@ func newWALStreamer(cfg *Config, logger *zap.Logger) *walStreamer {
 	return w
 }
 
-func (w *walStreamer) start() {
-	ctx, cancel := context.WithCancel(context.Background())
-	w.cancel = cancel
-	w.done = make(chan struct{})
-	go w.loop(ctx)
-}
-
-// shutdown stops the stream (the keys received and not stored are not
-// confirmed: the slot sends them again) and closes its connections. Safe
-// to call without start.
-func (w *walStreamer) shutdown() {
-	if w.cancel == nil {
-		return
-	}
-	w.cancel()
-	<-w.done
-}
+// start runs the stream until shutdown, which stops it (the keys received
+// and not stored are not confirmed: the slot sends them again) and closes
+// its connections.
+func (w *walStreamer) start() { w.launch(w.loop) }
 
 func (w *walStreamer) loop(ctx context.Context) {
-	defer close(w.done)
 	defer w.conn.close()
 	for {
 		wait := w.step(ctx)
@@ -100,7 +81,7 @@ func (w *walStreamer) step(ctx context.Context) time.Duration {
 	var notReady *walstream.NotReadyError
 	switch {
 	case errors.As(err, &notReady):
-		w.failures = 0
+		w.failures.reset()
 		if notReady.Problem != w.waiting {
 			w.waiting = notReady.Problem
 			w.logger.Info("pgconsistency WAL stream: waiting: "+notReady.Problem, zap.Duration("retry_interval", streamNotReadyRetry))
@@ -123,24 +104,13 @@ func (w *walStreamer) step(ctx context.Context) time.Duration {
 	}
 	w.conn.close() // reconnect next time: the connection may be broken
 	if time.Since(began) >= streamHealthy {
-		w.failures = 0
-	}
-	w.failures++
-	wait := min(streamMaxBackoff, time.Second<<min(w.failures-1, 16))
-	if msg := err.Error(); msg != w.lastError || time.Since(w.lastErrorAt) >= streamMaxBackoff {
-		w.lastError, w.lastErrorAt = msg, time.Now()
-		log := w.logger.Error
-		if w.failures == 1 && (isAdminShutdown(err) || databaseGone(err)) {
-			// A restart of the server: the next stream starts where the
-			// stored position is.
-			log = w.logger.Info
-		}
-		log("pgconsistency WAL stream ended; the next one starts in "+wait.String()+
-			" from the position whose keys are stored (the refresh loop reads the slot by SQL meanwhile)",
-			zap.Error(err), zap.Int("consecutive_failures", w.failures))
+		w.failures.reset()
 	}
 	w.waiting = ""
-	return wait
+	return w.failures.failed(w.logger, err, time.Second, streamMaxBackoff, func(wait time.Duration) string {
+		return "pgconsistency WAL stream ended; the next one starts in " + wait.String() +
+			" from the position whose keys are stored (the refresh loop reads the slot by SQL meanwhile)"
+	})
 }
 
 // stream runs one walstream.Run with the configured connections.
@@ -172,19 +142,17 @@ func (w *walStreamer) stream(ctx context.Context) error {
 // streamUnavailable says, for an error that no retry soon will change, what
 // to do about it: "" for any other error.
 func streamUnavailable(err error) string {
-	var pgErr *pgconn.PgError
-	if !errors.As(err, &pgErr) {
+	pgErr := lastingSQLError(err)
+	switch {
+	case pgErr == nil:
 		return ""
-	}
-	switch pgErr.Code {
-	case "42883": // undefined_function
+	case pgErr.Code == "42883": // undefined_function
 		return "pgconsistency WAL stream: off for now: the pgconsistency SQL in this database is older than 0.7.7 " +
 			"(no wal_stream_start()); upgrade it with `psql -v ON_ERROR_STOP=1 -d DB -f sql/install.sql`, or set refresh::wal_stream::enabled: false; " +
 			"looked for again every minute"
-	case "42501": // insufficient_privilege
+	default: // insufficient_privilege
 		return fmt.Sprintf("pgconsistency WAL stream: off for now: %s; the receiver's role needs pgconsistency_refresher "+
 			"(`GRANT pgconsistency_refresher TO <the receiver's role>`), and the stream's role REPLICATION "+
 			"(`ALTER ROLE <refresh::wal_stream::username> REPLICATION`); tried again every minute", pgErr.Message)
 	}
-	return ""
 }
