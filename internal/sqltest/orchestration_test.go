@@ -25,6 +25,7 @@ func TestOrchestration(t *testing.T) {
 		{"LockTimeout", testLockTimeout},
 		{"StatementTimeout", testStatementTimeout},
 		{"RefreshSettings", testRefreshSettings},
+		{"IncrementalWithoutJIT", testIncrementalWithoutJIT},
 		{"PgCronSchedule", testPgCronSchedule},
 		{"StandbySkips", testStandbySkips},
 	})
@@ -345,6 +346,46 @@ func testStandbySkips(t *testing.T, s *pgtest.Server) {
 	assert.Contains(t, strings.Join(notices(), "\n"),
 		"NOTICE: pgconsistency: nothing refreshed: this server is a standby; refreshes run on the primary and replicate here")
 	assert.Equal(t, st, status(t, conn)["dataset_seed_missing"], "nothing changed, nothing failed")
+}
+
+// testIncrementalWithoutJIT: the query of an incremental refresh runs with
+// JIT off (compiling it cost more than checking a few keys), unless the
+// invariant's incremental settings turn it on; a full refresh, the
+// reconcile included, keeps the server's JIT setting.
+func testIncrementalWithoutJIT(t *testing.T, s *pgtest.Server) {
+	db := fixture.NewCurrentDatabase(t, s)
+	conn := s.Conn(t, db)
+	var serverJIT string
+	require.NoError(t, conn.QueryRow(t.Context(), "SHOW jit").Scan(&serverJIT))
+	require.Equal(t, "on", serverJIT, "the test needs the server's JIT on to tell the two apart")
+	exec(t, conn, `SELECT pgconsistency.define_invariant('jit_probe',
+		$q$ SELECT a.id::text AS key, pg_catalog.current_setting('jit') AS jit FROM public.accounts a $q$,
+		'info', keys => '{"public.accounts": "r.id::text"}')`)
+	exec(t, conn, "SELECT pgconsistency.set_refresh_mode('jit_probe', 'incremental')")
+	jitOf := func(kind, account string) string {
+		t.Helper()
+		exec(t, conn, "CALL pgconsistency.refresh('jit_probe')")
+		var gotKind, jit string
+		require.NoError(t, conn.QueryRow(t.Context(), `SELECT s.last_refresh_kind, a.details ->> 'jit'
+			  FROM pgconsistency.status s, pgconsistency.anomaly a
+			 WHERE s.invariant = 'jit_probe' AND a.invariant = 'jit_probe' AND a.key = $1 AND a.resolved_at IS NULL`,
+			account).Scan(&gotKind, &jit))
+		require.Equal(t, kind, gotKind)
+		return jit
+	}
+	account := func(id string) string {
+		exec(t, conn, `INSERT INTO public.accounts (id, account_name, email, display_name, account_type, registered_at, provider, provider_identity_key)
+			VALUES ($1::text, $1::text, $1::text || '@example.com', $1::text, 'user', now(), 'password', $1::text)`, id)
+		return id
+	}
+	first := account("did:odf:fed01jit-1")
+	assert.Equal(t, "on", jitOf("reconcile", first), "the reconcile (a full refresh): the server's JIT")
+	assert.Equal(t, "off", jitOf("incremental", account("did:odf:fed01jit-2")), "an incremental refresh")
+	exec(t, conn, `UPDATE pgconsistency.invariant SET settings = '{"incremental": {"jit": "on"}}' WHERE name = 'jit_probe'`)
+	assert.Equal(t, "on", jitOf("incremental", account("did:odf:fed01jit-3")), "incremental settings with JIT on")
+	var sessionJIT string
+	require.NoError(t, conn.QueryRow(t.Context(), "SHOW jit").Scan(&sessionJIT))
+	assert.Equal(t, "on", sessionJIT, "the setting does not outlive the refresh")
 }
 
 // testRefreshSettings: every refresh runs without parallel workers and with

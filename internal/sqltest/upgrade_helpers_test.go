@@ -655,3 +655,21 @@ func newIn077(t *testing.T, admin *pgx.Conn) {
 		assert.Nil(t, stored, "what the stream may store with the trigger capture")
 	}
 }
+
+// newIn078: the step of an incremental refresh that runs the invariant's
+// query turns JIT off for its transaction (the incremental settings apply
+// after it, and may turn it on again).
+func newIn078(t *testing.T, admin *pgx.Conn) {
+	tx, err := admin.Begin(t.Context())
+	require.NoError(t, err)
+	defer func() { _ = tx.Rollback(t.Context()) }()
+	_, err = tx.Exec(t.Context(), "SET LOCAL jit = on")
+	require.NoError(t, err)
+	tag, err := tx.Exec(t.Context(), `SELECT pgconsistency._refresh_rows_incremental(i, '{}'::text[], true)
+		  FROM pgconsistency.invariant i WHERE i.name = 'dataset_seed_missing'`)
+	require.NoError(t, err)
+	require.EqualValues(t, 1, tag.RowsAffected())
+	var jit string
+	require.NoError(t, tx.QueryRow(t.Context(), "SHOW jit").Scan(&jit))
+	assert.Equal(t, "off", jit, "JIT after the incremental rows step")
+}

@@ -63,6 +63,9 @@ var (
 	release075 = fromRelease{version: "0.7.5", dir: "testdata/sql/0.7.5", datasetInvariants: fixture.Invariants[:9]}
 	// 0.7.6 took each decoded row's key with one CASE, and added no invariant.
 	release076 = fromRelease{version: "0.7.6", dir: "testdata/sql/0.7.6", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.7 let the receiver stream the WAL capture's slot, and added no
+	// invariant.
+	release077 = fromRelease{version: "0.7.7", dir: "testdata/sql/0.7.7", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -91,7 +94,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.7"
+const currentRelease = "0.7.8"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -176,6 +179,11 @@ func TestUpgradeFrom075(t *testing.T) {
 func TestUpgradeFrom076(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release076)
+}
+
+func TestUpgradeFrom077(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release077)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -551,6 +559,11 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// replication connection.
 	t.Run("NewIn077", func(t *testing.T) {
 		newIn077(t, admin)
+	})
+
+	// 0.7.8: an incremental refresh runs its query without JIT.
+	t.Run("NewIn078", func(t *testing.T) {
+		newIn078(t, admin)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

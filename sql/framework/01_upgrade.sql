@@ -379,3 +379,8 @@ BEGIN
     END IF;
 END
 $do$;
+
+-- ---------------------------------------------------------------------------
+-- From 0.7.7 to 0.7.8: an incremental refresh runs its query without JIT
+-- (_refresh_rows_incremental, replaced by 08_refresh.sql). Nothing stored
+-- changes.
