@@ -658,8 +658,16 @@ func newIn077(t *testing.T, admin *pgx.Conn) {
 
 // newIn078: the step of an incremental refresh that runs the invariant's
 // query turns JIT off for its transaction (the incremental settings apply
-// after it, and may turn it on again).
+// after it, and may turn it on again); _wal_drop_slot leaves a slot a
+// walsender holds (its callers no longer check that themselves; the
+// behaviour is TestWALStream's, this checks the upgrade replaced it).
 func newIn078(t *testing.T, admin *pgx.Conn) {
+	var unheldOnly bool
+	require.NoError(t, admin.QueryRow(t.Context(),
+		`SELECT pg_catalog.strpos(p.prosrc, 's.active_pid IS NULL') > 0 FROM pg_catalog.pg_proc p
+		  WHERE p.oid = 'pgconsistency._wal_drop_slot(text)'::regprocedure`).Scan(&unheldOnly))
+	assert.True(t, unheldOnly, "_wal_drop_slot drops only a slot no walsender holds")
+
 	tx, err := admin.Begin(t.Context())
 	require.NoError(t, err)
 	defer func() { _ = tx.Rollback(t.Context()) }()

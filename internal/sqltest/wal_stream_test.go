@@ -243,6 +243,24 @@ func (b *blockedStores) QueryRow(ctx context.Context, sql string, args ...any) p
 	return b.q.QueryRow(ctx, sql, args...)
 }
 
+// gatedStores holds every store back until open is closed (or the stream
+// stops): the stream keeps the slot meanwhile.
+type gatedStores struct {
+	q    walstream.Querier
+	open chan struct{}
+}
+
+func (g *gatedStores) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+	if strings.Contains(sql, "capture_wal_stream") {
+		select {
+		case <-g.open:
+		case <-ctx.Done():
+			return errRow{ctx.Err()}
+		}
+	}
+	return g.q.QueryRow(ctx, sql, args...)
+}
+
 type errRow struct{ err error }
 
 func (r errRow) Scan(...any) error { return r.err }
@@ -311,19 +329,30 @@ func testStreamSlotDropped(t *testing.T, s *pgtest.Server, db string, conn *pgx.
 }
 
 // testStreamBackToTriggers: set_capture('trigger') while the stream holds
-// the slot works; the stream ends at its next store, and the next refresh
-// loop drops the slot it leaves (or the next start of a stream does).
+// the slot works; while the stream still holds it (its stores held back
+// here), the refresh loop and a stream starting leave it alone; the stream
+// ends at its next store, and the next refresh loop drops the slot it
+// leaves (or the next start of a stream does).
 func testStreamBackToTriggers(t *testing.T, s *pgtest.Server, db string, conn *pgx.Conn) {
-	st := startStream(t, s, db, walstream.Options{})
+	store := &gatedStores{q: s.Conn(t, db), open: make(chan struct{})}
+	st := startStream(t, s, db, walstream.Options{Conn: func(context.Context) (walstream.Querier, error) { return store, nil }})
 	streaming(t, conn)
 	require.NoError(t, setCapture(t, conn, "trigger"))
-	require.ErrorIs(t, st.ended(t), walstream.ErrCaptureChanged)
-	notStreaming(t, conn) // a slot still held is dropped later
 	slots := func() (n int) {
 		require.NoError(t, conn.QueryRow(t.Context(),
 			"SELECT count(*) FROM pg_replication_slots WHERE slot_name = (SELECT slot_name FROM pgconsistency.capture)").Scan(&n))
 		return n
 	}
+	var read *int64
+	var problem string
+	require.NoError(t, conn.QueryRow(t.Context(), "SELECT pgconsistency.capture_wal(), (pgconsistency.wal_stream_start()).problem").
+		Scan(&read, &problem), "a slot the stream still holds: no attempt to drop it")
+	assert.Nil(t, read, "capture_wal with the trigger capture")
+	assert.Contains(t, problem, "the capture is trigger")
+	slotHeld(t, conn, true, "the stream still holds the slot")
+	close(store.open)
+	require.ErrorIs(t, st.ended(t), walstream.ErrCaptureChanged)
+	notStreaming(t, conn) // a slot still held is dropped later
 	require.Equal(t, 1, slots(), "the slot the stream held, left by set_capture")
 	// The next refresh loop drops it: nothing reads it any more.
 	breakSeed(t, conn, 1)

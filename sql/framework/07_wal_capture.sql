@@ -245,7 +245,9 @@ COMMENT ON FUNCTION pgconsistency._wal_create_slot(text) IS
   'Internal: create the WAL capture''s logical replication slot (wal2json)';
 
 -- _wal_drop_slot: drop the WAL capture's slot (invalidated, or the capture
--- back to triggers). Only a wal2json slot of this database.
+-- back to triggers). Only a wal2json slot of this database, and only while
+-- no walsender holds it: the receiver's stream, which ends within seconds
+-- when the capture is no longer wal (the next call drops the slot then).
 CREATE OR REPLACE FUNCTION pgconsistency._wal_drop_slot(slot_name text) RETURNS void
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -254,7 +256,7 @@ AS $fn$
 BEGIN
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
                 WHERE s.slot_name = _wal_drop_slot.slot_name AND s.database = pg_catalog.current_database()
-                  AND s.plugin = 'wal2json') THEN
+                  AND s.plugin = 'wal2json' AND s.active_pid IS NULL) THEN
         PERFORM pg_catalog.pg_drop_replication_slot(slot_name);
     END IF;
 END
@@ -667,9 +669,7 @@ BEGIN
     IF cfg.method IS DISTINCT FROM 'wal' OR pg_catalog.pg_is_in_recovery() THEN
         -- A slot a stream held when set_capture('trigger') ran, left since
         -- (the stream stopped for good): nothing reads it, and it keeps WAL.
-        IF cfg.method = 'trigger' AND cfg.slot_name IS NOT NULL AND NOT pg_catalog.pg_is_in_recovery()
-           AND EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
-                        WHERE s.slot_name = cfg.slot_name AND s.active_pid IS NULL) THEN
+        IF cfg.method = 'trigger' AND cfg.slot_name IS NOT NULL AND NOT pg_catalog.pg_is_in_recovery() THEN
             PERFORM pgconsistency._wal_drop_slot(cfg.slot_name);
         END IF;
         RETURN NULL;
@@ -836,10 +836,8 @@ BEGIN
     slot_name := cfg.slot_name;
     IF cfg.method IS DISTINCT FROM 'wal' THEN
         problem := pg_catalog.format('the capture is %s, not wal (SELECT pgconsistency.set_capture(''wal''); to read the WAL)', coalesce(cfg.method, 'not installed'));
-        IF cfg.slot_name IS NOT NULL
-           AND EXISTS (SELECT 1 FROM pg_catalog.pg_replication_slots s
-                        WHERE s.slot_name = cfg.slot_name AND s.active_pid IS NULL) THEN
-            PERFORM pgconsistency._wal_drop_slot(cfg.slot_name);
+        IF cfg.slot_name IS NOT NULL THEN
+            PERFORM pgconsistency._wal_drop_slot(cfg.slot_name); -- one a stream left
         END IF;
         RETURN;
     END IF;
