@@ -382,5 +382,6 @@ $do$;
 
 -- ---------------------------------------------------------------------------
 -- From 0.7.7 to 0.7.8: an incremental refresh runs its query without JIT
--- (_refresh_rows_incremental, replaced by 08_refresh.sql). Nothing stored
--- changes.
+-- (_refresh_rows_incremental, replaced by 08_refresh.sql), and
+-- _wal_drop_slot leaves a slot a walsender holds (replaced by
+-- 07_wal_capture.sql). Nothing stored changes.
