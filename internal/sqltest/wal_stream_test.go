@@ -192,7 +192,7 @@ func testStreamKeys(t *testing.T, s *pgtest.Server, db string, conn *pgx.Conn) {
 // stream runs) gets them, and so does a stream started again.
 func testStreamStoppedBeforeStoring(t *testing.T, s *pgtest.Server, db string, conn *pgx.Conn) {
 	for i, readAgain := range []string{"the refresh loop", "a stream started again"} {
-		store := &blockedStores{q: s.Conn(t, db), attempted: make(chan struct{}, 1)}
+		store := &heldStores{q: s.Conn(t, db), attempted: make(chan struct{}, 1)}
 		st := startStream(t, s, db, walstream.Options{Conn: func(context.Context) (walstream.Querier, error) { return store, nil }})
 		streaming(t, conn)
 		breakSeed(t, conn, i+1)
@@ -223,42 +223,31 @@ func testStreamStoppedBeforeStoring(t *testing.T, s *pgtest.Server, db string, c
 	}
 }
 
-// blockedStores lets the stream start and store nothing but positions: a
-// store of changes waits until the stream stops, as if the collector died
-// between receiving them and storing their keys.
-type blockedStores struct {
+// heldStores holds the stream's stores back, so that it keeps the slot and
+// confirms nothing past them: the stores of changes (every store, empty
+// ones too, with all) wait until open is closed (never, when nil: as if the
+// collector died between receiving changes and storing their keys) or the
+// stream stops. attempted, when set, is signalled at the first one held.
+type heldStores struct {
 	q         walstream.Querier
+	all       bool
+	open      chan struct{}
 	attempted chan struct{}
 }
 
-func (b *blockedStores) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
-	if strings.Contains(sql, "capture_wal_stream") && len(args[0].([]string)) > 0 {
+func (h *heldStores) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
+	if strings.Contains(sql, "capture_wal_stream") && (h.all || len(args[0].([]string)) > 0) {
 		select {
-		case b.attempted <- struct{}{}:
+		case h.attempted <- struct{}{}:
 		default:
 		}
-		<-ctx.Done()
-		return errRow{ctx.Err()}
-	}
-	return b.q.QueryRow(ctx, sql, args...)
-}
-
-// gatedStores holds every store back until open is closed (or the stream
-// stops): the stream keeps the slot meanwhile.
-type gatedStores struct {
-	q    walstream.Querier
-	open chan struct{}
-}
-
-func (g *gatedStores) QueryRow(ctx context.Context, sql string, args ...any) pgx.Row {
-	if strings.Contains(sql, "capture_wal_stream") {
 		select {
-		case <-g.open:
+		case <-h.open:
 		case <-ctx.Done():
 			return errRow{ctx.Err()}
 		}
 	}
-	return g.q.QueryRow(ctx, sql, args...)
+	return h.q.QueryRow(ctx, sql, args...)
 }
 
 type errRow struct{ err error }
@@ -334,7 +323,7 @@ func testStreamSlotDropped(t *testing.T, s *pgtest.Server, db string, conn *pgx.
 // ends at its next store, and the next refresh loop drops the slot it
 // leaves (or the next start of a stream does).
 func testStreamBackToTriggers(t *testing.T, s *pgtest.Server, db string, conn *pgx.Conn) {
-	store := &gatedStores{q: s.Conn(t, db), open: make(chan struct{})}
+	store := &heldStores{q: s.Conn(t, db), all: true, open: make(chan struct{})}
 	st := startStream(t, s, db, walstream.Options{Conn: func(context.Context) (walstream.Querier, error) { return store, nil }})
 	streaming(t, conn)
 	require.NoError(t, setCapture(t, conn, "trigger"))
