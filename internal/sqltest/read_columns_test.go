@@ -188,8 +188,9 @@ func testReadColumns(t *testing.T, s *pgtest.Server, capture string, full bool) 
 
 // TestReadColumnsColumnRenamed: the capture triggers compare an UPDATE on
 // the columns the invariants read, by name. A migration that renames one
-// must not make the application's UPDATE fail: the trigger takes every
-// updated row's keys instead, until the invariants are defined again.
+// or drops one must not make the application's UPDATE fail: the trigger
+// takes every updated row's keys instead, until the invariants are defined
+// again.
 func TestReadColumnsColumnRenamed(t *testing.T) {
 	t.Parallel()
 	s := pgtest.Start(t)
@@ -197,17 +198,32 @@ func TestReadColumnsColumnRenamed(t *testing.T) {
 	conn := s.Conn(t, db)
 	incremental(t, conn)
 	refreshAll(t, conn)
+	// sourceKeys: the keys captured for a dataset from dataset_entries,
+	// none of them with the columns compared.
+	sourceKeys := func(key string) int {
+		t.Helper()
+		var keys, tagged int
+		require.NoError(t, conn.QueryRow(t.Context(), `SELECT count(*), count(k.read_columns) FROM pgconsistency.captured_key k
+			JOIN pgconsistency.capture_source c ON c.id = k.source
+			WHERE c.relation = 'public.dataset_entries' AND k.key = $1`, key).Scan(&keys, &tagged))
+		require.Zero(t, tagged, "no columns compared")
+		return keys
+	}
 	exec(t, conn, "ALTER TABLE public.dataset_entries RENAME COLUMN dataset_name TO name")
 	exec(t, conn, "UPDATE public.dataset_entries SET kind = kind WHERE dataset_id = $1", fixture.DatasetID(6))
-	var keys, tagged int
-	require.NoError(t, conn.QueryRow(t.Context(), `SELECT count(*), count(k.read_columns) FROM pgconsistency.captured_key k
-		JOIN pgconsistency.capture_source c ON c.id = k.source
-		WHERE c.relation = 'public.dataset_entries' AND k.key = $1`, fixture.DatasetID(6)).Scan(&keys, &tagged))
-	require.Equal(t, 1, keys, "the updated entry's key, for every invariant of the source")
-	require.Zero(t, tagged, "no columns compared")
+	require.Equal(t, 1, sourceKeys(fixture.DatasetID(6)), "the updated entry's key, for every invariant of the source")
+	var keys int
 	exec(t, conn, "ALTER TABLE public.dataset_entries RENAME COLUMN name TO dataset_name")
 	exec(t, conn, "UPDATE public.dataset_entries SET kind = kind WHERE dataset_id = $1", fixture.DatasetID(7))
 	require.NoError(t, conn.QueryRow(t.Context(), `SELECT count(*) FROM pgconsistency.captured_key k WHERE k.key = $1`,
 		fixture.DatasetID(7)).Scan(&keys))
 	require.Zero(t, keys, "the columns back: an UPDATE that changed nothing read gives no key")
+	// Dropped, then added again under its name (at another place): not the
+	// column compared either.
+	exec(t, conn, "ALTER TABLE public.dataset_entries DROP COLUMN dataset_name")
+	exec(t, conn, "UPDATE public.dataset_entries SET kind = kind WHERE dataset_id = $1", fixture.DatasetID(8))
+	require.Equal(t, 1, sourceKeys(fixture.DatasetID(8)), "dropped: the updated entry's key")
+	exec(t, conn, "ALTER TABLE public.dataset_entries ADD COLUMN dataset_name character varying(100)")
+	exec(t, conn, "UPDATE public.dataset_entries SET kind = kind WHERE dataset_id = $1", fixture.DatasetID(9))
+	require.Equal(t, 1, sourceKeys(fixture.DatasetID(9)), "added again: the updated entry's key")
 }

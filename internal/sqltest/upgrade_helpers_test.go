@@ -681,3 +681,30 @@ func newIn078(t *testing.T, admin *pgx.Conn) {
 	require.NoError(t, tx.QueryRow(t.Context(), "SHOW jit").Scan(&jit))
 	assert.Equal(t, "off", jit, "JIT after the incremental rows step")
 }
+
+// newIn079: _query_shape gives the columns a query reads of each relation
+// (read_columns), from its one temporary view: _query_columns is gone, and
+// _define_read_columns takes them; the capture function of a table made now
+// checks the columns an UPDATE compares without a query on pg_attribute
+// (that the upgrade replaced those made before is checked where the
+// capture triggers of the earlier release are).
+func newIn079(t *testing.T, admin *pgx.Conn) {
+	var oldColumns, oldDefine *string
+	var read string
+	require.NoError(t, admin.QueryRow(t.Context(),
+		`SELECT to_regprocedure('pgconsistency._query_columns(text)')::text,
+		        to_regprocedure('pgconsistency._define_read_columns(text, text)')::text,
+		        (pgconsistency._query_shape('SELECT e.dataset_id::text AS key FROM public.dataset_entries e')).read_columns::text`).
+		Scan(&oldColumns, &oldDefine, &read))
+	assert.Nil(t, oldColumns, "0.7.8's _query_columns")
+	assert.Nil(t, oldDefine, "0.7.8's _define_read_columns(text, text)")
+	assert.Equal(t, `{"public.dataset_entries": ["dataset_id"]}`, read, "_query_shape's read_columns")
+
+	exec(t, admin, "SELECT pgconsistency.set_refresh_mode('dataset_seed_not_first', 'incremental')")
+	defer exec(t, admin, "SELECT pgconsistency.set_refresh_mode('dataset_seed_not_first', 'full')")
+	var body string
+	require.NoError(t, admin.QueryRow(t.Context(), `SELECT p.prosrc FROM pg_catalog.pg_proc p
+		WHERE p.oid = pg_catalog.to_regprocedure(format('pgconsistency._capture_%s()', 'public.dataset_key_blocks'::regclass::oid))`).Scan(&body))
+	assert.Contains(t, body, "pg_catalog.pg_identify_object_as_address(", "the columns compared checked in the system cache")
+	assert.NotContains(t, body, "pg_catalog.pg_attribute", "a query on pg_attribute at each UPDATE")
+}

@@ -66,6 +66,8 @@ var (
 	// 0.7.7 let the receiver stream the WAL capture's slot, and added no
 	// invariant.
 	release077 = fromRelease{version: "0.7.7", dir: "testdata/sql/0.7.7", datasetInvariants: fixture.Invariants[:9]}
+	// 0.7.8 ran incremental refreshes without JIT, and added no invariant.
+	release078 = fromRelease{version: "0.7.8", dir: "testdata/sql/0.7.8", datasetInvariants: fixture.Invariants[:9]}
 )
 
 // atLeast tells whether r is version v ("x.y.z") or later.
@@ -94,7 +96,7 @@ var oldInternalNames = []string{
 
 // currentRelease is the version of the SQL in sql/ (NewIn030 checks what
 // it adds to an upgraded install).
-const currentRelease = "0.7.8"
+const currentRelease = "0.7.9"
 
 // logConsumer is the log consumer whose cursor the upgrade must keep.
 const logConsumer = "consumer-a"
@@ -184,6 +186,11 @@ func TestUpgradeFrom076(t *testing.T) {
 func TestUpgradeFrom077(t *testing.T) {
 	t.Parallel()
 	testUpgrade(t, release077)
+}
+
+func TestUpgradeFrom078(t *testing.T) {
+	t.Parallel()
+	testUpgrade(t, release078)
 }
 
 func testUpgrade(t *testing.T, rel fromRelease) {
@@ -284,6 +291,11 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 			WHERE p.pronamespace = 'pgconsistency'::regnamespace AND p.proname ~ '^_capture_[0-9]+$'
 			  AND p.prosrc NOT LIKE '%pgconsistency._install_capture()%'`).Scan(&stale))
 		assert.Zero(t, stale, "capture functions whose text is still that of 0.3.0")
+		// 0.7.9: no query on pg_attribute in an UPDATE's capture.
+		require.NoError(t, admin.QueryRow(t.Context(), `SELECT count(*) FROM pg_catalog.pg_proc p
+			WHERE p.pronamespace = 'pgconsistency'::regnamespace AND p.proname ~ '^_capture_[0-9]+$'
+			  AND p.prosrc LIKE '%FROM pg_catalog.pg_attribute%'`).Scan(&stale))
+		assert.Zero(t, stale, "capture functions that query pg_attribute at each UPDATE (0.7.5 to 0.7.8)")
 		// A write of an application role, captured through the renamed
 		// functions: the next refresh re-checks its key only. (0.7.5: a
 		// write of a column the invariant does not read gives no key.)
@@ -564,6 +576,12 @@ func testUpgrade(t *testing.T, rel fromRelease) {
 	// 0.7.8: an incremental refresh runs its query without JIT.
 	t.Run("NewIn078", func(t *testing.T) {
 		newIn078(t, admin)
+	})
+
+	// 0.7.9: the capture triggers check the columns an UPDATE compares
+	// without a query; _query_shape gives the columns a query reads.
+	t.Run("NewIn079", func(t *testing.T) {
+		newIn079(t, admin)
 	})
 
 	t.Run("NewIn030", func(t *testing.T) {

@@ -47,7 +47,7 @@ $do$;
 CREATE OR REPLACE FUNCTION pgconsistency.version() RETURNS text
 LANGUAGE sql IMMUTABLE
 SET search_path = pg_catalog, pg_temp
-AS $fn$ SELECT '0.7.8'::text $fn$;
+AS $fn$ SELECT '0.7.9'::text $fn$;
 COMMENT ON FUNCTION pgconsistency.version() IS
   'The version of the pgconsistency SQL installed (the top release of CHANGELOG.md)';
 

@@ -385,3 +385,25 @@ $do$;
 -- (_refresh_rows_incremental, replaced by 08_refresh.sql), and
 -- _wal_drop_slot leaves a slot a walsender holds (replaced by
 -- 07_wal_capture.sql). Nothing stored changes.
+
+-- ---------------------------------------------------------------------------
+-- From 0.7.8 to 0.7.9: the capture triggers check the columns an UPDATE
+-- compares by the system cache, not a query on pg_attribute
+-- (_generated_capture_function, replaced by 07_capture.sql; install.sql's
+-- _install_capture then replaces each table's capture function, whose text
+-- changed: that takes no lock on the table). _query_shape gives the columns
+-- the query reads as well (read_columns), from the one temporary view it
+-- makes: _query_columns goes, and _define_read_columns takes them. CREATE
+-- OR REPLACE cannot add an OUT parameter nor change a signature, so the old
+-- ones go first. Nothing stored changes.
+DO $do$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_catalog.pg_proc p
+                WHERE p.oid = pg_catalog.to_regprocedure('pgconsistency._query_shape(text)')
+                  AND NOT 'read_columns' = ANY (p.proargnames)) THEN
+        DROP FUNCTION pgconsistency._query_shape(text);
+    END IF;
+END
+$do$;
+DROP FUNCTION IF EXISTS pgconsistency._query_columns(text);
+DROP FUNCTION IF EXISTS pgconsistency._define_read_columns(text, text);

@@ -70,9 +70,15 @@ COMMENT ON FUNCTION pgconsistency._register_row(text, text, text, text, text, te
 -- temporary view of it (which also checks that it parses and that what it
 -- reads exists): its columns but key, as "name type, ..." for
 -- jsonb_to_record (NULL when key is its only column), whether it has a
--- column key of type text, and the relations it reads (schema-qualified).
+-- column key of type text, the relations it reads (schema-qualified), and
+-- the columns it reads of each, as {"schema.table": ["column", ...], ...}:
+-- the dependencies PostgreSQL records for the view (one per column read,
+-- one per relation). read_columns is NULL when the query reads a row whole
+-- (to_jsonb(t), t::text) or a system column (ctid, xmin): a Var of no
+-- column, or of a negative one, in the view's tree; then any change to a
+-- row may change what it sees.
 CREATE OR REPLACE FUNCTION pgconsistency._query_shape(query text, OUT columns text, OUT has_key boolean, OUT relations text[],
-                                                     OUT key_collation text)
+                                                     OUT key_collation text, OUT read_columns jsonb)
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
@@ -103,74 +109,41 @@ BEGIN
       FROM pg_catalog.pg_attribute a
       JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
      WHERE a.attrelid = v_probe AND a.attnum > 0 AND NOT a.attisdropped;
-    SELECT pg_catalog.array_agg(DISTINCT d.refobjid::regclass::text ORDER BY d.refobjid::regclass::text)
-      INTO relations
-      FROM pg_catalog.pg_rewrite w
-      JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = w.oid
-     WHERE w.ev_class = v_probe
-       AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> v_probe;
+    SELECT pg_catalog.array_agg(x.rel ORDER BY x.rel),
+           CASE WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w
+                                  WHERE w.ev_class = v_probe AND w.ev_action::text ~ ':varattno (0|-[0-9]+) ')
+                THEN coalesce(pg_catalog.jsonb_object_agg(x.rel, x.cols) FILTER (WHERE x.rel IS NOT NULL), '{}') END
+      INTO relations, read_columns
+      FROM (SELECT d.refobjid::regclass::text AS rel,
+                   coalesce(pg_catalog.jsonb_agg(DISTINCT a.attname::text) FILTER (WHERE a.attname IS NOT NULL), '[]') AS cols
+              FROM pg_catalog.pg_rewrite w
+              JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = w.oid
+              LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid AND d.refobjsubid > 0
+             WHERE w.ev_class = v_probe
+               AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> v_probe
+             GROUP BY d.refobjid) x;
     DROP VIEW pg_temp.pgconsistency_query_probe;
 END
 $fn$;
 COMMENT ON FUNCTION pgconsistency._query_shape(text) IS
-  'Internal: the detail columns, key column and relations of an invariant''s query';
-
--- _query_columns: the columns of each relation an invariant's query reads,
--- as {"schema.table": ["column", ...], ...}: the dependencies PostgreSQL
--- records for a temporary view of it (one per column read, one per
--- relation). NULL when the query reads a row whole (to_jsonb(t), t::text)
--- or a system column (ctid, xmin): a Var of no column, or of a negative one,
--- in the view's tree; then any change to a row may change what it sees.
-CREATE OR REPLACE FUNCTION pgconsistency._query_columns(query text) RETURNS jsonb
-LANGUAGE plpgsql
-SET search_path = pg_catalog, pg_temp
-AS $fn$
-DECLARE
-    v_probe regclass;
-    v_cols  jsonb;
-BEGIN
-    IF pg_catalog.to_regclass('pg_temp.pgconsistency_columns_probe') IS NOT NULL THEN
-        DROP VIEW pg_temp.pgconsistency_columns_probe;
-    END IF;
-    EXECUTE 'CREATE TEMPORARY VIEW pgconsistency_columns_probe AS ' || query;
-    v_probe := pg_catalog.to_regclass('pg_temp.pgconsistency_columns_probe');
-    IF NOT EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w
-                    WHERE w.ev_class = v_probe AND w.ev_action::text ~ ':varattno (0|-[0-9]+) ') THEN
-        SELECT pg_catalog.jsonb_object_agg(x.rel, x.cols) INTO v_cols
-          FROM (SELECT d.refobjid::regclass::text AS rel,
-                       coalesce(pg_catalog.jsonb_agg(DISTINCT a.attname::text) FILTER (WHERE a.attname IS NOT NULL), '[]') AS cols
-                  FROM pg_catalog.pg_rewrite w
-                  JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_rewrite'::pg_catalog.regclass AND d.objid = w.oid
-                  LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid AND d.refobjsubid > 0
-                 WHERE w.ev_class = v_probe
-                   AND d.refclassid = 'pg_catalog.pg_class'::pg_catalog.regclass AND d.refobjid <> v_probe
-                 GROUP BY d.refobjid) x;
-        v_cols := coalesce(v_cols, '{}');
-    END IF;
-    DROP VIEW pg_temp.pgconsistency_columns_probe;
-    RETURN v_cols;
-END
-$fn$;
-COMMENT ON FUNCTION pgconsistency._query_columns(text) IS
-  'Internal: the columns of each relation an invariant''s query reads, or NULL when it reads rows whole';
+  'Internal: the detail columns, key column, relations and columns read of an invariant''s query';
 
 -- _define_read_columns: the read_columns of each key source of an
--- invariant, from its query's columns (_query_columns) and those of the
--- key expression (_key_columns): NULL where either reads the row whole.
--- Returns whether any changed.
-CREATE OR REPLACE FUNCTION pgconsistency._define_read_columns(name text, query text) RETURNS boolean
+-- invariant, from the columns its query reads (query_columns: the
+-- read_columns of _query_shape) and those of the key expression
+-- (_key_columns): NULL where either reads the row whole. Returns whether
+-- any changed.
+CREATE OR REPLACE FUNCTION pgconsistency._define_read_columns(name text, query_columns jsonb) RETURNS boolean
 LANGUAGE plpgsql
 SET search_path = pg_catalog, pg_temp
 AS $fn$
-DECLARE
-    v_cols jsonb := pgconsistency._query_columns(query);
 BEGIN
     UPDATE pgconsistency.invariant_key_source s
        SET read_columns = c.cols
       FROM (SELECT k.relation,
-                   CASE WHEN v_cols IS NULL OR pgconsistency._key_reads_row(k.key_expression) THEN NULL
+                   CASE WHEN query_columns IS NULL OR pgconsistency._key_reads_row(k.key_expression) THEN NULL
                         ELSE coalesce((SELECT pg_catalog.array_agg(DISTINCT x.col ORDER BY x.col)
-                                         FROM (SELECT pg_catalog.jsonb_array_elements_text(coalesce(v_cols -> k.relation, '[]'))
+                                         FROM (SELECT pg_catalog.jsonb_array_elements_text(coalesce(query_columns -> k.relation, '[]'))
                                                UNION ALL
                                                SELECT pg_catalog.unnest(pgconsistency._key_columns(pg_catalog.to_regclass(k.relation),
                                                                                                   k.key_expression))) AS x(col)),
@@ -183,7 +156,7 @@ BEGIN
     RETURN FOUND;
 END
 $fn$;
-COMMENT ON FUNCTION pgconsistency._define_read_columns(text, text) IS
+COMMENT ON FUNCTION pgconsistency._define_read_columns(text, jsonb) IS
   'Internal: store the columns each key source of an invariant reads; whether any changed';
 
 -- _anomaly_view_sql: the definition of the view pgconsistency.<invariant>:
@@ -424,7 +397,7 @@ BEGIN
     IF keys IS NOT NULL AND pgconsistency._define_keys(name, keys, v_shape.relations) THEN
         v_changed := true;
     END IF;
-    v_columns_changed := pgconsistency._define_read_columns(name, query);
+    v_columns_changed := pgconsistency._define_read_columns(name, v_shape.read_columns);
 
     -- An invariant in incremental mode whose query or keys changed: its
     -- capture follows, and its next refresh is a full one. When only the
