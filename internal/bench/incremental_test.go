@@ -88,6 +88,7 @@ var (
 	flagIncWriteRounds = flag.Int("incremental.writerounds", 6, "BenchmarkIncremental: rounds of the writers' four phases (capture off, trigger, wal, stream)")
 	flagIncLoop        = flag.Duration("incremental.loop", time.Second, "BenchmarkIncremental: interval of the changes loop beside the writers (the receiver's refresh::changes_interval)")
 	flagIncCaptureOnly = flag.Bool("incremental.captureonly", false, "BenchmarkIncremental: beside the writers, run only the plan of the changes loop (the capture: capture_wal's decoding and the dispatch), not the refreshes it lists: what the capture alone costs the writers")
+	flagIncPin         = flag.Bool("incremental.pin", false, "BenchmarkIncremental: in the writers' phases, run the writers on CPU 0 and the capture on CPU 1 (taskset): what the capture costs the writers apart from the CPU it takes them")
 	flagIncLostIndex   = flag.String("incremental.lostindex", "100,1000", "BenchmarkIncremental: comma-separated numbers of changed datasets of the schema without dataset_statistics' index")
 )
 
@@ -119,6 +120,7 @@ type incConfig struct {
 	writeRounds int
 	loop        time.Duration
 	captureOnly bool  // beside the writers, the loop's plan (the capture) only
+	pin         bool  // the writers on one CPU, the capture on the other (cpuPin)
 	lostIndex   []int // datasets changed per round on the schema without the index
 	bench       bool  // fsync on, figures meant to be read
 }
@@ -163,7 +165,7 @@ func BenchmarkIncremental(b *testing.B) {
 			r := runIncremental(b, srv, incConfig{
 				scale: n, changes: *flagIncChanges, rounds: *flagIncRounds, fullRuns: *flagIncFull,
 				writes: *flagIncWrites, clients: clients, writeRounds: *flagIncWriteRounds, loop: *flagIncLoop, captureOnly: *flagIncCaptureOnly,
-				lostIndex: lost, bench: true,
+				pin: *flagIncPin, lostIndex: lost, bench: true,
 			})
 			fmt.Print(r.markdown())
 			if failed := r.goals(); len(failed) > 0 {

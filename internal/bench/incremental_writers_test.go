@@ -203,14 +203,17 @@ type incPgbenchResult struct {
 // dataset of generate.sql's (append_load.sql, weight 4), with clients and
 // the given length (-T or -t), and fails on any error, a failed transaction
 // included.
-func incPgbench(tb testing.TB, srv *pgtest.Server, db string, scale, clients int, length ...string) incPgbenchResult {
+// wrap, when not empty, is a command that runs pgbench (taskset: cpuPin).
+func incPgbench(tb testing.TB, srv *pgtest.Server, db string, scale, clients int, wrap []string, length ...string) incPgbenchResult {
 	args := append([]string{"-n", "-c", strconv.Itoa(clients), "-j", strconv.Itoa(clients)}, length...)
 	args = append(args,
 		"-f", fixture.Path("internal/bench/write_load.sql")+"@1",
 		"-f", fixture.Path("internal/bench/append_load.sql")+"@4",
 		"-D", "maxq="+strconv.Itoa(scale/1000-1),
 		"-h", srv.Host, "-p", strconv.Itoa(srv.Port), "-U", srv.User, db)
-	cmd := exec.Command(pgbenchPath(tb), args...)
+	argv := append(slices.Clone(wrap), pgbenchPath(tb))
+	argv = append(argv, args...)
+	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = append(os.Environ(), "PGPASSWORD="+srv.Password)
 	out, err := cmd.CombinedOutput()
 	if err != nil {
@@ -243,6 +246,12 @@ func incWriters(tb testing.TB, srv *pgtest.Server, db string, conn *pgx.Conn, cf
 	ctx := tb.Context()
 	srv.Psql(tb, db, "-c", "CREATE SEQUENCE IF NOT EXISTS public.bench_write_seq")
 	loopConn := srv.Conn(tb, db)
+	var pin *cpuPin
+	if cfg.pin {
+		pin = startCPUPin(tb, loopConn)
+		defer pin.stop(tb)
+		pin.capture(tb, loopConn.PgConn().PID())
+	}
 	var phases []incWriterPhase
 	for round := range cfg.writeRounds {
 		for k := range incCaptures {
@@ -262,6 +271,7 @@ func incWriters(tb testing.TB, srv *pgtest.Server, db string, conn *pgx.Conn, cf
 			var stream *incStream
 			if capture == "stream" {
 				stream = startIncStream(tb, srv, db)
+				pin.capture(tb, uint32(stream.senderPID(tb)), stream.conn.PgConn().PID())
 			}
 			if capture != "off" {
 				loop = startChangesLoop(ctx, loopConn, cfg.loop, cfg.captureOnly, stream != nil)
@@ -274,7 +284,7 @@ func incWriters(tb testing.TB, srv *pgtest.Server, db string, conn *pgx.Conn, cf
 				if stream != nil {
 					streamBefore = stream.snapshot(tb)
 				}
-				r := incPgbench(tb, srv, db, cfg.scale, c, "-T", strconv.Itoa(max(1, int(cfg.writes.Seconds()))))
+				r := incPgbench(tb, srv, db, cfg.scale, c, pin.writers(), "-T", strconv.Itoa(max(1, int(cfg.writes.Seconds()))))
 				p.tps[c] = r.tps
 				if loop != nil {
 					p.loop[c] = loop.snapshot().sub(before)
@@ -336,7 +346,7 @@ func incAfterWriters(tb testing.TB, srv *pgtest.Server, db string, conn *pgx.Con
 		incSwitchCapture(tb, conn, "wal")
 		incRefresh(tb, conn, "reconcile", "the reconcile after the writers")
 	}
-	tx := incPgbench(tb, srv, db, cfg.scale, 2, "-t", "100")
+	tx := incPgbench(tb, srv, db, cfg.scale, 2, nil, "-t", "100")
 	_, err := conn.Exec(ctx, `UPDATE pgconsistency.invariant SET incremental_period = '1 millisecond'`)
 	must(tb, err)
 	p, states := incChangesPass(tb, conn, "incremental", "the pass of the changes loop after the writers (WAL capture)")
@@ -500,6 +510,9 @@ func (r *incResult) writersMarkdown() string {
 	fmt.Fprintf(&w, "### Writers: capture off, trigger, wal, stream\n\n")
 	fmt.Fprintf(&w, "%d rounds of four phases, capture off (all 13 in full mode: no trigger, no slot), trigger (all 13 incremental, capture triggers), wal (all 13 incremental, WAL capture: a slot, no trigger, read by the changes loop's capture_wal) and stream (the same, read by the receiver's stream, refresh::wal_stream: a replication connection, keys stored by capture_wal_stream), round k starting at the k-th (off, trigger, wal, stream | trigger, wal, stream, off | …). Before each phase, not measured: the switch, the reconcile it causes (a full refresh of the 13), a CHECKPOINT. Each phase: pgbench for %s at each of %v client(s), the service's two transaction shapes: a new complete dataset (write_load.sql, 1 in 5) and a block appended, head moved, statistics updated on an existing dataset (append_load.sql, 4 in 5). Beside the trigger, wal and stream phases, the receiver's changes loop every %s: refresh_changes_plan() (wal: capture_wal decodes the slot; stream: capture_wal leaves the slot to the stream) then refresh_invariant() of each invariant it lists (incremental_period 2 s, the default). fsync %s; wal_level = logical in every phase; replica identities for the WAL capture: %s.\n\n",
 		c.writeRounds, c.writes, c.clients, c.loop, map[bool]string{true: "on", false: "off (make test: not representative)"}[c.bench], incFixesText(r.fixes))
+	if c.pin {
+		fmt.Fprintf(&w, "**Pinned** (-incremental.pin): in every phase the writers ran on CPU %s (pgbench, and the server's postmaster, so every server process forked meanwhile: pgbench's connections, autovacuum workers) and the capture on CPU %s (the changes loop's and the stream's connections, the stream's walsender, this benchmark's process); the server processes started before (checkpointer, WAL writer, background writer) on both. The writers had one core in every phase, the capture the other: what remains of the loss is not the CPU the capture takes them. The trigger capture runs in the writers' own transactions, on their CPU.\n\n", writersCPU, captureCPU)
+	}
 	if c.captureOnly {
 		w.WriteString("**Capture only** (-incremental.captureonly): beside the trigger and wal phases the loop runs its plan alone (refresh_changes_plan: with the WAL capture, capture_wal decodes the slot; then the dispatch), not the refreshes it lists: what the capture itself costs the writers. The keys it dispatched are then deleted from pending_key, as the refreshes would take them: that DELETE is the refresh share.\n\n")
 	}

@@ -113,7 +113,8 @@ BEGIN
     -- invariant's query fails too, and its next definition compares what
     -- it reads then). pg_identify_object_as_address reads the system
     -- cache: no query in the writer's statement (until 0.7.9, one on
-    -- pg_attribute, 16-18 us of each UPDATE's 60, BENCHMARKS.md).
+    -- pg_attribute: 10-18 us of the 60 us the capture added to a one-row
+    -- UPDATE, BENCHMARKS.md).
     SELECT CASE WHEN pg_catalog.bool_and(a.attnum IS NOT NULL) THEN
                pg_catalog.format('ARRAY[%s] = %L::text[]',
                                  pg_catalog.string_agg(pg_catalog.format(
