@@ -156,10 +156,13 @@ fuzz:
 # index. About 25 minutes at 1M on 2 cores. Its flags, in
 # INCREMENTAL_FLAGS: -incremental.scales, -incremental.changes,
 # -incremental.rounds, -incremental.fullruns, -incremental.writes (each
-# pgbench run, 5s), -incremental.writerounds (rounds of the three phases,
+# pgbench run, 5s), -incremental.writerounds (rounds of the four phases,
 # 6), -incremental.loop (the changes loop's interval, 1s),
-# -incremental.lostindex (datasets changed on the schema without the index,
-# 100,1000). Their tables are appended to bench-results.md.
+# -incremental.captureonly (beside the writers, the capture alone),
+# -incremental.pin (the writers on CPU 0, the capture on CPU 1: its cost
+# apart from the CPU it shares), -incremental.lostindex (datasets changed
+# on the schema without the index, 100,1000). Their tables are appended to
+# bench-results.md.
 # Then BenchmarkLatency (1M datasets, WAL capture, the built collector with
 # config/collector-logs.yaml under a steady write load): from a committed
 # Seed DELETE to the gauge at the collector's endpoint and to its log

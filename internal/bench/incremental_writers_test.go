@@ -202,8 +202,8 @@ type incPgbenchResult struct {
 // dataset (write_load.sql, weight 1) and a block appended to an existing
 // dataset of generate.sql's (append_load.sql, weight 4), with clients and
 // the given length (-T or -t), and fails on any error, a failed transaction
-// included.
-// wrap, when not empty, is a command that runs pgbench (taskset: cpuPin).
+// included. wrap, when not empty, is the command pgbench runs under
+// (cpuPin's taskset).
 func incPgbench(tb testing.TB, srv *pgtest.Server, db string, scale, clients int, wrap []string, length ...string) incPgbenchResult {
 	args := append([]string{"-n", "-c", strconv.Itoa(clients), "-j", strconv.Itoa(clients)}, length...)
 	args = append(args,

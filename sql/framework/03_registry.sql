@@ -112,7 +112,7 @@ BEGIN
     SELECT pg_catalog.array_agg(x.rel ORDER BY x.rel),
            CASE WHEN NOT EXISTS (SELECT 1 FROM pg_catalog.pg_rewrite w
                                   WHERE w.ev_class = v_probe AND w.ev_action::text ~ ':varattno (0|-[0-9]+) ')
-                THEN coalesce(pg_catalog.jsonb_object_agg(x.rel, x.cols) FILTER (WHERE x.rel IS NOT NULL), '{}') END
+                THEN coalesce(pg_catalog.jsonb_object_agg(x.rel, x.cols), '{}') END
       INTO relations, read_columns
       FROM (SELECT d.refobjid::regclass::text AS rel,
                    coalesce(pg_catalog.jsonb_agg(DISTINCT a.attname::text) FILTER (WHERE a.attname IS NOT NULL), '[]') AS cols
