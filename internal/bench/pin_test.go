@@ -120,7 +120,7 @@ func TestCPUPin(t *testing.T) {
 	}
 	all := allowed(os.Getpid())
 	pin := startCPUPin(t, conn)
-	defer pin.stop(t) // again after the one below: it only gives every CPU back
+	defer pin.stop(t)        // again after the one below: it only gives every CPU back
 	later := srv.Conn(t, db) // forked after the pin
 	moved := srv.Conn(t, db)
 	pin.capture(t, moved.PgConn().PID())
